@@ -1,0 +1,175 @@
+//! The only reader of environment variables.
+//!
+//! The launcher hands every rank torchrun's variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`,
+//! `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`) so that users' habits carry
+//! over, plus burnrun's own:
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `BURNRUN_RUN_ID` | the job's id (`--run-id`), scopes store keys |
+//! | `BURNRUN_SECRET` | 64 hex digits: the per-job secret every connection must prove it knows |
+//! | `BURNRUN_TIMEOUT_SECS` | deadline of every blocking collective (default [`DEFAULT_TIMEOUT_SECS`]) |
+//! | `BURNRUN_RDZV_TIMEOUT_SECS` | deadline of the rendezvous (default [`DEFAULT_RDZV_TIMEOUT_SECS`]) |
+//! | `BURNRUN_RING_THRESHOLD_BYTES` | all-reduce switches from halving-doubling to ring at this size |
+//! | `BURNRUN_SEGMENT_BYTES` | I/O unit of the pipelined algorithms |
+//! | `BURNRUN_NODE_ADDR` | address this node's ranks listen on for data connections |
+
+use std::time::Duration;
+
+/// Collective deadline used when `BURNRUN_TIMEOUT_SECS` is not set: long enough for a slow step
+/// on a loaded machine, short enough that a hang is reported in minutes, not torch's 30.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+/// Rendezvous deadline used when `BURNRUN_RDZV_TIMEOUT_SECS` is not set (torchrun's default is 900).
+pub const DEFAULT_RDZV_TIMEOUT_SECS: u64 = 300;
+
+/// Errors reading the environment.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    /// A variable is set but does not parse.
+    #[error("environment variable {name}={value:?} is invalid: {reason}")]
+    Invalid {
+        /// Variable name.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A variable the launcher always sets is missing while others are present.
+    #[error("environment variable {name} is missing ({context})")]
+    Missing {
+        /// Variable name.
+        name: &'static str,
+        /// Which other variable made it required.
+        context: &'static str,
+    },
+}
+
+/// What a rank learns from its launcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    /// Global rank.
+    pub rank: usize,
+    /// Rank within this node.
+    pub local_rank: usize,
+    /// Number of ranks in the job.
+    pub world_size: usize,
+    /// Number of ranks on this node.
+    pub local_world_size: usize,
+    /// This node's index (torchrun's `GROUP_RANK`).
+    pub group_rank: usize,
+    /// Host of the rendezvous store.
+    pub master_addr: String,
+    /// Port of the rendezvous store.
+    pub master_port: u16,
+    /// Job id.
+    pub run_id: String,
+    /// Hex-encoded job secret, if the launcher handed one.
+    pub secret_hex: Option<String>,
+    /// Deadline of every blocking collective.
+    pub timeout: Duration,
+    /// Deadline of the rendezvous.
+    pub rdzv_timeout: Duration,
+    /// Override of the all-reduce ring threshold.
+    pub ring_threshold_bytes: Option<usize>,
+    /// Override of the pipelining segment size.
+    pub segment_bytes: Option<usize>,
+    /// Address to listen on for data connections, if not the one used to reach the store.
+    pub node_addr: Option<String>,
+}
+
+fn var(name: &'static str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn parse<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, EnvError>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(None),
+        Some(value) => value.trim().parse().map(Some).map_err(|e: T::Err| EnvError::Invalid {
+            name,
+            reason: e.to_string(),
+            value,
+        }),
+    }
+}
+
+fn required<T: std::str::FromStr>(name: &'static str) -> Result<T, EnvError>
+where
+    T::Err: std::fmt::Display,
+{
+    parse(name)?.ok_or(EnvError::Missing {
+        name,
+        context: "WORLD_SIZE is set, so the launcher must set it too",
+    })
+}
+
+impl DistEnv {
+    /// Reads the environment. Without `WORLD_SIZE` this is a single rank with no launcher.
+    pub fn from_env() -> Result<Self, EnvError> {
+        let timeout = Duration::from_secs(parse("BURNRUN_TIMEOUT_SECS")?.unwrap_or(DEFAULT_TIMEOUT_SECS));
+        let rdzv_timeout =
+            Duration::from_secs(parse("BURNRUN_RDZV_TIMEOUT_SECS")?.unwrap_or(DEFAULT_RDZV_TIMEOUT_SECS));
+        let ring_threshold_bytes = parse("BURNRUN_RING_THRESHOLD_BYTES")?;
+        let segment_bytes = parse("BURNRUN_SEGMENT_BYTES")?;
+        let node_addr = var("BURNRUN_NODE_ADDR");
+        let Some(world_size) = parse::<usize>("WORLD_SIZE")? else {
+            return Ok(Self::single(timeout, rdzv_timeout, ring_threshold_bytes, segment_bytes));
+        };
+        let rank: usize = required("RANK")?;
+        if world_size == 0 || rank >= world_size {
+            return Err(EnvError::Invalid {
+                name: "RANK",
+                value: rank.to_string(),
+                reason: format!("must be below WORLD_SIZE={world_size}"),
+            });
+        }
+        Ok(Self {
+            rank,
+            local_rank: parse("LOCAL_RANK")?.unwrap_or(rank),
+            world_size,
+            local_world_size: parse("LOCAL_WORLD_SIZE")?.unwrap_or(world_size),
+            group_rank: parse("GROUP_RANK")?.unwrap_or(0),
+            master_addr: var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            master_port: required("MASTER_PORT")?,
+            run_id: var("BURNRUN_RUN_ID").unwrap_or_else(|| "none".into()),
+            secret_hex: var("BURNRUN_SECRET"),
+            timeout,
+            rdzv_timeout,
+            ring_threshold_bytes,
+            segment_bytes,
+            node_addr,
+        })
+    }
+
+    fn single(
+        timeout: Duration,
+        rdzv_timeout: Duration,
+        ring_threshold_bytes: Option<usize>,
+        segment_bytes: Option<usize>,
+    ) -> Self {
+        Self {
+            rank: 0,
+            local_rank: 0,
+            world_size: 1,
+            local_world_size: 1,
+            group_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 0,
+            run_id: "none".into(),
+            secret_hex: None,
+            timeout,
+            rdzv_timeout,
+            ring_threshold_bytes,
+            segment_bytes,
+            node_addr: None,
+        }
+    }
+
+    /// True when a launcher started this process as one rank of a job.
+    pub fn launched(&self) -> bool {
+        self.master_port != 0
+    }
+}

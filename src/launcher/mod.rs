@@ -1,0 +1,1 @@
+//! The launcher: spawns local ranks, hosts or joins the rendezvous store, watches and tears down.

@@ -1,0 +1,5 @@
+//! Moves tagged byte buffers between two ranks, nothing else.
+
+mod error;
+
+pub use error::TransportError;
