@@ -143,14 +143,20 @@ struct Deadline {
 
 impl Deadline {
     fn arm(&self, stream: &TcpStream) -> std::io::Result<()> {
-        let left = self.timeout.saturating_sub(self.start.elapsed()).max(Duration::from_millis(1));
+        let left = self
+            .timeout
+            .saturating_sub(self.start.elapsed())
+            .max(Duration::from_millis(1));
         stream.set_read_timeout(Some(left))?;
         stream.set_write_timeout(Some(left))
     }
 }
 
 fn peer_name(stream: &TcpStream) -> String {
-    stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "<unknown peer>".into())
+    stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "<unknown peer>".into())
 }
 
 /// Runs the client side on a freshly connected stream. On return the stream's timeouts are cleared.
@@ -160,7 +166,10 @@ pub fn client_handshake(
     channel: Channel,
     timeout: Duration,
 ) -> Result<(), AuthError> {
-    let deadline = Deadline { start: Instant::now(), timeout };
+    let deadline = Deadline {
+        start: Instant::now(),
+        timeout,
+    };
     let peer = peer_name(stream);
     let io = |source: std::io::Error| AuthError::Io {
         peer: peer.clone(),
@@ -208,7 +217,10 @@ pub fn server_handshake(
     channel: Channel,
     timeout: Duration,
 ) -> Result<(), AuthError> {
-    let deadline = Deadline { start: Instant::now(), timeout };
+    let deadline = Deadline {
+        start: Instant::now(),
+        timeout,
+    };
     let peer = peer_name(stream);
     let io = |source: std::io::Error| AuthError::Io {
         peer: peer.clone(),

@@ -5,12 +5,7 @@
 //! two ranks; `comm` builds the collectives on top of it and is the only communication API the
 //! upper layers see; `train`, `parallel`, `models`, `data`, `compress` and `precision` (feature
 //! `train`) run burn models on top of `comm`.
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    unreachable_pub,
-    rust_2018_idioms
-)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 #![deny(unsafe_op_in_unsafe_fn, unused_must_use)]
 
 pub mod auth;

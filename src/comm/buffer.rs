@@ -60,7 +60,11 @@ pub struct BufMut<'a> {
 impl<'a> BufRef<'a> {
     /// Views a typed host slice.
     pub fn host<T: Element>(data: &'a [T]) -> Self {
-        Self { dtype: T::DTYPE, numel: data.len(), memory: Memory::Host(bytemuck::cast_slice(data)) }
+        Self {
+            dtype: T::DTYPE,
+            numel: data.len(),
+            memory: Memory::Host(bytemuck::cast_slice(data)),
+        }
     }
 
     /// Size in bytes.
@@ -80,7 +84,11 @@ impl<'a> BufRef<'a> {
 impl<'a> BufMut<'a> {
     /// Views a typed mutable host slice.
     pub fn host<T: Element>(data: &'a mut [T]) -> Self {
-        Self { dtype: T::DTYPE, numel: data.len(), memory: MemoryMut::Host(bytemuck::cast_slice_mut(data)) }
+        Self {
+            dtype: T::DTYPE,
+            numel: data.len(),
+            memory: MemoryMut::Host(bytemuck::cast_slice_mut(data)),
+        }
     }
 
     /// Size in bytes.
@@ -102,7 +110,11 @@ impl<'a> BufMut<'a> {
             MemoryMut::Host(bytes) => Memory::Host(bytes),
             MemoryMut::Device(ptr) => Memory::Device(*ptr),
         };
-        BufRef { dtype: self.dtype, numel: self.numel, memory }
+        BufRef {
+            dtype: self.dtype,
+            numel: self.numel,
+            memory,
+        }
     }
 }
 
@@ -126,7 +138,11 @@ impl HostBuffer {
     /// Zero-filled buffer.
     pub fn zeros(dtype: DType, numel: usize) -> Self {
         let words = (numel * dtype.size_bytes()).div_ceil(8);
-        Self { dtype, numel, words: vec![0; words] }
+        Self {
+            dtype,
+            numel,
+            words: vec![0; words],
+        }
     }
 
     /// Copies a typed slice.
@@ -165,18 +181,30 @@ impl HostBuffer {
 
     /// Typed mutable view; panics if `T` is not this buffer's dtype.
     pub fn as_mut_slice<T: Element>(&mut self) -> &mut [T] {
-        assert_eq!(T::DTYPE, self.dtype, "HostBuffer::as_mut_slice with the wrong element type");
+        assert_eq!(
+            T::DTYPE,
+            self.dtype,
+            "HostBuffer::as_mut_slice with the wrong element type"
+        );
         bytemuck::cast_slice_mut(self.bytes_mut())
     }
 
     /// A read-only view.
     pub fn view(&self) -> BufRef<'_> {
-        BufRef { dtype: self.dtype, numel: self.numel, memory: Memory::Host(self.bytes()) }
+        BufRef {
+            dtype: self.dtype,
+            numel: self.numel,
+            memory: Memory::Host(self.bytes()),
+        }
     }
 
     /// A mutable view.
     pub fn view_mut(&mut self) -> BufMut<'_> {
         let (dtype, numel) = (self.dtype, self.numel);
-        BufMut { dtype, numel, memory: MemoryMut::Host(self.bytes_mut()) }
+        BufMut {
+            dtype,
+            numel,
+            memory: MemoryMut::Host(self.bytes_mut()),
+        }
     }
 }

@@ -24,7 +24,15 @@ pub enum DType {
 
 impl DType {
     /// Every dtype, for tests and benchmarks.
-    pub const ALL: [DType; 7] = [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8];
+    pub const ALL: [DType; 7] = [
+        DType::F32,
+        DType::F64,
+        DType::F16,
+        DType::BF16,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+    ];
 
     /// Bytes per element.
     pub const fn size_bytes(self) -> usize {
@@ -77,7 +85,11 @@ impl std::str::FromStr for DType {
             "i32" | "int" | "int32" => DType::I32,
             "i64" | "int64" => DType::I64,
             "u8" | "uint8" | "byte" => DType::U8,
-            other => return Err(format!("unknown dtype {other:?} (expected one of f32, f64, f16, bf16, i32, i64, u8)")),
+            other => {
+                return Err(format!(
+                    "unknown dtype {other:?} (expected one of f32, f64, f16, bf16, i32, i64, u8)"
+                ))
+            }
         })
     }
 }
@@ -99,7 +111,13 @@ pub enum ReduceOp {
 
 impl ReduceOp {
     /// Every operator, for tests.
-    pub const ALL: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min, ReduceOp::Prod];
+    pub const ALL: [ReduceOp; 5] = [
+        ReduceOp::Sum,
+        ReduceOp::Avg,
+        ReduceOp::Max,
+        ReduceOp::Min,
+        ReduceOp::Prod,
+    ];
 
     /// Lowercase name.
     pub const fn name(self) -> &'static str {

@@ -95,7 +95,11 @@ impl ProcessGroup {
     /// Wraps a communicator; `global_ranks[i]` is the global rank of group rank `i`.
     pub fn new(comm: Box<dyn Communicator>, global_ranks: Vec<usize>) -> Self {
         let executor = Arc::new(Executor {
-            state: Mutex::new(ExecState { queue: VecDeque::new(), pending: 0, shutdown: false }),
+            state: Mutex::new(ExecState {
+                queue: VecDeque::new(),
+                pending: 0,
+                shutdown: false,
+            }),
             changed: Condvar::new(),
         });
         Self {
@@ -254,7 +258,8 @@ impl ProcessGroup {
         let n = self.world_size();
         self.submit(move |c| {
             let mut output = vec![T::zeroed(); input.len() * n];
-            c.all_gather(BufRef::host(&input), BufMut::host(&mut output)).map(|()| output)
+            c.all_gather(BufRef::host(&input), BufMut::host(&mut output))
+                .map(|()| output)
         })
     }
 
@@ -268,7 +273,8 @@ impl ProcessGroup {
         let n = self.world_size();
         self.submit(move |c| {
             let mut output = vec![T::zeroed(); input.len() / n.max(1)];
-            c.reduce_scatter(BufRef::host(&input), BufMut::host(&mut output), op).map(|()| output)
+            c.reduce_scatter(BufRef::host(&input), BufMut::host(&mut output), op)
+                .map(|()| output)
         })
     }
 
