@@ -3,14 +3,19 @@
 //! [`init`] reads the launcher's environment and returns the world [`ProcessGroup`]; the CPU
 //! engine ([`host`]) runs our algorithms over TCP pairs.
 
+mod algorithms;
 mod buffer;
 mod communicator;
 mod dtype;
+mod fingerprint;
 mod group;
+mod host;
 mod init;
+mod reduce;
 
 pub use buffer::{BufMut, BufRef, DevicePtr, HostBuffer, Memory, MemoryMut};
 pub use communicator::{CommError, Communicator};
 pub use dtype::{DType, Element, ReduceOp};
 pub use group::{ProcessGroup, Work};
-pub use init::{init, init_from};
+pub use host::{Tuning, DEFAULT_RING_THRESHOLD_BYTES, DEFAULT_SEGMENT_BYTES};
+pub use init::{init, init_from, init_with_store, spawn_ranks, InitOptions};

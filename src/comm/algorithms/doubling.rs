@@ -1,0 +1,68 @@
+//! Recursive doubling all-reduce: latency-optimal for small buffers.
+//!
+//! In round k every rank exchanges its whole buffer with the rank whose (virtual) number differs
+//! in bit k and reduces, so log2(n) rounds suffice. When n is not a power of two, the first
+//! 2*(n - p) ranks (p the largest power of two below n) pair up first: each even one hands its
+//! data to its odd neighbour and sits out; the odd ones act for both and hand the result back at
+//! the end (MPICH's scheme). Both sides of an exchange compute `a op b` with a commutative `op`,
+//! so all ranks end with identical bits.
+
+use crate::transport::TransportError;
+
+use super::super::buffer::HostBuffer;
+use super::super::dtype::ReduceOp;
+use super::super::reduce::{finish_avg, reduce_into};
+use super::Ctx;
+
+const FOLD_STEP: u32 = 0;
+const UNFOLD_STEP: u32 = u32::MAX;
+
+/// All-reduce of `buf` by recursive doubling.
+pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<(), TransportError> {
+    let n = ctx.size();
+    let rank = ctx.rank;
+    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let rem = n - p;
+    let numel = buf.len() / ctx.dtype.size_bytes();
+    let mut scratch = HostBuffer::zeros(ctx.dtype, numel);
+    let incoming = scratch.bytes_mut();
+
+    // Fold the ranks beyond the power of two onto their odd neighbours.
+    let virtual_rank = if rank < 2 * rem {
+        if rank % 2 == 0 {
+            ctx.run(vec![ctx.send(rank + 1, FOLD_STEP, buf)])?;
+            None
+        } else {
+            ctx.run(vec![ctx.recv(rank - 1, FOLD_STEP, incoming)])?;
+            reduce_into(ctx.dtype, op, buf, incoming);
+            Some(rank / 2)
+        }
+    } else {
+        Some(rank - rem)
+    };
+
+    if let Some(v) = virtual_rank {
+        let to_real = |v: usize| if v < rem { 2 * v + 1 } else { v + rem };
+        let mut mask = 1;
+        let mut step = 1;
+        while mask < p {
+            let partner = to_real(v ^ mask);
+            ctx.run(vec![ctx.send(partner, step, buf), ctx.recv(partner, step, incoming)])?;
+            reduce_into(ctx.dtype, op, buf, incoming);
+            mask <<= 1;
+            step += 1;
+        }
+        if op == ReduceOp::Avg {
+            finish_avg(ctx.dtype, buf, n);
+        }
+    }
+
+    if rank < 2 * rem {
+        if rank % 2 == 0 {
+            ctx.run(vec![ctx.recv(rank + 1, UNFOLD_STEP, buf)])?;
+        } else {
+            ctx.run(vec![ctx.send(rank - 1, UNFOLD_STEP, buf)])?;
+        }
+    }
+    Ok(())
+}

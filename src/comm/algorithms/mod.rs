@@ -1,0 +1,143 @@
+//! Collective algorithms, written against the transport's batches of sends and receives only.
+//!
+//! Each function runs one collective for one rank of a group. Ranks are group ranks; the context
+//! maps them to transport peers, stamps every frame with the operation's key and fingerprint,
+//! and carries the deadline.
+
+mod doubling;
+mod pairwise;
+mod ring;
+mod tree;
+
+pub(crate) use doubling::all_reduce as doubling_all_reduce;
+pub(crate) use pairwise::all_to_all;
+pub(crate) use ring::{all_gather as ring_all_gather, all_reduce as ring_all_reduce};
+pub(crate) use ring::{reduce as ring_reduce, reduce_scatter as ring_reduce_scatter};
+pub(crate) use tree::{broadcast as tree_broadcast, reduce as tree_reduce};
+
+pub(crate) use ring::scatter_allgather_broadcast;
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use crate::transport::{Mesh, Op, Reducer, Tag, TransportError};
+
+use super::dtype::{DType, ReduceOp};
+use super::reduce::reduce_into;
+
+/// One collective call's view of the group.
+pub(crate) struct Ctx<'a> {
+    pub(crate) mesh: &'a Mesh,
+    /// Transport peer of each group rank.
+    pub(crate) members: &'a [usize],
+    /// This rank in the group.
+    pub(crate) rank: usize,
+    pub(crate) key: u64,
+    pub(crate) fingerprint: u64,
+    pub(crate) deadline: Instant,
+    pub(crate) timeout: Duration,
+    /// Frame size of pipelined transfers (a multiple of 8 bytes).
+    pub(crate) segment_bytes: usize,
+    pub(crate) dtype: DType,
+}
+
+impl<'a> Ctx<'a> {
+    pub(crate) fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn tag(&self, step: u32) -> Tag {
+        Tag { key: self.key, step }
+    }
+
+    pub(crate) fn send<'b>(&self, to: usize, step: u32, data: &'b [u8]) -> Op<'b> {
+        Op::Send {
+            peer: self.members[to],
+            tag: self.tag(step),
+            fingerprint: self.fingerprint,
+            data,
+            segment_bytes: self.segment_bytes,
+        }
+    }
+
+    pub(crate) fn recv<'b>(&self, from: usize, step: u32, data: &'b mut [u8]) -> Op<'b> {
+        Op::Recv {
+            peer: self.members[from],
+            tag: self.tag(step),
+            fingerprint: self.fingerprint,
+            data,
+            segment_bytes: self.segment_bytes,
+            reduce: None,
+        }
+    }
+
+    pub(crate) fn recv_reduce<'b>(&self, from: usize, step: u32, data: &'b mut [u8], reducer: Reducer<'b>) -> Op<'b> {
+        Op::Recv {
+            peer: self.members[from],
+            tag: self.tag(step),
+            fingerprint: self.fingerprint,
+            data,
+            segment_bytes: self.segment_bytes,
+            reduce: Some(reducer),
+        }
+    }
+
+    pub(crate) fn run(&self, ops: Vec<Op<'_>>) -> Result<(), TransportError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.mesh.exchange(ops, self.deadline, self.timeout)
+    }
+
+    /// Byte ranges of `parts` nearly equal chunks of `numel` elements (sizes differ by at most one
+    /// element, larger ones first).
+    pub(crate) fn chunks(&self, numel: usize, parts: usize) -> Vec<Range<usize>> {
+        let elem = self.dtype.size_bytes();
+        let (base, extra) = (numel / parts, numel % parts);
+        let mut start = 0;
+        (0..parts)
+            .map(|i| {
+                let len = base + usize::from(i < extra);
+                let range = start * elem..(start + len) * elem;
+                start += len;
+                range
+            })
+            .collect()
+    }
+}
+
+/// A reducer for `dtype`/`op` in the transport's callback shape.
+pub(crate) fn reducer(dtype: DType, op: ReduceOp) -> impl Fn(&mut [u8], &[u8]) + Sync {
+    move |dst: &mut [u8], src: &[u8]| reduce_into(dtype, op, dst, src)
+}
+
+/// Splits `buf` into a shared view of `read` and a mutable view of `write`; the ranges must not
+/// overlap (the ring sends one chunk while it receives another).
+pub(crate) fn split_disjoint(buf: &mut [u8], read: Range<usize>, write: Range<usize>) -> (&[u8], &mut [u8]) {
+    assert!(read.end <= write.start || write.end <= read.start || read.is_empty() || write.is_empty());
+    if read.is_empty() {
+        return (&[], &mut buf[write]);
+    }
+    if write.is_empty() {
+        return (&buf[read], &mut []);
+    }
+    if read.start < write.start {
+        let (left, right) = buf.split_at_mut(write.start);
+        (&left[read], &mut right[..write.end - write.start])
+    } else {
+        let (left, right) = buf.split_at_mut(read.start);
+        (&right[..read.end - read.start], &mut left[write])
+    }
+}
+
+/// Cuts `buf` into the mutable parts named by `chunks` (contiguous ranges covering it in order).
+pub(crate) fn chunks_mut<'b>(buf: &'b mut [u8], chunks: &[Range<usize>]) -> Vec<&'b mut [u8]> {
+    let mut out = Vec::with_capacity(chunks.len());
+    let mut rest = buf;
+    for range in chunks {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(range.len());
+        out.push(head);
+        rest = tail;
+    }
+    out
+}

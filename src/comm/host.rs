@@ -1,0 +1,383 @@
+//! The CPU engine: our algorithms over TCP pairs.
+//!
+//! Algorithm choice (logged at debug level per call, documented in the README):
+//! - all-reduce: recursive doubling below `ring_threshold_bytes`, ring (reduce-scatter +
+//!   all-gather) from there up;
+//! - broadcast: binomial tree below the threshold, scatter + ring all-gather above;
+//! - reduce: binomial tree below, ring reduce-scatter + gather above;
+//! - all-gather, reduce-scatter: ring; all-to-all: all pairs at once; barrier: a one-byte
+//!   all-reduce.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::transport::{Mesh, TransportError};
+
+use super::algorithms::{self as alg, Ctx};
+use super::buffer::{BufMut, BufRef, HostBuffer, Memory, MemoryMut};
+use super::communicator::{CommError, Communicator};
+use super::dtype::{DType, ReduceOp};
+use super::fingerprint::{collective_key, describe, describe_key, fingerprint, p2p_key, OpKind};
+
+/// Default all-reduce switch point from recursive doubling to ring, in bytes (measured with
+/// `burnrun bench allreduce`; see the README).
+pub const DEFAULT_RING_THRESHOLD_BYTES: usize = 64 * 1024;
+/// Default frame size of the pipelined algorithms.
+pub const DEFAULT_SEGMENT_BYTES: usize = 512 * 1024;
+
+/// Tunables of the CPU engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// All-reduce/broadcast/reduce use the latency algorithms below this size.
+    pub ring_threshold_bytes: usize,
+    /// Frame size of pipelined transfers (rounded down to a multiple of 8, at least 8).
+    pub segment_bytes: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self { ring_threshold_bytes: DEFAULT_RING_THRESHOLD_BYTES, segment_bytes: DEFAULT_SEGMENT_BYTES }
+    }
+}
+
+/// A group's communicator on the CPU engine.
+#[derive(Debug)]
+pub(crate) struct HostComm {
+    mesh: Arc<Mesh>,
+    /// Transport peer (global rank) of each group rank.
+    members: Vec<usize>,
+    rank: usize,
+    group_id: u64,
+    seq: AtomicU64,
+    groups_created: AtomicU64,
+    timeout: Duration,
+    tuning: Tuning,
+}
+
+impl HostComm {
+    /// The world communicator over `mesh`.
+    pub(crate) fn world(mesh: Arc<Mesh>, timeout: Duration, tuning: Tuning) -> Self {
+        let members = (0..mesh.world_size()).collect();
+        let rank = mesh.rank();
+        Self::new(mesh, members, rank, 0, timeout, tuning)
+    }
+
+    fn new(mesh: Arc<Mesh>, members: Vec<usize>, rank: usize, group_id: u64, timeout: Duration, tuning: Tuning) -> Self {
+        let segment_bytes = (tuning.segment_bytes / 8 * 8).max(8);
+        Self {
+            mesh,
+            members,
+            rank,
+            group_id,
+            seq: AtomicU64::new(0),
+            groups_created: AtomicU64::new(0),
+            timeout,
+            tuning: Tuning { segment_bytes, ..tuning },
+        }
+    }
+
+    fn global_rank(&self) -> usize {
+        self.mesh.rank()
+    }
+
+    fn ctx(&self, key: u64, fingerprint: u64, dtype: DType) -> Ctx<'_> {
+        Ctx {
+            mesh: &self.mesh,
+            members: &self.members,
+            rank: self.rank,
+            key,
+            fingerprint,
+            deadline: Instant::now() + self.timeout,
+            timeout: self.timeout,
+            segment_bytes: self.tuning.segment_bytes,
+            dtype,
+        }
+    }
+
+    fn invalid(&self, op: OpKind, reason: String) -> CommError {
+        CommError::InvalidArgument { rank: self.global_rank(), op: op.name(), reason }
+    }
+
+    fn check_root(&self, op: OpKind, root: usize) -> Result<(), CommError> {
+        if root >= self.members.len() {
+            return Err(self.invalid(op, format!("root {root} is not a rank of this group of {}", self.members.len())));
+        }
+        Ok(())
+    }
+
+    fn host<'b>(&self, op: OpKind, memory: MemoryMut<'b>) -> Result<&'b mut [u8], CommError> {
+        match memory {
+            MemoryMut::Host(bytes) => Ok(bytes),
+            MemoryMut::Device(_) => Err(self.unsupported_device(op)),
+        }
+    }
+
+    fn host_ref<'b>(&self, op: OpKind, memory: Memory<'b>) -> Result<&'b [u8], CommError> {
+        match memory {
+            Memory::Host(bytes) => Ok(bytes),
+            Memory::Device(_) => Err(self.unsupported_device(op)),
+        }
+    }
+
+    fn unsupported_device(&self, op: OpKind) -> CommError {
+        CommError::Unsupported {
+            rank: self.global_rank(),
+            op: op.name(),
+            backend: "tcp",
+            reason: "device memory needs the nccl backend (feature `cuda`)".into(),
+        }
+    }
+
+    /// Runs one collective: numbers it, builds its context, maps transport errors.
+    fn collective(
+        &self,
+        op: OpKind,
+        dtype: DType,
+        numel: usize,
+        root: Option<usize>,
+        reduce: Option<ReduceOp>,
+        body: impl FnOnce(&Ctx<'_>) -> Result<(), TransportError>,
+    ) -> Result<(), CommError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let fp = fingerprint(op, dtype, numel, root, reduce);
+        let ctx = self.ctx(collective_key(self.group_id, seq), fp, dtype);
+        tracing::trace!(rank = self.global_rank(), seq, call = %describe(fp), "collective");
+        body(&ctx).map_err(|e| self.map_error(op, seq, fp, e))
+    }
+
+    fn map_error(&self, op: OpKind, seq: u64, ours: u64, error: TransportError) -> CommError {
+        let rank = self.global_rank();
+        match error {
+            TransportError::Timeout { peer, timeout, stashed, direction, .. } => {
+                let mut detail = String::new();
+                if direction == "send" {
+                    detail.push_str(" (it stopped reading)");
+                }
+                if !stashed.is_empty() {
+                    let seen: Vec<String> = stashed
+                        .iter()
+                        .take(4)
+                        .map(|(tag, fp)| format!("{} {}", describe_key(tag.key), describe(*fp)))
+                        .collect();
+                    detail.push_str(&format!("; meanwhile it sent: {}", seen.join(", ")));
+                }
+                CommError::Timeout { rank, op: op.name(), seq, peer, timeout, detail }
+            }
+            TransportError::PeerLost { peer, reason, .. } => {
+                CommError::PeerLost { rank, op: op.name(), seq, peer, reason }
+            }
+            TransportError::Mismatch { peer, theirs, .. } => {
+                CommError::Mismatch { rank, seq, peer, ours: describe(ours), theirs: describe(theirs) }
+            }
+            other => CommError::Transport { rank, op: op.name(), seq, source: other },
+        }
+    }
+}
+
+impl Communicator for HostComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn backend(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn all_reduce(&self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
+        let (dtype, numel) = (buf.dtype, buf.numel);
+        let bytes = self.host(OpKind::AllReduce, buf.memory)?;
+        let ring = bytes.len() >= self.tuning.ring_threshold_bytes && numel >= self.members.len();
+        self.collective(OpKind::AllReduce, dtype, numel, None, Some(op), |ctx| {
+            if ctx.size() == 1 {
+                Ok(())
+            } else if ring {
+                alg::ring_all_reduce(ctx, op, bytes)
+            } else {
+                alg::doubling_all_reduce(ctx, op, bytes)
+            }
+        })
+    }
+
+    fn reduce(&self, buf: BufMut<'_>, op: ReduceOp, root: usize) -> Result<(), CommError> {
+        self.check_root(OpKind::Reduce, root)?;
+        let (dtype, numel) = (buf.dtype, buf.numel);
+        let bytes = self.host(OpKind::Reduce, buf.memory)?;
+        let ring = bytes.len() >= self.tuning.ring_threshold_bytes && numel >= self.members.len();
+        self.collective(OpKind::Reduce, dtype, numel, Some(root), Some(op), |ctx| {
+            if ctx.size() == 1 {
+                Ok(())
+            } else if ring {
+                alg::ring_reduce(ctx, op, root, bytes)
+            } else {
+                alg::tree_reduce(ctx, op, root, bytes)
+            }
+        })
+    }
+
+    fn broadcast(&self, buf: BufMut<'_>, root: usize) -> Result<(), CommError> {
+        self.check_root(OpKind::Broadcast, root)?;
+        let (dtype, numel) = (buf.dtype, buf.numel);
+        let bytes = self.host(OpKind::Broadcast, buf.memory)?;
+        let large = bytes.len() >= self.tuning.ring_threshold_bytes && numel >= self.members.len();
+        self.collective(OpKind::Broadcast, dtype, numel, Some(root), None, |ctx| {
+            if ctx.size() == 1 {
+                Ok(())
+            } else if large && ctx.size() > 2 {
+                alg::scatter_allgather_broadcast(ctx, root, bytes)
+            } else {
+                alg::tree_broadcast(ctx, root, bytes)
+            }
+        })
+    }
+
+    fn all_gather(&self, input: BufRef<'_>, output: BufMut<'_>) -> Result<(), CommError> {
+        let n = self.members.len();
+        let (dtype, numel) = (input.dtype, input.numel);
+        if output.dtype != dtype || output.numel != numel * n {
+            return Err(self.invalid(
+                OpKind::AllGather,
+                format!("output is {} x {}, expected {dtype} x {} ({n} ranks x {numel})", output.dtype, output.numel, numel * n),
+            ));
+        }
+        let input = self.host_ref(OpKind::AllGather, input.memory)?;
+        let output = self.host(OpKind::AllGather, output.memory)?;
+        let block = input.len();
+        output[self.rank * block..(self.rank + 1) * block].copy_from_slice(input);
+        self.collective(OpKind::AllGather, dtype, numel, None, None, |ctx| {
+            if ctx.size() == 1 {
+                Ok(())
+            } else {
+                alg::ring_all_gather(ctx, output)
+            }
+        })
+    }
+
+    fn reduce_scatter(&self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
+        let n = self.members.len();
+        let (dtype, numel) = (output.dtype, output.numel);
+        if input.dtype != dtype || input.numel != numel * n {
+            return Err(self.invalid(
+                OpKind::ReduceScatter,
+                format!("input is {} x {}, expected {dtype} x {} ({n} ranks x {numel})", input.dtype, input.numel, numel * n),
+            ));
+        }
+        let input = self.host_ref(OpKind::ReduceScatter, input.memory)?;
+        let output = self.host(OpKind::ReduceScatter, output.memory)?;
+        let mut work = HostBuffer::zeros(dtype, numel * n);
+        work.bytes_mut().copy_from_slice(input);
+        let rank = self.rank;
+        self.collective(OpKind::ReduceScatter, dtype, numel, None, Some(op), |ctx| {
+            if ctx.size() > 1 {
+                alg::ring_reduce_scatter(ctx, op, work.bytes_mut())?;
+            }
+            let block = output.len();
+            output.copy_from_slice(&work.bytes()[rank * block..(rank + 1) * block]);
+            Ok(())
+        })
+    }
+
+    fn all_to_all(&self, input: BufRef<'_>, output: BufMut<'_>) -> Result<(), CommError> {
+        let n = self.members.len();
+        let (dtype, numel) = (input.dtype, input.numel);
+        if output.dtype != dtype || output.numel != numel || numel % n != 0 {
+            return Err(self.invalid(
+                OpKind::AllToAll,
+                format!(
+                    "input {dtype} x {numel} and output {} x {} must have the same dtype and length, \
+                     a multiple of the group size {n}",
+                    output.dtype, output.numel
+                ),
+            ));
+        }
+        let input = self.host_ref(OpKind::AllToAll, input.memory)?;
+        let output = self.host(OpKind::AllToAll, output.memory)?;
+        self.collective(OpKind::AllToAll, dtype, numel, None, None, |ctx| alg::all_to_all(ctx, input, output))
+    }
+
+    fn send(&self, buf: BufRef<'_>, peer: usize, tag: u32) -> Result<(), CommError> {
+        let (dtype, numel) = (buf.dtype, buf.numel);
+        let bytes = self.host_ref(OpKind::SendRecv, buf.memory)?;
+        self.point_to_point(peer, tag, dtype, numel, |ctx| ctx.run(vec![ctx.send(peer, 0, bytes)]))
+    }
+
+    fn recv(&self, buf: BufMut<'_>, peer: usize, tag: u32) -> Result<(), CommError> {
+        let (dtype, numel) = (buf.dtype, buf.numel);
+        let bytes = self.host(OpKind::SendRecv, buf.memory)?;
+        self.point_to_point(peer, tag, dtype, numel, |ctx| ctx.run(vec![ctx.recv(peer, 0, bytes)]))
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        let mut token = [1u8];
+        self.collective(OpKind::Barrier, DType::U8, 1, None, Some(ReduceOp::Sum), |ctx| {
+            if ctx.size() == 1 {
+                Ok(())
+            } else {
+                alg::doubling_all_reduce(ctx, ReduceOp::Sum, &mut token)
+            }
+        })
+    }
+
+    fn new_group(&self, ranks: &[usize]) -> Result<Option<Box<dyn Communicator>>, CommError> {
+        let n = self.members.len();
+        let mut seen = vec![false; n];
+        for &r in ranks {
+            if r >= n || std::mem::replace(&mut seen[r], true) {
+                return Err(CommError::InvalidArgument {
+                    rank: self.global_rank(),
+                    op: "new_group",
+                    reason: format!("ranks {ranks:?} must be distinct ranks below the group size {n}"),
+                });
+            }
+        }
+        // Every rank of this group creates groups in the same order, so the counter (and the id
+        // derived from it) agrees across ranks without a round trip.
+        let index = self.groups_created.fetch_add(1, Ordering::Relaxed) + 1;
+        let group_id = derive_group_id(self.group_id, index);
+        let Some(rank) = ranks.iter().position(|&r| r == self.rank) else {
+            return Ok(None);
+        };
+        let members = ranks.iter().map(|&r| self.members[r]).collect();
+        Ok(Some(Box::new(HostComm::new(Arc::clone(&self.mesh), members, rank, group_id, self.timeout, self.tuning))))
+    }
+}
+
+impl HostComm {
+    fn point_to_point(
+        &self,
+        peer: usize,
+        tag: u32,
+        dtype: DType,
+        numel: usize,
+        body: impl FnOnce(&Ctx<'_>) -> Result<(), TransportError>,
+    ) -> Result<(), CommError> {
+        if peer >= self.members.len() || peer == self.rank {
+            return Err(self.invalid(
+                OpKind::SendRecv,
+                format!("peer {peer} must be another rank of this group of {}", self.members.len()),
+            ));
+        }
+        let fp = fingerprint(OpKind::SendRecv, dtype, numel, None, None);
+        let ctx = self.ctx(p2p_key(self.group_id, tag), fp, dtype);
+        body(&ctx).map_err(|e| self.map_error(OpKind::SendRecv, tag as u64, fp, e))
+    }
+}
+
+/// A sub-group id from its parent's id and creation index (FNV-1a, folded to the key's bits).
+fn derive_group_id(parent: u64, index: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parent.to_le_bytes().into_iter().chain(index.to_le_bytes()) {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Group 0 is the world.
+    (hash % ((1 << 23) - 1)) + 1
+}

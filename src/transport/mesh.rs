@@ -1,0 +1,485 @@
+//! A rank's connections to its peers, and the progress engine that drives several transfers at
+//! once.
+//!
+//! [`Mesh::exchange`] takes a batch of sends and receives (to and from any peers) and makes
+//! progress on all of them in one thread with non-blocking sockets and `poll(2)`: while one
+//! segment is being written to the right neighbour, the next is read from the left one and the
+//! last one received is reduced. The kernel's socket buffers are the pipeline; no thread hand-off
+//! sits on the data path.
+
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::TransportError;
+use super::frame::{FrameHeader, Tag, HEADER_BYTES, MAX_FRAME_BYTES};
+use super::tcp::{AlignedBytes, Incoming, Stashed, TcpPair, STASH_LIMIT_BYTES};
+
+/// Combines a received segment into the destination segment (`dst = dst op incoming`).
+pub type Reducer<'a> = &'a (dyn Fn(&mut [u8], &[u8]) + Sync);
+
+/// One transfer of a batch.
+pub enum Op<'a> {
+    /// Send `data` to `peer` as frames of at most `segment_bytes`.
+    Send {
+        /// Destination rank (mesh numbering).
+        peer: usize,
+        /// Tag the receiver matches.
+        tag: Tag,
+        /// Fingerprint of the sending operation.
+        fingerprint: u64,
+        /// The payload.
+        data: &'a [u8],
+        /// Frame size.
+        segment_bytes: usize,
+    },
+    /// Receive into `data` from `peer`, frames of at most `segment_bytes`; with `reduce`, each
+    /// segment is combined into `data` instead of copied.
+    Recv {
+        /// Source rank (mesh numbering).
+        peer: usize,
+        /// Tag to match.
+        tag: Tag,
+        /// Expected fingerprint.
+        fingerprint: u64,
+        /// Destination.
+        data: &'a mut [u8],
+        /// Frame size; must equal the sender's.
+        segment_bytes: usize,
+        /// Optional reduction.
+        reduce: Option<Reducer<'a>>,
+    },
+}
+
+impl std::fmt::Debug for Op<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Send { peer, tag, data, .. } => write!(f, "Send(peer {peer}, tag {tag}, {} bytes)", data.len()),
+            Op::Recv { peer, tag, data, reduce, .. } => {
+                let kind = if reduce.is_some() { "RecvReduce" } else { "Recv" };
+                write!(f, "{kind}(peer {peer}, tag {tag}, {} bytes)", data.len())
+            }
+        }
+    }
+}
+
+/// The connections of one rank to all others.
+#[derive(Debug)]
+pub struct Mesh {
+    rank: usize,
+    world_size: usize,
+    pairs: Vec<Option<Arc<TcpPair>>>,
+}
+
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+
+/// Number of frames a buffer of `len` bytes is cut into (an empty buffer still sends one frame,
+/// so the receiver sees the fingerprint).
+fn segment_count(len: usize, segment_bytes: usize) -> usize {
+    len.div_ceil(segment_bytes.max(1)).max(1)
+}
+
+fn segment_range(len: usize, segment_bytes: usize, index: usize) -> std::ops::Range<usize> {
+    let start = (index * segment_bytes).min(len);
+    start..(start + segment_bytes).min(len)
+}
+
+struct SendState<'a> {
+    pair: &'a TcpPair,
+    tag: Tag,
+    fingerprint: u64,
+    data: &'a [u8],
+    segment_bytes: usize,
+    segments: usize,
+    next: usize,
+    header: [u8; HEADER_BYTES],
+    /// Bytes of the current frame written (header included); `None` between frames.
+    written: Option<usize>,
+}
+
+struct RecvState<'a, 'b> {
+    pair: &'a TcpPair,
+    tag: Tag,
+    fingerprint: u64,
+    data: &'b mut [u8],
+    segment_bytes: usize,
+    segments: usize,
+    next: usize,
+    reduce: Option<Reducer<'b>>,
+    scratch: AlignedBytes,
+}
+
+enum State<'a, 'b> {
+    Send(SendState<'a>),
+    Recv(RecvState<'a, 'b>),
+}
+
+impl State<'_, '_> {
+    fn done(&self) -> bool {
+        match self {
+            State::Send(s) => s.next == s.segments,
+            State::Recv(r) => r.next == r.segments,
+        }
+    }
+
+    fn pair(&self) -> &TcpPair {
+        match self {
+            State::Send(s) => s.pair,
+            State::Recv(r) => r.pair,
+        }
+    }
+}
+
+/// Result of one attempt to move bytes.
+#[derive(Default)]
+struct Progress {
+    moved: bool,
+    /// Another operation owns the frame in flight on this pair.
+    blocked_by_other: bool,
+}
+
+impl SendState<'_> {
+    fn progress(&mut self, token: u64) -> Result<Progress, TransportError> {
+        let mut out = Progress::default();
+        let mut half = self.pair.lock_send();
+        while self.next < self.segments {
+            match half.owner {
+                Some(owner) if owner != token => {
+                    out.blocked_by_other = true;
+                    return Ok(out);
+                }
+                _ => {}
+            }
+            let range = segment_range(self.data.len(), self.segment_bytes, self.next);
+            let payload = &self.data[range];
+            let written = match self.written {
+                Some(w) => w,
+                None => {
+                    self.header = FrameHeader { tag: self.tag, fingerprint: self.fingerprint, len: payload.len() as u64 }
+                        .encode();
+                    half.owner = Some(token);
+                    0
+                }
+            };
+            let total = HEADER_BYTES + payload.len();
+            let n = if written < HEADER_BYTES {
+                self.pair.write_some(&[IoSlice::new(&self.header[written..]), IoSlice::new(payload)])?
+            } else {
+                self.pair.write_some(&[IoSlice::new(&payload[written - HEADER_BYTES..])])?
+            };
+            let Some(n) = n else {
+                self.written = Some(written);
+                return Ok(out);
+            };
+            out.moved |= n > 0;
+            if written + n == total {
+                self.written = None;
+                half.owner = None;
+                self.next += 1;
+            } else {
+                self.written = Some(written + n);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RecvState<'_, '_> {
+    fn expected_len(&self) -> usize {
+        segment_range(self.data.len(), self.segment_bytes, self.next).len()
+    }
+
+    /// Checks a frame that carries this operation's tag.
+    fn check(&self, fingerprint: u64, len: u64) -> Result<(), TransportError> {
+        let (rank, peer) = (self.pair.rank(), self.pair.peer());
+        if fingerprint != self.fingerprint {
+            return Err(TransportError::Mismatch { rank, peer, tag: self.tag, ours: self.fingerprint, theirs: fingerprint });
+        }
+        let expected = self.expected_len();
+        if len != expected as u64 {
+            return Err(TransportError::SizeMismatch { rank, peer, tag: self.tag, expected, got: len });
+        }
+        Ok(())
+    }
+
+    /// Where the payload of the current segment is read to: the destination, or scratch space
+    /// when it must be reduced.
+    fn landing(&mut self) -> &mut [u8] {
+        let range = segment_range(self.data.len(), self.segment_bytes, self.next);
+        if self.reduce.is_some() {
+            self.scratch.prefix_mut(range.len())
+        } else {
+            &mut self.data[range]
+        }
+    }
+
+    /// The current segment's payload is in place: reduce it if needed and move on.
+    fn finish_segment(&mut self) {
+        let range = segment_range(self.data.len(), self.segment_bytes, self.next);
+        if let Some(reduce) = self.reduce {
+            let len = range.len();
+            reduce(&mut self.data[range], &self.scratch.as_slice()[..len]);
+        }
+        self.next += 1;
+    }
+
+    fn consume_stashed(&mut self, frame: Stashed) -> Result<(), TransportError> {
+        self.check(frame.fingerprint, frame.payload.len() as u64)?;
+        let range = segment_range(self.data.len(), self.segment_bytes, self.next);
+        match self.reduce {
+            Some(reduce) => reduce(&mut self.data[range], frame.payload.as_slice()),
+            None => self.data[range].copy_from_slice(frame.payload.as_slice()),
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    fn progress(&mut self, token: u64) -> Result<Progress, TransportError> {
+        let mut out = Progress::default();
+        let pair = self.pair;
+        let mut half = pair.lock_recv();
+        while self.next < self.segments {
+            match &mut half.incoming {
+                Incoming::Owned { token: owner, .. } if *owner != token => {
+                    out.blocked_by_other = true;
+                    return Ok(out);
+                }
+                Incoming::Owned { header, filled, .. } => {
+                    let len = header.len as usize;
+                    let mut at = *filled;
+                    while at < len {
+                        let landing = self.landing();
+                        match pair.read_some(&mut landing[at..len])? {
+                            Some(n) => {
+                                at += n;
+                                out.moved |= n > 0;
+                            }
+                            None => break,
+                        }
+                    }
+                    if at < len {
+                        if let Incoming::Owned { filled, .. } = &mut half.incoming {
+                            *filled = at;
+                        }
+                        return Ok(out);
+                    }
+                    half.incoming = Incoming::Idle;
+                    self.finish_segment();
+                }
+                Incoming::Stash { header, buf, filled } => {
+                    let len = header.len as usize;
+                    while *filled < len {
+                        match pair.read_some(&mut buf.as_mut_slice()[*filled..len])? {
+                            Some(n) => {
+                                *filled += n;
+                                out.moved |= n > 0;
+                            }
+                            None => return Ok(out),
+                        }
+                    }
+                    let Incoming::Stash { header, buf, .. } = std::mem::replace(&mut half.incoming, Incoming::Idle)
+                    else {
+                        unreachable!("matched Incoming::Stash above")
+                    };
+                    half.stash.entry(header.tag).or_default().push_back(Stashed {
+                        fingerprint: header.fingerprint,
+                        payload: buf,
+                    });
+                }
+                Incoming::Idle => {
+                    if let Some(frame) = half.stash.get_mut(&self.tag).and_then(|q| q.pop_front()) {
+                        half.stash_bytes -= frame.payload.len();
+                        if half.stash.get(&self.tag).is_some_and(|q| q.is_empty()) {
+                            half.stash.remove(&self.tag);
+                        }
+                        self.consume_stashed(frame)?;
+                        out.moved = true;
+                        continue;
+                    }
+                    while half.header_filled < HEADER_BYTES {
+                        let at = half.header_filled;
+                        let mut chunk = [0u8; HEADER_BYTES];
+                        match pair.read_some(&mut chunk[..HEADER_BYTES - at])? {
+                            Some(n) => {
+                                half.header[at..at + n].copy_from_slice(&chunk[..n]);
+                                half.header_filled += n;
+                                out.moved |= n > 0;
+                            }
+                            None => return Ok(out),
+                        }
+                    }
+                    half.header_filled = 0;
+                    let header = FrameHeader::decode(&half.header).map_err(|reason| TransportError::Protocol {
+                        rank: pair.rank(),
+                        peer: pair.peer(),
+                        reason,
+                    })?;
+                    if header.tag == self.tag {
+                        self.check(header.fingerprint, header.len)?;
+                        half.incoming = Incoming::Owned { token, header, filled: 0 };
+                    } else {
+                        let len = header.len as usize;
+                        if half.stash_bytes + len > STASH_LIMIT_BYTES || header.len > MAX_FRAME_BYTES {
+                            return Err(TransportError::Protocol {
+                                rank: pair.rank(),
+                                peer: pair.peer(),
+                                reason: format!(
+                                    "{} bytes of frames nobody asked for are waiting (limit {STASH_LIMIT_BYTES}); \
+                                     the ranks are likely running different collectives",
+                                    half.stash_bytes + len
+                                ),
+                            });
+                        }
+                        half.stash_bytes += len;
+                        half.incoming = Incoming::Stash { header, buf: AlignedBytes::zeroed(len), filled: 0 };
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Mesh {
+    /// A mesh over `pairs[peer]` (`None` at this rank's own index, and for peers never connected).
+    pub fn new(rank: usize, world_size: usize, pairs: Vec<Option<TcpPair>>) -> Self {
+        Self { rank, world_size, pairs: pairs.into_iter().map(|p| p.map(Arc::new)).collect() }
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn pair(&self, peer: usize) -> Result<&TcpPair, TransportError> {
+        self.pairs.get(peer).and_then(|p| p.as_deref()).ok_or_else(|| TransportError::Protocol {
+            rank: self.rank,
+            peer,
+            reason: format!("no connection to peer {peer} (world size {})", self.world_size),
+        })
+    }
+
+    /// Runs every operation of the batch to completion, concurrently, or fails at `deadline`
+    /// (reported as a timeout of `timeout`). On failure the pairs involved are marked unusable.
+    pub fn exchange(&self, ops: Vec<Op<'_>>, deadline: Instant, timeout: Duration) -> Result<(), TransportError> {
+        let mut states = Vec::with_capacity(ops.len());
+        for op in ops {
+            states.push(match op {
+                Op::Send { peer, tag, fingerprint, data, segment_bytes } => State::Send(SendState {
+                    pair: self.pair(peer)?,
+                    tag,
+                    fingerprint,
+                    data,
+                    segment_bytes,
+                    segments: segment_count(data.len(), segment_bytes),
+                    next: 0,
+                    header: [0; HEADER_BYTES],
+                    written: None,
+                }),
+                Op::Recv { peer, tag, fingerprint, data, segment_bytes, reduce } => State::Recv(RecvState {
+                    pair: self.pair(peer)?,
+                    tag,
+                    fingerprint,
+                    segments: segment_count(data.len(), segment_bytes),
+                    data,
+                    segment_bytes,
+                    next: 0,
+                    reduce,
+                    scratch: AlignedBytes::default(),
+                }),
+            });
+        }
+        for state in &states {
+            state.pair().check_broken()?;
+        }
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        let result = drive(&mut states, token, deadline, timeout);
+        if let Err(e) = &result {
+            for state in &states {
+                state.pair().mark_broken(e.to_string());
+            }
+        }
+        result
+    }
+}
+
+fn drive(states: &mut [State<'_, '_>], token: u64, deadline: Instant, timeout: Duration) -> Result<(), TransportError> {
+    let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(states.len());
+    loop {
+        let mut moved = false;
+        let mut blocked_by_other = false;
+        let mut all_done = true;
+        for state in states.iter_mut() {
+            if state.done() {
+                continue;
+            }
+            let progress = match state {
+                State::Send(s) => s.progress(token)?,
+                State::Recv(r) => r.progress(token)?,
+            };
+            moved |= progress.moved;
+            blocked_by_other |= progress.blocked_by_other;
+            all_done &= state.done();
+        }
+        if all_done {
+            return Ok(());
+        }
+        if moved {
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(timeout_error(states, timeout));
+        }
+        // Sleep until a socket is ready. When another thread owns a frame on one of our pairs it
+        // reads our frames into the stash, which poll cannot see: wake up often then.
+        let cap = if blocked_by_other { Duration::from_millis(1) } else { Duration::from_millis(200) };
+        let wait_ms = deadline.saturating_duration_since(now).min(cap).as_millis().max(1) as libc::c_int;
+        pollfds.clear();
+        for state in states.iter() {
+            if state.done() {
+                continue;
+            }
+            let (fd, events) = match state {
+                State::Send(s) => (s.pair.fd(), libc::POLLOUT),
+                State::Recv(r) => (r.pair.fd(), libc::POLLIN),
+            };
+            match pollfds.iter_mut().find(|p| p.fd == fd) {
+                Some(p) => p.events |= events,
+                None => pollfds.push(libc::pollfd { fd, events, revents: 0 }),
+            }
+        }
+        // SAFETY: `pollfds` is a valid, initialised array of `pollfds.len()` entries that lives
+        // across the call, and every fd in it belongs to a socket borrowed from `states`.
+        let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, wait_ms) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                let pair = states[0].pair();
+                return Err(TransportError::Io { rank: pair.rank(), what: "poll the data sockets".into(), source: err });
+            }
+        }
+    }
+}
+
+fn timeout_error(states: &[State<'_, '_>], timeout: Duration) -> TransportError {
+    // Report the first unfinished receive: the peer we are waiting on. Sends block only when the
+    // peer stopped reading, so they come second.
+    let waiting = states
+        .iter()
+        .find(|s| !s.done() && matches!(s, State::Recv(_)))
+        .or_else(|| states.iter().find(|s| !s.done()))
+        .expect("timeout_error is called only while an operation is unfinished");
+    let (direction, tag) = match waiting {
+        State::Send(s) => ("send", s.tag),
+        State::Recv(r) => ("recv", r.tag),
+    };
+    let pair = waiting.pair();
+    TransportError::Timeout { rank: pair.rank(), peer: pair.peer(), direction, tag, timeout, stashed: pair.stashed() }
+}
