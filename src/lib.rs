@@ -13,6 +13,7 @@ pub mod comm;
 pub mod env;
 pub mod error;
 pub mod launcher;
+pub mod parallel;
 pub mod rendezvous;
 pub mod telemetry;
 pub mod transport;

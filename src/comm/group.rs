@@ -65,11 +65,14 @@ impl Drop for GroupInner {
     }
 }
 
+/// Where a finished job leaves its result.
+type Slot<T> = Arc<(Mutex<Option<Result<T, CommError>>>, Condvar)>;
+
 /// A handle on an asynchronous collective.
 #[derive(Debug)]
 #[must_use = "a Work handle must be waited on to get the buffer and the error back"]
 pub struct Work<T> {
-    slot: Arc<(Mutex<Option<Result<T, CommError>>>, Condvar)>,
+    slot: Slot<T>,
 }
 
 impl<T> Work<T> {

@@ -109,7 +109,7 @@ pub fn init_with_store(
         let acceptor = scope.spawn(|| -> Result<Vec<(usize, std::net::TcpStream)>, TransportError> {
             (0..higher).map(|_| listener.accept(secret, deadline)).collect()
         });
-        for peer in 0..rank {
+        for (peer, slot) in pairs.iter_mut().enumerate().take(rank) {
             let left = deadline.saturating_duration_since(Instant::now());
             let raw = store.get(&format!("addr/{peer}"), left).map_err(store_err)?;
             let peer_addr: SocketAddr = String::from_utf8_lossy(&raw).parse().map_err(|e| {
@@ -121,7 +121,7 @@ pub fn init_with_store(
                 }
             })?;
             let stream = transport::connect(rank, peer, peer_addr, secret, deadline)?;
-            pairs[peer] = Some(TcpPair::new(rank, peer, stream)?);
+            *slot = Some(TcpPair::new(rank, peer, stream)?);
         }
         // Invariant: the acceptor thread does not panic (it only returns errors).
         Ok(acceptor.join().expect("acceptor thread panicked")?)

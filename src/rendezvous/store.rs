@@ -49,6 +49,34 @@ pub enum StoreError {
         /// The key.
         key: String,
     },
+    /// `add` would leave the range of `i64`.
+    #[error("store add on key {key:?}: adding {delta} overflows i64")]
+    AddOverflow {
+        /// The key.
+        key: String,
+        /// The delta that overflowed.
+        delta: i64,
+    },
+    /// A key, value or key list is larger than the store accepts.
+    #[error("store {op} on key {key:?}: {what} of {len} exceeds the limit of {max}")]
+    TooLarge {
+        /// The operation.
+        op: &'static str,
+        /// The key (its first 64 characters).
+        key: String,
+        /// What was too large ("key bytes", "value bytes", "key count").
+        what: &'static str,
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The store was shut down while the operation waited.
+    #[error("store {op}: the store was shut down")]
+    Closed {
+        /// The operation.
+        op: &'static str,
+    },
 }
 
 /// A key-value store shared by all ranks of a job.

@@ -1,0 +1,10 @@
+//! Parallelisms as functions applied to flat parameter/gradient buffers and process groups.
+//!
+//! Model code knows nothing of them: the trainer flattens a burn model's gradients in a fixed
+//! order, hands them to [`DataParallel`], and loads the result back.
+
+mod data;
+mod dims;
+
+pub use data::{BucketLayout, DataParallel, DivergenceError, SyncStats};
+pub use dims::{MeshCoords, ParallelDims, ParallelDimsError};

@@ -1,0 +1,387 @@
+//! The TCP store server, hosted by the node-0 launcher: one accept thread, one thread per connection.
+//!
+//! A connection is served only after it passes the job's handshake, run on the connection's own
+//! thread so a silent client never holds up `accept`. Waits block that thread on the store's
+//! condvar until the client's deadline. Shutdown stops accepting, wakes every waiter and closes
+//! every connection, so no thread outlives it by more than a few system calls.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::wire::{self, Frame, Reader, Request, WireError};
+use super::{MemoryStore, Store, StoreError};
+use crate::auth::{self, Channel, JobSecret};
+
+/// Deadline of the handshake that opens every connection.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Once a request has started, each read of its remaining bytes must make progress within this.
+const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that stops reading its responses is dropped after this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the accept loop looks at the shutdown flag while no connection arrives.
+const ACCEPT_TICK_MS: u16 = 100;
+
+/// The store server. Serves on background threads until [`TcpStoreServer::shutdown`] or drop.
+pub struct TcpStoreServer {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    store: MemoryStore,
+    secret: JobSecret,
+    stopping: AtomicBool,
+    /// A handle on every open connection, so shutdown can close them and wake their threads.
+    connections: Mutex<HashMap<u64, TcpStream>>,
+}
+
+impl Shared {
+    fn connections(&self) -> MutexGuard<'_, HashMap<u64, TcpStream>> {
+        // The map holds only socket handles; a panic elsewhere cannot leave it inconsistent.
+        self.connections.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for TcpStoreServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpStoreServer")
+            .field("local_addr", &self.local_addr)
+            .field("connections", &self.shared.connections().len())
+            .field("store", &self.shared.store)
+            .finish()
+    }
+}
+
+impl TcpStoreServer {
+    /// Binds (port 0 = pick a free port) and serves on background threads until dropped/shutdown.
+    pub fn bind(addr: SocketAddr, secret: JobSecret) -> Result<Self, StoreError> {
+        let io = |source| StoreError::Io {
+            op: "bind",
+            addr: addr.to_string(),
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(io)?;
+        // Non-blocking so a connection that vanishes between poll and accept cannot block the loop.
+        listener.set_nonblocking(true).map_err(io)?;
+        let local_addr = listener.local_addr().map_err(io)?;
+        let shared = Arc::new(Shared {
+            store: MemoryStore::new(),
+            secret,
+            stopping: AtomicBool::new(false),
+            connections: Mutex::new(HashMap::new()),
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("store-accept-{}", local_addr.port()))
+                .spawn(move || accept_loop(&listener, &shared))
+                .map_err(io)?
+        };
+        tracing::info!(%local_addr, "store server listening");
+        Ok(Self {
+            local_addr,
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The address the server listens on (with the port picked when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, wakes every blocked waiter and closes every connection.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for TcpStoreServer {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(acceptor) = self.acceptor.take() {
+            // Returns within one accept tick; a panic there has already been reported.
+            let _ = acceptor.join();
+        }
+        self.shared.store.close();
+        for (_, connection) in self.shared.connections().drain() {
+            // Wakes the connection's thread out of any read; it then exits.
+            let _ = connection.shutdown(Shutdown::Both);
+        }
+        tracing::info!(local_addr = %self.local_addr, "store server shut down");
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let mut next_id = 0u64;
+    while !shared.stopping() {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ACCEPT_TICK_MS)) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(errno) => {
+                tracing::warn!(error = %errno, "store server: poll on the listener failed");
+                std::thread::sleep(Duration::from_millis(ACCEPT_TICK_MS.into()));
+                continue;
+            }
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                next_id += 1;
+                let id = next_id;
+                let shared = Arc::clone(shared);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("store-conn-{id}"))
+                    .spawn(move || serve_connection(stream, peer, id, &shared));
+                if let Err(e) = spawned {
+                    tracing::warn!(%peer, error = %e, "store server: cannot start a thread for a connection");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "store server: accept failed");
+                std::thread::sleep(Duration::from_millis(ACCEPT_TICK_MS.into()));
+            }
+        }
+    }
+}
+
+fn serve_connection(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
+    {
+        let mut connections = shared.connections();
+        // Checked under the lock that shutdown takes to close connections: either this connection
+        // is registered before the sweep and closed by it, or it sees the flag and leaves.
+        if shared.stopping() {
+            return;
+        }
+        match stream.try_clone() {
+            Ok(handle) => connections.insert(id, handle),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "store server: cannot register a connection");
+                return;
+            }
+        };
+    }
+    serve(&mut stream, peer, shared);
+    shared.connections().remove(&id);
+}
+
+fn serve(stream: &mut TcpStream, peer: SocketAddr, shared: &Shared) {
+    if let Err(e) = auth::server_handshake(stream, &shared.secret, Channel::Store, HANDSHAKE_TIMEOUT) {
+        if !shared.stopping() {
+            tracing::warn!(%peer, error = %e, "store server: refused a connection that failed the handshake");
+        }
+        return;
+    }
+    tracing::debug!(%peer, "store server: client connected");
+    if let Err(e) = stream
+        .set_nodelay(true)
+        .and(stream.set_write_timeout(Some(WRITE_TIMEOUT)))
+    {
+        tracing::warn!(%peer, error = %e, "store server: cannot configure a connection");
+        return;
+    }
+    loop {
+        let request = match read_request(stream) {
+            Ok(Some(request)) => request,
+            Ok(None) => {
+                tracing::debug!(%peer, "store server: client disconnected");
+                return;
+            }
+            Err(_) if shared.stopping() => return,
+            Err(WireError::Malformed(reason)) => {
+                tracing::warn!(%peer, %reason, "store server: malformed frame, closing the connection");
+                // Best effort: the client may already be gone.
+                let _ = stream.write_all(&Frame::new(wire::STATUS_PROTOCOL).bytes(reason.as_bytes()).0);
+                return;
+            }
+            Err(e @ WireError::Io(_)) => {
+                tracing::warn!(%peer, error = %e, "store server: closing the connection in the middle of a frame");
+                return;
+            }
+        };
+        let response = answer(&shared.store, request);
+        if let Err(e) = stream.write_all(&response.0) {
+            if !shared.stopping() {
+                tracing::warn!(%peer, error = %e, "store server: cannot send a response, closing the connection");
+            }
+            return;
+        }
+    }
+}
+
+/// Reads one request; `None` when the client closed the connection between requests.
+fn read_request(stream: &mut TcpStream) -> Result<Option<Request>, WireError> {
+    // Between requests a client may stay silent for the whole job; shutdown wakes this read.
+    stream.set_read_timeout(None)?;
+    let mut opcode = [0u8; 1];
+    loop {
+        match stream.read(&mut opcode) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    stream.set_read_timeout(Some(FRAME_READ_TIMEOUT))?;
+    Reader(stream).request(opcode[0]).map(Some)
+}
+
+/// Runs one request against the store and encodes its answer.
+fn answer(store: &MemoryStore, request: Request) -> Frame {
+    let ok = || Frame::new(wire::STATUS_OK);
+    let result = match request {
+        Request::Set { key, value } => store.set(&key, &value).map(|()| ok()),
+        Request::Get { key, timeout_ms } => store
+            .get(&key, Duration::from_millis(timeout_ms))
+            .map(|value| ok().bytes(&value)),
+        Request::TryGet { key } => store.try_get(&key).map(|value| match value {
+            Some(value) => ok().u8(1).bytes(&value),
+            None => ok().u8(0),
+        }),
+        Request::Wait { keys, timeout_ms } => {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            store.wait(&keys, Duration::from_millis(timeout_ms)).map(|()| ok())
+        }
+        Request::Add { key, delta } => store.add(&key, delta).map(|sum| ok().i64(sum)),
+        Request::CompareSet { key, expected, desired } => store
+            .compare_set(&key, expected.as_deref(), &desired)
+            .map(|value| ok().bytes(&value)),
+        Request::Delete { key } => store.delete(&key).map(|existed| ok().u8(existed.into())),
+    };
+    result.unwrap_or_else(|e| match e {
+        StoreError::Timeout { keys, .. } => {
+            // At most MAX_WAIT_KEYS keys, so the count fits in u32.
+            let frame = Frame::new(wire::STATUS_TIMEOUT).u32(keys.len() as u32);
+            keys.iter().fold(frame, |frame, key| frame.bytes(key.as_bytes()))
+        }
+        StoreError::NotAnInteger { .. } => Frame::new(wire::STATUS_NOT_AN_INTEGER),
+        StoreError::AddOverflow { .. } => Frame::new(wire::STATUS_OVERFLOW),
+        StoreError::Closed { .. } => Frame::new(wire::STATUS_CLOSED),
+        // The wire limits equal the store's, so nothing else can come back; answer it anyway.
+        other => Frame::new(wire::STATUS_PROTOCOL).bytes(other.to_string().as_bytes()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rendezvous::TcpStore;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    fn start() -> (TcpStoreServer, JobSecret) {
+        let secret = JobSecret::generate().unwrap();
+        let server = TcpStoreServer::bind("127.0.0.1:0".parse().unwrap(), secret.clone()).unwrap();
+        (server, secret)
+    }
+
+    /// A connection that passed the handshake and speaks raw bytes from then on.
+    fn authenticated(server: &TcpStoreServer, secret: &JobSecret) -> TcpStream {
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        auth::client_handshake(&mut stream, secret, Channel::Store, LONG).unwrap();
+        stream
+    }
+
+    /// Sends `bytes`, then expects a protocol error (when `answered`) and the connection closed.
+    fn assert_refused(server: &TcpStoreServer, secret: &JobSecret, bytes: &[u8], answered: bool) {
+        let mut stream = authenticated(server, secret);
+        stream.write_all(bytes).unwrap();
+        // The server may have closed already (it answers as soon as a frame goes wrong).
+        let _ = stream.shutdown(Shutdown::Write);
+        stream.set_read_timeout(Some(LONG)).unwrap();
+        let mut received = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut received) {
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset,
+                "the server did not close the connection: {e}"
+            );
+        }
+        if answered {
+            assert_eq!(received.first(), Some(&wire::STATUS_PROTOCOL), "{received:?}");
+        }
+        // The server keeps serving everyone else.
+        let client = TcpStore::connect(&server.local_addr().to_string(), secret, LONG).unwrap();
+        client.set("alive", b"yes").unwrap();
+        assert_eq!(client.get("alive", LONG).unwrap(), b"yes");
+    }
+
+    #[test]
+    fn an_unknown_opcode_is_answered_with_a_protocol_error_and_the_connection_closed() {
+        let (server, secret) = start();
+        // Only the opcode: bytes the server never reads would make its close a reset, which may
+        // discard its answer before this test reads it.
+        assert_refused(&server, &secret, &[0xEE], true);
+    }
+
+    #[test]
+    fn an_oversized_key_length_prefix_closes_the_connection_without_allocating() {
+        let (server, secret) = start();
+        let frame = Frame::new(wire::OP_SET).u32(u32::MAX);
+        assert_refused(&server, &secret, &frame.0, true);
+        let frame = Frame::new(wire::OP_GET).u64(1).u32(wire::MAX_KEY_BYTES as u32 + 1);
+        assert_refused(&server, &secret, &frame.0, true);
+    }
+
+    #[test]
+    fn an_oversized_value_length_prefix_closes_the_connection_without_allocating() {
+        let (server, secret) = start();
+        let frame = Frame::new(wire::OP_SET)
+            .bytes(b"k")
+            .u32(wire::MAX_VALUE_BYTES as u32 + 1);
+        assert_refused(&server, &secret, &frame.0, true);
+        let frame = Frame::new(wire::OP_WAIT).u64(1).u32(u32::MAX);
+        assert_refused(&server, &secret, &frame.0, true);
+    }
+
+    #[test]
+    fn a_key_that_is_not_utf8_or_a_bad_flag_is_a_protocol_error() {
+        let (server, secret) = start();
+        let frame = Frame::new(wire::OP_DELETE).bytes(&[0xFF, 0xFE]);
+        assert_refused(&server, &secret, &frame.0, true);
+        let frame = Frame::new(wire::OP_COMPARE_SET).bytes(b"k").u8(7);
+        assert_refused(&server, &secret, &frame.0, true);
+    }
+
+    #[test]
+    fn a_truncated_frame_closes_the_connection() {
+        let (server, secret) = start();
+        let mut frame = Frame::new(wire::OP_SET).bytes(b"key").u32(100).0;
+        frame.extend_from_slice(b"only part of the value");
+        assert_refused(&server, &secret, &frame, false);
+    }
+
+    #[test]
+    fn frames_round_trip_through_the_reader() {
+        let frame = Frame::new(wire::OP_COMPARE_SET)
+            .bytes(b"key")
+            .u8(1)
+            .bytes(b"old")
+            .bytes(b"new");
+        let mut bytes = &frame.0[1..];
+        let request = Reader(&mut bytes).request(frame.0[0]).unwrap();
+        let expected = Request::CompareSet {
+            key: "key".into(),
+            expected: Some(b"old".to_vec()),
+            desired: b"new".to_vec(),
+        };
+        assert_eq!(request, expected);
+        assert!(bytes.is_empty());
+    }
+}
