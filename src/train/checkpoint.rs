@@ -1,0 +1,278 @@
+//! Checkpoints: safetensors files of named tensors, written atomically, resharded by name.
+//!
+//! Layout: `<out_dir>/checkpoints/step_<N>/`
+//! - `model-stage<S>.safetensors`: the parameters of pipeline stage S (all of them when there is
+//!   one stage), named by module path (`blocks.0.linear.weight`), so PyTorch's
+//!   `safetensors.torch.load_file` reads them;
+//! - `optim-stage<S>.safetensors`: optimizer state, `<param>.exp_avg`, `<param>.exp_avg_sq`;
+//! - `state.json`: step, data position, seeds, loss scale, the config; written LAST, so a folder
+//!   without it is an incomplete checkpoint and is never resumed from.
+//!
+//! Every file is written to a temporary name, fsynced, and renamed; the folder is fsynced after.
+//! Loading reads every stage file and picks tensors by name, so a checkpoint saved with one
+//! pipeline layout loads into another with no conversion step.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+/// Errors reading or writing checkpoints; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// File system error.
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The safetensors data is malformed.
+    #[error("checkpoint {path}: not a valid safetensors file: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A tensor the model needs is missing or has another shape.
+    #[error("checkpoint {dir}: tensor `{name}` {problem}")]
+    Tensor {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Missing, or the shapes.
+        problem: String,
+    },
+    /// No complete checkpoint to resume from.
+    #[error("no complete checkpoint (a step_N folder with state.json) under {0}")]
+    NoneFound(PathBuf),
+    /// `state.json` is malformed.
+    #[error("checkpoint {path}: bad state.json: {reason}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A named f32 tensor to save.
+#[derive(Debug, Clone, Copy)]
+pub struct NamedTensor<'a> {
+    /// Module path.
+    pub name: &'a str,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Values, row-major.
+    pub data: &'a [f32],
+}
+
+/// Everything beside the tensors that a resume needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Samples consumed so far per data-parallel rank (the data position).
+    pub micro_batches_seen: u64,
+    /// The run's seed.
+    pub seed: u64,
+    /// Current dynamic loss scale (1 when unused).
+    pub loss_scale: f32,
+    /// Steps since the last overflow (loss-scaler growth counter).
+    pub good_steps: u64,
+    /// Pipeline stages of the run that saved it.
+    pub pipeline_stages: usize,
+    /// Data-parallel replicas of the run that saved it.
+    pub data_replicas: usize,
+    /// The resolved config, as TOML.
+    pub config: String,
+}
+
+/// Folder of the checkpoint at `step`.
+pub fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step_{step:08}"))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    {
+        let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(bytes).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// Serialises tensors to safetensors bytes (f32, little endian).
+pub fn to_safetensors(tensors: &[NamedTensor<'_>]) -> Result<Vec<u8>, CheckpointError> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            let view = TensorView::new(Dtype::F32, t.shape.to_vec(), bytemuck::cast_slice(t.data)).map_err(|e| {
+                CheckpointError::Tensor { dir: PathBuf::new(), name: t.name.to_string(), problem: e.to_string() }
+            })?;
+            Ok((t.name.to_string(), view))
+        })
+        .collect::<Result<_, CheckpointError>>()?;
+    let metadata = HashMap::from([("format".to_string(), "burnrun".to_string())]);
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| CheckpointError::Format { path: PathBuf::new(), reason: e.to_string() })
+}
+
+/// Writes tensors to `path` atomically.
+pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<(), CheckpointError> {
+    let bytes = to_safetensors(tensors).map_err(|e| match e {
+        CheckpointError::Format { reason, .. } => CheckpointError::Format { path: path.to_path_buf(), reason },
+        other => other,
+    })?;
+    atomic_write(path, &bytes)
+}
+
+/// A loaded tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub data: Vec<f32>,
+}
+
+/// Reads every f32 tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let format = |reason: String| CheckpointError::Format { path: path.to_path_buf(), reason };
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
+    let mut out = HashMap::new();
+    for (name, view) in tensors.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(format(format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
+        }
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        out.insert(name, LoadedTensor { shape: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+/// Reads every file of a checkpoint folder whose name starts with `prefix` (`model-` or
+/// `optim-`) into one map: all stages together.
+pub fn read_all(dir: &Path, prefix: &str) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
+    let mut out = HashMap::new();
+    let entries = fs::read_dir(dir).map_err(io(dir))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.starts_with(prefix) && name.ends_with(".safetensors")
+        })
+        .collect();
+    files.sort();
+    for file in files {
+        out.extend(read_tensors(&file)?);
+    }
+    Ok(out)
+}
+
+/// Writes `state.json`: the mark of a complete checkpoint.
+pub fn write_state(dir: &Path, state: &TrainState) -> Result<(), CheckpointError> {
+    let path = dir.join("state.json");
+    let json = serde_json::to_vec_pretty(state)
+        .map_err(|e| CheckpointError::State { path: path.clone(), reason: e.to_string() })?;
+    atomic_write(&path, &json)
+}
+
+/// Reads `state.json`.
+pub fn read_state(dir: &Path) -> Result<TrainState, CheckpointError> {
+    let path = dir.join("state.json");
+    let bytes = fs::read(&path).map_err(io(&path))?;
+    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::State { path, reason: e.to_string() })
+}
+
+/// Complete checkpoints under `root`, oldest first.
+pub fn complete_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("step_")?.parse().ok()?;
+            p.join("state.json").is_file().then_some((step, p))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The latest complete checkpoint under `root`.
+pub fn latest(root: &Path) -> Result<PathBuf, CheckpointError> {
+    complete_checkpoints(root).pop().map(|(_, p)| p).ok_or_else(|| CheckpointError::NoneFound(root.to_path_buf()))
+}
+
+/// Deletes all but the newest `keep_last` complete checkpoints (0 keeps all).
+pub fn prune(root: &Path, keep_last: usize) -> Result<(), CheckpointError> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    let all = complete_checkpoints(root);
+    let excess = all.len().saturating_sub(keep_last);
+    for (_, dir) in all.into_iter().take(excess) {
+        fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_round_trip_through_safetensors() {
+        let dir = std::env::temp_dir().join(format!("burnrun-ckpt-{}", std::process::id()));
+        let path = dir.join("model-stage0.safetensors");
+        let data = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        write_tensors(&path, &[NamedTensor { name: "blocks.0.weight", shape: &[2, 3], data: &data }]).unwrap();
+        let back = read_all(&dir, "model-").unwrap();
+        assert_eq!(back["blocks.0.weight"], LoadedTensor { shape: vec![2, 3], data: data.to_vec() });
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_folders_with_state_json_count_and_pruning_keeps_the_newest() {
+        let root = std::env::temp_dir().join(format!("burnrun-prune-{}", std::process::id()));
+        let state = TrainState {
+            step: 0,
+            micro_batches_seen: 0,
+            seed: 1,
+            loss_scale: 1.0,
+            good_steps: 0,
+            pipeline_stages: 1,
+            data_replicas: 1,
+            config: String::new(),
+        };
+        for step in [10, 20, 30] {
+            write_state(&step_dir(&root, step), &TrainState { step, ..state.clone() }).unwrap();
+        }
+        fs::create_dir_all(step_dir(&root, 40)).unwrap();
+        assert_eq!(latest(&root).unwrap(), step_dir(&root, 30));
+        prune(&root, 2).unwrap();
+        let left: Vec<u64> = complete_checkpoints(&root).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, vec![20, 30]);
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,73 @@
+//! `metrics.jsonl`: one JSON object per logged step, aggregated over every rank.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// One logged step.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StepMetrics {
+    /// Optimizer step (1-based).
+    pub step: u64,
+    /// Mean training loss over the step's global batch.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global samples per second over the logging window.
+    pub samples_per_sec: f64,
+    /// Mean wall time of a step over the window, in milliseconds.
+    pub step_ms: f64,
+    /// Mean time in forward and backward per step (max over ranks), in milliseconds.
+    pub compute_ms: f64,
+    /// Mean time in gradient synchronisation per step (max over ranks), in milliseconds.
+    pub comm_ms: f64,
+    /// Mean time the slowest rank waited for the others' gradients (straggler cost), ms.
+    pub wait_ms: f64,
+    /// Rank whose compute was slowest over the window (straggler attribution).
+    pub slowest_rank: usize,
+    /// Gradient global norm before clipping.
+    pub grad_norm: f64,
+    /// Bytes this rank sent for gradient synchronisation per step.
+    pub wire_bytes: u64,
+    /// Dynamic loss scale, when used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Steps skipped by the loss scaler so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
+    /// Relative compression error per bucket (norm of what was lost / norm of the gradient).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub compression_error: Vec<f64>,
+}
+
+/// Appends metrics lines to a file.
+#[derive(Debug)]
+pub struct MetricsWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl MetricsWriter {
+    /// Opens (appending: a resumed run continues the same file).
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self { path: path.to_path_buf(), out: BufWriter::new(file) })
+    }
+
+    /// Writes one line and flushes it (a crash loses at most the current line).
+    pub fn write(&mut self, metrics: &StepMetrics) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, metrics)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
