@@ -120,6 +120,11 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     fn backend(&self) -> &'static str;
     /// The deadline of every blocking call.
     fn timeout(&self) -> Duration;
+    /// Bytes this process has sent over the transport so far, all groups together (0 when the
+    /// backend cannot tell).
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
 
     /// Reduces `buf` across all ranks; every rank gets the result.
     fn all_reduce(&self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError>;

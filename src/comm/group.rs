@@ -135,6 +135,11 @@ impl ProcessGroup {
         self.inner.comm.timeout()
     }
 
+    /// Bytes this process has sent over the transport so far (all groups together).
+    pub fn bytes_sent(&self) -> u64 {
+        self.inner.comm.bytes_sent()
+    }
+
     /// The underlying communicator (for buffers of a run-time dtype or device memory).
     pub fn communicator(&self) -> &dyn Communicator {
         &*self.inner.comm

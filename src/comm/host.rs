@@ -192,6 +192,10 @@ impl Communicator for HostComm {
         self.timeout
     }
 
+    fn bytes_sent(&self) -> u64 {
+        self.mesh.bytes_sent()
+    }
+
     fn all_reduce(&self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
         let (dtype, numel) = (buf.dtype, buf.numel);
         let bytes = self.host(OpKind::AllReduce, buf.memory)?;

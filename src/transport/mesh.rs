@@ -357,6 +357,11 @@ impl Mesh {
         self.world_size
     }
 
+    /// Bytes this rank has written to all its peers so far (frame headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.pairs.iter().flatten().map(|p| p.bytes_sent()).sum()
+    }
+
     fn pair(&self, peer: usize) -> Result<&TcpPair, TransportError> {
         self.pairs.get(peer).and_then(|p| p.as_deref()).ok_or_else(|| TransportError::Protocol {
             rank: self.rank,

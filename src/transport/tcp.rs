@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,7 @@ pub struct TcpPair {
     pub(crate) recv: Mutex<RecvHalf>,
     pub(crate) send: Mutex<SendHalf>,
     broken: Mutex<Option<String>>,
+    bytes_sent: AtomicU64,
 }
 
 impl TcpPair {
@@ -119,6 +121,7 @@ impl TcpPair {
             }),
             send: Mutex::new(SendHalf { owner: None }),
             broken: Mutex::new(None),
+            bytes_sent: AtomicU64::new(0),
         })
     }
 
@@ -130,6 +133,11 @@ impl TcpPair {
     /// This rank.
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// Bytes written to this connection so far (frame headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
     }
 
     pub(crate) fn fd(&self) -> RawFd {
@@ -160,7 +168,10 @@ impl TcpPair {
     pub(crate) fn write_some(&self, bufs: &[IoSlice<'_>]) -> Result<Option<usize>, TransportError> {
         match (&self.stream).write_vectored(bufs) {
             Ok(0) => Err(self.lost("the connection accepts no more data")),
-            Ok(n) => Ok(Some(n)),
+            Ok(n) => {
+                self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(Some(n))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(Some(0)),
             Err(e) => Err(self.lost(&e.to_string())),
