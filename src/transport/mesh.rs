@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::error::TransportError;
 use super::frame::{FrameHeader, Tag, HEADER_BYTES, MAX_FRAME_BYTES};
-use super::tcp::{AlignedBytes, Incoming, Stashed, TcpPair, STASH_LIMIT_BYTES};
+use super::tcp::{AlignedBytes, Incoming, RecvHalf, Stashed, TcpPair, STASH_LIMIT_BYTES};
 
 /// Combines a received segment into the destination segment (`dst = dst op incoming`).
 pub type Reducer<'a> = &'a (dyn Fn(&mut [u8], &[u8]) + Sync);
@@ -56,7 +56,13 @@ impl std::fmt::Debug for Op<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Op::Send { peer, tag, data, .. } => write!(f, "Send(peer {peer}, tag {tag}, {} bytes)", data.len()),
-            Op::Recv { peer, tag, data, reduce, .. } => {
+            Op::Recv {
+                peer,
+                tag,
+                data,
+                reduce,
+                ..
+            } => {
                 let kind = if reduce.is_some() { "RecvReduce" } else { "Recv" };
                 write!(f, "{kind}(peer {peer}, tag {tag}, {} bytes)", data.len())
             }
@@ -156,17 +162,23 @@ impl SendState<'_> {
             let written = match self.written {
                 Some(w) => w,
                 None => {
-                    self.header = FrameHeader { tag: self.tag, fingerprint: self.fingerprint, len: payload.len() as u64 }
-                        .encode();
+                    self.header = FrameHeader {
+                        tag: self.tag,
+                        fingerprint: self.fingerprint,
+                        len: payload.len() as u64,
+                    }
+                    .encode();
                     half.owner = Some(token);
                     0
                 }
             };
             let total = HEADER_BYTES + payload.len();
             let n = if written < HEADER_BYTES {
-                self.pair.write_some(&[IoSlice::new(&self.header[written..]), IoSlice::new(payload)])?
+                self.pair
+                    .write_some(&[IoSlice::new(&self.header[written..]), IoSlice::new(payload)])?
             } else {
-                self.pair.write_some(&[IoSlice::new(&payload[written - HEADER_BYTES..])])?
+                self.pair
+                    .write_some(&[IoSlice::new(&payload[written - HEADER_BYTES..])])?
             };
             let Some(n) = n else {
                 self.written = Some(written);
@@ -194,11 +206,23 @@ impl RecvState<'_, '_> {
     fn check(&self, fingerprint: u64, len: u64) -> Result<(), TransportError> {
         let (rank, peer) = (self.pair.rank(), self.pair.peer());
         if fingerprint != self.fingerprint {
-            return Err(TransportError::Mismatch { rank, peer, tag: self.tag, ours: self.fingerprint, theirs: fingerprint });
+            return Err(TransportError::Mismatch {
+                rank,
+                peer,
+                tag: self.tag,
+                ours: self.fingerprint,
+                theirs: fingerprint,
+            });
         }
         let expected = self.expected_len();
         if len != expected as u64 {
-            return Err(TransportError::SizeMismatch { rank, peer, tag: self.tag, expected, got: len });
+            return Err(TransportError::SizeMismatch {
+                rank,
+                peer,
+                tag: self.tag,
+                expected,
+                got: len,
+            });
         }
         Ok(())
     }
@@ -267,25 +291,10 @@ impl RecvState<'_, '_> {
                     half.incoming = Incoming::Idle;
                     self.finish_segment();
                 }
-                Incoming::Stash { header, buf, filled } => {
-                    let len = header.len as usize;
-                    while *filled < len {
-                        match pair.read_some(&mut buf.as_mut_slice()[*filled..len])? {
-                            Some(n) => {
-                                *filled += n;
-                                out.moved |= n > 0;
-                            }
-                            None => return Ok(out),
-                        }
+                Incoming::Stash { .. } => {
+                    if !fill_stash(pair, &mut half, &mut out.moved)? {
+                        return Ok(out);
                     }
-                    let Incoming::Stash { header, buf, .. } = std::mem::replace(&mut half.incoming, Incoming::Idle)
-                    else {
-                        unreachable!("matched Incoming::Stash above")
-                    };
-                    half.stash.entry(header.tag).or_default().push_back(Stashed {
-                        fingerprint: header.fingerprint,
-                        payload: buf,
-                    });
                 }
                 Incoming::Idle => {
                     if let Some(frame) = half.stash.get_mut(&self.tag).and_then(|q| q.pop_front()) {
@@ -297,42 +306,18 @@ impl RecvState<'_, '_> {
                         out.moved = true;
                         continue;
                     }
-                    while half.header_filled < HEADER_BYTES {
-                        let at = half.header_filled;
-                        let mut chunk = [0u8; HEADER_BYTES];
-                        match pair.read_some(&mut chunk[..HEADER_BYTES - at])? {
-                            Some(n) => {
-                                half.header[at..at + n].copy_from_slice(&chunk[..n]);
-                                half.header_filled += n;
-                                out.moved |= n > 0;
-                            }
-                            None => return Ok(out),
-                        }
-                    }
-                    half.header_filled = 0;
-                    let header = FrameHeader::decode(&half.header).map_err(|reason| TransportError::Protocol {
-                        rank: pair.rank(),
-                        peer: pair.peer(),
-                        reason,
-                    })?;
+                    let Some(header) = read_header(pair, &mut half, &mut out.moved)? else {
+                        return Ok(out);
+                    };
                     if header.tag == self.tag {
                         self.check(header.fingerprint, header.len)?;
-                        half.incoming = Incoming::Owned { token, header, filled: 0 };
+                        half.incoming = Incoming::Owned {
+                            token,
+                            header,
+                            filled: 0,
+                        };
                     } else {
-                        let len = header.len as usize;
-                        if half.stash_bytes + len > STASH_LIMIT_BYTES || header.len > MAX_FRAME_BYTES {
-                            return Err(TransportError::Protocol {
-                                rank: pair.rank(),
-                                peer: pair.peer(),
-                                reason: format!(
-                                    "{} bytes of frames nobody asked for are waiting (limit {STASH_LIMIT_BYTES}); \
-                                     the ranks are likely running different collectives",
-                                    half.stash_bytes + len
-                                ),
-                            });
-                        }
-                        half.stash_bytes += len;
-                        half.incoming = Incoming::Stash { header, buf: AlignedBytes::zeroed(len), filled: 0 };
+                        start_stash(pair, &mut half, header)?;
                     }
                 }
             }
@@ -341,10 +326,108 @@ impl RecvState<'_, '_> {
     }
 }
 
+/// Reads the next frame header; `None` until all of it arrived.
+fn read_header(pair: &TcpPair, half: &mut RecvHalf, moved: &mut bool) -> Result<Option<FrameHeader>, TransportError> {
+    while half.header_filled < HEADER_BYTES {
+        let at = half.header_filled;
+        let mut chunk = [0u8; HEADER_BYTES];
+        match pair.read_some(&mut chunk[..HEADER_BYTES - at])? {
+            Some(n) => {
+                half.header[at..at + n].copy_from_slice(&chunk[..n]);
+                half.header_filled += n;
+                *moved |= n > 0;
+            }
+            None => return Ok(None),
+        }
+    }
+    half.header_filled = 0;
+    FrameHeader::decode(&half.header)
+        .map(Some)
+        .map_err(|reason| TransportError::Protocol {
+            rank: pair.rank(),
+            peer: pair.peer(),
+            reason,
+        })
+}
+
+/// Starts reading a frame nobody waits for into the stash, within the stash's limit.
+fn start_stash(pair: &TcpPair, half: &mut RecvHalf, header: FrameHeader) -> Result<(), TransportError> {
+    let len = header.len as usize;
+    if half.stash_bytes + len > STASH_LIMIT_BYTES || header.len > MAX_FRAME_BYTES {
+        return Err(TransportError::Protocol {
+            rank: pair.rank(),
+            peer: pair.peer(),
+            reason: format!(
+                "{} bytes of frames nobody asked for are waiting (limit {STASH_LIMIT_BYTES}); \
+                 the ranks are likely running different collectives",
+                half.stash_bytes + len
+            ),
+        });
+    }
+    half.stash_bytes += len;
+    half.incoming = Incoming::Stash {
+        header,
+        buf: AlignedBytes::zeroed(len),
+        filled: 0,
+    };
+    Ok(())
+}
+
+/// Continues reading a stashed frame; true once it is complete and stored.
+fn fill_stash(pair: &TcpPair, half: &mut RecvHalf, moved: &mut bool) -> Result<bool, TransportError> {
+    let Incoming::Stash { header, buf, filled } = &mut half.incoming else {
+        return Ok(true);
+    };
+    let len = header.len as usize;
+    while *filled < len {
+        match pair.read_some(&mut buf.as_mut_slice()[*filled..len])? {
+            Some(n) => {
+                *filled += n;
+                *moved |= n > 0;
+            }
+            None => return Ok(false),
+        }
+    }
+    let Incoming::Stash { header, buf, .. } = std::mem::replace(&mut half.incoming, Incoming::Idle) else {
+        unreachable!("matched Incoming::Stash above")
+    };
+    half.stash.entry(header.tag).or_default().push_back(Stashed {
+        fingerprint: header.fingerprint,
+        payload: buf,
+    });
+    Ok(true)
+}
+
+/// While a send is blocked (the peer is not reading), reads whatever the peer sends into the
+/// stash: two ranks that send to each other at once can then never deadlock on full socket
+/// buffers, whatever order they post their receives in.
+fn drain_unsolicited(pair: &TcpPair) -> Result<bool, TransportError> {
+    let mut half = pair.lock_recv();
+    let mut moved = false;
+    loop {
+        match half.incoming {
+            Incoming::Owned { .. } => return Ok(moved),
+            Incoming::Stash { .. } => {
+                if !fill_stash(pair, &mut half, &mut moved)? {
+                    return Ok(moved);
+                }
+            }
+            Incoming::Idle => match read_header(pair, &mut half, &mut moved)? {
+                None => return Ok(moved),
+                Some(header) => start_stash(pair, &mut half, header)?,
+            },
+        }
+    }
+}
+
 impl Mesh {
     /// A mesh over `pairs[peer]` (`None` at this rank's own index, and for peers never connected).
     pub fn new(rank: usize, world_size: usize, pairs: Vec<Option<TcpPair>>) -> Self {
-        Self { rank, world_size, pairs: pairs.into_iter().map(|p| p.map(Arc::new)).collect() }
+        Self {
+            rank,
+            world_size,
+            pairs: pairs.into_iter().map(|p| p.map(Arc::new)).collect(),
+        }
     }
 
     /// This rank.
@@ -363,11 +446,14 @@ impl Mesh {
     }
 
     fn pair(&self, peer: usize) -> Result<&TcpPair, TransportError> {
-        self.pairs.get(peer).and_then(|p| p.as_deref()).ok_or_else(|| TransportError::Protocol {
-            rank: self.rank,
-            peer,
-            reason: format!("no connection to peer {peer} (world size {})", self.world_size),
-        })
+        self.pairs
+            .get(peer)
+            .and_then(|p| p.as_deref())
+            .ok_or_else(|| TransportError::Protocol {
+                rank: self.rank,
+                peer,
+                reason: format!("no connection to peer {peer} (world size {})", self.world_size),
+            })
     }
 
     /// Runs every operation of the batch to completion, concurrently, or fails at `deadline`
@@ -376,7 +462,13 @@ impl Mesh {
         let mut states = Vec::with_capacity(ops.len());
         for op in ops {
             states.push(match op {
-                Op::Send { peer, tag, fingerprint, data, segment_bytes } => State::Send(SendState {
+                Op::Send {
+                    peer,
+                    tag,
+                    fingerprint,
+                    data,
+                    segment_bytes,
+                } => State::Send(SendState {
                     pair: self.pair(peer)?,
                     tag,
                     fingerprint,
@@ -387,7 +479,14 @@ impl Mesh {
                     header: [0; HEADER_BYTES],
                     written: None,
                 }),
-                Op::Recv { peer, tag, fingerprint, data, segment_bytes, reduce } => State::Recv(RecvState {
+                Op::Recv {
+                    peer,
+                    tag,
+                    fingerprint,
+                    data,
+                    segment_bytes,
+                    reduce,
+                } => State::Recv(RecvState {
                     pair: self.pair(peer)?,
                     tag,
                     fingerprint,
@@ -438,13 +537,27 @@ fn drive(states: &mut [State<'_, '_>], token: u64, deadline: Instant, timeout: D
         if moved {
             continue;
         }
+        for state in states.iter() {
+            if let State::Send(s) = state {
+                if !state.done() {
+                    moved |= drain_unsolicited(s.pair)?;
+                }
+            }
+        }
+        if moved {
+            continue;
+        }
         let now = Instant::now();
         if now >= deadline {
             return Err(timeout_error(states, timeout));
         }
         // Sleep until a socket is ready. When another thread owns a frame on one of our pairs it
         // reads our frames into the stash, which poll cannot see: wake up often then.
-        let cap = if blocked_by_other { Duration::from_millis(1) } else { Duration::from_millis(200) };
+        let cap = if blocked_by_other {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(200)
+        };
         let wait_ms = deadline.saturating_duration_since(now).min(cap).as_millis().max(1) as libc::c_int;
         pollfds.clear();
         for state in states.iter() {
@@ -452,7 +565,7 @@ fn drive(states: &mut [State<'_, '_>], token: u64, deadline: Instant, timeout: D
                 continue;
             }
             let (fd, events) = match state {
-                State::Send(s) => (s.pair.fd(), libc::POLLOUT),
+                State::Send(s) => (s.pair.fd(), libc::POLLOUT | libc::POLLIN),
                 State::Recv(r) => (r.pair.fd(), libc::POLLIN),
             };
             match pollfds.iter_mut().find(|p| p.fd == fd) {
@@ -467,7 +580,11 @@ fn drive(states: &mut [State<'_, '_>], token: u64, deadline: Instant, timeout: D
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
                 let pair = states[0].pair();
-                return Err(TransportError::Io { rank: pair.rank(), what: "poll the data sockets".into(), source: err });
+                return Err(TransportError::Io {
+                    rank: pair.rank(),
+                    what: "poll the data sockets".into(),
+                    source: err,
+                });
             }
         }
     }
@@ -486,5 +603,12 @@ fn timeout_error(states: &[State<'_, '_>], timeout: Duration) -> TransportError 
         State::Recv(r) => ("recv", r.tag),
     };
     let pair = waiting.pair();
-    TransportError::Timeout { rank: pair.rank(), peer: pair.peer(), direction, tag, timeout, stashed: pair.stashed() }
+    TransportError::Timeout {
+        rank: pair.rank(),
+        peer: pair.peer(),
+        direction,
+        tag,
+        timeout,
+        stashed: pair.stashed(),
+    }
 }
