@@ -291,9 +291,10 @@ impl ProcessGroup {
         self.sync(|c| c.all_to_all(BufRef::host(input), BufMut::host(output)))
     }
 
-    /// Tagged point-to-point send to group rank `peer`.
+    /// Tagged point-to-point send to group rank `peer`. Point-to-point messages are matched by
+    /// tag, not by issue order, so this does not wait for queued async collectives.
     pub fn send<T: Element>(&self, data: &[T], peer: usize, tag: u32) -> Result<(), CommError> {
-        self.sync(|c| c.send(BufRef::host(data), peer, tag))
+        self.inner.comm.send(BufRef::host(data), peer, tag)
     }
 
     /// Asynchronous send; the buffer comes back when it was handed to the transport.
@@ -301,9 +302,10 @@ impl ProcessGroup {
         self.submit(move |c| c.send(BufRef::host(&data), peer, tag).map(|()| data))
     }
 
-    /// Tagged point-to-point receive from group rank `peer`.
+    /// Tagged point-to-point receive from group rank `peer`. Like [`Self::send`], it does not
+    /// wait for queued async work (an async send to the same peer may still be in flight).
     pub fn recv<T: Element>(&self, data: &mut [T], peer: usize, tag: u32) -> Result<(), CommError> {
-        self.sync(|c| c.recv(BufMut::host(data), peer, tag))
+        self.inner.comm.recv(BufMut::host(data), peer, tag)
     }
 
     /// Asynchronous receive into `data`.

@@ -5,6 +5,10 @@
 
 mod data;
 mod dims;
+mod pipeline;
 
 pub use data::{BucketLayout, DataParallel, DivergenceError, SyncStats};
 pub use dims::{MeshCoords, ParallelDims, ParallelDimsError};
+pub use pipeline::{
+    peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, ScheduleKind, StageCompute, StepTimes,
+};
