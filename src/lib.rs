@@ -3,17 +3,25 @@
 //! The crate is layered (see `DESIGN.md` in the project's shared notes):
 //! `launcher` spawns ranks and hosts the `rendezvous` store; `transport` moves tagged bytes between
 //! two ranks; `comm` builds the collectives on top of it and is the only communication API the
-//! upper layers see; `train`, `parallel`, `models`, `data`, `compress` and `precision` (feature
-//! `train`) run burn models on top of `comm`.
+//! upper layers see; `train`, `parallel`, `models` and `data` (feature `train`) run burn models on
+//! top of `comm`; `compress` (gradient codecs) and `precision` (policy, loss scaler) are pure Rust.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 #![deny(unsafe_op_in_unsafe_fn, unused_must_use)]
 
 pub mod auth;
+pub mod bench;
 pub mod comm;
+pub mod compress;
+pub mod config;
+#[cfg(feature = "train")]
+pub mod data;
 pub mod env;
 pub mod error;
 pub mod launcher;
+#[cfg(feature = "train")]
+pub mod models;
 pub mod parallel;
+pub mod precision;
 pub mod rendezvous;
 pub mod telemetry;
 pub mod transport;

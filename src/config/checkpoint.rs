@@ -1,0 +1,31 @@
+//! `[checkpoint]`: when to save, how many to keep, whether to resume.
+
+use serde::{Deserialize, Serialize};
+
+/// `[checkpoint]`: checkpoints under `<train.out_dir>/checkpoints/`, one folder per step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every this many steps, and always after the last step. `0` saves only after the last
+    /// step. Default `0`.
+    pub every_steps: u64,
+    /// Number of most recent checkpoints kept; older ones are deleted after a new one is complete.
+    /// `0` keeps all. Default `3`.
+    pub keep_last: usize,
+    /// Continue from the latest complete checkpoint (the one in `path`, or the newest under
+    /// `<train.out_dir>/checkpoints/`); starts from scratch if there is none. Default `false`.
+    pub resume: bool,
+    /// An explicit checkpoint folder to resume from (needs `resume = true`). Default: not set.
+    pub path: Option<String>,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            keep_last: 3,
+            resume: false,
+            path: None,
+        }
+    }
+}

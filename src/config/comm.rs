@@ -1,0 +1,48 @@
+//! `[comm]`: the collective backend and its tuning knobs.
+
+use serde::{Deserialize, Serialize};
+
+use super::choice::choice;
+
+choice! {
+    /// `comm.backend`: who runs the collectives.
+    CommBackend, default Tcp {
+        /// burnrun's own algorithms over TCP between host buffers (CPU, any machine).
+        Tcp = "tcp",
+        /// NVIDIA's NCCL on GPU buffers (needs `train.device = "cuda"` or `"cuda:N"` and the
+        /// `cuda` feature).
+        Nccl = "nccl",
+    }
+}
+
+/// `[comm]`: collectives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommConfig {
+    /// Backend: `"tcp"` or `"nccl"`. Default `"tcp"`.
+    pub backend: CommBackend,
+    /// Gradients are packed into buckets of at most this many MiB and each bucket is all-reduced
+    /// as one message (torch DDP's `bucket_cap_mb`). Default `25.0`.
+    pub bucket_cap_mb: f64,
+    /// Deadline of every blocking collective, in seconds; a rank that waits longer fails naming
+    /// the peer it waited for. Default `300`.
+    pub timeout_secs: u64,
+    /// All-reduce switches from recursive halving-doubling to the ring at this message size.
+    /// Default: not set (the engine's built-in threshold, or `BURNRUN_RING_THRESHOLD_BYTES`).
+    pub ring_threshold_bytes: Option<usize>,
+    /// I/O unit of the pipelined algorithms, in bytes. Default: not set (the engine's built-in
+    /// size, or `BURNRUN_SEGMENT_BYTES`).
+    pub segment_bytes: Option<usize>,
+}
+
+impl Default for CommConfig {
+    fn default() -> Self {
+        Self {
+            backend: CommBackend::Tcp,
+            bucket_cap_mb: 25.0,
+            timeout_secs: 300,
+            ring_threshold_bytes: None,
+            segment_bytes: None,
+        }
+    }
+}

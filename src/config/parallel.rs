@@ -1,0 +1,117 @@
+//! `[parallel]`: how the ranks are arranged: data-parallel replicas of a pipeline of stages.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+
+use super::choice::choice;
+
+choice! {
+    /// `parallel.schedule`: the order in which a pipeline stage runs its micro-batches.
+    PipelineSchedule, default GPipe {
+        /// All forwards, then all backwards (holds every micro-batch's activations).
+        GPipe = "gpipe",
+        /// Warm-up forwards, then one forward one backward, then cool-down (holds at most
+        /// `pipeline` micro-batches' activations).
+        OneFOneB = "1f1b",
+    }
+}
+
+/// `parallel.partition`: where the model is cut into pipeline stages.
+///
+/// In TOML either the string `"balanced"` or an array of block boundaries: `[2, 5]` with
+/// `pipeline = 3` puts blocks `0..2` on stage 0, `2..5` on stage 1 and the rest on stage 2
+/// (one boundary per stage after the first, strictly increasing, each in `1..num_blocks`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Partition {
+    /// Split so that the stages hold about the same number of parameters.
+    #[default]
+    Balanced,
+    /// The first block of each stage after the first.
+    Boundaries(Vec<usize>),
+}
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Balanced => f.write_str("\"balanced\""),
+            Self::Boundaries(boundaries) => write!(f, "{boundaries:?}"),
+        }
+    }
+}
+
+impl Serialize for Partition {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Balanced => serializer.serialize_str("balanced"),
+            Self::Boundaries(boundaries) => boundaries.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Partition {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PartitionVisitor)
+    }
+}
+
+/// Accepts `"balanced"` or an array of block indices, with one message for everything else.
+struct PartitionVisitor;
+
+impl<'de> Visitor<'de> for PartitionVisitor {
+    type Value = Partition;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"balanced\" or an array of block boundaries such as [2, 4]")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Partition, E> {
+        match value {
+            "balanced" => Ok(Partition::Balanced),
+            _ => Err(E::invalid_value(de::Unexpected::Str(value), &self)),
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Partition, A::Error> {
+        let mut boundaries = Vec::new();
+        while let Some(boundary) = seq.next_element::<usize>()? {
+            boundaries.push(boundary);
+        }
+        Ok(Partition::Boundaries(boundaries))
+    }
+}
+
+/// `[parallel]`: the rank mesh.
+///
+/// `data * pipeline` must equal `WORLD_SIZE`. Rank `r` is stage `r % pipeline` of replica
+/// `r / pipeline`: the stages of one replica are neighbours (activations cross the fastest
+/// links), and the data-parallel group of a stage is every `pipeline`-th rank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Data-parallel replicas. `0` means `WORLD_SIZE / pipeline`. Default `0`.
+    pub data: usize,
+    /// Pipeline stages per replica; `1` is plain data parallelism. Default `1`.
+    pub pipeline: usize,
+    /// Micro-batches each rank's `train.batch_size` is split into for the pipeline schedule; must
+    /// divide `train.batch_size`. With `pipeline = 1` it has no effect. Default `1`.
+    pub micro_batches: usize,
+    /// Pipeline schedule: `"gpipe"` or `"1f1b"`. Default `"gpipe"`.
+    pub schedule: PipelineSchedule,
+    /// Where stages split the model: `"balanced"` or an array of block boundaries. Default `"balanced"`.
+    pub partition: Partition,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            data: 0,
+            pipeline: 1,
+            micro_batches: 1,
+            schedule: PipelineSchedule::GPipe,
+            partition: Partition::Balanced,
+        }
+    }
+}

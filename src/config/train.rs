@@ -1,0 +1,90 @@
+//! `[train]`: the loop's length, batch, seed, device and output folder.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// `[train]`: how long, how big, where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps to run (each of `grad_accum_steps` micro steps). Default `1000`.
+    pub steps: u64,
+    /// Samples per rank per micro step (torch's per-process batch). The global batch is
+    /// `batch_size * grad_accum_steps * data-parallel ranks`. Default `32`.
+    pub batch_size: usize,
+    /// Micro steps whose gradients are accumulated (without communication) before each
+    /// synchronized optimizer step. Default `1`.
+    pub grad_accum_steps: usize,
+    /// Seed of parameter initialization, shuffling and dropout. Default `42`.
+    pub seed: u64,
+    /// Folder for checkpoints (`<out_dir>/checkpoints/`) and `metrics.jsonl`. Default `""`, which
+    /// loading turns into `runs/<config name>` (the config file's stem, e.g. `runs/mlp_synthetic`).
+    pub out_dir: String,
+    /// Device to compute on: `"cpu"` (burn's flex backend), `"flex"` (the same, by name),
+    /// `"cuda"` (GPU number `LOCAL_RANK`) or `"cuda:N"`. Default `"cpu"`.
+    pub device: String,
+    /// Every this many steps, compare a checksum of the parameters across ranks and stop, naming
+    /// the first differing parameter, if replicas diverged. `0` turns the check off. Default `50`.
+    pub check_replicas_every: u64,
+    /// Compute threads per rank. `0` means all cores divided by the ranks on this node. Default `0`.
+    pub threads: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 32,
+            grad_accum_steps: 1,
+            seed: 42,
+            out_dir: String::new(),
+            device: "cpu".to_string(),
+            check_replicas_every: 50,
+            threads: 0,
+        }
+    }
+}
+
+/// A parsed `train.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// `"cpu"`: burn's default CPU backend (flex).
+    Cpu,
+    /// `"flex"`: burn's flex CPU backend, named explicitly.
+    Flex,
+    /// `"cuda"` (`None`: the GPU numbered `LOCAL_RANK`) or `"cuda:N"` (`Some(N)`).
+    Cuda(Option<usize>),
+}
+
+impl DeviceSpec {
+    /// Reads a `train.device` string; `None` if it is none of the accepted forms.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "cpu" => Some(Self::Cpu),
+            "flex" => Some(Self::Flex),
+            "cuda" => Some(Self::Cuda(None)),
+            _ => text
+                .strip_prefix("cuda:")?
+                .parse()
+                .ok()
+                .map(|index| Self::Cuda(Some(index))),
+        }
+    }
+
+    /// Whether this is a GPU.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Self::Cuda(_))
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Flex => f.write_str("flex"),
+            Self::Cuda(None) => f.write_str("cuda"),
+            Self::Cuda(Some(index)) => write!(f, "cuda:{index}"),
+        }
+    }
+}

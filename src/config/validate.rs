@@ -1,0 +1,618 @@
+//! [`RunConfig::validate`]: every check that needs the whole config or the world size, run once at
+//! start before any rank trains. Every failed check is reported (not just the first), each with
+//! every term of the comparison and the line of the key that set it.
+
+use std::path::Path;
+
+use super::error::{ConfigError, Problem};
+use super::mesh::RankMesh;
+use super::run::ConfigSource;
+use super::{CommBackend, PipelineSchedule, RunConfig};
+use super::{CompressionMethod, ComputeDtype, DataKind, DeviceSpec, LrSchedule, ModelKind, OptimKind, Partition};
+
+/// A config checked against the world it runs in, with everything derived from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The settings.
+    pub config: RunConfig,
+    /// `WORLD_SIZE`.
+    pub world_size: usize,
+    /// Data-parallel replicas x pipeline stages (`parallel.data = 0` resolved).
+    pub mesh: RankMesh,
+    /// The parsed `train.device`.
+    pub device: DeviceSpec,
+    /// Samples per pipeline micro-batch: `batch_size / micro_batches`.
+    pub micro_batch_size: usize,
+    /// Samples per optimizer step over the whole job: `batch_size * grad_accum_steps * data`.
+    pub global_batch: usize,
+    /// Tokens per sequence for text data (`data.text.seq_len`, or `model.gpt.block_size`).
+    pub seq_len: Option<usize>,
+    /// Settings that are legal but probably not what was meant (a key set for another `kind`, a
+    /// run that ends during warm-up, ...). Printed by `burnrun check` and at start.
+    pub notes: Vec<String>,
+}
+
+/// Collects failed checks and notes.
+struct Checks<'a> {
+    source: &'a ConfigSource,
+    problems: Vec<Problem>,
+    notes: Vec<String>,
+}
+
+impl Checks<'_> {
+    /// Records a problem about `keys` (the first one set in the file gives the line).
+    fn fail(&mut self, keys: &[&str], message: String) {
+        self.problems.push(Problem {
+            at: self.source.locate(keys),
+            keys: keys.iter().map(|key| key.to_string()).collect(),
+            message,
+        });
+    }
+
+    /// `fail` unless `ok`.
+    fn require(&mut self, ok: bool, key: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.fail(&[key], message());
+        }
+    }
+
+    fn note(&mut self, message: String) {
+        self.notes.push(message);
+    }
+
+    /// Notes every key of `keys` that was set although `why_unused` makes it irrelevant.
+    fn unused(&mut self, keys: &[&str], why_unused: &str) {
+        for key in keys {
+            if self.source.is_set(key) {
+                self.note(format!("{key} is set but {why_unused}: it is ignored"));
+            }
+        }
+    }
+}
+
+impl RunConfig {
+    /// Checks the config against a world of `world_size` ranks: value ranges, combinations that
+    /// cannot work, and the mesh `parallel.data * parallel.pipeline = WORLD_SIZE`. Run once at
+    /// start, before any rank trains.
+    pub fn validate(&self, world_size: usize) -> Result<Resolved, ConfigError> {
+        let mut checks = Checks {
+            source: &self.source,
+            problems: Vec::new(),
+            notes: Vec::new(),
+        };
+        let c = &mut checks;
+        if world_size == 0 {
+            c.fail(&[], "WORLD_SIZE(0): a job needs at least one rank".to_string());
+        }
+        self.check_model(c);
+        let seq_len = self.check_data(c);
+        self.check_optim(c);
+        let device = self.check_train(c);
+        let mesh = self.check_parallel(c, world_size);
+        self.check_data_fits_batch(c, mesh);
+        self.check_comm(c, device);
+        self.check_checkpoint_and_log(c);
+        self.check_precision(c);
+        self.check_compression(c, mesh);
+
+        let (problems, notes) = (checks.problems, checks.notes);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { problems });
+        }
+        let micro_batches = self.parallel.micro_batches.max(1);
+        Ok(Resolved {
+            config: self.clone(),
+            world_size,
+            mesh,
+            device: device.unwrap_or(DeviceSpec::Cpu),
+            micro_batch_size: self.train.batch_size / micro_batches,
+            global_batch: self.train.batch_size * self.train.grad_accum_steps * mesh.data,
+            seq_len,
+            notes,
+        })
+    }
+
+    fn check_model(&self, c: &mut Checks<'_>) {
+        let model = &self.model;
+        match model.kind {
+            ModelKind::Mlp => {
+                let hidden = &model.mlp.hidden;
+                c.require(hidden.iter().all(|&w| w > 0), "model.mlp.hidden", || {
+                    format!("model.mlp.hidden = {hidden:?}: every hidden layer needs at least 1 unit")
+                });
+            }
+            ModelKind::Cnn => {
+                let cnn = &model.cnn;
+                c.require(
+                    !cnn.channels.is_empty() && cnn.channels.iter().all(|&ch| ch > 0),
+                    "model.cnn.channels",
+                    || {
+                        format!(
+                            "model.cnn.channels = {:?}: needs at least one convolution, each with at least 1 channel",
+                            cnn.channels
+                        )
+                    },
+                );
+                c.require(cnn.hidden > 0, "model.cnn.hidden", || {
+                    "model.cnn.hidden = 0: must be at least 1".to_string()
+                });
+            }
+            ModelKind::Gpt => {
+                let gpt = &model.gpt;
+                for (key, value) in [
+                    ("model.gpt.block_size", gpt.block_size),
+                    ("model.gpt.n_layer", gpt.n_layer),
+                    ("model.gpt.n_head", gpt.n_head),
+                    ("model.gpt.n_embd", gpt.n_embd),
+                ] {
+                    c.require(value > 0, key, || format!("{key} = 0: must be at least 1"));
+                }
+                if gpt.n_head > 0 && gpt.n_embd % gpt.n_head != 0 {
+                    c.fail(
+                        &["model.gpt.n_head", "model.gpt.n_embd"],
+                        format!(
+                            "model.gpt: n_embd({}) % n_head({}) = {} != 0: every head needs n_embd / n_head dimensions",
+                            gpt.n_embd,
+                            gpt.n_head,
+                            gpt.n_embd % gpt.n_head
+                        ),
+                    );
+                }
+                c.require((0.0..1.0).contains(&gpt.dropout), "model.gpt.dropout", || {
+                    format!("model.gpt.dropout = {}: must be in [0, 1)", gpt.dropout)
+                });
+            }
+        }
+        for kind in ModelKind::ALL.iter().filter(|&&kind| kind != model.kind) {
+            let table = format!("model.{kind}");
+            c.unused(&[&table], &format!("model.kind = \"{}\"", model.kind));
+        }
+    }
+
+    /// Returns the sequence length of text data.
+    fn check_data(&self, c: &mut Checks<'_>) -> Option<usize> {
+        let data = &self.data;
+        let model_kind = self.model.kind;
+        let mut seq_len = None;
+        match data.kind {
+            DataKind::Synthetic => {
+                let s = &data.synthetic;
+                c.require(s.samples > 0, "data.synthetic.samples", || {
+                    "data.synthetic.samples = 0: must be at least 1".into()
+                });
+                c.require(s.features > 0, "data.synthetic.features", || {
+                    "data.synthetic.features = 0: must be at least 1".into()
+                });
+                c.require(s.classes >= 2, "data.synthetic.classes", || {
+                    format!(
+                        "data.synthetic.classes = {}: a classification needs at least 2 classes",
+                        s.classes
+                    )
+                });
+                c.require(s.noise.is_finite() && s.noise >= 0.0, "data.synthetic.noise", || {
+                    format!("data.synthetic.noise = {}: must be a finite number >= 0", s.noise)
+                });
+                if let Some(shape) = s.image_shape {
+                    let [channels, height, width] = shape;
+                    let product = channels * height * width;
+                    c.require(product == s.features, "data.synthetic.image_shape", || {
+                        format!(
+                            "data.synthetic: image_shape {shape:?} holds channels({channels}) x height({height}) x \
+                             width({width}) = {product} values != features({})",
+                            s.features
+                        )
+                    });
+                }
+                match model_kind {
+                    ModelKind::Gpt => c.fail(
+                        &["model.kind", "data.kind"],
+                        "model.kind = \"gpt\" needs data.kind = \"text\" (got \"synthetic\")".to_string(),
+                    ),
+                    ModelKind::Cnn if s.image_shape.is_none() => c.fail(
+                        &["model.kind", "data.synthetic.image_shape"],
+                        format!(
+                            "model.kind = \"cnn\" needs images: set data.synthetic.image_shape = [channels, height, \
+                             width] with a product of features({}), or use data.kind = \"idx\"",
+                            s.features
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+            DataKind::Idx => {
+                for (key, path) in [
+                    ("data.idx.images", &data.idx.images),
+                    ("data.idx.labels", &data.idx.labels),
+                ] {
+                    check_file(c, key, path, "data.kind = \"idx\"");
+                }
+                if model_kind == ModelKind::Gpt {
+                    c.fail(
+                        &["model.kind", "data.kind"],
+                        "model.kind = \"gpt\" needs data.kind = \"text\" (got \"idx\")".to_string(),
+                    );
+                }
+            }
+            DataKind::Text => {
+                check_file(c, "data.text.path", &data.text.path, "data.kind = \"text\"");
+                if model_kind == ModelKind::Gpt {
+                    let block_size = self.model.gpt.block_size;
+                    let len = data.text.seq_len.unwrap_or(block_size);
+                    c.require(len > 0, "data.text.seq_len", || {
+                        "data.text.seq_len = 0: must be at least 1".into()
+                    });
+                    c.require(len <= block_size, "data.text.seq_len", || {
+                        format!("data.text.seq_len({len}) > model.gpt.block_size({block_size}): the model sees at most block_size tokens")
+                    });
+                    seq_len = Some(len);
+                } else {
+                    c.fail(
+                        &["data.kind", "model.kind"],
+                        format!(
+                            "data.kind = \"text\" needs model.kind = \"gpt\" (got \"{model_kind}\"): only the GPT reads characters"
+                        ),
+                    );
+                }
+            }
+        }
+        for kind in DataKind::ALL.iter().filter(|&&kind| kind != data.kind) {
+            let table = format!("data.{kind}");
+            c.unused(&[&table], &format!("data.kind = \"{}\"", data.kind));
+        }
+        seq_len
+    }
+
+    fn check_optim(&self, c: &mut Checks<'_>) {
+        let o = &self.optim;
+        c.require(o.lr.is_finite() && o.lr > 0.0, "optim.lr", || {
+            format!("optim.lr = {}: must be a finite number > 0", o.lr)
+        });
+        c.require((0.0..1.0).contains(&o.momentum), "optim.momentum", || {
+            format!("optim.momentum = {}: must be in [0, 1)", o.momentum)
+        });
+        c.require(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            "optim.weight_decay",
+            || format!("optim.weight_decay = {}: must be a finite number >= 0", o.weight_decay),
+        );
+        for (key, value) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            c.require((0.0..1.0).contains(&value), key, || {
+                format!("{key} = {value}: must be in [0, 1)")
+            });
+        }
+        c.require(o.eps.is_finite() && o.eps > 0.0, "optim.eps", || {
+            format!("optim.eps = {}: must be a finite number > 0", o.eps)
+        });
+        if !(o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            c.fail(
+                &["optim.min_lr", "optim.lr"],
+                format!("optim: min_lr({}) must be in [0, lr({})]", o.min_lr, o.lr),
+            );
+        }
+        c.require(
+            o.grad_clip_norm.is_finite() && o.grad_clip_norm >= 0.0,
+            "optim.grad_clip_norm",
+            || {
+                format!(
+                    "optim.grad_clip_norm = {}: must be a finite number >= 0 (0 turns clipping off)",
+                    o.grad_clip_norm
+                )
+            },
+        );
+        if o.warmup_steps >= self.train.steps && o.warmup_steps > 0 {
+            c.note(format!(
+                "optim.warmup_steps({}) >= train.steps({}): the run ends before the learning rate reaches optim.lr",
+                o.warmup_steps, self.train.steps
+            ));
+        }
+        match o.kind {
+            OptimKind::Sgd => c.unused(&["optim.beta1", "optim.beta2", "optim.eps"], "optim.kind = \"sgd\""),
+            OptimKind::Adam | OptimKind::AdamW => {
+                c.unused(&["optim.momentum"], &format!("optim.kind = \"{}\"", o.kind))
+            }
+        }
+        if o.schedule == LrSchedule::Constant {
+            c.unused(&["optim.min_lr"], "optim.schedule = \"constant\"");
+        }
+    }
+
+    /// Returns the parsed device.
+    fn check_train(&self, c: &mut Checks<'_>) -> Option<DeviceSpec> {
+        let t = &self.train;
+        c.require(t.steps > 0, "train.steps", || {
+            "train.steps = 0: must be at least 1".into()
+        });
+        c.require(t.batch_size > 0, "train.batch_size", || {
+            "train.batch_size = 0: must be at least 1".into()
+        });
+        c.require(t.grad_accum_steps > 0, "train.grad_accum_steps", || {
+            "train.grad_accum_steps = 0: must be at least 1 (1 = synchronize every micro step)".into()
+        });
+        c.require(!t.out_dir.is_empty(), "train.out_dir", || {
+            "train.out_dir = \"\": needs a folder".into()
+        });
+        let device = DeviceSpec::parse(&t.device);
+        c.require(device.is_some(), "train.device", || {
+            format!(
+                "train.device = {:?}: expected \"cpu\", \"flex\", \"cuda\" or \"cuda:N\"",
+                t.device
+            )
+        });
+        device
+    }
+
+    /// Returns the mesh (a placeholder `1 x 1` when it does not fit: the problem is recorded).
+    fn check_parallel(&self, c: &mut Checks<'_>, world_size: usize) -> RankMesh {
+        let p = &self.parallel;
+        let batch_size = self.train.batch_size;
+        c.require(p.pipeline > 0, "parallel.pipeline", || {
+            "parallel.pipeline = 0: must be at least 1".into()
+        });
+        c.require(p.micro_batches > 0, "parallel.micro_batches", || {
+            "parallel.micro_batches = 0: must be at least 1".into()
+        });
+        if p.micro_batches > 0 && batch_size % p.micro_batches != 0 {
+            c.fail(
+                &["parallel.micro_batches", "train.batch_size"],
+                format!(
+                    "parallel: micro_batches({}) does not divide train.batch_size({batch_size}): {batch_size} % {} = {}",
+                    p.micro_batches,
+                    p.micro_batches,
+                    batch_size % p.micro_batches
+                ),
+            );
+        }
+
+        let mut mesh = RankMesh { data: 1, pipeline: 1 };
+        if p.pipeline > 0 && world_size > 0 {
+            if p.data == 0 {
+                if world_size % p.pipeline == 0 {
+                    mesh = RankMesh {
+                        data: world_size / p.pipeline,
+                        pipeline: p.pipeline,
+                    };
+                } else {
+                    c.fail(
+                        &["parallel.pipeline", "parallel.data"],
+                        format!(
+                            "parallel: data = 0 means WORLD_SIZE / pipeline, but WORLD_SIZE({world_size}) % \
+                             pipeline({}) = {} != 0",
+                            p.pipeline,
+                            world_size % p.pipeline
+                        ),
+                    );
+                }
+            } else if p.data * p.pipeline != world_size {
+                c.fail(
+                    &["parallel.data", "parallel.pipeline"],
+                    format!(
+                        "parallel: data({}) * pipeline({}) = {} != WORLD_SIZE({world_size})",
+                        p.data,
+                        p.pipeline,
+                        p.data * p.pipeline
+                    ),
+                );
+            } else {
+                mesh = RankMesh {
+                    data: p.data,
+                    pipeline: p.pipeline,
+                };
+            }
+        }
+
+        let blocks = self.model.num_blocks();
+        let kind = self.model.kind;
+        if p.pipeline > blocks {
+            c.fail(
+                &["parallel.pipeline"],
+                format!(
+                    "parallel.pipeline({}) > blocks({blocks}) of model \"{kind}\": every stage needs at least one block",
+                    p.pipeline
+                ),
+            );
+        }
+        if let Partition::Boundaries(boundaries) = &p.partition {
+            let expected = p.pipeline.saturating_sub(1);
+            let increasing = boundaries.windows(2).all(|pair| pair[0] < pair[1]);
+            let in_range = boundaries.iter().all(|&b| b >= 1 && b < blocks);
+            if boundaries.len() != expected || !increasing || !in_range {
+                c.fail(
+                    &["parallel.partition", "parallel.pipeline"],
+                    format!(
+                        "parallel.partition = {boundaries:?}: needs pipeline({}) - 1 = {expected} strictly increasing \
+                         block boundaries in 1..{blocks} (model \"{kind}\" has {blocks} blocks)",
+                        p.pipeline
+                    ),
+                );
+            }
+        }
+        if p.pipeline == 1 {
+            if p.micro_batches > 1 {
+                c.note(format!(
+                    "parallel.micro_batches({}) only matters with a pipeline (pipeline = 1); \
+                     to accumulate gradients use train.grad_accum_steps",
+                    p.micro_batches
+                ));
+            }
+            c.unused(&["parallel.schedule", "parallel.partition"], "parallel.pipeline = 1");
+        } else if p.schedule == PipelineSchedule::OneFOneB && p.micro_batches == 1 {
+            c.note("parallel.schedule = \"1f1b\" with micro_batches = 1 runs exactly like \"gpipe\"".to_string());
+        }
+        mesh
+    }
+
+    /// With `drop_last`, an epoch of synthetic data must hold at least one batch on every rank.
+    fn check_data_fits_batch(&self, c: &mut Checks<'_>, mesh: RankMesh) {
+        if self.data.kind != DataKind::Synthetic || !self.data.drop_last {
+            return;
+        }
+        let samples = self.data.synthetic.samples;
+        let per_micro_step = self.train.batch_size * mesh.data;
+        if samples < per_micro_step {
+            c.fail(
+                &["data.synthetic.samples", "train.batch_size"],
+                format!(
+                    "data.synthetic.samples({samples}) < train.batch_size({}) x data-parallel ranks({}) = \
+                     {per_micro_step}: with data.drop_last = true an epoch would hold no batch",
+                    self.train.batch_size, mesh.data
+                ),
+            );
+        }
+    }
+
+    fn check_comm(&self, c: &mut Checks<'_>, device: Option<DeviceSpec>) {
+        let comm = &self.comm;
+        c.require(
+            comm.bucket_cap_mb.is_finite() && comm.bucket_cap_mb > 0.0,
+            "comm.bucket_cap_mb",
+            || {
+                format!(
+                    "comm.bucket_cap_mb = {}: must be a finite number > 0",
+                    comm.bucket_cap_mb
+                )
+            },
+        );
+        c.require(comm.timeout_secs > 0, "comm.timeout_secs", || {
+            "comm.timeout_secs = 0: must be at least 1".into()
+        });
+        c.require(comm.segment_bytes != Some(0), "comm.segment_bytes", || {
+            "comm.segment_bytes = 0: must be at least 1 (or not set)".into()
+        });
+        if comm.backend == CommBackend::Nccl && device.is_some_and(|d| !d.is_cuda()) {
+            c.fail(
+                &["comm.backend", "train.device"],
+                format!(
+                    "comm.backend = \"nccl\" needs a GPU, but train.device = {:?} (use \"cuda\" or \"cuda:N\", or \
+                     comm.backend = \"tcp\")",
+                    self.train.device
+                ),
+            );
+        }
+    }
+
+    fn check_checkpoint_and_log(&self, c: &mut Checks<'_>) {
+        if let Some(path) = &self.checkpoint.path {
+            if !self.checkpoint.resume {
+                c.fail(
+                    &["checkpoint.path", "checkpoint.resume"],
+                    format!("checkpoint.path = {path:?} is only read when resuming: set checkpoint.resume = true"),
+                );
+            }
+        }
+        c.require(self.log.every_steps > 0, "log.every_steps", || {
+            "log.every_steps = 0: must be at least 1".into()
+        });
+    }
+
+    fn check_precision(&self, c: &mut Checks<'_>) {
+        let p = &self.precision;
+        c.require(
+            p.loss_scale_init.is_finite() && p.loss_scale_init > 0.0,
+            "precision.loss_scale_init",
+            || {
+                format!(
+                    "precision.loss_scale_init = {}: must be a finite number > 0",
+                    p.loss_scale_init
+                )
+            },
+        );
+        c.require(p.growth_interval > 0, "precision.growth_interval", || {
+            "precision.growth_interval = 0: must be at least 1".into()
+        });
+        c.require(p.backoff > 0.0 && p.backoff < 1.0, "precision.backoff", || {
+            format!("precision.backoff = {}: must be in (0, 1)", p.backoff)
+        });
+        c.require(
+            p.growth_factor.is_finite() && p.growth_factor > 1.0,
+            "precision.growth_factor",
+            || {
+                format!(
+                    "precision.growth_factor = {}: must be a finite number > 1",
+                    p.growth_factor
+                )
+            },
+        );
+        if !(p.min_scale > 0.0 && p.min_scale <= p.loss_scale_init) {
+            c.fail(
+                &["precision.min_scale", "precision.loss_scale_init"],
+                format!(
+                    "precision: min_scale({}) must be in (0, loss_scale_init({})]",
+                    p.min_scale, p.loss_scale_init
+                ),
+            );
+        }
+        if p.compute != ComputeDtype::F16 {
+            let why = format!("precision.compute = \"{}\" (the loss scaler is for \"f16\")", p.compute);
+            c.unused(
+                &[
+                    "precision.loss_scale_init",
+                    "precision.growth_interval",
+                    "precision.backoff",
+                    "precision.growth_factor",
+                    "precision.min_scale",
+                ],
+                &why,
+            );
+        }
+    }
+
+    fn check_compression(&self, c: &mut Checks<'_>, mesh: RankMesh) {
+        let z = &self.compression;
+        c.require(
+            z.topk_ratio > 0.0 && z.topk_ratio <= 1.0,
+            "compression.topk_ratio",
+            || format!("compression.topk_ratio = {}: must be in (0, 1]", z.topk_ratio),
+        );
+        c.require(z.powersgd_rank > 0, "compression.powersgd_rank", || {
+            "compression.powersgd_rank = 0: must be at least 1".into()
+        });
+        if z.method == CompressionMethod::None {
+            c.unused(
+                &[
+                    "compression.topk_ratio",
+                    "compression.powersgd_rank",
+                    "compression.error_feedback",
+                    "compression.start_step",
+                ],
+                "compression.method = \"none\"",
+            );
+            return;
+        }
+        let why = format!("compression.method = \"{}\"", z.method);
+        if z.method != CompressionMethod::TopK {
+            c.unused(&["compression.topk_ratio"], &why);
+        }
+        if z.method != CompressionMethod::PowerSgd {
+            c.unused(&["compression.powersgd_rank"], &why);
+        }
+        if !z.method.is_sparsifying() {
+            c.unused(&["compression.error_feedback"], &why);
+        }
+        if mesh.data == 1 {
+            c.note(format!(
+                "{why} has nothing to compress: there is one data-parallel rank"
+            ));
+        }
+        if z.start_step >= self.train.steps {
+            c.note(format!(
+                "compression.start_step({}) >= train.steps({}): no step is compressed",
+                z.start_step, self.train.steps
+            ));
+        }
+    }
+}
+
+/// A data file must be named and exist (checked here so a typo fails before any rank starts).
+fn check_file(c: &mut Checks<'_>, key: &str, path: &str, needed_by: &str) {
+    if path.is_empty() {
+        c.fail(
+            &[key, "data.kind"],
+            format!("{key} is not set, and {needed_by} needs it"),
+        );
+    } else if !Path::new(path).is_file() {
+        c.fail(
+            &[key],
+            format!("{key} = {path:?}: no such file (relative paths start at the current directory)"),
+        );
+    }
+}
