@@ -45,6 +45,39 @@ pub enum EnvError {
     },
 }
 
+/// What a launcher reads from its own environment: values a user or a job script exported,
+/// which the launcher's flags override.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct LauncherEnv {
+    /// `BURNRUN_SECRET`: the job secret (64 hex digits), e.g. exported on every node of a multi-node job.
+    pub secret_hex: Option<String>,
+    /// `BURNRUN_TIMEOUT_SECS`: the collective deadline to hand to the ranks.
+    pub timeout_secs: Option<u64>,
+    /// `BURNRUN_RDZV_TIMEOUT_SECS`: the rendezvous deadline.
+    pub rdzv_timeout_secs: Option<u64>,
+}
+
+impl std::fmt::Debug for LauncherEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LauncherEnv")
+            .field("secret_hex", &self.secret_hex.as_ref().map(|_| "<redacted>"))
+            .field("timeout_secs", &self.timeout_secs)
+            .field("rdzv_timeout_secs", &self.rdzv_timeout_secs)
+            .finish()
+    }
+}
+
+impl LauncherEnv {
+    /// Reads the variables a launcher honours.
+    pub fn from_env() -> Result<Self, EnvError> {
+        Ok(Self {
+            secret_hex: var("BURNRUN_SECRET"),
+            timeout_secs: parse("BURNRUN_TIMEOUT_SECS")?,
+            rdzv_timeout_secs: parse("BURNRUN_RDZV_TIMEOUT_SECS")?,
+        })
+    }
+}
+
 /// What a rank learns from its launcher.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistEnv {

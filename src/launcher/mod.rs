@@ -1,1 +1,29 @@
-//! The launcher: spawns local ranks, hosts or joins the rendezvous store, watches and tears down.
+//! The launcher: starts a node's ranks, hosts (node 0) or joins the rendezvous store, prefixes
+//! the ranks' output, watches them, forwards signals and tears the whole job down when one rank
+//! fails, on every node. It never links burn or the collectives: it only runs processes.
+//!
+//! Each rank gets torchrun's variables and burnrun's own (see [`crate::env::DistEnv`]): `RANK`,
+//! `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`,
+//! `BURNRUN_RUN_ID`, `BURNRUN_SECRET`, `BURNRUN_TIMEOUT_SECS`, `BURNRUN_RDZV_TIMEOUT_SECS`.
+//!
+//! No rank outlives its launcher: each runs in its own process group with `PR_SET_PDEATHSIG`,
+//! and a forked watchdog kills those groups if the launcher is killed.
+
+mod coordination;
+mod error;
+mod launch;
+mod options;
+mod output;
+mod report;
+mod secret;
+mod signals;
+mod spawn;
+mod supervise;
+mod watchdog;
+
+pub use error::LaunchError;
+pub use launch::{launch, LaunchOutcome};
+pub use options::{LaunchOptions, RankCommand, DEFAULT_GRACE_PERIOD, DEFAULT_MASTER_ADDR};
+pub use output::STDERR_TAIL_LINES;
+pub use report::{signal_name, ExitCause, Failure, RankFailure};
+pub use supervise::POLL_INTERVAL;
