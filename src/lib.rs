@@ -24,6 +24,8 @@ pub mod parallel;
 pub mod precision;
 pub mod rendezvous;
 pub mod telemetry;
+#[cfg(feature = "train")]
+pub mod train;
 pub mod transport;
 
 pub use comm::{init, DType, ProcessGroup, ReduceOp};

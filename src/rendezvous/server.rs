@@ -91,7 +91,7 @@ impl TcpStoreServer {
                 .spawn(move || accept_loop(&listener, &shared))
                 .map_err(io)?
         };
-        tracing::info!(%local_addr, "store server listening");
+        tracing::debug!(%local_addr, "store server listening");
         Ok(Self {
             local_addr,
             shared,
@@ -122,7 +122,7 @@ impl Drop for TcpStoreServer {
             // Wakes the connection's thread out of any read; it then exits.
             let _ = connection.shutdown(Shutdown::Both);
         }
-        tracing::info!(local_addr = %self.local_addr, "store server shut down");
+        tracing::debug!(local_addr = %self.local_addr, "store server shut down");
     }
 }
 

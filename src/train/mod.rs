@@ -1,0 +1,13 @@
+//! The trainer: the loop (forward, backward, sync, clip, step), checkpoints, metrics, progress.
+
+pub mod build;
+pub mod checkpoint;
+mod error;
+pub mod metrics;
+pub mod optim;
+pub mod progress;
+mod stage;
+mod trainer;
+
+pub use error::TrainError;
+pub use trainer::{stage_blocks, stage_param_counts, train, train_on, SharedDataset, TrainOptions, TrainSummary};
