@@ -1,0 +1,377 @@
+//! Parameters and gradients as flat `f32` buffers, named by module path.
+//!
+//! What DDP (all-reduce of gradients), the start-of-training broadcast, replica checks and
+//! safetensors checkpoints are built on. Parameters are visited in burn's module order, which is
+//! deterministic (struct fields in declaration order, `Vec` entries by index) and the same on every
+//! rank; `ParamId`s are random per process and are never used to match parameters across ranks.
+//!
+//! Names are module paths joined with `.`: struct field names and `Vec` indices; enum variant
+//! names (our `Block::Dense` etc.) are left out, and `Option` adds nothing (burn's convention).
+//! So a built-in model's names are `blocks.<i>.<field>….<param>`, e.g. `blocks.0.linear.weight`,
+//! `blocks.2.qkv.bias`, `blocks.1.weight` (a conv block), and they are the same in a pipeline slice.
+//!
+//! Values are converted to f32 on the way out and to the parameter's own dtype on the way in.
+
+use std::ops::Range;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+
+use super::error::ModelError;
+
+/// One parameter's place in a flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// Module path, e.g. `blocks.0.linear.weight`.
+    pub name: String,
+    /// burn's shape (linear weights are `[in, out]`, transposed from PyTorch's).
+    pub shape: Vec<usize>,
+    /// First index in the flat buffer.
+    pub offset: usize,
+    /// Number of values (product of `shape`).
+    pub numel: usize,
+}
+
+impl ParamInfo {
+    /// The parameter's indices in the flat buffer.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.numel
+    }
+}
+
+/// The parameters of a module in visit order, and where each lies in a flat buffer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamLayout {
+    /// One entry per float parameter, in visit order, contiguous from offset 0.
+    pub params: Vec<ParamInfo>,
+    /// Total number of values.
+    pub numel: usize,
+}
+
+impl ParamLayout {
+    /// The layout of `module`'s float parameters (no tensor is read or initialised).
+    pub fn of<M: Module>(module: &M) -> Self {
+        let mut visitor = LayoutVisitor::default();
+        module.visit(&mut visitor);
+        visitor.layout
+    }
+
+    /// The entry named `name`.
+    pub fn get(&self, name: &str) -> Option<&ParamInfo> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Number of parameters (tensors, not values).
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// Whether the module has no float parameter.
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+}
+
+/// The module path stack shared by every visitor and mapper here.
+#[derive(Debug, Default)]
+struct PathStack {
+    /// `(name, counts)`: enum variants are pushed with `counts = false` so exits stay balanced.
+    parts: Vec<(String, bool)>,
+}
+
+impl PathStack {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.parts
+            .push((name.to_string(), !container_type.starts_with("Enum:")));
+    }
+
+    fn exit(&mut self) {
+        self.parts.pop();
+    }
+
+    fn name(&self) -> String {
+        let names: Vec<&str> = self
+            .parts
+            .iter()
+            .filter(|(_, counts)| *counts)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        names.join(".")
+    }
+}
+
+#[derive(Debug, Default)]
+struct LayoutVisitor {
+    path: PathStack,
+    layout: ParamLayout,
+}
+
+impl ModuleVisitor for LayoutVisitor {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.lazy_shape().to_vec();
+        let numel = shape.iter().product();
+        self.layout.params.push(ParamInfo {
+            name: self.path.name(),
+            shape,
+            offset: self.layout.numel,
+            numel,
+        });
+        self.layout.numel += numel;
+    }
+}
+
+/// Reads a tensor back as f32 values.
+fn read_f32<const D: usize>(tensor: Tensor<D>, name: &str) -> Result<Vec<f32>, ModelError> {
+    let read_back = |why: String| ModelError::ReadBack {
+        name: name.to_string(),
+        why,
+    };
+    let data = tensor.try_into_data().map_err(|e| read_back(format!("{e:?}")))?;
+    // Converts from the tensor's dtype (f16, bf16, f64…) to f32.
+    data.try_into_vec_as::<f32>().map_err(|e| read_back(format!("{e:?}")))
+}
+
+/// Reads every float parameter into `out` (cleared first), in visit order.
+#[derive(Debug)]
+struct ParamReader<'a> {
+    path: PathStack,
+    out: &'a mut Vec<f32>,
+    error: Option<ModelError>,
+}
+
+impl ModuleVisitor for ParamReader<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.error.is_some() {
+            return;
+        }
+        match read_f32(param.val(), &self.path.name()) {
+            Ok(values) => self.out.extend_from_slice(&values),
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
+/// Every float parameter of `module`, concatenated in [`ParamLayout`] order.
+pub fn flatten_params<M: Module>(module: &M) -> Result<Vec<f32>, ModelError> {
+    let mut out = Vec::new();
+    flatten_params_into(module, &mut out)?;
+    Ok(out)
+}
+
+/// [`flatten_params`] into a reused buffer (cleared first).
+pub fn flatten_params_into<M: Module>(module: &M, out: &mut Vec<f32>) -> Result<(), ModelError> {
+    out.clear();
+    let mut reader = ParamReader {
+        path: PathStack::default(),
+        out,
+        error: None,
+    };
+    module.visit(&mut reader);
+    reader.error.map_or(Ok(()), Err)
+}
+
+/// Replaces each float parameter's value by `values[param.range()]`. Ids, dtypes, devices and
+/// gradient requirements are kept (a parameter that required a gradient still does).
+#[derive(Debug)]
+struct ParamWriter<'a> {
+    layout: std::slice::Iter<'a, ParamInfo>,
+    values: &'a [f32],
+}
+
+impl ModuleMapper for ParamWriter<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        // The layout was computed from this very module, so it has one entry per parameter.
+        let Some(info) = self.layout.next() else {
+            return param;
+        };
+        let values = self.values[info.range()].to_vec();
+        let shape = info.shape.clone();
+        param.map(|old| {
+            let device = old.device();
+            let dtype = old.dtype();
+            let require_grad = old.is_require_grad();
+            let new = Tensor::<D>::from_data(TensorData::new(values, shape), (&device, dtype));
+            // A fresh tensor is a leaf without gradient tracking: re-mark it or it gets no gradient.
+            if require_grad {
+                new.require_grad()
+            } else {
+                new
+            }
+        })
+    }
+}
+
+/// Loads `values` (laid out as [`ParamLayout::of`]`(&module)`, e.g. from [`flatten_params`] on a
+/// replica) into `module`.
+pub fn load_params<M: Module>(module: M, values: &[f32]) -> Result<M, ModelError> {
+    let layout = ParamLayout::of(&module);
+    if values.len() != layout.numel {
+        return Err(ModelError::BadBufferLength {
+            what: "parameters",
+            expected: layout.numel,
+            got: values.len(),
+        });
+    }
+    let mut writer = ParamWriter {
+        layout: layout.params.iter(),
+        values,
+    };
+    Ok(module.map(&mut writer))
+}
+
+/// Loads every float parameter by name from `source`, which returns the values of a name (or
+/// `None` if it has none); e.g. a checkpoint written by another pipeline layout. Every parameter of
+/// `module` must be found with the right number of values; extra names in the source are ignored
+/// (they belong to other stages).
+pub fn load_params_by_name<M, F>(module: M, mut source: F) -> Result<M, ModelError>
+where
+    M: Module,
+    F: FnMut(&ParamInfo) -> Option<Vec<f32>>,
+{
+    let layout = ParamLayout::of(&module);
+    let mut values = Vec::with_capacity(layout.numel);
+    for info in &layout.params {
+        let found = source(info).ok_or_else(|| ModelError::MissingParam {
+            name: info.name.clone(),
+            shape: info.shape.clone(),
+        })?;
+        if found.len() != info.numel {
+            return Err(ModelError::ParamSizeMismatch {
+                name: info.name.clone(),
+                shape: info.shape.clone(),
+                expected: info.numel,
+                got: found.len(),
+            });
+        }
+        values.extend_from_slice(&found);
+    }
+    load_params(module, &values)
+}
+
+/// Reads the gradient of every float parameter into `out`; missing gradients (a parameter that
+/// took no part in the loss) are zeros, so every rank's buffer has the same layout.
+#[derive(Debug)]
+struct GradReader<'a> {
+    path: PathStack,
+    grads: &'a GradientsParams,
+    out: &'a mut Vec<f32>,
+    error: Option<ModelError>,
+}
+
+impl ModuleVisitor for GradReader<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.error.is_some() {
+            return;
+        }
+        let numel = param.lazy_shape().num_elements();
+        match self.grads.get::<D>(param.id) {
+            None => self.out.resize(self.out.len() + numel, 0.0),
+            Some(grad) => match read_f32(grad, &self.path.name()) {
+                Ok(values) if values.len() == numel => self.out.extend_from_slice(&values),
+                Ok(values) => {
+                    self.error = Some(ModelError::ParamSizeMismatch {
+                        name: self.path.name(),
+                        shape: param.lazy_shape().to_vec(),
+                        expected: numel,
+                        got: values.len(),
+                    })
+                }
+                Err(e) => self.error = Some(e),
+            },
+        }
+    }
+}
+
+/// The gradients of `module`'s parameters, concatenated in [`ParamLayout`] order (zeros for
+/// parameters without a gradient).
+pub fn flatten_grads<M: Module>(module: &M, grads: &GradientsParams) -> Result<Vec<f32>, ModelError> {
+    let mut out = Vec::new();
+    flatten_grads_into(module, grads, &mut out)?;
+    Ok(out)
+}
+
+/// [`flatten_grads`] into a reused buffer (cleared first).
+pub fn flatten_grads_into<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    out: &mut Vec<f32>,
+) -> Result<(), ModelError> {
+    out.clear();
+    let mut reader = GradReader {
+        path: PathStack::default(),
+        grads,
+        out,
+        error: None,
+    };
+    module.visit(&mut reader);
+    reader.error.map_or(Ok(()), Err)
+}
+
+/// Registers `values[param.range()]` as every parameter's gradient.
+#[derive(Debug)]
+struct GradWriter<'a> {
+    layout: std::slice::Iter<'a, ParamInfo>,
+    values: &'a [f32],
+    grads: GradientsParams,
+}
+
+impl ModuleVisitor for GradWriter<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // The layout was computed from this very module, so it has one entry per parameter.
+        let Some(info) = self.layout.next() else {
+            return;
+        };
+        // Gradients live on the inner (non-autodiff) device, in the parameter's dtype.
+        let device = param.lazy_device().without_autodiff();
+        let dtype = param.val().dtype();
+        let data = TensorData::new(self.values[info.range()].to_vec(), info.shape.clone());
+        self.grads
+            .register::<D>(param.id, Tensor::from_data(data, (&device, dtype)));
+    }
+}
+
+/// Gradients for `module` from a flat buffer laid out as [`ParamLayout::of`]`(module)` (e.g. the
+/// all-reduced output of [`flatten_grads`]), ready for `optimizer.step`. Every parameter gets one,
+/// zeros included, so the optimizer treats all ranks' replicas alike.
+pub fn grads_from_flat<M: Module>(module: &M, values: &[f32]) -> Result<GradientsParams, ModelError> {
+    let layout = ParamLayout::of(module);
+    if values.len() != layout.numel {
+        return Err(ModelError::BadBufferLength {
+            what: "gradients",
+            expected: layout.numel,
+            got: values.len(),
+        });
+    }
+    let mut writer = GradWriter {
+        layout: layout.params.iter(),
+        values,
+        grads: GradientsParams::new(),
+    };
+    module.visit(&mut writer);
+    Ok(writer.grads)
+}
