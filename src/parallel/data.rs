@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use crate::comm::{CommError, ProcessGroup, ReduceOp, Work};
+use crate::compress::{CompressError, GradCodec};
 
 /// Gradient buckets over a flat parameter order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +56,7 @@ impl BucketLayout {
 }
 
 /// What one gradient synchronisation did.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SyncStats {
     /// Buckets all-reduced.
     pub buckets: usize,
@@ -65,6 +66,21 @@ pub struct SyncStats {
     pub comm_ms: f64,
     /// Time spent blocked waiting for results, in milliseconds (comm not hidden by compute).
     pub wait_ms: f64,
+    /// Payload bytes this rank put on the wire for the gradients (after compression).
+    pub wire_bytes: u64,
+    /// Per bucket, the relative error of what compression dropped this step (empty without one).
+    pub compression_error: Vec<f64>,
+}
+
+/// Gradient synchronisation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The all-reduce failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// The codec failed.
+    #[error(transparent)]
+    Codec(#[from] CompressError),
 }
 
 /// Replicas drifted apart.
@@ -99,12 +115,43 @@ pub enum DivergenceError {
 pub struct DataParallel {
     group: ProcessGroup,
     layout: BucketLayout,
+    /// A gradient codec and the shapes of each bucket's parameters; `None`: plain f32 average.
+    codec: Option<(Box<dyn GradCodec>, Vec<Vec<Vec<usize>>>)>,
 }
 
 impl DataParallel {
     /// DDP over `group` for parameters of the given sizes (model order).
     pub fn new(group: ProcessGroup, param_numels: &[usize], bucket_cap_bytes: usize) -> Self {
-        Self { layout: BucketLayout::new(param_numels, bucket_cap_bytes), group }
+        Self { layout: BucketLayout::new(param_numels, bucket_cap_bytes), group, codec: None }
+    }
+
+    /// Sends gradients through `codec` (compression), bucket by bucket; `shapes` are the shapes
+    /// of the parameters in model order.
+    pub fn with_codec(mut self, codec: Box<dyn GradCodec>, shapes: &[Vec<usize>]) -> Self {
+        let per_bucket = self.layout.params.iter().map(|r| shapes[r.clone()].to_vec()).collect();
+        self.codec = Some((codec, per_bucket));
+        self
+    }
+
+    /// Averages a flat gradient vector: through the codec when there is one, else bucketed async
+    /// all-reduces. `step` lets a codec warm up uncompressed.
+    pub fn sync_flat(&mut self, grads: &mut [f32], step: u64) -> Result<SyncStats, SyncError> {
+        let Some((codec, shapes)) = &mut self.codec else {
+            let stats = self.all_reduce_flat(grads)?;
+            let single = self.group.world_size() == 1;
+            return Ok(SyncStats { wire_bytes: if single { 0 } else { stats.bytes as u64 }, ..stats });
+        };
+        let start = Instant::now();
+        let mut stats = SyncStats { buckets: self.layout.len(), ..Default::default() };
+        for (bucket, range) in self.layout.elements.iter().enumerate() {
+            stats.bytes += range.len() * 4;
+            let c = codec.all_reduce_avg(&self.group, bucket, &shapes[bucket], &mut grads[range.clone()], step)?;
+            stats.wire_bytes += c.wire_bytes;
+            stats.compression_error.push(c.relative_error);
+        }
+        stats.comm_ms = start.elapsed().as_secs_f64() * 1e3;
+        stats.wait_ms = stats.comm_ms;
+        Ok(stats)
     }
 
     /// The replicas' group.
@@ -131,7 +178,10 @@ impl DataParallel {
         mut consume: impl FnMut(usize, Vec<f32>),
     ) -> Result<SyncStats, CommError> {
         let start = Instant::now();
-        let mut stats = SyncStats { buckets: self.layout.len(), ..Default::default() };
+        let mut stats = SyncStats {
+            buckets: self.layout.len(),
+            ..Default::default()
+        };
         let single = self.group.world_size() == 1;
         let mut in_flight: Vec<Work<Vec<f32>>> = Vec::with_capacity(self.layout.len());
         let mut ready: Vec<Vec<f32>> = Vec::new();
@@ -150,7 +200,11 @@ impl DataParallel {
             results.push(work.wait()?);
         }
         stats.wait_ms = wait_start.elapsed().as_secs_f64() * 1e3;
-        stats.comm_ms = if single { 0.0 } else { start.elapsed().as_secs_f64() * 1e3 };
+        stats.comm_ms = if single {
+            0.0
+        } else {
+            start.elapsed().as_secs_f64() * 1e3
+        };
         for (bucket, grads) in results.into_iter().enumerate() {
             consume(bucket, grads);
         }

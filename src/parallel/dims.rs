@@ -43,7 +43,12 @@ impl ParallelDims {
         let data = if data == 0 { world_size / pipeline } else { data };
         let product = data * pipeline;
         if product != world_size || data == 0 {
-            return Err(ParallelDimsError { data, pipeline, product, world_size });
+            return Err(ParallelDimsError {
+                data,
+                pipeline,
+                product,
+                world_size,
+            });
         }
         Ok(Self { data, pipeline })
     }
@@ -55,7 +60,10 @@ impl ParallelDims {
 
     /// Coordinates of `rank`.
     pub fn coords(&self, rank: usize) -> MeshCoords {
-        MeshCoords { data: rank / self.pipeline, stage: rank % self.pipeline }
+        MeshCoords {
+            data: rank / self.pipeline,
+            stage: rank % self.pipeline,
+        }
     }
 
     /// Rank at the given coordinates.
@@ -65,12 +73,16 @@ impl ParallelDims {
 
     /// Members of the data-parallel group of `stage` (one rank per replica).
     pub fn data_group(&self, stage: usize) -> Vec<usize> {
-        (0..self.data).map(|d| self.rank_of(MeshCoords { data: d, stage })).collect()
+        (0..self.data)
+            .map(|d| self.rank_of(MeshCoords { data: d, stage }))
+            .collect()
     }
 
     /// Members of replica `data`'s pipeline, in stage order.
     pub fn pipeline_group(&self, data: usize) -> Vec<usize> {
-        (0..self.pipeline).map(|s| self.rank_of(MeshCoords { data, stage: s })).collect()
+        (0..self.pipeline)
+            .map(|s| self.rank_of(MeshCoords { data, stage: s }))
+            .collect()
     }
 
     /// For `ProcessGroup::split`: the data-parallel color of every rank (its stage).

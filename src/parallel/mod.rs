@@ -7,8 +7,9 @@ mod data;
 mod dims;
 mod pipeline;
 
-pub use data::{BucketLayout, DataParallel, DivergenceError, SyncStats};
+pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats};
 pub use dims::{MeshCoords, ParallelDims, ParallelDimsError};
 pub use pipeline::{
-    peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, ScheduleKind, StageCompute, StepTimes,
+    partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, ScheduleKind,
+    StageCompute, StepTimes,
 };

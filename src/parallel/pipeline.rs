@@ -40,7 +40,10 @@ pub enum Action {
 pub fn schedule(kind: ScheduleKind, stage: usize, stages: usize, micro_batches: usize) -> Vec<Action> {
     let m = micro_batches;
     match kind {
-        ScheduleKind::GPipe => (0..m).map(Action::Forward).chain((0..m).map(Action::Backward)).collect(),
+        ScheduleKind::GPipe => (0..m)
+            .map(Action::Forward)
+            .chain((0..m).map(Action::Backward))
+            .collect(),
         ScheduleKind::OneFOneB => {
             let warmup = (stages - stage - 1).min(m);
             let mut out: Vec<Action> = (0..warmup).map(Action::Forward).collect();
@@ -163,7 +166,12 @@ impl PipelineStage {
     /// The stage of this rank in `group`.
     pub fn new(group: ProcessGroup) -> Self {
         let (stage, stages) = (group.rank(), group.world_size());
-        Self { group, stage, stages, input_shape: None }
+        Self {
+            group,
+            stage,
+            stages,
+            input_shape: None,
+        }
     }
 
     /// This stage's index.
@@ -177,7 +185,10 @@ impl PipelineStage {
     }
 
     fn comm(&self, source: CommError) -> PipelineError {
-        PipelineError::Comm { stage: self.stage, source }
+        PipelineError::Comm {
+            stage: self.stage,
+            source,
+        }
     }
 
     /// Agrees activation shapes with the neighbours, once: every stage sends the shape it
@@ -195,15 +206,27 @@ impl PipelineStage {
         };
         if self.stage + 1 < self.stages {
             let shape = produces.unwrap_or(&[]);
-            self.group.send(&encode(shape), self.stage + 1, SHAPE_TAG).map_err(|e| self.comm(e))?;
+            self.group
+                .send(&encode(shape), self.stage + 1, SHAPE_TAG)
+                .map_err(|e| self.comm(e))?;
         }
         if self.stage > 0 {
             let mut got = [0i64; MAX_DIMS + 1];
-            self.group.recv(&mut got, self.stage - 1, SHAPE_TAG).map_err(|e| self.comm(e))?;
-            let produced: Vec<usize> = got[1..=(got[0] as usize).min(MAX_DIMS)].iter().map(|&d| d as usize).collect();
+            self.group
+                .recv(&mut got, self.stage - 1, SHAPE_TAG)
+                .map_err(|e| self.comm(e))?;
+            let produced: Vec<usize> = got[1..=(got[0] as usize).min(MAX_DIMS)]
+                .iter()
+                .map(|&d| d as usize)
+                .collect();
             let expected = expects.unwrap_or(&[]).to_vec();
             if produced != expected {
-                return Err(PipelineError::ShapeMismatch { from: self.stage - 1, to: self.stage, produced, expected });
+                return Err(PipelineError::ShapeMismatch {
+                    from: self.stage - 1,
+                    to: self.stage,
+                    produced,
+                    expected,
+                });
             }
             self.input_shape = Some(expected);
         }
@@ -232,7 +255,9 @@ impl PipelineStage {
                         let shape = self.input_shape.clone().expect("agree_shapes before run");
                         let mut data = vec![0f32; shape.iter().product()];
                         let waited = Instant::now();
-                        self.group.recv(&mut data, self.stage - 1, 2 * m as u32).map_err(|e| self.comm(e))?;
+                        self.group
+                            .recv(&mut data, self.stage - 1, 2 * m as u32)
+                            .map_err(|e| self.comm(e))?;
                         idle += waited.elapsed().as_secs_f64();
                         Some(Activation { shape, data })
                     };
@@ -252,7 +277,9 @@ impl PipelineStage {
                         let shape = output_shape.unwrap_or(&[]).to_vec();
                         let mut data = vec![0f32; shape.iter().product()];
                         let waited = Instant::now();
-                        self.group.recv(&mut data, self.stage + 1, 2 * m as u32 + 1).map_err(|e| self.comm(e))?;
+                        self.group
+                            .recv(&mut data, self.stage + 1, 2 * m as u32 + 1)
+                            .map_err(|e| self.comm(e))?;
                         idle += waited.elapsed().as_secs_f64();
                         Some(Activation { shape, data })
                     };
@@ -289,7 +316,10 @@ mod tests {
                 for s in 0..stages {
                     let a = schedule(ScheduleKind::OneFOneB, s, stages, m);
                     assert_eq!(a.len(), 2 * m);
-                    assert!(peak_in_flight(&a) <= (stages - s).min(m), "P={stages} M={m} s={s}: {a:?}");
+                    assert!(
+                        peak_in_flight(&a) <= (stages - s).min(m),
+                        "P={stages} M={m} s={s}: {a:?}"
+                    );
                     let g = schedule(ScheduleKind::GPipe, s, stages, m);
                     assert_eq!(peak_in_flight(&g), m);
                 }
@@ -302,11 +332,85 @@ mod tests {
         use Action::*;
         assert_eq!(
             schedule(ScheduleKind::OneFOneB, 1, 2, 3),
-            vec![Forward(0), Backward(0), Forward(1), Backward(1), Forward(2), Backward(2)]
+            vec![
+                Forward(0),
+                Backward(0),
+                Forward(1),
+                Backward(1),
+                Forward(2),
+                Backward(2)
+            ]
         );
         assert_eq!(
             schedule(ScheduleKind::OneFOneB, 0, 2, 3),
-            vec![Forward(0), Forward(1), Backward(0), Forward(2), Backward(1), Backward(2)]
+            vec![
+                Forward(0),
+                Forward(1),
+                Backward(0),
+                Forward(2),
+                Backward(1),
+                Backward(2)
+            ]
         );
+    }
+}
+
+/// Splits blocks with the given costs into `stages` contiguous, non-empty ranges minimising the
+/// most expensive stage (exact, by binary search on the answer). Needs `stages <= costs.len()`.
+pub fn partition_balanced(costs: &[usize], stages: usize) -> Vec<std::ops::Range<usize>> {
+    let n = costs.len();
+    assert!(
+        stages >= 1 && stages <= n,
+        "partition_balanced: {stages} stages for {n} blocks"
+    );
+    // Greedy cut for a cap, keeping at least one block for every later stage.
+    let cut = |cap: usize| -> Option<Vec<std::ops::Range<usize>>> {
+        let mut out = Vec::with_capacity(stages);
+        let mut start = 0;
+        for s in 0..stages {
+            let must_leave = stages - s - 1;
+            let mut end = start;
+            let mut sum = 0;
+            while end < n - must_leave && (end == start || sum + costs[end] <= cap) {
+                sum += costs[end];
+                end += 1;
+            }
+            if sum > cap {
+                return None;
+            }
+            if s == stages - 1 && end < n {
+                return None;
+            }
+            out.push(start..end);
+            start = end;
+        }
+        Some(out)
+    };
+    let (mut lo, mut hi) = (
+        costs.iter().copied().max().unwrap_or(0),
+        costs.iter().sum::<usize>().max(1),
+    );
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if cut(mid).is_some() {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    // Invariant: the total cost is always a feasible cap, and `lo` is the smallest feasible one.
+    cut(lo).expect("the smallest feasible cap yields a partition")
+}
+
+#[cfg(test)]
+mod partition_tests {
+    use super::partition_balanced;
+
+    #[test]
+    fn the_balanced_partition_minimises_the_largest_stage() {
+        assert_eq!(partition_balanced(&[10, 10, 10, 10], 2), vec![0..2, 2..4]);
+        assert_eq!(partition_balanced(&[100, 1, 1, 1], 2), vec![0..1, 1..4]);
+        assert_eq!(partition_balanced(&[1, 2, 3], 3), vec![0..1, 1..2, 2..3]);
+        assert_eq!(partition_balanced(&[5, 1, 1, 1, 5], 3), vec![0..1, 1..4, 4..5]);
     }
 }

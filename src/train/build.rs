@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::compress::{CodecOptions, CompressionMethod as Method};
 use crate::config::{CompressionMethod, DataKind, ModelKind, OptimKind, RunConfig};
 use crate::data::{DataError, Dataset, IdxDataset, SyntheticDataset, TextDataset};
 use crate::models::ModelSpec;
@@ -61,6 +62,26 @@ pub fn optimizer_kind(cfg: &RunConfig) -> OptimizerKind {
         OptimKind::Sgd => OptimizerKind::Sgd { momentum: o.momentum as f32, weight_decay },
         OptimKind::Adam => OptimizerKind::Adam { beta1, beta2, eps, weight_decay },
         OptimKind::AdamW => OptimizerKind::AdamW { beta1, beta2, eps, weight_decay },
+    }
+}
+
+/// The codec options of a config.
+pub fn codec_options(cfg: &RunConfig) -> CodecOptions {
+    let c = &cfg.compression;
+    let method = match c.method {
+        CompressionMethod::None => Method::None,
+        CompressionMethod::Fp16 => Method::Fp16,
+        CompressionMethod::Bf16 => Method::Bf16,
+        CompressionMethod::TopK => Method::TopK,
+        CompressionMethod::PowerSgd => Method::PowerSgd,
+    };
+    CodecOptions {
+        method,
+        topk_ratio: c.topk_ratio as f32,
+        powersgd_rank: c.powersgd_rank,
+        error_feedback: c.error_feedback,
+        start_step: c.start_step,
+        seed: cfg.train.seed,
     }
 }
 

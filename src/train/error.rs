@@ -4,7 +4,8 @@ use crate::comm::CommError;
 use crate::config::ConfigError;
 use crate::data::DataError;
 use crate::models::ModelError;
-use crate::parallel::{DivergenceError, PipelineError};
+use crate::parallel::{DivergenceError, PipelineError, SyncError};
+use crate::precision::PrecisionError;
 
 use super::checkpoint::CheckpointError;
 
@@ -45,6 +46,22 @@ pub enum TrainError {
         rank: usize,
         /// The error.
         source: ModelError,
+    },
+    /// Gradient synchronisation (or its codec) failed.
+    #[error("rank {rank}: gradient sync: {source}")]
+    Sync {
+        /// This rank.
+        rank: usize,
+        /// The error.
+        source: SyncError,
+    },
+    /// The loss scaler failed or collapsed.
+    #[error("rank {rank}: mixed precision: {source}")]
+    Precision {
+        /// This rank.
+        rank: usize,
+        /// The error.
+        source: PrecisionError,
     },
     /// Replicas diverged.
     #[error("rank {rank}: {source}")]

@@ -45,6 +45,8 @@ pub(crate) struct StageRunner<'a> {
     pub(crate) loss_count: usize,
     /// Time in forward and backward, seconds.
     pub(crate) compute_secs: f64,
+    /// The loss is multiplied by this before backward (dynamic loss scaling; 1 without it).
+    pub(crate) loss_scale: f32,
     held: HashMap<usize, Held>,
 }
 
@@ -73,6 +75,7 @@ impl<'a> StageRunner<'a> {
             loss_sum: 0.0,
             loss_count: 0,
             compute_secs: 0.0,
+            loss_scale: 1.0,
             held: HashMap::new(),
         }
     }
@@ -119,7 +122,7 @@ impl StageCompute for StageRunner<'_> {
         let result = if self.last {
             let targets = self.batch.targets.clone().narrow(0, start, self.micro_size);
             let loss = self.model.loss(out, targets).map_err(|e| self.err(e))?;
-            let value: f64 = loss.clone().into_scalar::<f32>() as f64;
+            let value = loss.clone().into_data().convert::<f32>().as_slice::<f32>().map_or(f64::NAN, |v| v[0] as f64);
             self.loss_sum += value;
             self.loss_count += 1;
             self.held.insert(micro, Held { input: leaf, output: HeldOutput::Loss(loss) });
@@ -141,7 +144,8 @@ impl StageCompute for StageRunner<'_> {
             reason: format!("backward of micro-batch {micro} before its forward"),
         })?;
         let grads = match held.output {
-            HeldOutput::Loss(loss) => loss.backward(),
+            HeldOutput::Loss(loss) if self.loss_scale == 1.0 => loss.backward(),
+            HeldOutput::Loss(loss) => (loss * self.loss_scale).backward(),
             HeldOutput::Activation(out) => {
                 let upstream = grad_output.ok_or_else(|| PipelineError::Compute {
                     stage: self.range.start,

@@ -10,15 +10,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, FloatDType};
 
 use crate::comm::{ProcessGroup, ReduceOp};
-use crate::config::{LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig};
+use crate::compress::build_codec;
+use crate::config::{ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig};
 use crate::data::{Dataset, DistributedSampler};
 use crate::models::{flatten_params, load_params, load_params_by_name, BlockStack, ModelSpec, ParamLayout};
 use crate::parallel::{
     partition_balanced, schedule, Action, DataParallel, ParallelDims, PipelineStage, ScheduleKind, StepTimes,
+    SyncError,
 };
+use crate::precision::{DynamicLossScaler, LossScalerOptions, ParamSpan};
 
 use super::build;
 use super::checkpoint::{self as ckpt, NamedTensor, TrainState};
@@ -92,7 +95,28 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         announce(&resolved, &spec, &place, dataset.as_ref());
     }
 
-    let device = Device::flex().autodiff();
+    let mut base = Device::flex();
+    let compute = match cfg.precision.compute {
+        ComputeDtype::F32 => None,
+        ComputeDtype::Bf16 => Some(FloatDType::BF16),
+        ComputeDtype::F16 => Some(FloatDType::F16),
+    };
+    if let Some(dtype) = compute {
+        base.configure(dtype).map_err(|e| TrainError::Unsupported {
+            rank,
+            what: format!("precision.compute = {}", cfg.precision.compute),
+            why: format!("{e:?}"),
+        })?;
+        if rank == 0 {
+            tracing::info!(
+                "mixed precision: forward and backward in {} on burn's CPU backend (flex), f32 master weights and \
+                 optimizer state, gradients reduced in f32{}; on CPU this saves memory, not time",
+                cfg.precision.compute,
+                if cfg.precision.compute == ComputeDtype::F16 { ", dynamic loss scaling" } else { "" }
+            );
+        }
+    }
+    let device = base.autodiff();
     let mut model =
         BlockStack::new_range(spec.clone(), place.blocks.clone(), cfg.train.seed, &device).map_err(model_err)?;
     let layout = ParamLayout::of(&model);
@@ -101,7 +125,27 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let numels: Vec<usize> = layout.params.iter().map(|p| p.numel).collect();
     let mut master = flatten_params(&model).map_err(model_err)?;
     let bucket_cap = (cfg.comm.bucket_cap_mb * 1024.0 * 1024.0) as usize;
-    let ddp = DataParallel::new(place.data_group.clone(), &numels, bucket_cap);
+    let mut ddp = DataParallel::new(place.data_group.clone(), &numels, bucket_cap);
+    if build::compressed(cfg) {
+        let shapes: Vec<Vec<usize>> = layout.params.iter().map(|p| p.shape.clone()).collect();
+        let codec = build_codec(&build::codec_options(cfg))
+            .map_err(|e| TrainError::Sync { rank, source: SyncError::Codec(e) })?;
+        ddp = ddp.with_codec(codec, &shapes);
+    }
+    let mut scaler = if cfg.precision.compute == ComputeDtype::F16 {
+        let options = LossScalerOptions {
+            init_scale: cfg.precision.loss_scale_init as f32,
+            growth_interval: cfg.precision.growth_interval,
+            backoff_factor: cfg.precision.backoff as f32,
+            growth_factor: cfg.precision.growth_factor as f32,
+            min_scale: cfg.precision.min_scale as f32,
+            ..LossScalerOptions::default()
+        };
+        Some(DynamicLossScaler::new(&options).map_err(|source| TrainError::Precision { rank, source })?)
+    } else {
+        None
+    };
+    let spans = ParamSpan::from_numels(&names, &numels);
     let mut optimizer = FlatOptimizer::new(build::optimizer_kind(cfg), master.len());
 
     // Resume, or start every replica from rank 0's parameters.
@@ -114,6 +158,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         None => None,
     };
     let mut start_step = 0;
+    let mut resumed_scale = None;
     if let Some(dir) = resume_dir {
         let dir = dir.map_err(|source| TrainError::Checkpoint { rank, source })?;
         let state = ckpt::read_state(&dir).map_err(|source| TrainError::Checkpoint { rank, source })?;
@@ -132,12 +177,18 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         }
         optimizer.set_steps(state.step);
         start_step = state.step;
+        resumed_scale = Some((state.loss_scale, state.good_steps));
         if rank == 0 {
             tracing::info!("resumed from {} at step {}", dir.display(), state.step);
         }
     } else {
         ddp.broadcast_params(&mut master).map_err(comm_err)?;
         model = load_params(model, &master).map_err(model_err)?;
+    }
+
+    if let (Some(scaler), Some((scale, good))) = (&mut scaler, resumed_scale) {
+        scaler.scale = scale;
+        scaler.good_steps = good;
     }
 
     let sampler = DistributedSampler::new(
@@ -224,6 +275,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
                 last,
                 &mut grads,
             );
+            runner.loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
             match &pipeline {
                 Some(stage) => {
                     let times = stage
@@ -251,7 +303,28 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
             return Err(TrainError::NonFinite { rank, step: step + 1, loss: loss_sum / loss_count as f64 });
         }
 
-        let sync = ddp.all_reduce_flat(&mut grads).map_err(comm_err)?;
+        // Dynamic loss scaling: every rank agrees whether any gradient overflowed, and all skip.
+        if let Some(scaler) = &mut scaler {
+            let decision = scaler
+                .check_and_update(Some(&world), step + 1, &grads, &spans)
+                .map_err(|source| TrainError::Precision { rank, source })?;
+            if decision.skip {
+                if rank == 0 {
+                    progress.println(&format!(
+                        "burnrun: step {}: gradient overflow on rank(s) {:?} (first: {}); skipped, loss scale -> {}",
+                        step + 1,
+                        decision.overflow_ranks,
+                        decision.first_overflow.as_deref().unwrap_or("?"),
+                        decision.scale
+                    ));
+                }
+                progress.tick(step + 1);
+                continue;
+            }
+            scaler.unscale(&mut grads);
+        }
+
+        let sync = ddp.sync_flat(&mut grads, step).map_err(|source| TrainError::Sync { rank, source })?;
 
         // Clip by the global norm: the stages' shares add up over the pipeline group.
         let mut sum_sq = sum_of_squares(&grads);
@@ -290,8 +363,13 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
 
         let done = step + 1;
         if done % log_every == 0 || done == cfg.train.steps {
-            let m = gather_metrics(&world, &window, window_steps, window_start, global_batch, done, lr)
+            let mut m = gather_metrics(&world, &window, window_steps, window_start, global_batch, done, lr)
                 .map_err(comm_err)?;
+            if let Some(scaler) = &scaler {
+                m.loss_scale = Some(scaler.scale as f64);
+                m.skipped_steps = Some(scaler.skipped_steps);
+            }
+            m.compression_error = sync.compression_error.clone();
             if first_loss.is_nan() {
                 first_loss = m.loss;
             }
@@ -316,7 +394,8 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         }
         let every = cfg.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || done == cfg.train.steps {
-            let dir = save_checkpoint(&world, &place, &ckpt_root, cfg, done, &names, &layout, &master, &optimizer)?;
+            let scale = scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps));
+            let dir = save_checkpoint(&world, &place, &ckpt_root, cfg, done, scale, &layout, &master, &optimizer)?;
             last_ckpt = Some(dir);
         }
     }
@@ -496,7 +575,7 @@ fn save_checkpoint(
     root: &Path,
     cfg: &RunConfig,
     step: u64,
-    names: &[String],
+    scale: (f32, u64),
     layout: &ParamLayout,
     master: &[f32],
     optimizer: &FlatOptimizer,
@@ -522,15 +601,14 @@ fn save_checkpoint(
             state_names.iter().map(|(n, s, d)| NamedTensor { name: n, shape: s, data: d }).collect();
         ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
     }
-    let _ = names;
     world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
     if rank == 0 {
         let state = TrainState {
             step,
             micro_batches_seen: step * cfg.train.grad_accum_steps as u64,
             seed: cfg.train.seed,
-            loss_scale: 1.0,
-            good_steps: 0,
+            loss_scale: scale.0,
+            good_steps: scale.1,
             pipeline_stages: place.dims.pipeline,
             data_replicas: place.dims.data,
             config: cfg.to_toml_string(),

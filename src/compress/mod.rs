@@ -1,0 +1,24 @@
+//! Gradient codecs: how one DDP bucket is averaged across the data-parallel group.
+//!
+//! A codec is chosen at run time from the `[compression]` config ([`build_codec`]) and plugs into
+//! the gradient sync per bucket through [`GradCodec`], so the trainer does not change per method.
+//! Codecs are pure functions over f32 slices plus per-bucket state (error-feedback residuals,
+//! PowerSGD's warm-started factors); they talk to other ranks only through a
+//! [`ProcessGroup`](crate::comm::ProcessGroup)'s typed collectives, never a socket.
+
+mod codec;
+mod error;
+mod feedback;
+mod half_cast;
+mod powersgd;
+mod topk;
+mod uncompressed;
+mod warmup;
+
+pub use codec::{build_codec, CodecOptions, CodecStats, CompressionMethod, GradCodec};
+pub use error::CompressError;
+pub use half_cast::{HalfCast, WireHalf};
+pub use powersgd::{PowerSgd, DEFAULT_MIN_COMPRESSION_RATE};
+pub use topk::TopK;
+pub use uncompressed::Uncompressed;
+pub use warmup::WarmUp;
