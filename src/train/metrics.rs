@@ -27,6 +27,9 @@ pub struct StepMetrics {
     pub wait_ms: f64,
     /// Rank whose compute was slowest over the window (straggler attribution).
     pub slowest_rank: usize,
+    /// Pipeline bubble: mean over ranks of the time blocked waiting for activations or
+    /// gradients, as a fraction of the step (0 without a pipeline).
+    pub bubble_fraction: f64,
     /// Gradient global norm before clipping.
     pub grad_norm: f64,
     /// Bytes this rank sent for gradient synchronisation per step.

@@ -400,6 +400,25 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         }
     }
     progress.finish();
+    if !pipeline_times.is_empty() {
+        // Each stage reports its own timers (the first step, which includes warm-up, left out).
+        let timed = if pipeline_times.len() > 1 { &pipeline_times[1..] } else { &pipeline_times[..] };
+        let count = timed.len() as f64;
+        let step_ms = timed.iter().map(|t| t.step_ms).sum::<f64>() / count;
+        let idle_ms = timed.iter().map(|t| t.idle_ms).sum::<f64>() / count;
+        let (p, m) = (place.dims.pipeline as f64, micro_batches as f64);
+        tracing::info!(
+            "pipeline stage {} of {}: schedule {}, {} micro-batches: step {step_ms:.2} ms, idle {idle_ms:.2} ms, \
+             bubble {:.3} (theory (P-1)/(M+P-1) = {:.3}), peak held activations {}",
+            place.stage,
+            place.dims.pipeline,
+            cfg.parallel.schedule,
+            micro_batches,
+            idle_ms / step_ms,
+            (p - 1.0) / (m + p - 1.0),
+            timed.iter().map(|t| t.peak_held).max().unwrap_or(0),
+        );
+    }
     let (samples_per_sec, step_ms) = match timed_from {
         Some((t0, s0)) if cfg.train.steps > s0 => {
             let secs = t0.elapsed().as_secs_f64();
@@ -561,6 +580,7 @@ fn gather_metrics(
         wait_ms: max(4) / steps_f,
         slowest_rank,
         grad_norm: per_rank[0][6] / steps_f,
+        bubble_fraction: per_rank.iter().map(|r| r[7] / steps_f).sum::<f64>() / n as f64 / (secs * 1e3 / steps_f),
         wire_bytes: (per_rank.iter().map(|r| r[5]).sum::<f64>() / steps_f / n as f64) as u64,
         ..Default::default()
     })
