@@ -97,6 +97,12 @@ impl<'a> StageRunner<'a> {
     /// Adds this backward's parameter gradients into the accumulator.
     fn accumulate(&mut self, grads: Gradients) -> Result<(), PipelineError> {
         let params = GradientsParams::from_grads(grads, self.model);
+        // The step's first backward writes straight into the accumulator, which keeps its
+        // capacity from step to step: no scratch buffer to grow (and fault in) every step, and no
+        // pass adding the gradients into zeros.
+        if self.grads.is_empty() {
+            return flatten_grads_into(self.model, &params, self.grads).map_err(|e| self.err(e));
+        }
         self.scratch.clear();
         flatten_grads_into(self.model, &params, &mut self.scratch).map_err(|e| self.err(e))?;
         if self.grads.is_empty() {

@@ -14,7 +14,7 @@ use burn::tensor::{Device, FloatDType};
 
 use crate::comm::{ProcessGroup, ReduceOp};
 use crate::compress::build_codec;
-use crate::config::{ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig};
+use crate::config::{CommBackend, ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig};
 use crate::data::{Dataset, DistributedSampler};
 use crate::models::{flatten_params, load_params, load_params_by_name, BlockStack, ModelSpec, ParamLayout};
 use crate::parallel::{
@@ -73,7 +73,20 @@ const STAT_FIELDS: usize = 8;
 
 /// Joins the job from the environment and trains.
 pub fn train(cfg: RunConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
-    let world = crate::init().map_err(|e| TrainError::Init { rank: 0, source: Box::new(e) })?;
+    let init_err = |e: crate::Error| TrainError::Init { rank: 0, source: Box::new(e) };
+    let mut env = crate::env::DistEnv::from_env().map_err(|e| init_err(e.into()))?;
+    if cfg.comm.backend != CommBackend::Tcp {
+        return Err(TrainError::Unsupported {
+            rank: env.rank,
+            what: format!("comm.backend = \"{}\"", cfg.comm.backend),
+            why: "this build has the CPU engine only (the NCCL backend needs the `cuda` feature and a GPU)".into(),
+        });
+    }
+    // The config's [comm] settings apply to this run's process group.
+    env.timeout = std::time::Duration::from_secs(cfg.comm.timeout_secs);
+    env.ring_threshold_bytes = cfg.comm.ring_threshold_bytes.or(env.ring_threshold_bytes);
+    env.segment_bytes = cfg.comm.segment_bytes.or(env.segment_bytes);
+    let world = crate::comm::init_from(&env).map_err(init_err)?;
     train_on(world, cfg, options)
 }
 
@@ -259,8 +272,8 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
             timed_from = Some((Instant::now(), step));
         }
         let bytes_before = world.bytes_sent();
+        // Emptied, not zeroed: the first backward of the step writes into it (see StageRunner).
         grads.clear();
-        grads.resize(master.len(), 0.0);
         let (mut loss_sum, mut loss_count, mut compute_secs, mut idle_ms) = (0.0f64, 0usize, 0.0f64, 0.0f64);
         for micro_step in 0..accum {
             let indices = sampler.step_indices(step * accum as u64 + micro_step as u64);
@@ -296,9 +309,13 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
             loss_count += runner.loss_count;
             compute_secs += runner.compute_secs;
         }
+        // Every stage runs a backward each step, so this only guards the layout.
+        grads.resize(master.len(), 0.0);
         // The loss of a step is the mean over its micro-batches: scale the summed gradients alike.
         let scale = 1.0 / (accum * micro_batches) as f32;
-        grads.iter_mut().for_each(|g| *g *= scale);
+        if scale != 1.0 {
+            grads.iter_mut().for_each(|g| *g *= scale);
+        }
         if loss_count > 0 && !(loss_sum / loss_count as f64).is_finite() {
             return Err(TrainError::NonFinite { rank, step: step + 1, loss: loss_sum / loss_count as f64 });
         }
