@@ -82,8 +82,12 @@ pub fn train(cfg: RunConfig, options: &TrainOptions) -> Result<TrainSummary, Tra
             why: "this build has the CPU engine only (the NCCL backend needs the `cuda` feature and a GPU)".into(),
         });
     }
-    // The config's [comm] settings apply to this run's process group.
-    env.timeout = std::time::Duration::from_secs(cfg.comm.timeout_secs);
+    // The config's [comm] settings apply to this run's process group; the timeout set in the
+    // file (or by --set) wins over the launcher's --timeout, its default does not.
+    let launcher_default = std::time::Duration::from_secs(crate::env::DEFAULT_TIMEOUT_SECS);
+    if cfg.source().is_set("comm.timeout_secs") || env.timeout == launcher_default {
+        env.timeout = std::time::Duration::from_secs(cfg.comm.timeout_secs);
+    }
     env.ring_threshold_bytes = cfg.comm.ring_threshold_bytes.or(env.ring_threshold_bytes);
     env.segment_bytes = cfg.comm.segment_bytes.or(env.segment_bytes);
     let world = crate::comm::init_from(&env).map_err(init_err)?;
@@ -96,6 +100,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let resolved = cfg.validate(world.world_size())?;
     let cfg = &resolved.config;
     configure_compute_threads(cfg.train.threads);
+    keep_freed_memory();
     let comm_err = |source| TrainError::Comm { rank, source };
     let data_err = |source| TrainError::Data { rank, source };
     let model_err = |source| TrainError::Model { rank, source };
@@ -470,6 +475,22 @@ fn configure_compute_threads(threads: usize) {
     let threads = if threads == 0 { (cores / local).max(1) } else { threads };
     // A second call in one process (tests running several trainers) keeps the first pool.
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+}
+
+/// Lets the allocator keep the memory a step frees for the next step. Every step allocates and
+/// frees the same few MB blocks (activations, gradient and parameter tensors); by default glibc
+/// serves blocks over its mmap threshold with fresh mappings and trims the heap's free top, so
+/// each step faulted its whole working set in again: on the benchmark MLP 280k page faults in 60
+/// steps and a third of the step time. Blocks up to 32 MiB now come from the heap, and the heap is
+/// trimmed only past 512 MiB of free top. Process-wide; repeated calls are harmless.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters (under the allocator's lock, so it is safe
+    // with other threads allocating); both values are within glibc's accepted ranges.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
 }
 
 /// A checkpoint folder, or a folder of checkpoints (its latest complete one).
