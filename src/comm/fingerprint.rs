@@ -49,7 +49,13 @@ impl OpKind {
 const REDUCE_OPS: [ReduceOp; 5] = ReduceOp::ALL;
 
 /// Packs a fingerprint.
-pub(crate) fn fingerprint(op: OpKind, dtype: DType, numel: usize, root: Option<usize>, reduce: Option<ReduceOp>) -> u64 {
+pub(crate) fn fingerprint(
+    op: OpKind,
+    dtype: DType,
+    numel: usize,
+    root: Option<usize>,
+    reduce: Option<ReduceOp>,
+) -> u64 {
     let reduce_code = reduce.map_or(0, |r| 1 + REDUCE_OPS.iter().position(|&x| x == r).unwrap_or(0) as u64);
     let root_code = root.map_or(0xfff, |r| (r as u64).min(0xffe));
     ((op as u64) << 56)
@@ -61,7 +67,10 @@ pub(crate) fn fingerprint(op: OpKind, dtype: DType, numel: usize, root: Option<u
 
 /// Renders a fingerprint for error messages.
 pub(crate) fn describe(fp: u64) -> String {
-    let op = OpKind::ALL.iter().find(|k| **k as u64 == fp >> 56).map_or("unknown op", |k| k.name());
+    let op = OpKind::ALL
+        .iter()
+        .find(|k| **k as u64 == fp >> 56)
+        .map_or("unknown op", |k| k.name());
     let dtype = DType::from_code(((fp >> 48) & 0xff) as u8).map_or("?".to_string(), |d| d.to_string());
     let root = (fp >> 36) & 0xfff;
     let reduce = ((fp >> 32) & 0xf) as usize;

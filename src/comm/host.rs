@@ -9,7 +9,7 @@
 //!   all-reduce.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::transport::{Mesh, TransportError};
@@ -37,7 +37,10 @@ pub struct Tuning {
 
 impl Default for Tuning {
     fn default() -> Self {
-        Self { ring_threshold_bytes: DEFAULT_RING_THRESHOLD_BYTES, segment_bytes: DEFAULT_SEGMENT_BYTES }
+        Self {
+            ring_threshold_bytes: DEFAULT_RING_THRESHOLD_BYTES,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+        }
     }
 }
 
@@ -53,6 +56,10 @@ pub(crate) struct HostComm {
     groups_created: AtomicU64,
     timeout: Duration,
     tuning: Tuning,
+    /// The first failure of a transfer. The pairs involved may hold half a frame and the peers
+    /// saw the failure too, so every later call fails at once with `CommError::Poisoned` instead
+    /// of waiting on a group that can no longer agree.
+    failure: Mutex<Option<String>>,
 }
 
 impl HostComm {
@@ -63,7 +70,14 @@ impl HostComm {
         Self::new(mesh, members, rank, 0, timeout, tuning)
     }
 
-    fn new(mesh: Arc<Mesh>, members: Vec<usize>, rank: usize, group_id: u64, timeout: Duration, tuning: Tuning) -> Self {
+    fn new(
+        mesh: Arc<Mesh>,
+        members: Vec<usize>,
+        rank: usize,
+        group_id: u64,
+        timeout: Duration,
+        tuning: Tuning,
+    ) -> Self {
         let segment_bytes = (tuning.segment_bytes / 8 * 8).max(8);
         Self {
             mesh,
@@ -73,8 +87,32 @@ impl HostComm {
             seq: AtomicU64::new(0),
             groups_created: AtomicU64::new(0),
             timeout,
-            tuning: Tuning { segment_bytes, ..tuning },
+            tuning: Tuning {
+                segment_bytes,
+                ..tuning
+            },
+            failure: Mutex::new(None),
         }
+    }
+
+    /// `Err(Poisoned)` once a call of this communicator failed in transfer.
+    fn usable(&self) -> Result<(), CommError> {
+        match &*self.failure.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(first) => Err(CommError::Poisoned {
+                rank: self.global_rank(),
+                first: first.clone(),
+            }),
+        }
+    }
+
+    /// Records the first failure (see `failure`) and passes the error on.
+    fn failed(&self, error: CommError) -> CommError {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| error.to_string());
+        error
     }
 
     fn global_rank(&self) -> usize {
@@ -96,12 +134,19 @@ impl HostComm {
     }
 
     fn invalid(&self, op: OpKind, reason: String) -> CommError {
-        CommError::InvalidArgument { rank: self.global_rank(), op: op.name(), reason }
+        CommError::InvalidArgument {
+            rank: self.global_rank(),
+            op: op.name(),
+            reason,
+        }
     }
 
     fn check_root(&self, op: OpKind, root: usize) -> Result<(), CommError> {
         if root >= self.members.len() {
-            return Err(self.invalid(op, format!("root {root} is not a rank of this group of {}", self.members.len())));
+            return Err(self.invalid(
+                op,
+                format!("root {root} is not a rank of this group of {}", self.members.len()),
+            ));
         }
         Ok(())
     }
@@ -139,17 +184,24 @@ impl HostComm {
         reduce: Option<ReduceOp>,
         body: impl FnOnce(&Ctx<'_>) -> Result<(), TransportError>,
     ) -> Result<(), CommError> {
+        self.usable()?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let fp = fingerprint(op, dtype, numel, root, reduce);
         let ctx = self.ctx(collective_key(self.group_id, seq), fp, dtype);
         tracing::trace!(rank = self.global_rank(), seq, call = %describe(fp), "collective");
-        body(&ctx).map_err(|e| self.map_error(op, seq, fp, e))
+        body(&ctx).map_err(|e| self.failed(self.map_error(op, seq, fp, e)))
     }
 
     fn map_error(&self, op: OpKind, seq: u64, ours: u64, error: TransportError) -> CommError {
         let rank = self.global_rank();
         match error {
-            TransportError::Timeout { peer, timeout, stashed, direction, .. } => {
+            TransportError::Timeout {
+                peer,
+                timeout,
+                stashed,
+                direction,
+                ..
+            } => {
                 let mut detail = String::new();
                 if direction == "send" {
                     detail.push_str(" (it stopped reading)");
@@ -162,15 +214,35 @@ impl HostComm {
                         .collect();
                     detail.push_str(&format!("; meanwhile it sent: {}", seen.join(", ")));
                 }
-                CommError::Timeout { rank, op: op.name(), seq, peer, timeout, detail }
+                CommError::Timeout {
+                    rank,
+                    op: op.name(),
+                    seq,
+                    peer,
+                    timeout,
+                    detail,
+                }
             }
-            TransportError::PeerLost { peer, reason, .. } => {
-                CommError::PeerLost { rank, op: op.name(), seq, peer, reason }
-            }
-            TransportError::Mismatch { peer, theirs, .. } => {
-                CommError::Mismatch { rank, seq, peer, ours: describe(ours), theirs: describe(theirs) }
-            }
-            other => CommError::Transport { rank, op: op.name(), seq, source: other },
+            TransportError::PeerLost { peer, reason, .. } => CommError::PeerLost {
+                rank,
+                op: op.name(),
+                seq,
+                peer,
+                reason,
+            },
+            TransportError::Mismatch { peer, theirs, .. } => CommError::Mismatch {
+                rank,
+                seq,
+                peer,
+                ours: describe(ours),
+                theirs: describe(theirs),
+            },
+            other => CommError::Transport {
+                rank,
+                op: op.name(),
+                seq,
+                source: other,
+            },
         }
     }
 }
@@ -249,7 +321,12 @@ impl Communicator for HostComm {
         if output.dtype != dtype || output.numel != numel * n {
             return Err(self.invalid(
                 OpKind::AllGather,
-                format!("output is {} x {}, expected {dtype} x {} ({n} ranks x {numel})", output.dtype, output.numel, numel * n),
+                format!(
+                    "output is {} x {}, expected {dtype} x {} ({n} ranks x {numel})",
+                    output.dtype,
+                    output.numel,
+                    numel * n
+                ),
             ));
         }
         let input = self.host_ref(OpKind::AllGather, input.memory)?;
@@ -271,7 +348,12 @@ impl Communicator for HostComm {
         if input.dtype != dtype || input.numel != numel * n {
             return Err(self.invalid(
                 OpKind::ReduceScatter,
-                format!("input is {} x {}, expected {dtype} x {} ({n} ranks x {numel})", input.dtype, input.numel, numel * n),
+                format!(
+                    "input is {} x {}, expected {dtype} x {} ({n} ranks x {numel})",
+                    input.dtype,
+                    input.numel,
+                    numel * n
+                ),
             ));
         }
         let input = self.host_ref(OpKind::ReduceScatter, input.memory)?;
@@ -304,7 +386,9 @@ impl Communicator for HostComm {
         }
         let input = self.host_ref(OpKind::AllToAll, input.memory)?;
         let output = self.host(OpKind::AllToAll, output.memory)?;
-        self.collective(OpKind::AllToAll, dtype, numel, None, None, |ctx| alg::all_to_all(ctx, input, output))
+        self.collective(OpKind::AllToAll, dtype, numel, None, None, |ctx| {
+            alg::all_to_all(ctx, input, output)
+        })
     }
 
     fn send(&self, buf: BufRef<'_>, peer: usize, tag: u32) -> Result<(), CommError> {
@@ -350,7 +434,14 @@ impl Communicator for HostComm {
             return Ok(None);
         };
         let members = ranks.iter().map(|&r| self.members[r]).collect();
-        Ok(Some(Box::new(HostComm::new(Arc::clone(&self.mesh), members, rank, group_id, self.timeout, self.tuning))))
+        Ok(Some(Box::new(HostComm::new(
+            Arc::clone(&self.mesh),
+            members,
+            rank,
+            group_id,
+            self.timeout,
+            self.tuning,
+        ))))
     }
 }
 
@@ -366,12 +457,16 @@ impl HostComm {
         if peer >= self.members.len() || peer == self.rank {
             return Err(self.invalid(
                 OpKind::SendRecv,
-                format!("peer {peer} must be another rank of this group of {}", self.members.len()),
+                format!(
+                    "peer {peer} must be another rank of this group of {}",
+                    self.members.len()
+                ),
             ));
         }
+        self.usable()?;
         let fp = fingerprint(OpKind::SendRecv, dtype, numel, None, None);
         let ctx = self.ctx(p2p_key(self.group_id, tag), fp, dtype);
-        body(&ctx).map_err(|e| self.map_error(OpKind::SendRecv, tag as u64, fp, e))
+        body(&ctx).map_err(|e| self.failed(self.map_error(OpKind::SendRecv, tag as u64, fp, e)))
     }
 }
 

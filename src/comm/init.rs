@@ -58,10 +58,18 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
     if let Some(bytes) = env.segment_bytes {
         tuning.segment_bytes = bytes;
     }
-    let mut options = InitOptions { timeout: env.timeout, rdzv_timeout: env.rdzv_timeout, tuning, ..Default::default() };
+    let mut options = InitOptions {
+        timeout: env.timeout,
+        rdzv_timeout: env.rdzv_timeout,
+        tuning,
+        ..Default::default()
+    };
     if !env.launched() || env.world_size == 1 {
         let mesh = Arc::new(Mesh::new(0, 1, vec![None]));
-        return Ok(ProcessGroup::new(Box::new(HostComm::world(mesh, options.timeout, tuning)), vec![0]));
+        return Ok(ProcessGroup::new(
+            Box::new(HostComm::world(mesh, options.timeout, tuning)),
+            vec![0],
+        ));
     }
     let secret = match &env.secret_hex {
         Some(hex) => JobSecret::from_hex(hex).map_err(|e| crate::env::EnvError::Invalid {
@@ -77,14 +85,19 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
     let addr = format!("{}:{}", env.master_addr, env.master_port);
     let store = TcpStore::connect(&addr, &secret, env.rdzv_timeout)?;
     options.listen_ip = match &env.node_addr {
-        Some(ip) => ip.parse().map_err(|e: std::net::AddrParseError| crate::env::EnvError::Invalid {
-            name: "BURNRUN_NODE_ADDR",
-            value: ip.clone(),
-            reason: e.to_string(),
-        })?,
+        Some(ip) => ip
+            .parse()
+            .map_err(|e: std::net::AddrParseError| crate::env::EnvError::Invalid {
+                name: "BURNRUN_NODE_ADDR",
+                value: ip.clone(),
+                reason: e.to_string(),
+            })?,
         None => store.local_addr().ip(),
     };
-    let store: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("burnrun/{}/world", env.run_id), Arc::new(store)));
+    let store: Arc<dyn Store> = Arc::new(PrefixStore::new(
+        format!("burnrun/{}/world", env.run_id),
+        Arc::new(store),
+    ));
     init_with_store(store, env.rank, env.world_size, &secret, &options)
 }
 
@@ -100,8 +113,14 @@ pub fn init_with_store(
     let deadline = Instant::now() + options.rdzv_timeout;
     let listener = DataListener::bind(rank, options.listen_ip)?;
     let my_addr = listener.local_addr()?;
-    let store_err = |source| CommError::Store { rank, group: "world".into(), source };
-    store.set(&format!("addr/{rank}"), my_addr.to_string().as_bytes()).map_err(store_err)?;
+    let store_err = |source| CommError::Store {
+        rank,
+        group: "world".into(),
+        source,
+    };
+    store
+        .set(&format!("addr/{rank}"), my_addr.to_string().as_bytes())
+        .map_err(store_err)?;
 
     let mut pairs: Vec<Option<TcpPair>> = (0..world_size).map(|_| None).collect();
     let higher = world_size - rank - 1;
@@ -112,14 +131,14 @@ pub fn init_with_store(
         for (peer, slot) in pairs.iter_mut().enumerate().take(rank) {
             let left = deadline.saturating_duration_since(Instant::now());
             let raw = store.get(&format!("addr/{peer}"), left).map_err(store_err)?;
-            let peer_addr: SocketAddr = String::from_utf8_lossy(&raw).parse().map_err(|e| {
-                TransportError::Connect {
+            let peer_addr: SocketAddr = String::from_utf8_lossy(&raw)
+                .parse()
+                .map_err(|e| TransportError::Connect {
                     rank,
                     peer,
                     addr: String::from_utf8_lossy(&raw).into_owned(),
                     reason: format!("bad address in the store: {e}"),
-                }
-            })?;
+                })?;
             let stream = transport::connect(rank, peer, peer_addr, secret, deadline)?;
             *slot = Some(TcpPair::new(rank, peer, stream)?);
         }
@@ -165,6 +184,9 @@ pub fn spawn_ranks<R: Send>(
             })
             .collect();
         // Invariant: a panicking rank re-raises its panic here, as a test expects.
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
     })
 }

@@ -46,8 +46,14 @@ where
     match op {
         ReduceOp::Sum | ReduceOp::Avg => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d + s),
         ReduceOp::Prod => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = *d * s),
-        ReduceOp::Max => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = if s > *d { s } else { *d }),
-        ReduceOp::Min => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = if s < *d { s } else { *d }),
+        ReduceOp::Max => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, &s)| *d = if s > *d { s } else { *d }),
+        ReduceOp::Min => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, &s)| *d = if s < *d { s } else { *d }),
     }
 }
 
@@ -114,8 +120,12 @@ pub(crate) fn finish_avg(dtype: DType, data: &mut [u8], world_size: usize) {
         DType::I32 => cast_mut::<i32>(data).iter_mut().for_each(|x| *x /= world_size as i32),
         DType::I64 => cast_mut::<i64>(data).iter_mut().for_each(|x| *x /= world_size as i64),
         DType::U8 => data.iter_mut().for_each(|x| *x /= world_size as u8),
-        DType::F16 => cast_mut::<f16>(data).iter_mut().for_each(|x| *x = f16::from_f32(x.to_f32() / n as f32)),
-        DType::BF16 => cast_mut::<bf16>(data).iter_mut().for_each(|x| *x = bf16::from_f32(x.to_f32() / n as f32)),
+        DType::F16 => cast_mut::<f16>(data)
+            .iter_mut()
+            .for_each(|x| *x = f16::from_f32(x.to_f32() / n as f32)),
+        DType::BF16 => cast_mut::<bf16>(data)
+            .iter_mut()
+            .for_each(|x| *x = bf16::from_f32(x.to_f32() / n as f32)),
     }
 }
 
@@ -134,7 +144,12 @@ mod tests {
             (ReduceOp::Min, [1.0, -2.0, -6.0]),
         ] {
             let mut d = a;
-            reduce_into(DType::F32, op, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&b));
+            reduce_into(
+                DType::F32,
+                op,
+                bytemuck::cast_slice_mut(&mut d),
+                bytemuck::cast_slice(&b),
+            );
             assert_eq!(d, want, "{op}");
         }
     }
@@ -143,7 +158,12 @@ mod tests {
     fn bf16_sums_are_computed_in_f32_and_rounded_once() {
         let a: Vec<bf16> = (0..600).map(|i| bf16::from_f32(i as f32)).collect();
         let mut d = a.clone();
-        reduce_into(DType::BF16, ReduceOp::Sum, bytemuck::cast_slice_mut(&mut d), bytemuck::cast_slice(&a));
+        reduce_into(
+            DType::BF16,
+            ReduceOp::Sum,
+            bytemuck::cast_slice_mut(&mut d),
+            bytemuck::cast_slice(&a),
+        );
         for (x, y) in d.iter().zip(&a) {
             assert_eq!(*x, bf16::from_f32(y.to_f32() * 2.0));
         }

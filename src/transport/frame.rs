@@ -56,15 +56,23 @@ impl FrameHeader {
         let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8-byte slice"));
         let reserved = u32::from_le_bytes(bytes[12..16].try_into().expect("4-byte slice"));
         if reserved != 0 {
-            return Err(format!("reserved header field is {reserved:#x}, not 0 (not a burnrun data frame)"));
+            return Err(format!(
+                "reserved header field is {reserved:#x}, not 0 (not a burnrun data frame)"
+            ));
         }
         let header = Self {
-            tag: Tag { key: u64_at(0), step: u32::from_le_bytes(bytes[8..12].try_into().expect("4-byte slice")) },
+            tag: Tag {
+                key: u64_at(0),
+                step: u32::from_le_bytes(bytes[8..12].try_into().expect("4-byte slice")),
+            },
             fingerprint: u64_at(16),
             len: u64_at(24),
         };
         if header.len > MAX_FRAME_BYTES {
-            return Err(format!("frame announces {} bytes, more than the limit {MAX_FRAME_BYTES}", header.len));
+            return Err(format!(
+                "frame announces {} bytes, more than the limit {MAX_FRAME_BYTES}",
+                header.len
+            ));
         }
         Ok(header)
     }
@@ -76,13 +84,25 @@ mod tests {
 
     #[test]
     fn a_header_round_trips() {
-        let h = FrameHeader { tag: Tag { key: 0xdead_beef_0042, step: 7 }, fingerprint: 99, len: 12345 };
+        let h = FrameHeader {
+            tag: Tag {
+                key: 0xdead_beef_0042,
+                step: 7,
+            },
+            fingerprint: 99,
+            len: 12345,
+        };
         assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
     }
 
     #[test]
     fn an_oversized_or_garbage_header_is_rejected() {
-        let mut h = FrameHeader { tag: Tag { key: 1, step: 0 }, fingerprint: 0, len: MAX_FRAME_BYTES + 1 }.encode();
+        let mut h = FrameHeader {
+            tag: Tag { key: 1, step: 0 },
+            fingerprint: 0,
+            len: MAX_FRAME_BYTES + 1,
+        }
+        .encode();
         assert!(FrameHeader::decode(&h).unwrap_err().contains("limit"));
         h[12] = 1;
         assert!(FrameHeader::decode(&h).unwrap_err().contains("reserved"));

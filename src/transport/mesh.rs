@@ -259,6 +259,35 @@ impl RecvState<'_, '_> {
         Ok(())
     }
 
+    /// Checks a frame of another step under this operation's key: every step of one operation
+    /// carries its fingerprint, so another one means the peer runs a different call at the same
+    /// point of the sequence (e.g. an all-gather against an all-reduce, whose steps are numbered
+    /// differently, so their tags never meet and both sides would wait for the deadline).
+    fn check_other_step(&self, tag: Tag, fingerprint: u64) -> Result<(), TransportError> {
+        if tag.key == self.tag.key && tag.step != self.tag.step && fingerprint != self.fingerprint {
+            let (rank, peer) = (self.pair.rank(), self.pair.peer());
+            return Err(TransportError::Mismatch {
+                rank,
+                peer,
+                tag,
+                ours: self.fingerprint,
+                theirs: fingerprint,
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies [`RecvState::check_other_step`] to the frames stashed before this operation started.
+    fn check_stash(&self) -> Result<(), TransportError> {
+        let half = self.pair.lock_recv();
+        for (tag, frames) in half.stash.iter().filter(|(tag, _)| tag.key == self.tag.key) {
+            for frame in frames {
+                self.check_other_step(*tag, frame.fingerprint)?;
+            }
+        }
+        Ok(())
+    }
+
     fn progress(&mut self, token: u64) -> Result<Progress, TransportError> {
         let mut out = Progress::default();
         let pair = self.pair;
@@ -317,6 +346,7 @@ impl RecvState<'_, '_> {
                             filled: 0,
                         };
                     } else {
+                        self.check_other_step(header.tag, header.fingerprint)?;
                         start_stash(pair, &mut half, header)?;
                     }
                 }
@@ -503,7 +533,11 @@ impl Mesh {
             state.pair().check_broken()?;
         }
         let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-        let result = drive(&mut states, token, deadline, timeout);
+        let stashed_mismatch = states.iter().try_for_each(|state| match state {
+            State::Recv(r) => r.check_stash(),
+            State::Send(_) => Ok(()),
+        });
+        let result = stashed_mismatch.and_then(|()| drive(&mut states, &self.pairs, token, deadline, timeout));
         if let Err(e) = &result {
             for state in &states {
                 state.pair().mark_broken(e.to_string());
@@ -513,8 +547,23 @@ impl Mesh {
     }
 }
 
-fn drive(states: &mut [State<'_, '_>], token: u64, deadline: Instant, timeout: Duration) -> Result<(), TransportError> {
+/// The mesh's pair with `peer`, if a blocked send may read from it.
+fn drainable<'p>(mesh_pairs: &'p [Option<Arc<TcpPair>>], skip_drain: &[bool], peer: usize) -> Option<&'p TcpPair> {
+    mesh_pairs[peer]
+        .as_deref()
+        .filter(|p| !skip_drain[peer] && p.check_broken().is_ok())
+}
+
+fn drive(
+    states: &mut [State<'_, '_>],
+    mesh_pairs: &[Option<Arc<TcpPair>>],
+    token: u64,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), TransportError> {
     let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(states.len());
+    // Pairs outside the batch that failed while drained: left alone for the rest of the call.
+    let mut skip_drain = vec![false; mesh_pairs.len()];
     loop {
         let mut moved = false;
         let mut blocked_by_other = false;
@@ -537,10 +586,34 @@ fn drive(states: &mut [State<'_, '_>], token: u64, deadline: Instant, timeout: D
         if moved {
             continue;
         }
-        for state in states.iter() {
-            if let State::Send(s) = state {
-                if !state.done() {
-                    moved |= drain_unsolicited(s.pair)?;
+        // A blocked send reads whatever any peer sends, not only the peer it writes to: ranks that
+        // each send to the next one (a ring shift, or sends to every peer posted before the
+        // receives) would otherwise wait on each other in a cycle.
+        let sending = states.iter().any(|s| matches!(s, State::Send(_)) && !s.done());
+        if sending {
+            for peer in 0..mesh_pairs.len() {
+                let Some(pair) = drainable(mesh_pairs, &skip_drain, peer) else {
+                    continue;
+                };
+                // A pair this batch receives from is read by that receive's progress already.
+                let receiving = states
+                    .iter()
+                    .any(|s| matches!(s, State::Recv(r) if !s.done() && std::ptr::eq(r.pair, pair)));
+                if receiving {
+                    continue;
+                }
+                match drain_unsolicited(pair) {
+                    Ok(drained) => moved |= drained,
+                    Err(e) if states.iter().any(|s| std::ptr::eq(s.pair(), pair)) => return Err(e),
+                    // Not a pair of this batch: its failure belongs to its next user. A peer that
+                    // sent everything and exited leaves its frames in the stash, still readable;
+                    // a malformed stream cannot be read further.
+                    Err(e) => {
+                        skip_drain[peer] = true;
+                        if !matches!(e, TransportError::PeerLost { .. }) {
+                            pair.mark_broken(e.to_string());
+                        }
+                    }
                 }
             }
         }
@@ -573,8 +646,24 @@ fn drive(states: &mut [State<'_, '_>], token: u64, deadline: Instant, timeout: D
                 None => pollfds.push(libc::pollfd { fd, events, revents: 0 }),
             }
         }
+        if sending {
+            // Wake up for data from any peer, which the drain above reads.
+            for peer in 0..mesh_pairs.len() {
+                let Some(pair) = drainable(mesh_pairs, &skip_drain, peer) else {
+                    continue;
+                };
+                if !pollfds.iter().any(|p| p.fd == pair.fd()) {
+                    pollfds.push(libc::pollfd {
+                        fd: pair.fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+        }
         // SAFETY: `pollfds` is a valid, initialised array of `pollfds.len()` entries that lives
-        // across the call, and every fd in it belongs to a socket borrowed from `states`.
+        // across the call, and every fd in it belongs to a socket borrowed from `states` or from
+        // the mesh, which outlive the call.
         let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, wait_ms) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();

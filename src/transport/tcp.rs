@@ -32,7 +32,10 @@ pub(crate) struct AlignedBytes {
 
 impl AlignedBytes {
     pub(crate) fn zeroed(len: usize) -> Self {
-        Self { words: vec![0; len.div_ceil(8)], len }
+        Self {
+            words: vec![0; len.div_ceil(8)],
+            len,
+        }
     }
 
     /// Sets the length to `len` (growing the allocation, never shrinking it) and returns the bytes.
@@ -70,9 +73,17 @@ pub(crate) enum Incoming {
     /// Between frames; `header_filled` bytes of the next header are in `header`.
     Idle,
     /// Reading the payload of a frame that belongs to operation `token`.
-    Owned { token: u64, header: FrameHeader, filled: usize },
+    Owned {
+        token: u64,
+        header: FrameHeader,
+        filled: usize,
+    },
     /// Reading the payload of a frame nobody waits for yet.
-    Stash { header: FrameHeader, buf: AlignedBytes, filled: usize },
+    Stash {
+        header: FrameHeader,
+        buf: AlignedBytes,
+        filled: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -105,7 +116,11 @@ pub struct TcpPair {
 impl TcpPair {
     /// Wraps a connected, authenticated stream.
     pub fn new(rank: usize, peer: usize, stream: TcpStream) -> Result<Self, TransportError> {
-        let io = |what: &str, source| TransportError::Io { rank, what: format!("{what} (peer {peer})"), source };
+        let io = |what: &str, source| TransportError::Io {
+            rank,
+            what: format!("{what} (peer {peer})"),
+            source,
+        };
         stream.set_nodelay(true).map_err(|e| io("set TCP_NODELAY", e))?;
         stream.set_nonblocking(true).map_err(|e| io("set non-blocking", e))?;
         Ok(Self {
@@ -179,7 +194,11 @@ impl TcpPair {
     }
 
     fn lost(&self, reason: &str) -> TransportError {
-        TransportError::PeerLost { rank: self.rank, peer: self.peer, reason: reason.to_string() }
+        TransportError::PeerLost {
+            rank: self.rank,
+            peer: self.peer,
+            reason: reason.to_string(),
+        }
     }
 
     /// Marks the pair unusable: a failed operation may have left half a frame on the wire.
@@ -200,8 +219,11 @@ impl TcpPair {
     /// Tags and fingerprints of the frames waiting in the stash, for diagnostics.
     pub(crate) fn stashed(&self) -> Vec<(Tag, u64)> {
         let recv = self.lock_recv();
-        let mut out: Vec<(Tag, u64)> =
-            recv.stash.iter().flat_map(|(tag, q)| q.iter().map(move |s| (*tag, s.fingerprint))).collect();
+        let mut out: Vec<(Tag, u64)> = recv
+            .stash
+            .iter()
+            .flat_map(|(tag, q)| q.iter().map(move |s| (*tag, s.fingerprint)))
+            .collect();
         out.sort_by_key(|(t, _)| (t.key, t.step));
         out
     }
@@ -217,11 +239,16 @@ pub struct DataListener {
 impl DataListener {
     /// Binds to `ip` on a free port.
     pub fn bind(rank: usize, ip: IpAddr) -> Result<Self, TransportError> {
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0))
-            .map_err(|source| TransportError::Io { rank, what: format!("bind a data listener on {ip}"), source })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| TransportError::Io { rank, what: "set the listener non-blocking".into(), source })?;
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|source| TransportError::Io {
+            rank,
+            what: format!("bind a data listener on {ip}"),
+            source,
+        })?;
+        listener.set_nonblocking(true).map_err(|source| TransportError::Io {
+            rank,
+            what: "set the listener non-blocking".into(),
+            source,
+        })?;
         Ok(Self { rank, listener })
     }
 
@@ -241,7 +268,9 @@ impl DataListener {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, addr)) => {
-                    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(100));
                     let _ = stream.set_nonblocking(false);
                     match auth::server_handshake(&mut stream, secret, Channel::Data, left.min(HANDSHAKE_TIMEOUT))
                         .map_err(|source| TransportError::Auth { rank, source })
@@ -262,7 +291,13 @@ impl DataListener {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(TransportError::Io { rank, what: "accept a data connection".into(), source }),
+                Err(source) => {
+                    return Err(TransportError::Io {
+                        rank,
+                        what: "accept a data connection".into(),
+                        source,
+                    })
+                }
             }
         }
     }
@@ -272,9 +307,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn read_hello(rank: usize, stream: &mut TcpStream) -> Result<usize, TransportError> {
     let mut hello = [0u8; 4];
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).and_then(|()| stream.read_exact(&mut hello)).map_err(
-        |source| TransportError::Io { rank, what: "read the connecting rank's id".into(), source },
-    )?;
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .and_then(|()| stream.read_exact(&mut hello))
+        .map_err(|source| TransportError::Io {
+            rank,
+            what: "read the connecting rank's id".into(),
+            source,
+        })?;
     let _ = stream.set_read_timeout(None);
     Ok(u32::from_le_bytes(hello) as usize)
 }
@@ -287,7 +327,12 @@ pub fn connect(
     secret: &JobSecret,
     deadline: Instant,
 ) -> Result<TcpStream, TransportError> {
-    let fail = |reason: String| TransportError::Connect { rank, peer, addr: addr.to_string(), reason };
+    let fail = |reason: String| TransportError::Connect {
+        rank,
+        peer,
+        addr: addr.to_string(),
+        reason,
+    };
     let mut stream = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -295,15 +340,24 @@ pub fn connect(
         }
         match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
             Ok(s) => break s,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(fail(e.to_string())),
         }
     };
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
     auth::client_handshake(&mut stream, secret, Channel::Data, left.min(HANDSHAKE_TIMEOUT))
         .map_err(|source| TransportError::Auth { rank, source })?;
-    stream.write_all(&(rank as u32).to_le_bytes()).map_err(|e| fail(e.to_string()))?;
+    stream
+        .write_all(&(rank as u32).to_le_bytes())
+        .map_err(|e| fail(e.to_string()))?;
     Ok(stream)
 }

@@ -34,7 +34,10 @@ fn reduce_scatter_in_place(
         let send_chunk = (ctx.rank + shift + n - step) % n;
         let recv_chunk = (ctx.rank + shift + 2 * n - step - 1) % n;
         let (outgoing, incoming) = split_disjoint(buf, chunks[send_chunk].clone(), chunks[recv_chunk].clone());
-        ctx.run(vec![ctx.send(right, step as u32, outgoing), ctx.recv_reduce(left, step as u32, incoming, &reduce)])?;
+        ctx.run(vec![
+            ctx.send(right, step as u32, outgoing),
+            ctx.recv_reduce(left, step as u32, incoming, &reduce),
+        ])?;
     }
     Ok(())
 }
@@ -130,7 +133,10 @@ pub(crate) fn scatter_allgather_broadcast(ctx: &Ctx<'_>, root: usize, buf: &mut 
     let chunks = ctx.chunks(numel, n);
     // Rank r receives chunk r, which the all-gather then passes around.
     if ctx.rank == root {
-        let ops = (0..n).filter(|&r| r != root).map(|r| ctx.send(r, 0, &buf[chunks[r].clone()])).collect();
+        let ops = (0..n)
+            .filter(|&r| r != root)
+            .map(|r| ctx.send(r, 0, &buf[chunks[r].clone()]))
+            .collect();
         ctx.run(ops)?;
     } else {
         let range = chunks[ctx.rank].clone();
