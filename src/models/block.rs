@@ -12,6 +12,9 @@ use super::gpt::{EmbeddingBlock, LmHeadBlock, TransformerBlock};
 ///
 /// The variant name is not part of parameter names: block 3's query/key/value weight is
 /// `blocks.3.qkv.weight`, see [`crate::models::params`].
+// A transformer block's handles are ~1 KB, the others' a few hundred bytes; a model holds a
+// few dozen blocks at most, and burn's `Module` is not implemented for `Box`, so no indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Block {
     /// Linear (+ ReLU): the MLP's blocks and the CNN's classifier blocks.
