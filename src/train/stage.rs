@@ -90,7 +90,7 @@ impl<'a> StageRunner<'a> {
         Ok(Activation { shape, data })
     }
 
-    fn from_activation(&self, a: Activation) -> Tensor<2> {
+    fn activation_tensor(&self, a: Activation) -> Tensor<2> {
         Tensor::from_data(TensorData::new(a.data, a.shape), &self.device)
     }
 
@@ -119,7 +119,7 @@ impl StageCompute for StageRunner<'_> {
     fn forward(&mut self, micro: usize, input: Option<Activation>) -> Result<Option<Activation>, PipelineError> {
         let started = std::time::Instant::now();
         let start = micro * self.micro_size;
-        let leaf = input.map(|a| self.from_activation(a).require_grad());
+        let leaf = input.map(|a| self.activation_tensor(a).require_grad());
         let x = match &leaf {
             Some(x) => x.clone(),
             None => self.batch.inputs.clone().narrow(0, start, self.micro_size),
@@ -158,7 +158,7 @@ impl StageCompute for StageRunner<'_> {
                     reason: format!("backward of micro-batch {micro} got no output gradient"),
                 })?;
                 // d(sum(out * g))/d(theta) = g^T d(out)/d(theta): back-propagates g exactly.
-                let g = self.from_activation(upstream);
+                let g = self.activation_tensor(upstream);
                 (out * g).sum().backward()
             }
         };

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""torch.distributed gloo all-reduce, measured the way `burnrun bench allreduce` measures.
+
+Spawns N processes (no torchrun), each joins a gloo process group over loopback with one
+intra-op thread, and for every size (min..max, times --step-factor) runs --warmup untimed and
+--iters timed back-to-back in-place sum all-reduces after a barrier. A rank's time is the mean of
+its timed iterations; the reported time is the slowest rank's (a MAX all-reduce, as nccl-tests
+and burnrun do). busbw = algbw * 2(n-1)/n. Results are checked once per size on fresh data.
+
+Prints the same JSON lines as `burnrun bench allreduce --json`:
+  {"op","bytes","dtype","ranks","time_us","algbw_gbps","busbw_gbps","wrong","cpu_us"}
+where cpu_us is the CPU time of one all-reduce summed over ranks (every thread of each process).
+
+Usage: python3 benches/gloo_allreduce.py --nproc 2 --min-bytes 4K --max-bytes 64M
+Needs torch (pip install torch); nothing in the Rust tests depends on this script.
+"""
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import time
+
+DTYPES = {"f32": "float32", "f64": "float64", "f16": "float16", "bf16": "bfloat16",
+          "i32": "int32", "i64": "int64", "u8": "uint8"}
+
+
+def parse_size(text):
+    """4096, 4K, 1M, 64M, 1G (powers of 1024; KB/KiB accepted), like burnrun's --min-bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected bytes or a number with K, M or G")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2)]
+
+
+def sizes(args):
+    out, b = [], args.min_bytes
+    while b <= args.max_bytes:
+        out.append(b)
+        b *= args.step_factor
+    return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank, args, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(args.nproc), GLOO_SOCKET_IFNAME="lo")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=args.nproc)
+    n = args.nproc
+    dtype = getattr(torch, DTYPES[args.dtype])
+    elem = torch.tensor([], dtype=dtype).element_size()
+    try:
+        for size in sizes(args):
+            count = max(size // elem, 1)
+            buf = torch.full((count,), 1, dtype=dtype)
+            for _ in range(args.warmup):
+                dist.all_reduce(buf)
+            dist.barrier()
+            cpu_start = time.process_time()
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                dist.all_reduce(buf)
+            local = (time.perf_counter() - start) / args.iters
+            cpu = torch.tensor([(time.process_time() - cpu_start) / args.iters], dtype=torch.float64)
+            slowest = torch.tensor([local], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            dist.all_reduce(cpu)
+            # Check on fresh data: rank r contributes (r % 3) + 1, small enough to be exact.
+            buf.fill_((rank % 3) + 1)
+            dist.all_reduce(buf)
+            expected = sum((r % 3) + 1 for r in range(n))
+            wrong = torch.tensor([int((buf != expected).sum())], dtype=torch.int64)
+            dist.all_reduce(wrong)
+            if rank == 0:
+                t = slowest.item()
+                algbw = count * elem / t / 1e9
+                queue.put(json.dumps({
+                    "op": "allreduce", "bytes": count * elem, "dtype": args.dtype, "ranks": n,
+                    "time_us": round(t * 1e6, 3), "algbw_gbps": round(algbw, 3),
+                    "busbw_gbps": round(algbw * 2 * (n - 1) / n, 3), "wrong": int(wrong.item()),
+                    "cpu_us": round(cpu.item() * 1e6, 3),
+                }))
+    finally:
+        dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--min-bytes", type=parse_size, default=parse_size("4K"))
+    p.add_argument("--max-bytes", type=parse_size, default=parse_size("64M"))
+    p.add_argument("--step-factor", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before the run is abandoned")
+    args = p.parse_args()
+
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, args, port, queue)) for r in range(args.nproc)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + args.timeout
+    expected_rows = len(sizes(args))
+    rows = 0
+    failed = False
+    while rows < expected_rows:
+        try:
+            line = queue.get(timeout=1.0)
+        except Exception:
+            if time.monotonic() > deadline or any(pr.exitcode not in (None, 0) for pr in procs):
+                failed = True
+                break
+            continue
+        print(line, flush=True)
+        rows += 1
+        if json.loads(line)["wrong"]:
+            failed = True
+    for proc in procs:
+        proc.join(timeout=max(1.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=5)
+            failed = True
+        elif proc.exitcode != 0:
+            failed = True
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
