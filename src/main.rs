@@ -280,7 +280,9 @@ fn load_train_config(args: &TrainArgs) -> anyhow::Result<RunConfig> {
 #[cfg(feature = "train")]
 fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let config = load_train_config(args)?;
-    let options = burnrun::train::TrainOptions { resume: args.resume.clone() };
+    let options = burnrun::train::TrainOptions {
+        resume: args.resume.clone(),
+    };
     burnrun::train::train(config, &options)?;
     Ok(())
 }

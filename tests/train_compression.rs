@@ -23,14 +23,23 @@ fn final_loss(name: &str, sets: &[&str]) -> (f64, serde_json::Value) {
     let dir = out_dir(name);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_burnrun"));
     cmd.args(["--nproc-per-node", "2", "train"]);
-    for s in ["train.steps=150", "log.every_steps=50", "log.progress=off", "train.threads=1"] {
+    for s in [
+        "train.steps=150",
+        "log.every_steps=50",
+        "log.progress=off",
+        "train.threads=1",
+    ] {
         cmd.args(["--set", s]);
     }
     for s in sets {
         cmd.args(["--set", s]);
     }
     cmd.args(["--set", &format!("train.out_dir={}", dir.display())]);
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start burnrun");
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start burnrun");
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -75,8 +84,14 @@ fn every_codec_trains_the_mlp_to_a_loss_close_to_uncompressed_training() {
             "{method}: final loss {loss:.4} vs uncompressed {baseline:.4} (tolerance {FINAL_LOSS_TOL})"
         );
         let bytes = m["wire_bytes"].as_f64().unwrap();
-        assert!(bytes < plain_bytes, "{method}: {bytes} wire bytes per step, not fewer than f32's {plain_bytes}");
-        assert!(m["compression_error"].is_array(), "{method}: metrics lack compression_error: {m}");
+        assert!(
+            bytes < plain_bytes,
+            "{method}: {bytes} wire bytes per step, not fewer than f32's {plain_bytes}"
+        );
+        assert!(
+            m["compression_error"].is_array(),
+            "{method}: metrics lack compression_error: {m}"
+        );
     }
 }
 
@@ -84,7 +99,10 @@ fn every_codec_trains_the_mlp_to_a_loss_close_to_uncompressed_training() {
 fn f16_compute_with_dynamic_loss_scaling_trains_and_reports_its_scale() {
     let (baseline, _) = final_loss("f32", &[]);
     let (loss, m) = final_loss("f16", &["precision.compute=f16"]);
-    assert!(loss <= baseline + FINAL_LOSS_TOL, "f16 final loss {loss:.4} vs f32 {baseline:.4}");
+    assert!(
+        loss <= baseline + FINAL_LOSS_TOL,
+        "f16 final loss {loss:.4} vs f32 {baseline:.4}"
+    );
     assert!(m["loss_scale"].as_f64().unwrap() >= 1.0, "{m}");
     assert!(m["skipped_steps"].is_u64(), "{m}");
 }

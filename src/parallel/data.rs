@@ -125,7 +125,11 @@ pub struct DataParallel {
 impl DataParallel {
     /// DDP over `group` for parameters of the given sizes (model order).
     pub fn new(group: ProcessGroup, param_numels: &[usize], bucket_cap_bytes: usize) -> Self {
-        Self { layout: BucketLayout::new(param_numels, bucket_cap_bytes), group, codec: None }
+        Self {
+            layout: BucketLayout::new(param_numels, bucket_cap_bytes),
+            group,
+            codec: None,
+        }
     }
 
     /// Sends gradients through `codec` (compression), bucket by bucket; `shapes` are the shapes
@@ -142,10 +146,16 @@ impl DataParallel {
         let Some((codec, shapes)) = &mut self.codec else {
             let stats = self.all_reduce_flat(grads)?;
             let single = self.group.world_size() == 1;
-            return Ok(SyncStats { wire_bytes: if single { 0 } else { stats.bytes as u64 }, ..stats });
+            return Ok(SyncStats {
+                wire_bytes: if single { 0 } else { stats.bytes as u64 },
+                ..stats
+            });
         };
         let start = Instant::now();
-        let mut stats = SyncStats { buckets: self.layout.len(), ..Default::default() };
+        let mut stats = SyncStats {
+            buckets: self.layout.len(),
+            ..Default::default()
+        };
         for (bucket, range) in self.layout.elements.iter().enumerate() {
             stats.bytes += range.len() * 4;
             let c = codec.all_reduce_avg(&self.group, bucket, &shapes[bucket], &mut grads[range.clone()], step)?;

@@ -35,13 +35,19 @@ pub fn dataset(cfg: &RunConfig, seq_len: Option<usize>) -> Result<Arc<dyn Datase
 pub fn model_spec(cfg: &RunConfig, data: &dyn Dataset) -> ModelSpec {
     let m = &cfg.model;
     match m.kind {
-        ModelKind::Mlp => {
-            ModelSpec::Mlp { input: data.input_width(), hidden: m.mlp.hidden.clone(), classes: data.num_classes() }
-        }
+        ModelKind::Mlp => ModelSpec::Mlp {
+            input: data.input_width(),
+            hidden: m.mlp.hidden.clone(),
+            classes: data.num_classes(),
+        },
         ModelKind::Cnn => ModelSpec::Cnn {
             input: data.image_shape().unwrap_or([1, 1, data.input_width()]),
             channels: m.cnn.channels.clone(),
-            hidden: if m.cnn.hidden > 0 { vec![m.cnn.hidden] } else { Vec::new() },
+            hidden: if m.cnn.hidden > 0 {
+                vec![m.cnn.hidden]
+            } else {
+                Vec::new()
+            },
             classes: data.num_classes(),
         },
         ModelKind::Gpt => ModelSpec::Gpt {
@@ -59,9 +65,22 @@ pub fn optimizer_kind(cfg: &RunConfig) -> OptimizerKind {
     let o = &cfg.optim;
     let (beta1, beta2, eps, weight_decay) = (o.beta1 as f32, o.beta2 as f32, o.eps as f32, o.weight_decay as f32);
     match o.kind {
-        OptimKind::Sgd => OptimizerKind::Sgd { momentum: o.momentum as f32, weight_decay },
-        OptimKind::Adam => OptimizerKind::Adam { beta1, beta2, eps, weight_decay },
-        OptimKind::AdamW => OptimizerKind::AdamW { beta1, beta2, eps, weight_decay },
+        OptimKind::Sgd => OptimizerKind::Sgd {
+            momentum: o.momentum as f32,
+            weight_decay,
+        },
+        OptimKind::Adam => OptimizerKind::Adam {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        },
+        OptimKind::AdamW => OptimizerKind::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        },
     }
 }
 

@@ -100,14 +100,20 @@ pub fn step_dir(root: &Path, step: u64) -> PathBuf {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     {
         let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
@@ -124,20 +130,29 @@ pub fn to_safetensors(tensors: &[NamedTensor<'_>]) -> Result<Vec<u8>, Checkpoint
         .iter()
         .map(|t| {
             let view = TensorView::new(Dtype::F32, t.shape.to_vec(), bytemuck::cast_slice(t.data)).map_err(|e| {
-                CheckpointError::Tensor { dir: PathBuf::new(), name: t.name.to_string(), problem: e.to_string() }
+                CheckpointError::Tensor {
+                    dir: PathBuf::new(),
+                    name: t.name.to_string(),
+                    problem: e.to_string(),
+                }
             })?;
             Ok((t.name.to_string(), view))
         })
         .collect::<Result<_, CheckpointError>>()?;
     let metadata = HashMap::from([("format".to_string(), "burnrun".to_string())]);
-    safetensors::serialize(views, Some(metadata))
-        .map_err(|e| CheckpointError::Format { path: PathBuf::new(), reason: e.to_string() })
+    safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Format {
+        path: PathBuf::new(),
+        reason: e.to_string(),
+    })
 }
 
 /// Writes tensors to `path` atomically.
 pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<(), CheckpointError> {
     let bytes = to_safetensors(tensors).map_err(|e| match e {
-        CheckpointError::Format { reason, .. } => CheckpointError::Format { path: path.to_path_buf(), reason },
+        CheckpointError::Format { reason, .. } => CheckpointError::Format {
+            path: path.to_path_buf(),
+            reason,
+        },
         other => other,
     })?;
     atomic_write(path, &bytes)
@@ -155,16 +170,28 @@ pub struct LoadedTensor {
 /// Reads every f32 tensor of a safetensors file.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let format = |reason: String| CheckpointError::Format { path: path.to_path_buf(), reason };
+    let format = |reason: String| CheckpointError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
     let mut out = HashMap::new();
     for (name, view) in tensors.tensors() {
         if view.dtype() != Dtype::F32 {
             return Err(format(format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
         }
-        let data: Vec<f32> =
-            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        out.insert(name, LoadedTensor { shape: view.shape().to_vec(), data });
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(
+            name,
+            LoadedTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
     }
     Ok(out)
 }
@@ -177,7 +204,10 @@ pub fn read_all(dir: &Path, prefix: &str) -> Result<HashMap<String, LoadedTensor
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             name.starts_with(prefix) && name.ends_with(".safetensors")
         })
         .collect();
@@ -191,8 +221,10 @@ pub fn read_all(dir: &Path, prefix: &str) -> Result<HashMap<String, LoadedTensor
 /// Writes `state.json`: the mark of a complete checkpoint.
 pub fn write_state(dir: &Path, state: &TrainState) -> Result<(), CheckpointError> {
     let path = dir.join("state.json");
-    let json = serde_json::to_vec_pretty(state)
-        .map_err(|e| CheckpointError::State { path: path.clone(), reason: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| CheckpointError::State {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     atomic_write(&path, &json)
 }
 
@@ -200,7 +232,10 @@ pub fn write_state(dir: &Path, state: &TrainState) -> Result<(), CheckpointError
 pub fn read_state(dir: &Path) -> Result<TrainState, CheckpointError> {
     let path = dir.join("state.json");
     let bytes = fs::read(&path).map_err(io(&path))?;
-    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::State { path, reason: e.to_string() })
+    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::State {
+        path,
+        reason: e.to_string(),
+    })
 }
 
 /// Complete checkpoints under `root`, oldest first.
@@ -221,7 +256,10 @@ pub fn complete_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
 
 /// The latest complete checkpoint under `root`.
 pub fn latest(root: &Path) -> Result<PathBuf, CheckpointError> {
-    complete_checkpoints(root).pop().map(|(_, p)| p).ok_or_else(|| CheckpointError::NoneFound(root.to_path_buf()))
+    complete_checkpoints(root)
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| CheckpointError::NoneFound(root.to_path_buf()))
 }
 
 /// Deletes all but the newest `keep_last` complete checkpoints (0 keeps all).
@@ -246,9 +284,23 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("burnrun-ckpt-{}", std::process::id()));
         let path = dir.join("model-stage0.safetensors");
         let data = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-        write_tensors(&path, &[NamedTensor { name: "blocks.0.weight", shape: &[2, 3], data: &data }]).unwrap();
+        write_tensors(
+            &path,
+            &[NamedTensor {
+                name: "blocks.0.weight",
+                shape: &[2, 3],
+                data: &data,
+            }],
+        )
+        .unwrap();
         let back = read_all(&dir, "model-").unwrap();
-        assert_eq!(back["blocks.0.weight"], LoadedTensor { shape: vec![2, 3], data: data.to_vec() });
+        assert_eq!(
+            back["blocks.0.weight"],
+            LoadedTensor {
+                shape: vec![2, 3],
+                data: data.to_vec()
+            }
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

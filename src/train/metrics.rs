@@ -59,7 +59,10 @@ impl MetricsWriter {
             std::fs::create_dir_all(dir)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self { path: path.to_path_buf(), out: BufWriter::new(file) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
     }
 
     /// Writes one line and flushes it (a crash loses at most the current line).

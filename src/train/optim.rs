@@ -56,8 +56,17 @@ pub struct FlatOptimizer {
 impl FlatOptimizer {
     /// State for `numel` parameters.
     pub fn new(kind: OptimizerKind, numel: usize) -> Self {
-        let second = if matches!(kind, OptimizerKind::Sgd { .. }) { 0 } else { numel };
-        Self { kind, exp_avg: vec![0.0; numel], exp_avg_sq: vec![0.0; second], steps: 0 }
+        let second = if matches!(kind, OptimizerKind::Sgd { .. }) {
+            0
+        } else {
+            numel
+        };
+        Self {
+            kind,
+            exp_avg: vec![0.0; numel],
+            exp_avg_sq: vec![0.0; second],
+            steps: 0,
+        }
     }
 
     /// Updates applied so far.
@@ -67,8 +76,16 @@ impl FlatOptimizer {
 
     /// Applies one update with learning rate `lr`.
     pub fn step(&mut self, lr: f32, params: &mut [f32], grads: &[f32]) {
-        assert_eq!(params.len(), grads.len(), "optimizer: params and grads differ in length");
-        assert_eq!(params.len(), self.exp_avg.len(), "optimizer: state was built for another size");
+        assert_eq!(
+            params.len(),
+            grads.len(),
+            "optimizer: params and grads differ in length"
+        );
+        assert_eq!(
+            params.len(),
+            self.exp_avg.len(),
+            "optimizer: state was built for another size"
+        );
         self.steps += 1;
         match self.kind {
             OptimizerKind::Sgd { momentum, weight_decay } => {
@@ -85,15 +102,30 @@ impl FlatOptimizer {
                     *p -= lr * d;
                 }
             }
-            OptimizerKind::Adam { beta1, beta2, eps, weight_decay }
-            | OptimizerKind::AdamW { beta1, beta2, eps, weight_decay } => {
+            OptimizerKind::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            }
+            | OptimizerKind::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
                 let decoupled = matches!(self.kind, OptimizerKind::AdamW { .. });
                 let t = self.steps as i32;
                 let bias1 = 1.0 - beta1.powi(t);
                 let bias2 = 1.0 - beta2.powi(t);
                 let step_size = lr / bias1;
                 let bias2_sqrt = bias2.sqrt();
-                for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
+                for (((p, &g), m), v) in params
+                    .iter_mut()
+                    .zip(grads)
+                    .zip(&mut self.exp_avg)
+                    .zip(&mut self.exp_avg_sq)
+                {
                     let g = if decoupled {
                         *p *= 1.0 - lr * weight_decay;
                         g
@@ -173,7 +205,13 @@ mod tests {
 
     #[test]
     fn sgd_with_momentum_matches_the_torch_recurrence() {
-        let mut opt = FlatOptimizer::new(OptimizerKind::Sgd { momentum: 0.9, weight_decay: 0.0 }, 1);
+        let mut opt = FlatOptimizer::new(
+            OptimizerKind::Sgd {
+                momentum: 0.9,
+                weight_decay: 0.0,
+            },
+            1,
+        );
         let mut p = [1.0f32];
         opt.step(0.1, &mut p, &[1.0]);
         assert!((p[0] - 0.9).abs() < 1e-7);
@@ -183,7 +221,12 @@ mod tests {
 
     #[test]
     fn adam_first_step_moves_by_the_learning_rate() {
-        let kind = OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let kind = OptimizerKind::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
         let mut opt = FlatOptimizer::new(kind, 2);
         let mut p = [0.0f32, 0.0];
         opt.step(0.01, &mut p, &[3.0, -0.5]);

@@ -81,12 +81,20 @@ impl<'a> StageRunner<'a> {
     }
 
     fn err(&self, source: ModelError) -> PipelineError {
-        PipelineError::Compute { stage: self.range.start, reason: source.to_string() }
+        PipelineError::Compute {
+            stage: self.range.start,
+            reason: source.to_string(),
+        }
     }
 
     fn to_activation(t: &Tensor<2>) -> Result<Activation, String> {
         let shape = t.dims().to_vec();
-        let data = t.clone().into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        let data = t
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?;
         Ok(Activation { shape, data })
     }
 
@@ -124,19 +132,41 @@ impl StageCompute for StageRunner<'_> {
             Some(x) => x.clone(),
             None => self.batch.inputs.clone().narrow(0, start, self.micro_size),
         };
-        let out = self.model.forward_range(x, self.range.clone()).map_err(|e| self.err(e))?;
+        let out = self
+            .model
+            .forward_range(x, self.range.clone())
+            .map_err(|e| self.err(e))?;
         let result = if self.last {
             let targets = self.batch.targets.clone().narrow(0, start, self.micro_size);
             let loss = self.model.loss(out, targets).map_err(|e| self.err(e))?;
-            let value = loss.clone().into_data().convert::<f32>().as_slice::<f32>().map_or(f64::NAN, |v| v[0] as f64);
+            let value = loss
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .as_slice::<f32>()
+                .map_or(f64::NAN, |v| v[0] as f64);
             self.loss_sum += value;
             self.loss_count += 1;
-            self.held.insert(micro, Held { input: leaf, output: HeldOutput::Loss(loss) });
+            self.held.insert(
+                micro,
+                Held {
+                    input: leaf,
+                    output: HeldOutput::Loss(loss),
+                },
+            );
             None
         } else {
-            let activation = Self::to_activation(&out)
-                .map_err(|reason| PipelineError::Compute { stage: self.range.start, reason })?;
-            self.held.insert(micro, Held { input: leaf, output: HeldOutput::Activation(out) });
+            let activation = Self::to_activation(&out).map_err(|reason| PipelineError::Compute {
+                stage: self.range.start,
+                reason,
+            })?;
+            self.held.insert(
+                micro,
+                Held {
+                    input: leaf,
+                    output: HeldOutput::Activation(out),
+                },
+            );
             Some(activation)
         };
         self.compute_secs += started.elapsed().as_secs_f64();
@@ -168,10 +198,10 @@ impl StageCompute for StageRunner<'_> {
                     stage: self.range.start,
                     reason: format!("micro-batch {micro}: the received activation got no gradient"),
                 })?;
-                Some(
-                    Self::to_activation(&g)
-                        .map_err(|reason| PipelineError::Compute { stage: self.range.start, reason })?,
-                )
+                Some(Self::to_activation(&g).map_err(|reason| PipelineError::Compute {
+                    stage: self.range.start,
+                    reason,
+                })?)
             }
             None => None,
         };

@@ -14,12 +14,13 @@ use burn::tensor::{Device, FloatDType};
 
 use crate::comm::{ProcessGroup, ReduceOp};
 use crate::compress::build_codec;
-use crate::config::{CommBackend, ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig};
+use crate::config::{
+    CommBackend, ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig,
+};
 use crate::data::{Dataset, DistributedSampler};
 use crate::models::{flatten_params, load_params, load_params_by_name, BlockStack, ModelSpec, ParamLayout};
 use crate::parallel::{
-    partition_balanced, schedule, Action, DataParallel, ParallelDims, PipelineStage, ScheduleKind, StepTimes,
-    SyncError,
+    partition_balanced, schedule, Action, DataParallel, ParallelDims, PipelineStage, ScheduleKind, StepTimes, SyncError,
 };
 use crate::precision::{DynamicLossScaler, LossScalerOptions, ParamSpan};
 
@@ -73,7 +74,10 @@ const STAT_FIELDS: usize = 8;
 
 /// Joins the job from the environment and trains.
 pub fn train(cfg: RunConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
-    let init_err = |e: crate::Error| TrainError::Init { rank: 0, source: Box::new(e) };
+    let init_err = |e: crate::Error| TrainError::Init {
+        rank: 0,
+        source: Box::new(e),
+    };
     let mut env = crate::env::DistEnv::from_env().map_err(|e| init_err(e.into()))?;
     if cfg.comm.backend != CommBackend::Tcp {
         return Err(TrainError::Unsupported {
@@ -130,7 +134,11 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
                 "mixed precision: forward and backward in {} on burn's CPU backend (flex), f32 master weights and \
                  optimizer state, gradients reduced in f32{}; on CPU this saves memory, not time",
                 cfg.precision.compute,
-                if cfg.precision.compute == ComputeDtype::F16 { ", dynamic loss scaling" } else { "" }
+                if cfg.precision.compute == ComputeDtype::F16 {
+                    ", dynamic loss scaling"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -146,8 +154,10 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let mut ddp = DataParallel::new(place.data_group.clone(), &numels, bucket_cap);
     if build::compressed(cfg) {
         let shapes: Vec<Vec<usize>> = layout.params.iter().map(|p| p.shape.clone()).collect();
-        let codec = build_codec(&build::codec_options(cfg))
-            .map_err(|e| TrainError::Sync { rank, source: SyncError::Codec(e) })?;
+        let codec = build_codec(&build::codec_options(cfg)).map_err(|e| TrainError::Sync {
+            rank,
+            source: SyncError::Codec(e),
+        })?;
         ddp = ddp.with_codec(codec, &shapes);
     }
     let mut scaler = if cfg.precision.compute == ComputeDtype::F16 {
@@ -168,8 +178,13 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
 
     // Resume, or start every replica from rank 0's parameters.
     let ckpt_root = Path::new(&cfg.train.out_dir).join("checkpoints");
-    let explicit: Option<PathBuf> =
-        options.resume.clone().or_else(|| cfg.checkpoint.path.as_ref().filter(|p| !p.is_empty()).map(PathBuf::from));
+    let explicit: Option<PathBuf> = options.resume.clone().or_else(|| {
+        cfg.checkpoint
+            .path
+            .as_ref()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    });
     let resume_dir = match explicit {
         Some(path) => Some(resolve_resume(&path)),
         None if cfg.checkpoint.resume => Some(ckpt::latest(&ckpt_root)),
@@ -233,7 +248,11 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
             .agree_shapes((!last).then_some(&produces[..]), (!first).then_some(&expects[..]))
             .map_err(|source| TrainError::Pipeline { rank, source })?;
     }
-    let output_shape = [micro_size, spec.activation_width(place.blocks.end, dataset.input_width()).map_err(model_err)?];
+    let output_shape = [
+        micro_size,
+        spec.activation_width(place.blocks.end, dataset.input_width())
+            .map_err(model_err)?,
+    ];
     let kind = match cfg.parallel.schedule {
         PipelineSchedule::GPipe => ScheduleKind::GPipe,
         PipelineSchedule::OneFOneB => ScheduleKind::OneFOneB,
@@ -305,8 +324,12 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
                 None => {
                     use crate::parallel::StageCompute;
                     for m in 0..micro_batches {
-                        runner.forward(m, None).map_err(|source| TrainError::Pipeline { rank, source })?;
-                        runner.backward(m, None).map_err(|source| TrainError::Pipeline { rank, source })?;
+                        runner
+                            .forward(m, None)
+                            .map_err(|source| TrainError::Pipeline { rank, source })?;
+                        runner
+                            .backward(m, None)
+                            .map_err(|source| TrainError::Pipeline { rank, source })?;
                     }
                 }
             }
@@ -322,7 +345,11 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
             grads.iter_mut().for_each(|g| *g *= scale);
         }
         if loss_count > 0 && !(loss_sum / loss_count as f64).is_finite() {
-            return Err(TrainError::NonFinite { rank, step: step + 1, loss: loss_sum / loss_count as f64 });
+            return Err(TrainError::NonFinite {
+                rank,
+                step: step + 1,
+                loss: loss_sum / loss_count as f64,
+            });
         }
 
         // Dynamic loss scaling: every rank agrees whether any gradient overflowed, and all skip.
@@ -346,7 +373,9 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
             scaler.unscale(&mut grads);
         }
 
-        let sync = ddp.sync_flat(&mut grads, step).map_err(|source| TrainError::Sync { rank, source })?;
+        let sync = ddp
+            .sync_flat(&mut grads, step)
+            .map_err(|source| TrainError::Sync { rank, source })?;
 
         // Clip by the global norm: the stages' shares add up over the pipeline group.
         let mut sum_sq = sum_of_squares(&grads);
@@ -417,14 +446,20 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         let every = cfg.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || done == cfg.train.steps {
             let scale = scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps));
-            let dir = save_checkpoint(&world, &place, &ckpt_root, cfg, done, scale, &layout, &master, &optimizer)?;
+            let dir = save_checkpoint(
+                &world, &place, &ckpt_root, cfg, done, scale, &layout, &master, &optimizer,
+            )?;
             last_ckpt = Some(dir);
         }
     }
     progress.finish();
     if !pipeline_times.is_empty() {
         // Each stage reports its own timers (the first step, which includes warm-up, left out).
-        let timed = if pipeline_times.len() > 1 { &pipeline_times[1..] } else { &pipeline_times[..] };
+        let timed = if pipeline_times.len() > 1 {
+            &pipeline_times[1..]
+        } else {
+            &pipeline_times[..]
+        };
         let count = timed.len() as f64;
         let step_ms = timed.iter().map(|t| t.step_ms).sum::<f64>() / count;
         let idle_ms = timed.iter().map(|t| t.idle_ms).sum::<f64>() / count;
@@ -470,7 +505,10 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
 /// shared out among this node's ranks (torchrun sets `OMP_NUM_THREADS=1` for the same reason:
 /// ranks that each take every core fight over them).
 fn configure_compute_threads(threads: usize) {
-    let local = crate::env::DistEnv::from_env().map(|e| e.local_world_size).unwrap_or(1).max(1);
+    let local = crate::env::DistEnv::from_env()
+        .map(|e| e.local_world_size)
+        .unwrap_or(1)
+        .max(1);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if threads == 0 { (cores / local).max(1) } else { threads };
     // A second call in one process (tests running several trainers) keeps the first pool.
@@ -509,11 +547,18 @@ fn place(world: &ProcessGroup, resolved: &Resolved, spec: &ModelSpec) -> Result<
     let cfg = &resolved.config;
     let comm_err = |source| TrainError::Comm { rank, source };
     let dims = ParallelDims::new(resolved.mesh.data, resolved.mesh.pipeline, world.world_size()).map_err(|e| {
-        TrainError::Unsupported { rank, what: "parallel".into(), why: e.to_string() }
+        TrainError::Unsupported {
+            rank,
+            what: "parallel".into(),
+            why: e.to_string(),
+        }
     })?;
     let coords = dims.coords(rank);
-    let blocks = stage_blocks(&cfg.parallel.partition, spec, dims.pipeline)
-        .map_err(|why| TrainError::Unsupported { rank, what: "parallel.partition".into(), why })?;
+    let blocks = stage_blocks(&cfg.parallel.partition, spec, dims.pipeline).map_err(|why| TrainError::Unsupported {
+        rank,
+        what: "parallel.partition".into(),
+        why,
+    })?;
     let (data_group, pipe_group) = if dims.pipeline == 1 {
         (world.clone(), None)
     } else {
@@ -580,7 +625,11 @@ fn announce(resolved: &Resolved, spec: &ModelSpec, place: &Placement, data: &dyn
         if let Ok(all) = stage_blocks(&cfg.parallel.partition, spec, place.dims.pipeline) {
             for (s, r) in all.iter().enumerate() {
                 let params: usize = counts[r.clone()].iter().sum();
-                tracing::info!("pipeline stage {s}: blocks {}..{} ({params} parameters)", r.start, r.end);
+                tracing::info!(
+                    "pipeline stage {s}: blocks {}..{} ({params} parameters)",
+                    r.start,
+                    r.end
+                );
             }
         }
     }
@@ -603,13 +652,20 @@ fn gather_metrics(
     let steps_f = steps.max(1) as f64;
     let loss_sum: f64 = per_rank.iter().map(|r| r[0]).sum();
     let loss_count: f64 = per_rank.iter().map(|r| r[1]).sum();
-    let (slowest_rank, compute) =
-        per_rank.iter().enumerate().map(|(i, r)| (i, r[2])).fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
+    let (slowest_rank, compute) = per_rank
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i, r[2]))
+        .fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
     let max = |i: usize| per_rank.iter().map(|r| r[i]).fold(0.0, f64::max);
     let secs = window_start.elapsed().as_secs_f64();
     Ok(StepMetrics {
         step,
-        loss: if loss_count > 0.0 { loss_sum / loss_count } else { f64::NAN },
+        loss: if loss_count > 0.0 {
+            loss_sum / loss_count
+        } else {
+            f64::NAN
+        },
         lr: lr as f64,
         samples_per_sec: global_batch * steps_f / secs.max(1e-9),
         step_ms: secs * 1e3 / steps_f,
@@ -645,18 +701,31 @@ fn save_checkpoint(
         let params: Vec<NamedTensor<'_>> = layout
             .params
             .iter()
-            .map(|p| NamedTensor { name: &p.name, shape: &p.shape, data: &master[p.range()] })
+            .map(|p| NamedTensor {
+                name: &p.name,
+                shape: &p.shape,
+                data: &master[p.range()],
+            })
             .collect();
         ckpt::write_tensors(&dir.join(format!("model-stage{}.safetensors", place.stage)), &params).map_err(ck)?;
         let state_names: Vec<(String, &[usize], &[f32])> = optimizer
             .state()
             .into_iter()
             .flat_map(|(suffix, buf)| {
-                layout.params.iter().map(move |p| (format!("{}.{suffix}", p.name), p.shape.as_slice(), &buf[p.range()]))
+                layout
+                    .params
+                    .iter()
+                    .map(move |p| (format!("{}.{suffix}", p.name), p.shape.as_slice(), &buf[p.range()]))
             })
             .collect();
-        let tensors: Vec<NamedTensor<'_>> =
-            state_names.iter().map(|(n, s, d)| NamedTensor { name: n, shape: s, data: d }).collect();
+        let tensors: Vec<NamedTensor<'_>> = state_names
+            .iter()
+            .map(|(n, s, d)| NamedTensor {
+                name: n,
+                shape: s,
+                data: d,
+            })
+            .collect();
         ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
     }
     world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
