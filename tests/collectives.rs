@@ -114,8 +114,11 @@ impl Case<'_> {
 #[derive(Debug, Default)]
 struct References {
     /// Each reference with the number of ranks that have not fetched it yet.
-    map: Mutex<HashMap<String, (Arc<dyn Any + Send + Sync>, usize)>>,
+    map: Mutex<HashMap<String, SharedReference>>,
 }
+
+/// A reference result and the number of ranks that have not fetched it yet.
+type SharedReference = (Arc<dyn Any + Send + Sync>, usize);
 
 impl References {
     fn get<R: Send + Sync + 'static>(&self, key: String, n: usize, compute: impl FnOnce() -> R) -> Arc<R> {
