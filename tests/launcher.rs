@@ -742,3 +742,23 @@ fn a_collective_benchmark_runs_across_two_launchers() {
         .find(|l| l.contains("burnrun bench allgather"));
     assert!(header.is_some_and(|h| h.contains("4 rank(s)")), "{}", node0.output());
 }
+
+#[test]
+fn a_rank_killed_in_the_middle_of_an_all_reduce_takes_the_job_down_with_a_summary() {
+    let started = Instant::now();
+    // Rank 1 runs the benchmark in a loop of 4 MiB all-reduces and is SIGKILLed after 1.5 s,
+    // mid-collective; ranks 0 and 2 are blocked in the same all-reduce at that moment.
+    let script = format!(
+        r#"if [ "$RANK" = 1 ]; then (sleep 1.5; kill -9 $$) & fi; exec {} bench allreduce --min-bytes 4M --max-bytes 4M --iters 100000 --warmup 0"#,
+        env!("CARGO_BIN_EXE_burnrun")
+    );
+    let mut launcher = Launcher::start(&["--nproc-per-node", "3", "--", "sh", "-c", &script]);
+    let status = launcher.wait(TEARDOWN_DEADLINE + Duration::from_secs(5));
+    assert!(!status.success(), "{}", launcher.output());
+    assert!(started.elapsed() < TEARDOWN_DEADLINE + Duration::from_secs(5), "no hang");
+    let stderr = launcher.stderr.text();
+    let summary: Vec<&str> = stderr.lines().filter(|l| l.contains("job failed")).collect();
+    assert_eq!(summary.len(), 1, "one summary:\n{stderr}");
+    assert!(summary[0].contains("rank 1 (node 0"), "{stderr}");
+    assert!(summary[0].contains("SIGKILL"), "{stderr}");
+}
