@@ -755,7 +755,10 @@ fn a_rank_killed_in_the_middle_of_an_all_reduce_takes_the_job_down_with_a_summar
     let mut launcher = Launcher::start(&["--nproc-per-node", "3", "--", "sh", "-c", &script]);
     let status = launcher.wait(TEARDOWN_DEADLINE + Duration::from_secs(5));
     assert!(!status.success(), "{}", launcher.output());
-    assert!(started.elapsed() < TEARDOWN_DEADLINE + Duration::from_secs(5), "no hang");
+    assert!(
+        started.elapsed() < TEARDOWN_DEADLINE + Duration::from_secs(5),
+        "no hang"
+    );
     let stderr = launcher.stderr.text();
     let summary: Vec<&str> = stderr.lines().filter(|l| l.contains("job failed")).collect();
     assert_eq!(summary.len(), 1, "one summary:\n{stderr}");
