@@ -37,11 +37,7 @@ pub enum BenchError {
         source: CommError,
     },
     /// Results were checked and some elements were wrong.
-    #[error(
-        "bench {op} on {ranks} ranks: wrong results at {} size(s): {}",
-        failures.len(),
-        failures.iter().map(|(bytes, wrong)| format!("{bytes} B ({wrong} wrong elements)")).collect::<Vec<_>>().join(", ")
-    )]
+    #[error("bench {op} on {ranks} ranks: wrong results at {} size(s): {}", failures.len(), list_failures(failures))]
     WrongResults {
         /// The operation.
         op: BenchOp,
@@ -58,4 +54,30 @@ pub enum BenchError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+fn list_failures(failures: &[(usize, u64)]) -> String {
+    let sizes: Vec<String> = failures
+        .iter()
+        .map(|(bytes, wrong)| format!("{bytes} B ({wrong} wrong elements)"))
+        .collect();
+    sizes.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_results_name_every_failing_size() {
+        let err = BenchError::WrongResults {
+            op: BenchOp::AllGather,
+            ranks: 3,
+            failures: vec![(4096, 7), (8192, 1)],
+        };
+        assert_eq!(
+            err.to_string(),
+            "bench allgather on 3 ranks: wrong results at 2 size(s): 4096 B (7 wrong elements), 8192 B (1 wrong elements)"
+        );
+    }
 }

@@ -10,4 +10,4 @@ mod stage;
 mod trainer;
 
 pub use error::TrainError;
-pub use trainer::{stage_blocks, stage_param_counts, train, train_on, SharedDataset, TrainOptions, TrainSummary};
+pub use trainer::{stage_blocks, train, train_on, TrainOptions, TrainSummary};

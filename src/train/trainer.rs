@@ -7,7 +7,6 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::{Device, FloatDType};
@@ -745,12 +744,3 @@ fn save_checkpoint(
     }
     Ok(dir)
 }
-
-/// Parameter counts per block range, for reports.
-pub fn stage_param_counts(spec: &ModelSpec, blocks: &[Range<usize>]) -> Vec<usize> {
-    let counts = spec.block_param_counts();
-    blocks.iter().map(|r| counts[r.clone()].iter().sum()).collect()
-}
-
-/// Keeps `Arc` in the public signature family of datasets.
-pub type SharedDataset = Arc<dyn Dataset>;
