@@ -13,6 +13,9 @@
 //! | `BURNRUN_RING_THRESHOLD_BYTES` | all-reduce switches from halving-doubling to ring at this size |
 //! | `BURNRUN_SEGMENT_BYTES` | I/O unit of the pipelined algorithms |
 //! | `BURNRUN_NODE_ADDR` | address this node's ranks listen on for data connections |
+//! | `BURNRUN_SHM` | `0` sends same-host frames over loopback TCP instead of shared memory (default `1`) |
+//! | `BURNRUN_SHM_RING_BYTES` | bytes of one shared-memory ring (a power of two) |
+//! | `BURNRUN_SHM_SPIN_US` | microseconds a rank busy-polls shared memory before it sleeps |
 
 use std::time::Duration;
 
@@ -109,6 +112,12 @@ pub struct DistEnv {
     pub segment_bytes: Option<usize>,
     /// Address to listen on for data connections, if not the one used to reach the store.
     pub node_addr: Option<String>,
+    /// Whether same-host ranks use shared memory (`None`: the default, yes).
+    pub shm: Option<bool>,
+    /// Override of the shared-memory ring size.
+    pub shm_ring_bytes: Option<usize>,
+    /// Override of the shared-memory spin before sleeping, in microseconds.
+    pub shm_spin_us: Option<u64>,
 }
 
 fn var(name: &'static str) -> Option<String> {
@@ -129,6 +138,22 @@ where
     }
 }
 
+/// A boolean variable: `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`.
+fn parse_bool(name: &'static str) -> Result<Option<bool>, EnvError> {
+    match var(name) {
+        None => Ok(None),
+        Some(value) => match value.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" => Ok(Some(false)),
+            _ => Err(EnvError::Invalid {
+                name,
+                value,
+                reason: "expected 1/true/yes/on or 0/false/no/off".into(),
+            }),
+        },
+    }
+}
+
 fn required<T: std::str::FromStr>(name: &'static str) -> Result<T, EnvError>
 where
     T::Err: std::fmt::Display,
@@ -145,11 +170,17 @@ impl DistEnv {
         let timeout = Duration::from_secs(parse("BURNRUN_TIMEOUT_SECS")?.unwrap_or(DEFAULT_TIMEOUT_SECS));
         let rdzv_timeout =
             Duration::from_secs(parse("BURNRUN_RDZV_TIMEOUT_SECS")?.unwrap_or(DEFAULT_RDZV_TIMEOUT_SECS));
-        let ring_threshold_bytes = parse("BURNRUN_RING_THRESHOLD_BYTES")?;
-        let segment_bytes = parse("BURNRUN_SEGMENT_BYTES")?;
-        let node_addr = var("BURNRUN_NODE_ADDR");
+        let single = Self {
+            ring_threshold_bytes: parse("BURNRUN_RING_THRESHOLD_BYTES")?,
+            segment_bytes: parse("BURNRUN_SEGMENT_BYTES")?,
+            node_addr: var("BURNRUN_NODE_ADDR"),
+            shm: parse_bool("BURNRUN_SHM")?,
+            shm_ring_bytes: parse("BURNRUN_SHM_RING_BYTES")?,
+            shm_spin_us: parse("BURNRUN_SHM_SPIN_US")?,
+            ..Self::single(timeout, rdzv_timeout)
+        };
         let Some(world_size) = parse::<usize>("WORLD_SIZE")? else {
-            return Ok(Self::single(timeout, rdzv_timeout, ring_threshold_bytes, segment_bytes));
+            return Ok(single);
         };
         let rank: usize = required("RANK")?;
         if world_size == 0 || rank >= world_size {
@@ -169,20 +200,12 @@ impl DistEnv {
             master_port: required("MASTER_PORT")?,
             run_id: var("BURNRUN_RUN_ID").unwrap_or_else(|| "none".into()),
             secret_hex: var("BURNRUN_SECRET"),
-            timeout,
-            rdzv_timeout,
-            ring_threshold_bytes,
-            segment_bytes,
-            node_addr,
+            ..single
         })
     }
 
-    fn single(
-        timeout: Duration,
-        rdzv_timeout: Duration,
-        ring_threshold_bytes: Option<usize>,
-        segment_bytes: Option<usize>,
-    ) -> Self {
+    /// A world of one rank, no launcher, no overrides.
+    fn single(timeout: Duration, rdzv_timeout: Duration) -> Self {
         Self {
             rank: 0,
             local_rank: 0,
@@ -195,9 +218,12 @@ impl DistEnv {
             secret_hex: None,
             timeout,
             rdzv_timeout,
-            ring_threshold_bytes,
-            segment_bytes,
+            ring_threshold_bytes: None,
+            segment_bytes: None,
             node_addr: None,
+            shm: None,
+            shm_ring_bytes: None,
+            shm_spin_us: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Conformance suite of the collective engine (DESIGN.md, style rule 7): every collective, every
 //! dtype, the awkward sizes `[0, 1, n-1, n+1, 1000, (1<<20)+3]`, both algorithm regimes, world sizes
-//! 1 to 5, each rank on a thread with real TCP on 127.0.0.1, compared with a sequential reference
-//! computed here.
+//! 1 to 5, each rank on a thread with real TCP on 127.0.0.1 or real shared-memory rings, compared
+//! with a sequential reference computed here.
 //!
 //! Inputs are small integers (or powers of two for products), so floating sums and products are
 //! exact whatever order the algorithm combines them in: the reference is exact and f32/f64/integer
@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use burnrun::comm::{
-    spawn_ranks, BufMut, BufRef, Element, HostBuffer, InitOptions, Memory, MemoryMut, ProcessGroup, Tuning,
+    spawn_ranks, BufMut, BufRef, Element, HostBuffer, InitOptions, Memory, MemoryMut, ProcessGroup, ShmOptions, Tuning,
 };
+use burnrun::transport::{DEFAULT_SHM_RING_BYTES, MIN_SHM_RING_BYTES};
 use burnrun::{DType, ReduceOp};
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -42,47 +43,82 @@ struct Regime {
     segment_bytes: usize,
     /// Runs the `BIG` size (on a subset of combinations) instead of the small sizes.
     big: bool,
+    /// Same-host frames through shared-memory rings of this many bytes; `None`: loopback TCP.
+    shm_ring_bytes: Option<usize>,
 }
 
 /// Threshold 0 selects the ring / scatter-all-gather paths, `usize::MAX` recursive doubling and the
 /// binomial trees. 64-byte segments cut even 1000 bytes into 16 frames; the big size uses 4 KiB.
-const REGIMES: [Regime; 4] = [
+/// Both transports run every path: shared memory with the smallest ring (it fills and wraps all the
+/// time) and with the default one, and loopback TCP.
+const REGIMES: [Regime; 6] = [
     Regime {
         name: "ring",
         ring_threshold_bytes: 0,
         segment_bytes: 64,
         big: false,
+        shm_ring_bytes: Some(MIN_SHM_RING_BYTES),
     },
     Regime {
         name: "tree",
         ring_threshold_bytes: usize::MAX,
         segment_bytes: 64,
         big: false,
+        shm_ring_bytes: Some(DEFAULT_SHM_RING_BYTES),
+    },
+    Regime {
+        name: "ring-tcp",
+        ring_threshold_bytes: 0,
+        segment_bytes: 64,
+        big: false,
+        shm_ring_bytes: None,
+    },
+    Regime {
+        name: "tree-tcp",
+        ring_threshold_bytes: usize::MAX,
+        segment_bytes: 64,
+        big: false,
+        shm_ring_bytes: None,
     },
     Regime {
         name: "ring-big",
         ring_threshold_bytes: 0,
         segment_bytes: 4096,
         big: true,
+        shm_ring_bytes: Some(DEFAULT_SHM_RING_BYTES),
     },
     Regime {
-        name: "tree-big",
+        name: "tree-big-tcp",
         ring_threshold_bytes: usize::MAX,
         segment_bytes: 4096,
         big: true,
+        shm_ring_bytes: None,
     },
 ];
 
-fn options(ring_threshold_bytes: usize, segment_bytes: usize) -> InitOptions {
+fn options(regime: &Regime) -> InitOptions {
+    tuned(regime.ring_threshold_bytes, regime.segment_bytes, regime.shm_ring_bytes)
+}
+
+/// Options with these tunables; `shm_ring_bytes: None` keeps same-host ranks on TCP.
+fn tuned(ring_threshold_bytes: usize, segment_bytes: usize, shm_ring_bytes: Option<usize>) -> InitOptions {
     InitOptions {
         tuning: Tuning {
             ring_threshold_bytes,
             segment_bytes,
         },
         timeout: TIMEOUT,
+        shm: ShmOptions {
+            enabled: shm_ring_bytes.is_some(),
+            ring_bytes: shm_ring_bytes.unwrap_or(DEFAULT_SHM_RING_BYTES),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
+
+/// Both transports, the shared-memory one with its smallest ring.
+const TRANSPORTS: [Option<usize>; 2] = [Some(MIN_SHM_RING_BYTES), None];
 
 /// One (world size, regime, element count) of the suite, seen by one rank.
 #[derive(Debug, Clone, Copy)]
@@ -159,16 +195,16 @@ fn sizes(n: usize, big: bool) -> Vec<usize> {
 /// must be bit-identical on every rank (all-reduce replicas, broadcast copies), compared here.
 fn conformance(check: impl Fn(&ProcessGroup, &Case<'_>, &mut Vec<(String, u64)>) + Sync) {
     for n in 1..=5 {
-        for regime in REGIMES {
+        for regime in &REGIMES {
             let references = References::default();
-            let per_rank = spawn_ranks(n, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+            let per_rank = spawn_ranks(n, &options(regime), |pg| {
                 let mut digests = Vec::new();
                 for numel in sizes(n, regime.big) {
                     let case = Case {
                         n,
                         rank: pg.rank(),
                         numel,
-                        regime,
+                        regime: *regime,
                         references: &references,
                     };
                     check(&pg, &case, &mut digests);
@@ -557,16 +593,18 @@ fn two_ranks_that_send_large_buffers_to_each_other_before_receiving_do_not_deadl
     // Far more than the sockets' buffers hold: each blocking send completes only because the
     // transport reads the peer's frames into its stash while the send waits.
     let numel = 8 << 20;
-    let got = spawn_ranks(2, &options(0, 64 << 10), |pg| {
-        let peer = 1 - pg.rank();
-        pg.send(&vec![pg.rank() as f32 + 1.0; numel], peer, 7).unwrap();
-        let mut got = vec![0f32; numel];
-        pg.recv(&mut got, peer, 7).unwrap();
-        assert!(got.iter().all(|&x| x == got[0]));
-        got[0]
-    })
-    .unwrap();
-    assert_eq!(got, vec![2.0, 1.0]);
+    for shm in TRANSPORTS {
+        let got = spawn_ranks(2, &tuned(0, 64 << 10, shm), |pg| {
+            let peer = 1 - pg.rank();
+            pg.send(&vec![pg.rank() as f32 + 1.0; numel], peer, 7).unwrap();
+            let mut got = vec![0f32; numel];
+            pg.recv(&mut got, peer, 7).unwrap();
+            assert!(got.iter().all(|&x| x == got[0]));
+            got[0]
+        })
+        .unwrap();
+        assert_eq!(got, vec![2.0, 1.0], "shm ring {shm:?}");
+    }
 }
 
 /// Well over what the sockets' buffers on 127.0.0.1 hold, so a send completes only once the
@@ -576,8 +614,8 @@ const OVER_SOCKET_BUFFERS: usize = 12 << 20;
 #[test]
 fn ranks_that_each_send_to_the_next_before_receiving_do_not_deadlock() {
     // A ring shift with blocking sends: rank r waits for r+1 to read, which is itself sending.
-    for n in [3, 4] {
-        spawn_ranks(n, &options(0, 64 << 10), |pg| {
+    for (n, shm) in [(3, TRANSPORTS[0]), (4, TRANSPORTS[1])] {
+        spawn_ranks(n, &tuned(0, 64 << 10, shm), |pg| {
             let rank = pg.rank();
             let (right, left) = ((rank + 1) % n, (rank + n - 1) % n);
             pg.send(&vec![rank as u8; OVER_SOCKET_BUFFERS], right, 6).unwrap();
@@ -591,8 +629,8 @@ fn ranks_that_each_send_to_the_next_before_receiving_do_not_deadlock() {
 
 #[test]
 fn async_sends_to_every_peer_posted_before_the_receives_complete() {
-    for n in [3, 4] {
-        spawn_ranks(n, &options(0, 64 << 10), |pg| {
+    for (n, shm) in [(3, TRANSPORTS[1]), (4, TRANSPORTS[0])] {
+        spawn_ranks(n, &tuned(0, 64 << 10, shm), |pg| {
             let rank = pg.rank();
             let sent: Vec<_> = (1..n)
                 .map(|k| pg.send_async(vec![rank as u8; OVER_SOCKET_BUFFERS], (rank + k) % n, 8))
@@ -613,8 +651,8 @@ fn async_sends_to_every_peer_posted_before_the_receives_complete() {
 
 #[test]
 fn messages_are_matched_by_tag_not_by_arrival_order() {
-    for regime in &REGIMES[..2] {
-        spawn_ranks(2, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+    for regime in &REGIMES[..4] {
+        spawn_ranks(2, &options(regime), |pg| {
             let message =
                 |tag: u32, len: usize| (0..len).map(|i| (tag as usize * 10_000 + i) as i64).collect::<Vec<_>>();
             if pg.rank() == 0 {
@@ -648,9 +686,9 @@ fn messages_are_matched_by_tag_not_by_arrival_order() {
 #[test]
 fn barrier_returns_only_after_every_rank_entered_it() {
     for n in 1..=5 {
-        for regime in &REGIMES[..2] {
+        for regime in &REGIMES[..4] {
             let arrived: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
-            spawn_ranks(n, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+            spawn_ranks(n, &options(regime), |pg| {
                 for round in 0..3 {
                     // Late ranks arrive late; nobody may leave before the last one arrived.
                     std::thread::sleep(Duration::from_millis((pg.rank() * 20) as u64));
@@ -708,8 +746,8 @@ macro_rules! with_dtype {
 
 #[test]
 fn buffers_of_a_run_time_dtype_go_through_the_communicator_trait() {
-    for regime in &REGIMES[..2] {
-        spawn_ranks(3, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+    for regime in &REGIMES[..4] {
+        spawn_ranks(3, &options(regime), |pg| {
             let (n, rank, numel) = (pg.world_size(), pg.rank(), 301);
             for dtype in DType::ALL {
                 let label = format!("{dtype} ({}), rank {rank}", regime.name);
@@ -815,8 +853,8 @@ fn random_floats_case<T: Elem>(pg: &ProcessGroup, regime: &str, results: &mut Ve
 #[test]
 fn all_reduce_of_random_floats_leaves_bit_identical_replicas() {
     for n in [2, 3, 4, 5] {
-        for regime in &REGIMES[..2] {
-            let per_rank = spawn_ranks(n, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+        for regime in &REGIMES[..4] {
+            let per_rank = spawn_ranks(n, &options(regime), |pg| {
                 let mut results = Vec::new();
                 random_floats_case::<f32>(&pg, regime.name, &mut results);
                 random_floats_case::<f64>(&pg, regime.name, &mut results);
@@ -836,8 +874,8 @@ fn all_reduce_of_random_floats_leaves_bit_identical_replicas() {
 
 #[test]
 fn a_subgroup_of_some_ranks_runs_collectives_in_its_own_numbering() {
-    for regime in &REGIMES[..2] {
-        spawn_ranks(5, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+    for regime in &REGIMES[..4] {
+        spawn_ranks(5, &options(regime), |pg| {
             let rank = pg.rank();
             let members = [4, 1, 3];
             let group = pg.new_group(&members).unwrap();
@@ -890,8 +928,8 @@ fn a_subgroup_of_some_ranks_runs_collectives_in_its_own_numbering() {
 
 #[test]
 fn split_into_rows_and_columns_of_a_2x2_mesh_runs_both_axes_concurrently() {
-    for regime in &REGIMES[..2] {
-        spawn_ranks(4, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+    for regime in &REGIMES[..4] {
+        spawn_ranks(4, &options(regime), |pg| {
             let rank = pg.rank();
             // Rank r sits at row r / 2, column r % 2.
             let rows = pg.split(&[0, 0, 1, 1]).unwrap();
@@ -926,8 +964,8 @@ fn split_into_rows_and_columns_of_a_2x2_mesh_runs_both_axes_concurrently() {
 
 #[test]
 fn two_groups_over_the_same_ranks_share_connections_concurrently() {
-    for regime in &REGIMES[..2] {
-        spawn_ranks(3, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+    for regime in &REGIMES[..4] {
+        spawn_ranks(3, &options(regime), |pg| {
             let rank = pg.rank();
             let forward = pg.new_group(&[0, 1, 2]).unwrap().unwrap();
             let backward = pg.new_group(&[2, 1, 0]).unwrap().unwrap();
@@ -967,8 +1005,8 @@ fn two_groups_over_the_same_ranks_share_connections_concurrently() {
 #[test]
 fn async_work_runs_in_issue_order_interleaved_with_synchronous_calls() {
     for n in [1, 2, 3, 5] {
-        for regime in &REGIMES[..2] {
-            spawn_ranks(n, &options(regime.ring_threshold_bytes, regime.segment_bytes), |pg| {
+        for regime in &REGIMES[..4] {
+            spawn_ranks(n, &options(regime), |pg| {
                 let rank = pg.rank();
                 let ranks_sum = (n * (n - 1) / 2) as i64;
                 let first = pg.all_reduce_async(vec![rank as i64; 1000], ReduceOp::Sum);
@@ -1041,7 +1079,7 @@ proptest! {
     fn all_reduce_sum_of_random_inputs_equals_the_sequential_sum((n, values, threshold, segment) in random_all_reduce()) {
         let numel = values[0].len();
         let want: Vec<f32> = (0..numel).map(|i| values.iter().map(|v| v[i]).sum::<i32>() as f32).collect();
-        let got = spawn_ranks(n, &options(threshold, segment), |pg| {
+        let got = spawn_ranks(n, &tuned(threshold, segment, TRANSPORTS[numel % 2]), |pg| {
             let mut data: Vec<f32> = values[pg.rank()].iter().map(|&x| x as f32).collect();
             pg.all_reduce(&mut data, ReduceOp::Sum).map(|()| data)
         })

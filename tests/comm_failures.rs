@@ -37,6 +37,16 @@ fn options(ring_threshold_bytes: usize, timeout: Duration) -> InitOptions {
     }
 }
 
+/// [`options`], with same-host frames over shared memory (`true`) or loopback TCP.
+fn over(shm: bool, ring_threshold_bytes: usize, timeout: Duration) -> InitOptions {
+    let mut o = options(ring_threshold_bytes, timeout);
+    o.shm.enabled = shm;
+    o
+}
+
+/// Both transports, named for messages.
+const TRANSPORTS: [(bool, &str); 2] = [(true, "shm"), (false, "tcp")];
+
 /// Runs `f` and returns its result with how long it took.
 fn timed<R>(f: impl FnOnce() -> R) -> (R, Duration) {
     let start = Instant::now();
@@ -46,10 +56,15 @@ fn timed<R>(f: impl FnOnce() -> R) -> (R, Duration) {
 
 #[test]
 fn a_collective_mismatch_is_reported_with_both_calls_and_nobody_hangs() {
-    for n in [2, 3, 4] {
+    for (n, (shm, transport)) in [
+        (2, TRANSPORTS[0]),
+        (3, TRANSPORTS[1]),
+        (4, TRANSPORTS[0]),
+        (4, TRANSPORTS[1]),
+    ] {
         for threshold in THRESHOLDS {
             for other_call in ["all_gather(f32 x 1000)", "all_reduce(f32 x 999, sum)"] {
-                let results = spawn_ranks(n, &options(threshold, TIMEOUT), |pg| {
+                let results = spawn_ranks(n, &over(shm, threshold, TIMEOUT), |pg| {
                     let mut data = vec![1f32; 1000];
                     timed(|| {
                         if pg.rank() == 0 {
@@ -63,7 +78,9 @@ fn a_collective_mismatch_is_reported_with_both_calls_and_nobody_hangs() {
                     })
                 })
                 .unwrap();
-                let case = format!("{n} ranks, threshold {threshold}, all_reduce(f32 x 1000, sum) vs {other_call}");
+                let case = format!(
+                    "{n} ranks ({transport}), threshold {threshold}, all_reduce(f32 x 1000, sum) vs {other_call}"
+                );
                 for (rank, (result, elapsed)) in results.iter().enumerate() {
                     assert!(result.is_err(), "{case}: rank {rank} succeeded");
                     assert!(*elapsed < TIMEOUT + SLACK, "{case}: rank {rank} took {elapsed:?}");
@@ -214,8 +231,8 @@ fn a_recv_nobody_sends_to_times_out_naming_the_peer_and_tag() {
 #[test]
 fn a_rank_that_drops_its_group_makes_the_others_fail_with_peer_lost_quickly() {
     for n in [2, 3, 4, 5] {
-        for threshold in THRESHOLDS {
-            let results = spawn_ranks(n, &options(threshold, LONG), |pg| {
+        for (threshold, (shm, transport)) in THRESHOLDS.into_iter().zip(TRANSPORTS).chain([(0, TRANSPORTS[1])]) {
+            let results = spawn_ranks(n, &over(shm, threshold, LONG), |pg| {
                 let mut data = vec![1f32; 3000];
                 pg.all_reduce(&mut data, ReduceOp::Sum).unwrap();
                 if pg.rank() == n - 1 {
@@ -237,11 +254,11 @@ fn a_rank_that_drops_its_group_makes_the_others_fail_with_peer_lost_quickly() {
                             ..
                         })
                     ),
-                    "{n} ranks, threshold {threshold}: rank {rank} got {result:?} after {elapsed:?}"
+                    "{n} ranks ({transport}), threshold {threshold}: rank {rank} got {result:?} after {elapsed:?}"
                 );
                 assert!(
                     *elapsed < SLACK,
-                    "{n} ranks, threshold {threshold}: rank {rank} took {elapsed:?}"
+                    "{n} ranks ({transport}), threshold {threshold}: rank {rank} took {elapsed:?}"
                 );
             }
         }
@@ -421,7 +438,10 @@ fn garbage_from_an_authenticated_peer(bytes: &[u8]) -> (CommError, Duration) {
             stream.set_read_timeout(Some(LONG)).unwrap();
             let _ = stream.read(&mut [0u8; 64]);
         });
-        let pg: ProcessGroup = init_with_store(Arc::clone(&store), 0, 2, &secret, &options(0, LONG)).unwrap();
+        // The fake rank speaks TCP only: it publishes no host id for shared memory.
+        let mut tcp_only = options(0, LONG);
+        tcp_only.shm.enabled = false;
+        let pg: ProcessGroup = init_with_store(Arc::clone(&store), 0, 2, &secret, &tcp_only).unwrap();
         let mut data = [1f32; 16];
         let (result, elapsed) = timed(|| pg.all_reduce(&mut data, ReduceOp::Sum));
         drop(pg);

@@ -481,3 +481,202 @@ fn shapes_that_do_not_cover_the_gradient_are_refused_before_anything_is_sent() {
     );
     assert!(nothing_sent);
 }
+
+/// Two buckets: a matrix PowerSGD factors plus a bias, and a matrix alone.
+fn two_buckets() -> Vec<Vec<Vec<usize>>> {
+    vec![vec![vec![12, 9], vec![9]], vec![vec![20, 6]]]
+}
+
+/// Runs `steps` of `codec` over both buckets of [`two_buckets`] on this rank; returns every
+/// averaged bucket, in order.
+fn run_steps(pg: &ProcessGroup, codec: &mut dyn GradCodec, steps: std::ops::Range<u64>) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    for step in steps {
+        for (bucket, shapes) in two_buckets().iter().enumerate() {
+            let seed = 1000 * step + 100 * bucket as u64 + pg.rank() as u64;
+            let mut grads = gradient(seed, numel(shapes));
+            codec.all_reduce_avg(pg, bucket, shapes, &mut grads, step).unwrap();
+            out.push(grads);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_codec_loaded_with_another_codecs_exported_state_continues_bit_for_bit_like_it() {
+    let lossy = |method, start_step| CodecOptions {
+        method,
+        topk_ratio: 0.1,
+        powersgd_rank: 2,
+        start_step,
+        ..Default::default()
+    };
+    let cases = [
+        lossy(CompressionMethod::TopK, 0),
+        lossy(CompressionMethod::PowerSgd, 0),
+        lossy(CompressionMethod::PowerSgd, 2),
+        lossy(CompressionMethod::Fp16, 0),
+        lossy(CompressionMethod::Bf16, 0),
+    ];
+    for codec_options in cases {
+        let options = &codec_options;
+        let out = spawn_ranks(2, &self::options(), |pg| {
+            let mut original = build_codec(options).unwrap();
+            run_steps(&pg, original.as_mut(), 0..3);
+            let state = original.state();
+            let mut restored = build_codec(options).unwrap();
+            restored.load_state(&two_buckets(), state.clone()).unwrap();
+            assert_eq!(restored.state(), state, "{options:?}: the state reads back as loaded");
+            let mut fresh = build_codec(options).unwrap();
+            let want = run_steps(&pg, original.as_mut(), 3..6);
+            let got = run_steps(&pg, restored.as_mut(), 3..6);
+            let from_zero = run_steps(&pg, fresh.as_mut(), 3..6);
+            assert_eq!(got, want, "{options:?}, rank {}: the restored codec drifted", pg.rank());
+            assert_eq!(restored.state(), original.state(), "{options:?}");
+            (state, got != from_zero)
+        })
+        .unwrap();
+        let (state0, state1) = (&out[0].0, &out[1].0);
+        let residual = |state: &[burnrun::compress::StateTensor], name: &str| {
+            state.iter().find(|t| t.name == name).map(|t| t.data.clone())
+        };
+        for bucket in 0..2 {
+            let name = format!("residual.bucket{bucket}");
+            let r0 = residual(state0, &name).unwrap_or_else(|| panic!("{options:?}: no {name}"));
+            let r1 = residual(state1, &name).unwrap_or_else(|| panic!("{options:?}: no {name}"));
+            assert!(r0.iter().any(|&x| x != 0.0), "{options:?}: {name} is zero");
+            assert_ne!(r0, r1, "{options:?}: each rank keeps its own residual");
+        }
+        if options.method == CompressionMethod::PowerSgd {
+            let q = |s: &[burnrun::compress::StateTensor]| {
+                s.iter()
+                    .filter(|t| t.name.starts_with("q."))
+                    .map(|t| (t.name.clone(), t.shape.clone(), t.data.clone()))
+                    .collect::<Vec<_>>()
+            };
+            let names: Vec<String> = q(state0).into_iter().map(|t| t.0).collect();
+            assert_eq!(names.len(), 2, "{options:?}: one Q per factored matrix: {names:?}");
+            assert_eq!(q(state0), q(state1), "{options:?}: Q is the same on every rank");
+        }
+        if matches!(options.method, CompressionMethod::TopK | CompressionMethod::PowerSgd) {
+            assert!(
+                out.iter().all(|(_, differs)| *differs),
+                "{options:?}: a codec started from zero state computes the same: the test could not fail"
+            );
+        }
+    }
+}
+
+#[test]
+fn state_that_does_not_fit_is_refused_naming_the_tensor_and_both_shapes_and_the_old_state_stays() {
+    use burnrun::compress::StateTensor;
+    let tensor = |name: &str, shape: Vec<usize>| StateTensor {
+        name: name.to_string(),
+        data: vec![0.5; shape.iter().product()],
+        shape,
+    };
+    let buckets = two_buckets();
+    // A valid state first: residuals of 117 and 120 elements.
+    let valid = vec![
+        tensor("residual.bucket0", vec![117]),
+        tensor("residual.bucket1", vec![120]),
+    ];
+    let mut topk = TopK::new(0.1, true);
+    topk.load_state(&buckets, valid.clone()).unwrap();
+    let sorted = |mut v: Vec<StateTensor>| {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
+    assert_eq!(sorted(topk.state()), valid);
+
+    let err = topk
+        .load_state(&buckets, vec![tensor("residual.bucket0", vec![100])])
+        .unwrap_err();
+    assert!(matches!(err, CompressError::StateShape { .. }), "{err:?}");
+    let text = err.to_string();
+    for part in ["topk", "residual.bucket0", "[100]", "[117]"] {
+        assert!(text.contains(part), "`{text}` does not name {part}");
+    }
+    let err = topk
+        .load_state(&buckets, vec![tensor("residual.bucket2", vec![5])])
+        .unwrap_err();
+    assert!(err.to_string().contains("residual.bucket2"), "{err}");
+    assert_eq!(sorted(topk.state()), valid, "a refused load leaves the state as it was");
+
+    // PowerSGD at rank 2: Q of the [12, 9] matrix is [9, 2]; one of rank 3 does not fit.
+    let mut powersgd = PowerSgd::new(2, true, 0);
+    let err = powersgd
+        .load_state(&buckets, vec![tensor("q.bucket0.param0", vec![9, 3])])
+        .unwrap_err();
+    let text = err.to_string();
+    for part in ["powersgd", "q.bucket0.param0", "[9, 3]", "[9, 2]"] {
+        assert!(text.contains(part), "`{text}` does not name {part}");
+    }
+    // The bias (param 1) is sent uncompressed: it has no Q.
+    let err = powersgd
+        .load_state(&buckets, vec![tensor("q.bucket0.param1", vec![1, 2])])
+        .unwrap_err();
+    assert!(err.to_string().contains("q.bucket0.param1"), "{err}");
+    assert!(powersgd.state().is_empty());
+    powersgd
+        .load_state(&buckets, vec![tensor("q.bucket1.param0", vec![6, 2])])
+        .unwrap();
+    assert_eq!(powersgd.state(), vec![tensor("q.bucket1.param0", vec![6, 2])]);
+
+    // Without error feedback there is no residual to load; a stateless codec takes nothing.
+    let err = TopK::new(0.1, false).load_state(&buckets, valid.clone()).unwrap_err();
+    assert!(err.to_string().contains("residual.bucket0"), "{err}");
+    let err = codec(CompressionMethod::None, 0.1, 1)
+        .load_state(&buckets, valid.clone())
+        .unwrap_err();
+    assert!(err.to_string().contains("none codec state"), "{err}");
+    // Data that does not fill its shape.
+    let mut short = tensor("residual.bucket0", vec![117]);
+    short.data.pop();
+    let err = TopK::new(0.1, true).load_state(&buckets, vec![short]).unwrap_err();
+    assert!(err.to_string().contains("116 values"), "{err}");
+}
+
+#[test]
+fn codecs_describe_every_option_their_state_depends_on() {
+    let describe = |options: CodecOptions| build_codec(&options).unwrap().describe();
+    let base = CodecOptions {
+        method: CompressionMethod::PowerSgd,
+        ..Default::default()
+    };
+    let variants = [
+        CodecOptions {
+            powersgd_rank: 2,
+            ..base.clone()
+        },
+        CodecOptions {
+            error_feedback: false,
+            ..base.clone()
+        },
+        CodecOptions {
+            seed: 7,
+            ..base.clone()
+        },
+        CodecOptions {
+            start_step: 5,
+            ..base.clone()
+        },
+        CodecOptions {
+            method: CompressionMethod::TopK,
+            ..base.clone()
+        },
+    ];
+    for variant in variants {
+        assert_ne!(describe(variant.clone()), describe(base.clone()), "{variant:?}");
+    }
+    assert_eq!(describe(base.clone()), describe(base.clone()));
+    let topk = |ratio| {
+        describe(CodecOptions {
+            method: CompressionMethod::TopK,
+            topk_ratio: ratio,
+            ..Default::default()
+        })
+    };
+    assert_ne!(topk(0.1), topk(0.2));
+    assert_eq!(topk(0.1), "topk(ratio=0.1, error_feedback=true)");
+}

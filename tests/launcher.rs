@@ -765,3 +765,181 @@ fn a_rank_killed_in_the_middle_of_an_all_reduce_takes_the_job_down_with_a_summar
     assert!(summary[0].contains("rank 1 (node 0"), "{stderr}");
     assert!(summary[0].contains("SIGKILL"), "{stderr}");
 }
+
+/// Shell lines that make rank 0 exit (after printing `rank0_says` on stderr) before rank 1 ends,
+/// and rank 1 end (with `rank1_ends`) 50 ms after rank 0's exit, without ever being stopped by
+/// the launcher: it ignores SIGTERM, which the launcher sends on rank 0's exit. Files in `dir`
+/// order the two: rank 0 waits until rank 1 ignores SIGTERM, rank 1 waits until rank 0 exits.
+fn rank_0_exits_first_then_rank_1(dir: &std::path::Path, rank0_says: &str, rank1_ends: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"if [ "$RANK" = 1 ]; then trap '' TERM; touch {d}/ready; while [ ! -e {d}/exiting ]; do sleep 0.01; done; sleep 0.05; {rank1_ends}; fi
+while [ ! -e {d}/ready ]; do sleep 0.01; done; echo "{rank0_says}" >&2; touch {d}/exiting; exit 1"#
+    )
+}
+
+/// The summary's `job failed` line (not the teardown's line quoting it); asserts there is exactly one.
+fn summary_line(launcher: &Launcher) -> String {
+    let stderr = launcher.stderr.text();
+    let summary: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("burnrun: job failed") && !l.contains("stopping rank(s)"))
+        .collect();
+    assert_eq!(summary.len(), 1, "one summary:\n{stderr}");
+    summary[0].to_owned()
+}
+
+#[test]
+fn a_rank_killed_by_sigkill_is_the_root_cause_although_a_peer_exit_was_observed_first() {
+    let dir = temp_dir("root-cause-signal");
+    let script = rank_0_exits_first_then_rank_1(&dir, "rank 0 gives up", "kill -KILL $$");
+    let mut launcher = Launcher::start(&["--nproc-per-node", "2", "--", "sh", "-c", &script]);
+    let status = launcher.wait(TEARDOWN_DEADLINE);
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    let summary = summary_line(&launcher);
+    assert!(
+        summary.contains("job failed: rank 1 (node 0, local rank 1, pid"),
+        "{}",
+        launcher.output()
+    );
+    assert!(
+        summary.contains("was killed by signal SIGKILL"),
+        "{}",
+        launcher.output()
+    );
+    let stderr = launcher.stderr.text();
+    assert!(
+        stderr.contains("burnrun: also failed: rank 0 (exited with code 1)"),
+        "{}",
+        launcher.output()
+    );
+    // The launcher saw rank 0 go first and started the teardown then.
+    assert!(
+        stderr.contains("rank 0 exited with code 1: stopping rank(s) [1]"),
+        "{}",
+        launcher.output()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_rank_that_lost_its_connection_to_a_failed_peer_is_not_the_root_cause() {
+    let dir = temp_dir("root-cause-lost-peer");
+    let script = rank_0_exits_first_then_rank_1(
+        &dir,
+        "Error: rank 0: all_reduce #4: connection to peer 1 lost (early eof); that rank likely exited",
+        "echo 'rank 1 breaks' >&2; exit 3",
+    );
+    let mut launcher = Launcher::start(&["--nproc-per-node", "2", "--", "sh", "-c", &script]);
+    let status = launcher.wait(TEARDOWN_DEADLINE);
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    let summary = summary_line(&launcher);
+    assert!(summary.contains("job failed: rank 1 (node 0"), "{}", launcher.output());
+    assert!(summary.contains("exited with code 3"), "{}", launcher.output());
+    let stderr = launcher.stderr.text();
+    assert!(
+        stderr.contains("burnrun:   [rank1]: rank 1 breaks"),
+        "{}",
+        launcher.output()
+    );
+    assert!(
+        stderr.contains("burnrun: also failed: rank 0 (exited with code 1, lost peer 1)"),
+        "{}",
+        launcher.output()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_rank_killed_on_node_1_replaces_the_earlier_failure_of_the_node_0_rank_that_lost_it() {
+    let port = free_port();
+    let dir = temp_dir("root-cause-nodes");
+    let d = dir.display();
+    // Rank 0 (node 0) exits first, saying it lost peer 3; node 0 publishes that. Rank 3 (node 1)
+    // ignores the teardown's SIGTERM and is SIGKILLed half a second later.
+    let program = format!(
+        r#"case $RANK in
+0) while [ ! -e {d}/ready ]; do sleep 0.01; done; echo "Error: rank 0: all_reduce #9: connection to peer 3 lost (reset); that rank likely exited" >&2; touch {d}/exiting; exit 1;;
+3) trap '' TERM; touch {d}/ready; while [ ! -e {d}/exiting ]; do sleep 0.01; done; sleep 0.5; kill -KILL $$;;
+*) exec sleep 60;;
+esac"#
+    );
+    let env = [("BURNRUN_SECRET", "ab".repeat(32))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut node0 = start_node(&node_args(0, port, &[], &program), &env);
+    let mut node1 = start_node(&node_args(1, port, &[], &program), &env);
+    let (s0, s1) = (node0.wait(TEARDOWN_DEADLINE), node1.wait(TEARDOWN_DEADLINE));
+    assert_eq!(s0.code(), Some(1), "{}", node0.output());
+    assert_eq!(s1.code(), Some(1), "{}", node1.output());
+    for node in [&node0, &node1] {
+        let summary = summary_line(node);
+        assert!(
+            summary.contains("job failed: rank 3 (node 1, local rank 1")
+                && summary.contains("was killed by signal SIGKILL"),
+            "node 0:\n{}\nnode 1:\n{}",
+            node0.output(),
+            node1.output()
+        );
+    }
+    assert!(
+        node0
+            .stderr
+            .text()
+            .contains("burnrun: also failed: rank 0 (exited with code 1, lost peer 3)"),
+        "{}",
+        node0.output()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs a job of run id `run_id` whose two ranks each leave a file, a symbolic link (to a file
+/// outside the directory) and a directory in /dev/shm under the run's prefix, then exit with
+/// `exit_code` once both ranks made theirs (so no teardown stops a rank before); asserts that the
+/// launcher removed them all, and nothing else.
+fn assert_shared_memory_is_swept(run_id: &str, exit_code: i32) {
+    let shm = std::path::Path::new(burnrun::transport::SHM_DIR);
+    let prefix = burnrun::transport::shm_file_prefix(run_id);
+    let outside = temp_dir(&format!("shm-target-{exit_code}"));
+    let target = outside.join("target");
+    std::fs::write(&target, b"keep me").unwrap();
+    // A file of another run that merely starts like this one's id.
+    let other = shm.join(format!("{}x-other-run", prefix.trim_end_matches('.')));
+    std::fs::write(&other, b"other run").unwrap();
+    let script = format!(
+        "p={}/{prefix}r$RANK-; m={}/made-; touch ${{p}}leftover && ln -s {} ${{p}}link && mkdir ${{p}}dir && echo made=$RANK && touch ${{m}}$RANK; \
+         while [ ! -e ${{m}}0 ] || [ ! -e ${{m}}1 ]; do sleep 0.01; done; exit {exit_code}",
+        shm.display(),
+        outside.display(),
+        target.display()
+    );
+    let (status, launcher) = run(&["--nproc-per-node", "2", "--run-id", run_id, "--", "sh", "-c", &script]);
+    let expected = if exit_code == 0 { 0 } else { 1 };
+    assert_eq!(status.code(), Some(expected), "{}", launcher.output());
+    let made = launcher.stdout.all().iter().filter(|l| l.contains("made=")).count();
+    assert_eq!(made, 2, "both ranks created their files:\n{}", launcher.output());
+    let left: Vec<String> = std::fs::read_dir(shm)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(&prefix))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left in {}: {left:?}\n{}",
+        shm.display(),
+        launcher.output()
+    );
+    assert!(target.is_file(), "the link's target outside {} was kept", shm.display());
+    assert!(other.is_file(), "another run's file was kept");
+    let _ = std::fs::remove_file(&other);
+    let _ = std::fs::remove_dir_all(&outside);
+}
+
+#[test]
+fn a_failing_job_leaves_no_shared_memory_file_of_its_run_behind() {
+    assert_shared_memory_is_swept(&format!("sweep-fail-{}", std::process::id()), 3);
+}
+
+#[test]
+fn a_succeeding_job_leaves_no_shared_memory_file_of_its_run_behind() {
+    assert_shared_memory_is_swept(&format!("sweep-ok-{}", std::process::id()), 0);
+}

@@ -2,8 +2,9 @@
 //! and that each one learns on its data.
 #![cfg(feature = "train")]
 
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burnrun::data::{Dataset, DistributedSampler, SyntheticDataset, TextDataset};
 use burnrun::models::{
     flatten_grads, flatten_params, grads_from_flat, load_params, load_params_by_name, BlockStack, ModelError,
@@ -474,4 +475,46 @@ fn accuracy_counts_arg_max_hits_over_every_target() {
         .unwrap()
         .into_scalar::<f32>();
     assert_eq!(accuracy, 0.5);
+}
+
+/// Registers `values[range]` as each parameter's gradient, stored as `dtype`.
+struct RegisterAs<'a> {
+    layout: std::slice::Iter<'a, burnrun::models::ParamInfo>,
+    values: &'a [f32],
+    dtype: DType,
+    grads: GradientsParams,
+}
+
+impl ModuleVisitor for RegisterAs<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let info = self.layout.next().expect("one layout entry per parameter");
+        let data = TensorData::new(self.values[info.range()].to_vec(), info.shape.clone());
+        let device = param.lazy_device().without_autodiff();
+        self.grads
+            .register::<D>(param.id, Tensor::from_data(data, (&device, self.dtype)));
+    }
+}
+
+#[test]
+fn gradients_held_in_f32_f16_or_bf16_flatten_to_their_values_in_layout_order() {
+    let device = device();
+    for model in [tiny_mlp(1, &device), tiny_gpt(2, &device)] {
+        let layout = ParamLayout::of(&model);
+        // Multiples of 1/8 in [-4, 4): exact in f16 and bf16, and different per position so a
+        // parameter read in another order or at another offset shows.
+        let values: Vec<f32> = (0..layout.numel).map(|i| ((i * 7) % 64) as f32 / 8.0 - 4.0).collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut register = RegisterAs {
+                layout: layout.params.iter(),
+                values: &values,
+                dtype,
+                grads: GradientsParams::new(),
+            };
+            model.visit(&mut register);
+            let flat = flatten_grads(&model, &register.grads).unwrap();
+            assert_eq!(flat, values, "{} with {dtype:?} gradients", model.spec().name());
+            // The gradients are still there to read again (they are not taken out).
+            assert_eq!(flatten_grads(&model, &register.grads).unwrap(), values);
+        }
+    }
 }

@@ -4,6 +4,11 @@
 //! advertise a routable address), publishes it, and connects to every lower rank while it
 //! accepts the higher ones. Each connection is authenticated with the job secret and says which
 //! rank it comes from.
+//!
+//! Ranks of one host then move their frames through shared memory (see `transport::shm`): each
+//! publishes a host id, the same-host ranks create their inboxes, open each other's, and agree on
+//! which pairs succeeded, so both sides of a pair always use the same transport. A pair whose
+//! set-up failed (a full `/dev/shm`, a container boundary) stays on TCP with a warning.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use crate::auth::JobSecret;
 use crate::env::DistEnv;
 use crate::error::Error;
 use crate::rendezvous::{PrefixStore, Store, TcpStore};
-use crate::transport::{self, DataListener, Mesh, TcpPair, TransportError};
+use crate::transport::{self, DataListener, Inbox, Mesh, Pair, ShmLink, TransportError};
 
 use super::communicator::CommError;
 use super::group::ProcessGroup;
@@ -30,6 +35,8 @@ pub struct InitOptions {
     pub tuning: Tuning,
     /// Address to listen on for data connections.
     pub listen_ip: IpAddr,
+    /// Shared memory between ranks of one host.
+    pub shm: ShmOptions,
 }
 
 impl Default for InitOptions {
@@ -39,6 +46,31 @@ impl Default for InitOptions {
             rdzv_timeout: Duration::from_secs(crate::env::DEFAULT_RDZV_TIMEOUT_SECS),
             tuning: Tuning::default(),
             listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            shm: ShmOptions::default(),
+        }
+    }
+}
+
+/// How ranks of one host talk to each other.
+#[derive(Debug, Clone)]
+pub struct ShmOptions {
+    /// Use shared memory between ranks of one host (else loopback TCP).
+    pub enabled: bool,
+    /// Bytes of each ring (a power of two of at least [`transport::MIN_SHM_RING_BYTES`]).
+    pub ring_bytes: usize,
+    /// Busy-polling before sleeping on the doorbell.
+    pub spin: Duration,
+    /// Start of the names of this job's files in [`transport::SHM_DIR`] (the launcher sweeps it).
+    pub file_prefix: String,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ring_bytes: transport::DEFAULT_SHM_RING_BYTES,
+            spin: transport::DEFAULT_SHM_SPIN,
+            file_prefix: transport::shm_file_prefix(&format!("pid{}", std::process::id())),
         }
     }
 }
@@ -58,10 +90,18 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
     if let Some(bytes) = env.segment_bytes {
         tuning.segment_bytes = bytes;
     }
+    let defaults = ShmOptions::default();
+    let shm = ShmOptions {
+        enabled: env.shm.unwrap_or(defaults.enabled),
+        ring_bytes: env.shm_ring_bytes.unwrap_or(defaults.ring_bytes),
+        spin: env.shm_spin_us.map(Duration::from_micros).unwrap_or(defaults.spin),
+        file_prefix: transport::shm_file_prefix(&env.run_id),
+    };
     let mut options = InitOptions {
         timeout: env.timeout,
         rdzv_timeout: env.rdzv_timeout,
         tuning,
+        shm,
         ..Default::default()
     };
     if !env.launched() || env.world_size == 1 {
@@ -122,7 +162,7 @@ pub fn init_with_store(
         .set(&format!("addr/{rank}"), my_addr.to_string().as_bytes())
         .map_err(store_err)?;
 
-    let mut pairs: Vec<Option<TcpPair>> = (0..world_size).map(|_| None).collect();
+    let mut pairs: Vec<Option<Pair>> = (0..world_size).map(|_| None).collect();
     let higher = world_size - rank - 1;
     let accepted = std::thread::scope(|scope| -> Result<Vec<(usize, std::net::TcpStream)>, Error> {
         let acceptor = scope.spawn(|| -> Result<Vec<(usize, std::net::TcpStream)>, TransportError> {
@@ -140,7 +180,7 @@ pub fn init_with_store(
                     reason: format!("bad address in the store: {e}"),
                 })?;
             let stream = transport::connect(rank, peer, peer_addr, secret, deadline)?;
-            *slot = Some(TcpPair::new(rank, peer, stream)?);
+            *slot = Some(Pair::new(rank, peer, stream)?);
         }
         // Invariant: the acceptor thread does not panic (it only returns errors).
         Ok(acceptor.join().expect("acceptor thread panicked")?)
@@ -154,12 +194,102 @@ pub fn init_with_store(
             }
             .into());
         }
-        pairs[peer] = Some(TcpPair::new(rank, peer, stream)?);
+        pairs[peer] = Some(Pair::new(rank, peer, stream)?);
     }
-    let mesh = Arc::new(Mesh::new(rank, world_size, pairs));
-    tracing::debug!(rank, world_size, "data connections established");
+    if options.shm.enabled && world_size > 1 {
+        for (peer, link) in shm_links(store.as_ref(), rank, world_size, &options.shm, deadline)? {
+            if let Some(pair) = pairs[peer].as_mut() {
+                pair.attach_shm(link);
+            }
+        }
+    }
+    let mesh = Arc::new(Mesh::new(rank, world_size, pairs).with_shm_spin(options.shm.spin));
+    tracing::debug!(rank, world_size, transports = ?mesh.transports(), "data connections established");
     let comm = HostComm::world(mesh, options.timeout, options.tuning);
     Ok(ProcessGroup::new(Box::new(comm), (0..world_size).collect()))
+}
+
+/// Sets up shared memory with the ranks of this host: returns the links both sides of each pair
+/// opened (the others stay on TCP). Keys: `host/<rank>`, `shm/<rank>` (the inbox, or why there is
+/// none), `shm_ok/<rank>` (the peers whose inboxes this rank opened).
+fn shm_links(
+    store: &dyn Store,
+    rank: usize,
+    world_size: usize,
+    options: &ShmOptions,
+    deadline: Instant,
+) -> Result<Vec<(usize, ShmLink)>, Error> {
+    let store_err = |source| CommError::Store {
+        rank,
+        group: "world".into(),
+        source,
+    };
+    let get = |key: String| -> Result<String, Error> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let raw = store.get(&key, left).map_err(store_err)?;
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let host = transport::host_id();
+    store.set(&format!("host/{rank}"), host.as_bytes()).map_err(store_err)?;
+    let mut peers = Vec::new();
+    for other in (0..world_size).filter(|&r| r != rank) {
+        if get(format!("host/{other}"))? == host {
+            peers.push(other);
+        }
+    }
+    if peers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let inbox = match Inbox::create(
+        std::path::Path::new(transport::SHM_DIR),
+        &options.file_prefix,
+        rank,
+        &peers,
+        options.ring_bytes,
+    ) {
+        Ok(inbox) => {
+            store
+                .set(&format!("shm/{rank}"), inbox.describe().as_bytes())
+                .map_err(store_err)?;
+            Some(Arc::new(inbox))
+        }
+        Err(e) => {
+            tracing::warn!("rank {rank}: no shared memory with ranks {peers:?} of this host, using TCP: {e}");
+            store
+                .set(&format!("shm/{rank}"), format!("none {e}").as_bytes())
+                .map_err(store_err)?;
+            None
+        }
+    };
+    let mut opened = Vec::new();
+    for &peer in &peers {
+        let description = get(format!("shm/{peer}"))?;
+        let Some(inbox) = &inbox else { continue };
+        if description.starts_with("none") {
+            continue;
+        }
+        match ShmLink::open(inbox, peer, &description) {
+            Ok(link) => opened.push((peer, link)),
+            Err(e) => tracing::warn!("rank {rank}: shared memory with rank {peer} failed, using TCP: {e}"),
+        }
+    }
+    let ok: Vec<String> = opened.iter().map(|(peer, _)| peer.to_string()).collect();
+    store
+        .set(&format!("shm_ok/{rank}"), ok.join(",").as_bytes())
+        .map_err(store_err)?;
+    let mut agreed = Vec::with_capacity(peers.len());
+    for &peer in &peers {
+        let theirs = get(format!("shm_ok/{peer}"))?;
+        if theirs.split(',').any(|r| r == rank.to_string()) {
+            agreed.push(peer);
+        }
+    }
+    // Every peer that will ever open our inbox has done so (it answered above): drop the names.
+    if let Some(inbox) = &inbox {
+        inbox.unlink();
+    }
+    let links: Vec<(usize, ShmLink)> = opened.into_iter().filter(|(peer, _)| agreed.contains(peer)).collect();
+    Ok(links)
 }
 
 /// Runs `f` on `world_size` ranks, one thread each, joined through a memory store and real TCP

@@ -18,4 +18,4 @@ pub use communicator::{CommError, Communicator};
 pub use dtype::{DType, Element, ReduceOp};
 pub use group::{ProcessGroup, Work};
 pub use host::{Tuning, DEFAULT_RING_THRESHOLD_BYTES, DEFAULT_SEGMENT_BYTES};
-pub use init::{init, init_from, init_with_store, spawn_ranks, InitOptions};
+pub use init::{init, init_from, init_with_store, spawn_ranks, InitOptions, ShmOptions};

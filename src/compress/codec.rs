@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::error::CompressError;
 use super::half_cast::{HalfCast, WireHalf};
 use super::powersgd::PowerSgd;
+use super::state::{StateTensor, StateTensors};
 use super::topk::TopK;
 use super::uncompressed::Uncompressed;
 use super::warmup::WarmUp;
@@ -45,6 +46,29 @@ pub trait GradCodec: Send + std::fmt::Debug {
 
     /// Drops every per-bucket state (residuals, warm starts), e.g. after the bucket layout changed.
     fn reset(&mut self) {}
+
+    /// The method and every option that gives this codec's state its meaning, e.g.
+    /// `topk(ratio=0.1, error_feedback=true)`. State saved from one codec is loaded only into a
+    /// codec with the same description (checkpoints compare them).
+    fn describe(&self) -> String;
+
+    /// This rank's state as named f32 tensors (copies), for checkpoints: error-feedback residuals
+    /// and PowerSGD's warm-started Q factors. Empty for a stateless codec and before the first
+    /// compressed step. Residuals differ between ranks: each rank saves and loads its own.
+    fn state(&self) -> Vec<StateTensor> {
+        Vec::new()
+    }
+
+    /// Replaces this codec's state by `tensors` (what [`GradCodec::state`] returned on the same
+    /// rank of a codec with the same [`GradCodec::describe`]), for the buckets that will be
+    /// averaged: `buckets[b]` are the shapes of bucket `b`'s parameters, as they will be passed
+    /// to [`GradCodec::all_reduce_avg`]. A bucket with no saved state starts as on its first
+    /// step. All or nothing: on error (a tensor of another shape than the buckets need, a name
+    /// that belongs to no part of this codec) the state is left as it was, and the error names
+    /// the tensor and both shapes.
+    fn load_state(&mut self, _buckets: &[Vec<Vec<usize>>], tensors: Vec<StateTensor>) -> Result<(), CompressError> {
+        StateTensors::new(self.name(), tensors)?.finish()
+    }
 }
 
 /// What averaging one bucket did on this rank.

@@ -57,6 +57,29 @@ pub enum CompressError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// A tensor of saved codec state (a checkpoint's) has another shape than this codec's
+    /// buckets need.
+    #[error("{method} codec state: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    StateShape {
+        /// The codec's name.
+        method: &'static str,
+        /// The tensor.
+        name: String,
+        /// The shape this codec's buckets need.
+        expected: Vec<usize>,
+        /// The shape saved.
+        found: Vec<usize>,
+    },
+    /// A tensor of saved codec state is malformed or belongs to no part of this codec.
+    #[error("{method} codec state: tensor `{name}` {problem}")]
+    StateTensor {
+        /// The codec's name.
+        method: &'static str,
+        /// The tensor.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// `compression.method` names no codec.
     #[error("compression.method = {name:?}: unknown method (expected one of none, fp16, bf16, topk, powersgd)")]
     UnknownMethod {

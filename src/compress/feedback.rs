@@ -6,6 +6,7 @@
 //! the step's averaged result is finite: a step the loss scaler skips must not poison later ones.
 
 use super::error::CompressError;
+use super::state::{bucket_numel, residual_name, StateTensor, StateTensors};
 
 /// Per-bucket residuals, created as zeros on first use.
 #[derive(Debug, Default)]
@@ -56,6 +57,11 @@ impl ErrorFeedback {
         Ok(Some(residual.as_mut_slice()))
     }
 
+    /// Whether residuals are kept.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// The residual of `bucket`, if any.
     pub(crate) fn get(&self, bucket: usize) -> Option<&[f32]> {
         self.residuals.get(bucket).filter(|r| !r.is_empty()).map(Vec::as_slice)
@@ -64,6 +70,46 @@ impl ErrorFeedback {
     /// Forgets every residual.
     pub(crate) fn clear(&mut self) {
         self.residuals.clear();
+    }
+
+    /// Every residual made so far, as `residual.bucket<b>` of shape `[numel]`.
+    pub(crate) fn state(&self) -> Vec<StateTensor> {
+        self.residuals
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(bucket, r)| StateTensor {
+                name: residual_name(bucket),
+                shape: vec![r.len()],
+                data: r.clone(),
+            })
+            .collect()
+    }
+
+    /// Takes the residuals of `buckets` (the shapes of each bucket's parameters) out of
+    /// `tensors`, checked but not installed: [`ErrorFeedback::install`] does that once the whole
+    /// state is known to fit. A bucket without one starts from zeros, as on a first step.
+    pub(crate) fn take_state(
+        &self,
+        buckets: &[Vec<Vec<usize>>],
+        tensors: &mut StateTensors,
+    ) -> Result<Vec<Vec<f32>>, CompressError> {
+        if !self.enabled {
+            return Ok(Vec::new());
+        }
+        buckets
+            .iter()
+            .enumerate()
+            .map(|(bucket, shapes)| {
+                let numel = bucket_numel(shapes);
+                Ok(tensors.take(&residual_name(bucket), &[numel])?.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// Replaces every residual by `residuals` (from [`ErrorFeedback::take_state`]).
+    pub(crate) fn install(&mut self, residuals: Vec<Vec<f32>>) {
+        self.residuals = residuals;
     }
 }
 

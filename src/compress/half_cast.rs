@@ -13,6 +13,7 @@ use half::{bf16, f16};
 use super::codec::{check_shapes, collective, CodecStats, GradCodec};
 use super::error::CompressError;
 use super::feedback::{relative_error, ErrorFeedback};
+use super::state::{StateTensor, StateTensors};
 use crate::comm::{Element, ProcessGroup, ReduceOp};
 
 /// Elements converted per block (stack buffers, so the casts vectorise without allocating).
@@ -146,6 +147,22 @@ impl GradCodec for HalfCast {
 
     fn reset(&mut self) {
         self.feedback.clear();
+    }
+
+    fn describe(&self) -> String {
+        format!("{}(error_feedback={})", self.name(), self.feedback.enabled())
+    }
+
+    fn state(&self) -> Vec<StateTensor> {
+        self.feedback.state()
+    }
+
+    fn load_state(&mut self, buckets: &[Vec<Vec<usize>>], tensors: Vec<StateTensor>) -> Result<(), CompressError> {
+        let mut tensors = StateTensors::new(self.name(), tensors)?;
+        let residuals = self.feedback.take_state(buckets, &mut tensors)?;
+        tensors.finish()?;
+        self.feedback.install(residuals);
+        Ok(())
     }
 }
 

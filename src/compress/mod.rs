@@ -4,13 +4,17 @@
 //! the gradient sync per bucket through [`GradCodec`], so the trainer does not change per method.
 //! Codecs are pure functions over f32 slices plus per-bucket state (error-feedback residuals,
 //! PowerSGD's warm-started factors); they talk to other ranks only through a
-//! [`ProcessGroup`](crate::comm::ProcessGroup)'s typed collectives, never a socket.
+//! [`ProcessGroup`](crate::comm::ProcessGroup)'s typed collectives, never a socket. The state is
+//! exported and imported as named f32 tensors ([`GradCodec::state`], [`GradCodec::load_state`])
+//! so that checkpoints carry it across a resume.
 
 mod codec;
 mod error;
 mod feedback;
 mod half_cast;
 mod powersgd;
+mod shared;
+mod state;
 mod topk;
 mod uncompressed;
 mod warmup;
@@ -19,6 +23,8 @@ pub use codec::{build_codec, CodecOptions, CodecStats, CompressionMethod, GradCo
 pub use error::CompressError;
 pub use half_cast::{HalfCast, WireHalf};
 pub use powersgd::{PowerSgd, DEFAULT_MIN_COMPRESSION_RATE};
+pub use shared::SharedCodec;
+pub use state::StateTensor;
 pub use topk::TopK;
 pub use uncompressed::Uncompressed;
 pub use warmup::WarmUp;

@@ -20,6 +20,7 @@
 use super::codec::{check_shapes, collective, CodecStats, GradCodec};
 use super::error::CompressError;
 use super::feedback::{all_finite, relative_error, ErrorFeedback};
+use super::state::{q_name, StateTensor, StateTensors};
 use crate::comm::{ProcessGroup, ReduceOp};
 
 /// Default of `min_compression_rate`: a matrix is factored only when its factors are at most half
@@ -312,6 +313,61 @@ impl GradCodec for PowerSgd {
     fn reset(&mut self) {
         self.feedback.clear();
         self.buckets.clear();
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "powersgd(rank={}, error_feedback={}, min_compression_rate={}, seed={})",
+            self.rank,
+            self.feedback.enabled(),
+            self.min_compression_rate,
+            self.seed
+        )
+    }
+
+    /// The residuals, and the current Q factor (`[cols, r]`) of every factored parameter of every
+    /// bucket seen so far, as `q.bucket<b>.param<i>` (`i` counts the bucket's parameters).
+    fn state(&self) -> Vec<StateTensor> {
+        let mut out = self.feedback.state();
+        for (bucket, plan) in self.buckets.iter().enumerate() {
+            let Some(plan) = plan else { continue };
+            for (index, piece) in plan.pieces.iter().enumerate() {
+                if let Some(low) = piece.low_rank {
+                    out.push(StateTensor {
+                        name: q_name(bucket, index),
+                        shape: vec![low.cols, low.rank],
+                        data: plan.q[low.q_offset..low.q_offset + low.cols * low.rank].to_vec(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Plans each bucket from its shapes and takes its Q factors from `tensors`; a bucket without
+    /// saved factors keeps freshly seeded ones, as on its first step.
+    fn load_state(&mut self, buckets: &[Vec<Vec<usize>>], tensors: Vec<StateTensor>) -> Result<(), CompressError> {
+        let mut tensors = StateTensors::new(self.name(), tensors)?;
+        let residuals = self.feedback.take_state(buckets, &mut tensors)?;
+        let mut plans = Vec::with_capacity(buckets.len());
+        for (bucket, shapes) in buckets.iter().enumerate() {
+            let mut plan = self.plan(bucket, shapes);
+            let mut loaded = false;
+            for index in 0..plan.pieces.len() {
+                let Some(low) = plan.pieces[index].low_rank else {
+                    continue;
+                };
+                if let Some(q) = tensors.take(&q_name(bucket, index), &[low.cols, low.rank])? {
+                    plan.q[low.q_offset..low.q_offset + q.len()].copy_from_slice(&q);
+                    loaded = true;
+                }
+            }
+            plans.push(loaded.then_some(plan));
+        }
+        tensors.finish()?;
+        self.feedback.install(residuals);
+        self.buckets = plans;
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@
 use super::codec::{check_shapes, collective, CodecStats, GradCodec};
 use super::error::CompressError;
 use super::feedback::{relative_error, ErrorFeedback};
+use super::state::{StateTensor, StateTensors};
 use super::uncompressed::Uncompressed;
 use crate::comm::ProcessGroup;
 
@@ -184,6 +185,22 @@ impl GradCodec for TopK {
 
     fn reset(&mut self) {
         self.feedback.clear();
+    }
+
+    fn describe(&self) -> String {
+        format!("topk(ratio={}, error_feedback={})", self.ratio, self.feedback.enabled())
+    }
+
+    fn state(&self) -> Vec<StateTensor> {
+        self.feedback.state()
+    }
+
+    fn load_state(&mut self, buckets: &[Vec<Vec<usize>>], tensors: Vec<StateTensor>) -> Result<(), CompressError> {
+        let mut tensors = StateTensors::new(self.name(), tensors)?;
+        let residuals = self.feedback.take_state(buckets, &mut tensors)?;
+        tensors.finish()?;
+        self.feedback.install(residuals);
+        Ok(())
     }
 }
 

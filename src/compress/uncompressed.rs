@@ -46,4 +46,8 @@ impl GradCodec for Uncompressed {
     fn name(&self) -> &'static str {
         "none"
     }
+
+    fn describe(&self) -> String {
+        "none".to_string()
+    }
 }

@@ -5,6 +5,7 @@
 
 use super::codec::{check_shapes, CodecStats, GradCodec};
 use super::error::CompressError;
+use super::state::StateTensor;
 use super::uncompressed::Uncompressed;
 use crate::comm::ProcessGroup;
 
@@ -53,5 +54,19 @@ impl GradCodec for WarmUp {
 
     fn reset(&mut self) {
         self.inner.reset();
+    }
+
+    /// The inner codec's, with the start step: a resumed run with another start step drops the
+    /// saved state rather than guess whether it was meant to exist yet.
+    fn describe(&self) -> String {
+        format!("{} from step {}", self.inner.describe(), self.start_step)
+    }
+
+    fn state(&self) -> Vec<StateTensor> {
+        self.inner.state()
+    }
+
+    fn load_state(&mut self, buckets: &[Vec<Vec<usize>>], tensors: Vec<StateTensor>) -> Result<(), CompressError> {
+        self.inner.load_state(buckets, tensors)
     }
 }

@@ -5,8 +5,11 @@
 //! - `node/<r>`: node r's registration (JSON [`NodeRecord`]), written once with `compare_set`, so
 //!   two launchers given the same `--node-rank` are caught. Every node waits for all records and
 //!   checks they agree on `--nnodes`, `--nproc-per-node` and the command.
-//! - `failed`: the job's first failure (JSON [`Failure`]), written with `compare_set` so the first
-//!   writer wins; every launcher polls it and tears its ranks down when it appears.
+//! - `failed`: the job's root cause (JSON [`Failure`]), written with `compare_set` so the first
+//!   writer wins, unless a later rank failure is preferred to it by the root-cause rule of
+//!   [`Failure::replaces`] (a rank killed by a signal over a rank on another node that exited
+//!   because it lost its connection to it), which then replaces it; every launcher polls it and
+//!   tears its ranks down when it appears, and reads it again before printing its summary.
 //! - `heartbeat/<r>`: bumped by nodes r > 0 every [`HEARTBEAT_INTERVAL`]; node 0 declares a node
 //!   lost when its counter stalls for [`NODE_SILENCE_LIMIT`]. Nodes > 0 notice a lost node 0
 //!   because the store goes with it.
@@ -35,6 +38,9 @@ const WAIT_SLICE: Duration = Duration::from_millis(200);
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each attempt to reach node 0's store, between two checks for a signal.
 const CONNECT_SLICE: Duration = Duration::from_secs(1);
+/// Most attempts to replace the published failure with a preferred one; each failed attempt means
+/// another node changed it meanwhile, which a handful of nodes failing at once cannot do for long.
+const MAX_FAILURE_SWAPS: usize = 8;
 
 fn key(suffix: impl std::fmt::Display) -> String {
     format!("{PREFIX}/{suffix}")
@@ -292,7 +298,7 @@ impl Coordinator {
         Ok(Ok(()))
     }
 
-    /// The job's first failure, if any launcher published one.
+    /// The job's root cause, if any launcher published one.
     pub(crate) fn failure(&self) -> Result<Option<Failure>, StoreError> {
         Ok(self
             .store
@@ -300,10 +306,24 @@ impl Coordinator {
             .map(|bytes| Failure::from_json(&bytes, "the store")))
     }
 
-    /// Publishes `failure` unless one is there already; returns the one that was first.
+    /// Publishes `failure` as the job's root cause unless another one is there already and
+    /// `failure` does not replace it ([`Failure::replaces`]); returns the one the store then holds.
     pub(crate) fn publish_failure(&self, failure: &Failure) -> Result<Failure, StoreError> {
-        let first = self.store.compare_set(&key("failed"), None, &failure.to_json())?;
-        Ok(Failure::from_json(&first, "the store"))
+        let key = key("failed");
+        let ours = failure.to_json();
+        let mut expected: Option<Vec<u8>> = None;
+        for _ in 0..MAX_FAILURE_SWAPS {
+            let current = self.store.compare_set(&key, expected.as_deref(), &ours)?;
+            if current == ours {
+                return Ok(failure.clone());
+            }
+            let published = Failure::from_json(&current, "the store");
+            if !failure.replaces(&published) {
+                return Ok(published);
+            }
+            expected = Some(current);
+        }
+        Ok(self.failure()?.unwrap_or_else(|| failure.clone()))
     }
 
     /// One round of watching the job from this node: the failure key, then (once a

@@ -8,9 +8,9 @@ use super::coordination::{Coordinator, Interrupt, NodeRecord};
 use super::output::{self, say};
 use super::report::Failure;
 use super::spawn::{self, JobEnv, Placement};
-use super::supervise::{self, RankState, Supervisor};
+use super::supervise::{self, NodeJob, RankState, Supervisor};
 use super::watchdog::Watchdog;
-use super::{secret, signals, LaunchError, LaunchOptions, RankCommand};
+use super::{secret, shm_sweep, signals, LaunchError, LaunchOptions, RankCommand};
 use crate::env::{LauncherEnv, DEFAULT_RDZV_TIMEOUT_SECS, DEFAULT_TIMEOUT_SECS};
 
 /// How a job ended, from this node's point of view.
@@ -18,7 +18,7 @@ use crate::env::{LauncherEnv, DEFAULT_RDZV_TIMEOUT_SECS, DEFAULT_TIMEOUT_SECS};
 pub struct LaunchOutcome {
     /// The launcher's exit code: 0 if every rank succeeded, 128 + n after stop signal n, 1 otherwise.
     pub exit_code: i32,
-    /// The job's first failure, as printed in the summary.
+    /// The job's root cause, as printed in the summary.
     pub failure: Option<Failure>,
     /// The job's run id.
     pub run_id: String,
@@ -26,7 +26,8 @@ pub struct LaunchOutcome {
 
 /// Runs this node's part of a job: `options.nproc_per_node` ranks of `command`, each with the
 /// environment of [`crate::env::DistEnv`], until they have all ended. Prints each rank's output
-/// with a `[rankN]: ` prefix and, if the job fails, one summary naming the rank that failed first.
+/// with a `[rankN]: ` prefix and, if the job fails, one summary naming the root cause (see
+/// [`Failure`]); once the ranks have all ended, removes the run's shared-memory files on this host.
 ///
 /// Errors are for jobs that could not start (bad options, no store, nodes that disagree); a
 /// failing rank is a [`LaunchOutcome`] with a non-zero exit code.
@@ -144,6 +145,7 @@ pub fn launch(options: &LaunchOptions, command: &RankCommand) -> Result<LaunchOu
             Err(e) => {
                 let _ = coordinator.publish_failure(&node_failure(e.to_string()));
                 abort_started(&ranks, &events, options.grace_period);
+                shm_sweep::sweep_run(&run_id, first_rank..first_rank + options.nproc_per_node);
                 watchdog.disarm();
                 return Err(e);
             }
@@ -152,16 +154,13 @@ pub fn launch(options: &LaunchOptions, command: &RankCommand) -> Result<LaunchOu
     // Only the waiting threads hold senders now, so the channel tells when they are all gone.
     drop(events_tx);
 
-    let ended = Supervisor::new(
+    let node = NodeJob {
         node_rank,
         host,
-        options.grace_period,
-        &mut coordinator,
-        ranks,
-        events,
-        watchdog,
-    )
-    .run();
+        run_id: run_id.clone(),
+        grace_period: options.grace_period,
+    };
+    let ended = Supervisor::new(node, &mut coordinator, ranks, events, watchdog).run();
     let exit_code = match (ended.signal, &ended.failure) {
         (Some(signal), _) => 128 + signal as i32,
         (None, Some(_)) => 1,

@@ -6,6 +6,12 @@
 //! `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`,
 //! `BURNRUN_RUN_ID`, `BURNRUN_SECRET`, `BURNRUN_TIMEOUT_SECS`, `BURNRUN_RDZV_TIMEOUT_SECS`.
 //!
+//! When ranks fail, the summary names the root cause, chosen among the failures seen within a
+//! short window by a documented rule (a rank killed by a signal beats one that exited with a code,
+//! a rank that lost its connection to a failed peer is secondary); see `report::root_cause`.
+//! Once its ranks have all ended, a launcher removes the run's shared-memory files from its host
+//! (`transport::SHM_DIR`, names starting with `transport::shm_rank_file_prefix(run_id, rank)` for its own ranks).
+//!
 //! No rank outlives its launcher: each runs in its own process group with `PR_SET_PDEATHSIG`,
 //! and a forked watchdog kills those groups if the launcher is killed.
 
@@ -16,6 +22,7 @@ mod options;
 mod output;
 mod report;
 mod secret;
+mod shm_sweep;
 mod signals;
 mod spawn;
 mod supervise;

@@ -1,5 +1,6 @@
-//! What went wrong in a job, in a form every node's launcher can print: the first failure is
-//! published in the store as JSON, so all nodes print the same summary.
+//! What went wrong in a job, in a form every node's launcher can print: the root cause is
+//! published in the store as JSON, so all nodes print the same summary; [`root_cause`] says which
+//! of several failed ranks it is.
 
 use std::fmt::Write as _;
 use std::os::unix::process::ExitStatusExt;
@@ -42,6 +43,13 @@ impl ExitCause {
     /// True for exit code 0.
     pub fn success(&self) -> bool {
         *self == ExitCause::Code(0)
+    }
+
+    /// True when a signal killed the process that is not a consequence of a peer going away:
+    /// SIGPIPE is left out (a rank writing to a socket whose other end died gets it), so it counts
+    /// like an exit code. Only meaningful for a signal the launcher did not send.
+    pub(crate) fn is_fatal_signal(&self) -> bool {
+        matches!(self, ExitCause::Signal { number, .. } if *number != libc::SIGPIPE)
     }
 }
 
@@ -86,6 +94,78 @@ pub struct RankFailure {
     pub runtime_ms: u64,
     /// The last lines it wrote to stderr.
     pub stderr_tail: Vec<String>,
+}
+
+/// Markers of a message in which a rank says a peer went away, each followed by that peer's rank:
+/// the transport's and the collectives' "connection to peer N lost", a failed connect, and a
+/// collective that timed out waiting for the peer.
+const LOST_PEER_MARKERS: [&str; 3] = ["connection to peer ", "cannot connect to peer ", "waiting for peer "];
+
+impl RankFailure {
+    /// The ranks this rank's stderr tail says it lost (or could not reach), without duplicates.
+    pub(crate) fn lost_peers(&self) -> Vec<usize> {
+        let mut peers = Vec::new();
+        for line in &self.stderr_tail {
+            for marker in LOST_PEER_MARKERS {
+                for (at, _) in line.match_indices(marker) {
+                    let rest = &line[at + marker.len()..];
+                    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+                    let Ok(peer) = rest[..digits].parse::<usize>() else {
+                        continue;
+                    };
+                    if peer != self.rank && !peers.contains(&peer) {
+                        peers.push(peer);
+                    }
+                }
+            }
+        }
+        peers
+    }
+
+    /// One phrase for the "also failed" line: `rank 0 (exited with code 1, lost peer 1)`.
+    pub(crate) fn brief(&self) -> String {
+        let peers = self.lost_peers();
+        if peers.is_empty() {
+            format!("rank {} ({})", self.rank, self.cause)
+        } else {
+            let peers: Vec<String> = peers.iter().map(usize::to_string).collect();
+            format!("rank {} ({}, lost peer {})", self.rank, self.cause, peers.join(", "))
+        }
+    }
+}
+
+/// Picks the job's root cause among rank failures listed in the order they were observed, and
+/// returns its index. When one rank dies, its peers fail within milliseconds, and which exit a
+/// launcher observes first is up to the scheduler; so the first observed is only the last resort:
+///
+/// 1. A failure is secondary when its stderr tail says it lost its connection to (or could not
+///    reach, or timed out waiting for) peer N and rank N is in the list too; secondary failures are
+///    left out, unless every failure is secondary (they name each other), then none is.
+/// 2. Among the rest, a rank killed by a signal (not SIGPIPE, see [`ExitCause::is_fatal_signal`])
+///    beats one that exited with a code: a crash or a kill from outside explains an exit, rarely
+///    the other way round.
+/// 3. Among equals, the earliest observed.
+///
+/// The list must hold only failures of their own: ranks the launcher itself stopped are not in it.
+pub(crate) fn root_cause(failures: &[&RankFailure]) -> Option<usize> {
+    let failed: Vec<usize> = failures.iter().map(|f| f.rank).collect();
+    let secondary: Vec<bool> = failures
+        .iter()
+        .map(|f| f.lost_peers().iter().any(|peer| failed.contains(peer)))
+        .collect();
+    let all_secondary = secondary.iter().all(|&s| s);
+    let mut best: Option<usize> = None;
+    for (i, failure) in failures.iter().enumerate() {
+        if secondary[i] && !all_secondary {
+            continue;
+        }
+        // Replaced only by a strictly better one: ties keep the earlier.
+        let better = |b: usize| failure.cause.is_fatal_signal() && !failures[b].cause.is_fatal_signal();
+        if best.is_none_or(better) {
+            best = Some(i);
+        }
+    }
+    best
 }
 
 /// Why a job stopped before all ranks succeeded.
@@ -148,6 +228,16 @@ impl Failure {
         }
     }
 
+    /// Whether this failure should replace `published` as the job's root cause: both are rank
+    /// failures and [`root_cause`] prefers this one to the one published before it. A launcher's
+    /// stop ([`Failure::Node`]) is never replaced and never replaces.
+    pub(crate) fn replaces(&self, published: &Failure) -> bool {
+        match (self, published) {
+            (Failure::Rank(ours), Failure::Rank(theirs)) => root_cause(&[theirs, ours]) == Some(1),
+            _ => false,
+        }
+    }
+
     /// Serializes for the store.
     pub(crate) fn to_json(&self) -> Vec<u8> {
         // Invariant: the types hold only strings and integers, which always serialize.
@@ -191,6 +281,94 @@ mod tests {
         assert!(text.contains("rank 3 (node 1, local rank 1, pid 4242 on gpu7) was killed by signal SIGKILL"));
         assert!(text.contains("[rank3]: boom"), "{text}");
         assert_eq!(Failure::from_json(&failure.to_json(), "x"), failure);
+    }
+
+    fn failed(rank: usize, cause: ExitCause, stderr: &[&str]) -> RankFailure {
+        RankFailure {
+            rank,
+            node_rank: 0,
+            local_rank: rank,
+            pid: 100 + rank as u32,
+            host: "h".into(),
+            cause,
+            runtime_ms: 10,
+            stderr_tail: stderr.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn killed(number: i32) -> ExitCause {
+        ExitCause::Signal {
+            number,
+            name: signal_name(number),
+            core_dumped: false,
+        }
+    }
+
+    const LOST_1: &str = "Error: rank 0: all_reduce #7: connection to peer 1 lost (early eof); that rank likely exited";
+
+    #[test]
+    fn the_lost_peers_are_read_from_the_messages_of_the_transport_and_the_collectives() {
+        let f = failed(
+            0,
+            ExitCause::Code(1),
+            &[
+                LOST_1,
+                "rank 0: cannot connect to peer 12 at 10.0.0.2:4000: refused",
+                "rank 0: barrier #3 timed out after 5s waiting for peer 3 (nothing arrived)",
+                "connection to peer 1 lost: again",
+                "connection to peer x lost, peer 0 is this rank",
+            ],
+        );
+        assert_eq!(f.lost_peers(), [1, 12, 3]);
+        assert_eq!(f.brief(), "rank 0 (exited with code 1, lost peer 1, 12, 3)");
+        assert!(failed(2, ExitCause::Code(1), &["boom"]).lost_peers().is_empty());
+    }
+
+    #[test]
+    fn a_rank_killed_by_a_signal_beats_an_earlier_rank_that_exited_with_a_code() {
+        let first = failed(0, ExitCause::Code(1), &["boom"]);
+        let second = failed(1, killed(libc::SIGKILL), &[]);
+        let third = failed(2, killed(libc::SIGSEGV), &[]);
+        assert_eq!(root_cause(&[&first, &second, &third]), Some(1), "earliest signal");
+        assert_eq!(root_cause(&[&first]), Some(0));
+        assert_eq!(root_cause(&[]), None);
+        let code_2 = failed(2, ExitCause::Code(2), &[]);
+        assert_eq!(root_cause(&[&first, &code_2]), Some(0), "earliest code");
+    }
+
+    #[test]
+    fn sigpipe_counts_like_an_exit_code() {
+        let first = failed(0, ExitCause::Code(1), &["boom"]);
+        let piped = failed(1, killed(libc::SIGPIPE), &[]);
+        assert_eq!(root_cause(&[&first, &piped]), Some(0));
+    }
+
+    #[test]
+    fn a_rank_that_lost_a_failed_peer_is_secondary_even_if_a_signal_killed_it() {
+        let lost = failed(0, killed(libc::SIGABRT), &[LOST_1]);
+        let peer = failed(1, ExitCause::Code(3), &[]);
+        assert_eq!(root_cause(&[&lost, &peer]), Some(1));
+        // Peer 1 did not fail: the message alone makes nobody secondary.
+        let other = failed(2, ExitCause::Code(3), &[]);
+        assert_eq!(root_cause(&[&lost, &other]), Some(0));
+        // Two ranks that name each other: neither is left out.
+        let mutual = failed(1, ExitCause::Code(1), &["rank 1: connection to peer 0 lost: reset"]);
+        assert_eq!(root_cause(&[&lost, &mutual]), Some(0));
+    }
+
+    #[test]
+    fn a_published_failure_is_replaced_only_by_a_preferred_rank_failure() {
+        let lost = Failure::Rank(failed(0, ExitCause::Code(1), &[LOST_1]));
+        let peer = Failure::Rank(failed(1, ExitCause::Code(3), &[]));
+        let node = Failure::Node {
+            node_rank: 1,
+            host: "h".into(),
+            reason: "its launcher received SIGINT".into(),
+        };
+        assert!(peer.replaces(&lost));
+        assert!(!lost.replaces(&peer));
+        assert!(!peer.replaces(&peer), "a tie keeps the published one");
+        assert!(!peer.replaces(&node) && !node.replaces(&lost));
     }
 
     #[test]

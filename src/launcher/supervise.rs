@@ -12,7 +12,8 @@ use nix::unistd::Pid;
 
 use super::coordination::Coordinator;
 use super::output::{say, RankOutput};
-use super::report::{ExitCause, Failure, RankFailure};
+use super::report::{root_cause, ExitCause, Failure, RankFailure};
+use super::shm_sweep;
 use super::signals;
 use super::spawn::Placement;
 use super::watchdog::Watchdog;
@@ -21,8 +22,16 @@ use super::watchdog::Watchdog;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(150);
 /// Longest sleep of the supervision loop between two looks at signals and deadlines.
 const TICK: Duration = Duration::from_millis(50);
-/// How long a failed rank's stderr may take to drain before its summary is published.
+/// How long a failed rank's stderr may take to drain, from its exit, before its summary is published.
 const TAIL_WAIT: Duration = Duration::from_millis(300);
+/// After the first failure of a local rank, how long other failures are still collected before
+/// the root cause is chosen (see [`root_cause`]). When a rank dies its peers fail within
+/// milliseconds ("connection to peer 1 lost"), and on a loaded machine a survivor's exit can be
+/// observed first: the threads waiting for the ranks run in no particular order. A quarter second
+/// covers that reordering with room to spare. It never delays the teardown, which starts at the
+/// first failure, and never outlasts it: the window closes as soon as every local rank has ended.
+/// Only the publication to the other nodes waits for it.
+const ROOT_CAUSE_WINDOW: Duration = Duration::from_millis(250);
 /// How long ranks get to die after SIGKILL before the launcher stops waiting for them.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long the output threads get to drain the pipes once every rank has ended.
@@ -54,6 +63,34 @@ impl RankState {
 pub(crate) struct ExitEvent {
     local_rank: usize,
     cause: ExitCause,
+}
+
+/// A local rank's failure, not caused by the launcher, collected while the root cause is open.
+#[derive(Debug)]
+struct Candidate {
+    local_rank: usize,
+    cause: ExitCause,
+    observed: Instant,
+}
+
+/// The local failures collected since the first one, until `until`.
+#[derive(Debug)]
+struct Collecting {
+    until: Instant,
+    candidates: Vec<Candidate>,
+}
+
+/// What the supervisor needs to know about its node and run.
+#[derive(Debug)]
+pub(crate) struct NodeJob {
+    /// This node's rank.
+    pub(crate) node_rank: usize,
+    /// This node's host name.
+    pub(crate) host: String,
+    /// The run's id (names its shared-memory files).
+    pub(crate) run_id: String,
+    /// Time between the teardown signal and SIGKILL.
+    pub(crate) grace_period: Duration,
 }
 
 /// Starts the thread that waits for `child` and reports its exit on `events`.
@@ -103,7 +140,7 @@ struct Teardown {
 /// How a node's part of the job ended.
 #[derive(Debug)]
 pub(crate) struct Ended {
-    /// The job's first failure as this node knows it.
+    /// The job's root cause as this node knows it.
     pub(crate) failure: Option<Failure>,
     /// The stop signal this launcher received.
     pub(crate) signal: Option<Signal>,
@@ -114,12 +151,17 @@ pub(crate) struct Ended {
 pub(crate) struct Supervisor<'a> {
     node_rank: usize,
     host: String,
+    run_id: String,
     grace_period: Duration,
     coordinator: &'a mut Coordinator,
     ranks: Vec<RankState>,
     events: mpsc::Receiver<ExitEvent>,
     watchdog: Watchdog,
     teardown: Option<Teardown>,
+    /// Local failures collected before the root cause is chosen.
+    collecting: Option<Collecting>,
+    /// The local failures the root cause was chosen from (once chosen), in observed order.
+    local_failures: Vec<RankFailure>,
     failure: Option<Failure>,
     signal: Option<Signal>,
     store_lost: bool,
@@ -128,23 +170,24 @@ pub(crate) struct Supervisor<'a> {
 impl<'a> Supervisor<'a> {
     /// A supervisor for ranks already started.
     pub(crate) fn new(
-        node_rank: usize,
-        host: String,
-        grace_period: Duration,
+        node: NodeJob,
         coordinator: &'a mut Coordinator,
         ranks: Vec<RankState>,
         events: mpsc::Receiver<ExitEvent>,
         watchdog: Watchdog,
     ) -> Self {
         Self {
-            node_rank,
-            host,
-            grace_period,
+            node_rank: node.node_rank,
+            host: node.host,
+            run_id: node.run_id,
+            grace_period: node.grace_period,
             coordinator,
             ranks,
             events,
             watchdog,
             teardown: None,
+            collecting: None,
+            local_failures: Vec::new(),
             failure: None,
             signal: None,
             store_lost: false,
@@ -160,7 +203,11 @@ impl<'a> Supervisor<'a> {
     pub(crate) fn run(mut self) -> Ended {
         let mut next_poll = Instant::now();
         while self.running().next().is_some() {
-            match self.events.recv_timeout(TICK) {
+            let tick = match &self.collecting {
+                Some(collecting) => TICK.min(collecting.until.saturating_duration_since(Instant::now())),
+                None => TICK,
+            };
+            match self.events.recv_timeout(tick) {
                 Ok(event) => self.on_exit(event),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -176,14 +223,21 @@ impl<'a> Supervisor<'a> {
                 next_poll = Instant::now() + POLL_INTERVAL;
                 self.poll_store();
             }
+            if self.collecting.as_ref().is_some_and(|c| Instant::now() >= c.until) {
+                self.choose_root_cause();
+            }
             if !self.escalate() {
                 break;
             }
         }
+        // The window also closes when every local rank has ended.
+        self.choose_root_cause();
         self.finish()
     }
 
     fn on_exit(&mut self, event: ExitEvent) {
+        let observed = Instant::now();
+        let caused_by_launcher = self.sent_by_launcher(&event.cause);
         let Some(rank) = self.ranks.get_mut(event.local_rank) else {
             return;
         };
@@ -193,47 +247,112 @@ impl<'a> Supervisor<'a> {
             tracing::debug!(rank = placement.rank, "rank exited with code 0");
             return;
         }
-        if self.teardown.is_some() {
-            // Stopped by the teardown, or failing because a peer was stopped: not the first failure.
-            tracing::debug!(rank = placement.rank, cause = %event.cause, "rank ended during teardown");
+        if caused_by_launcher {
+            tracing::debug!(rank = placement.rank, cause = %event.cause, "rank stopped by the teardown");
             return;
         }
-        self.begin_teardown(Signal::SIGTERM, &format!("rank {} {}", placement.rank, event.cause));
-        let rank = &self.ranks[event.local_rank];
-        rank.output.wait_closed(Instant::now() + TAIL_WAIT);
-        let local = Failure::Rank(RankFailure {
-            rank: placement.rank,
-            node_rank: placement.node_rank,
-            local_rank: placement.local_rank,
-            pid: rank.pid,
-            host: self.host.clone(),
+        let candidate = Candidate {
+            local_rank: event.local_rank,
             cause: event.cause,
-            runtime_ms: rank.started.elapsed().as_millis() as u64,
-            stderr_tail: rank.output.stderr_tail(),
+            observed,
+        };
+        if let Some(collecting) = &mut self.collecting {
+            collecting.candidates.push(candidate);
+            return;
+        }
+        if self.teardown.is_some() {
+            // The teardown was started by another node's failure (a local one would be collected
+            // or already chosen from). A rank exiting with a code now may do so because it was
+            // stopped; only a signal the launcher did not send makes it a failure of its own,
+            // which may explain the other node's (see `Coordinator::publish_failure`).
+            let stopped_by_store = self.signal.is_none() && !self.store_lost && self.local_failures.is_empty();
+            if !(stopped_by_store && candidate.cause.is_fatal_signal()) {
+                tracing::debug!(rank = placement.rank, cause = %candidate.cause, "rank ended during teardown");
+                return;
+            }
+        }
+        self.begin_teardown(Signal::SIGTERM, &format!("rank {} {}", placement.rank, candidate.cause));
+        self.collecting = Some(Collecting {
+            until: observed + ROOT_CAUSE_WINDOW,
+            candidates: vec![candidate],
         });
+    }
+
+    /// Whether the launcher's own teardown explains `cause`: killed by a signal it sent (the
+    /// teardown signal, SIGKILL once it escalated), or an exit code 128 + that signal, which is
+    /// how shells and most runtimes report a child killed by it.
+    fn sent_by_launcher(&self, cause: &ExitCause) -> bool {
+        let Some(teardown) = self.teardown else { return false };
+        let sent = |number: i32| {
+            number == teardown.signal as i32 || (teardown.killed.is_some() && number == Signal::SIGKILL as i32)
+        };
+        match cause {
+            ExitCause::Signal { number, .. } => sent(*number),
+            ExitCause::Code(code) => *code > 128 && sent(code - 128),
+        }
+    }
+
+    /// Ends the collection window: waits (bounded) for the failed ranks' stderr, picks the root
+    /// cause by [`root_cause`] and publishes it. Nothing to do when no window is open.
+    fn choose_root_cause(&mut self) {
+        let Some(collecting) = self.collecting.take() else {
+            return;
+        };
+        let failures: Vec<RankFailure> = collecting
+            .candidates
+            .into_iter()
+            .map(|candidate| {
+                let rank = &self.ranks[candidate.local_rank];
+                rank.output.wait_closed(candidate.observed + TAIL_WAIT);
+                RankFailure {
+                    rank: rank.placement.rank,
+                    node_rank: rank.placement.node_rank,
+                    local_rank: rank.placement.local_rank,
+                    pid: rank.pid,
+                    host: self.host.clone(),
+                    cause: candidate.cause,
+                    runtime_ms: candidate.observed.saturating_duration_since(rank.started).as_millis() as u64,
+                    stderr_tail: rank.output.stderr_tail(),
+                }
+            })
+            .collect();
+        let refs: Vec<&RankFailure> = failures.iter().collect();
+        // Invariant: a window opens with one candidate and never loses one.
+        let chosen = root_cause(&refs).expect("a collection window holds a failure");
+        if failures.len() > 1 {
+            tracing::debug!(
+                root_cause = failures[chosen].rank,
+                failed = ?failures.iter().map(|f| f.rank).collect::<Vec<_>>(),
+                "chose the root cause among this node's failures"
+            );
+        }
+        let local = Failure::Rank(failures[chosen].clone());
+        self.local_failures = failures;
         self.record_failure(local);
     }
 
-    /// Publishes this node's failure and keeps whichever one the store says came first.
+    /// Publishes this node's failure; the job's is whichever the store then holds (the first
+    /// published, or this one if it is preferred, see [`Failure::replaces`]).
     fn record_failure(&mut self, local: Failure) {
-        if self.failure.is_some() {
+        if self.store_lost {
+            self.failure.get_or_insert(local);
             return;
         }
-        let first = if self.store_lost {
-            local
-        } else {
-            match self.coordinator.publish_failure(&local) {
-                Ok(first) => first,
-                Err(e) => {
-                    say(format_args!("cannot tell the other nodes about the failure: {e}"));
-                    local
-                }
+        if self.failure.is_some() && !matches!(local, Failure::Rank(_)) {
+            return;
+        }
+        match self.coordinator.publish_failure(&local) {
+            Ok(first) => self.failure = Some(first),
+            Err(e) => {
+                say(format_args!("cannot tell the other nodes about the failure: {e}"));
+                self.failure.get_or_insert(local);
             }
-        };
-        self.failure = Some(first);
+        }
     }
 
     fn on_signal(&mut self, signal: Signal) {
+        // A rank failed before the signal came: that failure is the root cause, chosen now.
+        self.choose_root_cause();
         if self.signal.is_some() || self.teardown.is_some() {
             say(format_args!("received {signal} again: killing every rank now"));
             self.signal.get_or_insert(signal);
@@ -352,6 +471,8 @@ impl<'a> Supervisor<'a> {
                 tracing::debug!(rank = rank.placement.rank, "killed processes the rank left behind");
             }
         }
+        let first = self.ranks.iter().map(|r| r.placement.rank).min().unwrap_or(0);
+        shm_sweep::sweep_run(&self.run_id, first..first + self.ranks.len());
         let drain_deadline = Instant::now() + DRAIN_WAIT;
         for rank in &self.ranks {
             if !rank.output.wait_closed(drain_deadline) {
@@ -373,12 +494,14 @@ impl<'a> Supervisor<'a> {
             if self.coordinator.hosts_store() {
                 self.wait_for_other_nodes(succeeded);
             }
+            self.reread_failure();
         }
         let Self {
             failure,
             signal,
             watchdog,
             ranks,
+            local_failures,
             ..
         } = self;
         watchdog.disarm();
@@ -386,9 +509,19 @@ impl<'a> Supervisor<'a> {
             for line in failure.summary_lines() {
                 say(line);
             }
+            let is_root = |rank: usize| matches!(&failure, Failure::Rank(f) if f.rank == rank);
+            let also: Vec<String> = local_failures
+                .iter()
+                .filter(|f| !is_root(f.rank))
+                .map(RankFailure::brief)
+                .collect();
+            if !also.is_empty() {
+                say(format_args!("also failed: {}", also.join("; ")));
+            }
             let stopped = ranks
                 .iter()
-                .filter(|r| !matches!(&failure, Failure::Rank(f) if f.rank == r.placement.rank))
+                .filter(|r| !is_root(r.placement.rank))
+                .filter(|r| !local_failures.iter().any(|f| f.rank == r.placement.rank))
                 .filter(|r| r.exit.as_ref().is_some_and(|c| !c.success()))
                 .count();
             if stopped > 0 {
@@ -396,6 +529,22 @@ impl<'a> Supervisor<'a> {
             }
         }
         Ended { failure, signal }
+    }
+
+    /// Takes the job's failure from the store once more before the summary: a slower node may have
+    /// replaced it with one it prefers (see [`Failure::replaces`]). Node 0 reads it after every
+    /// node reported its end, so it prints the final choice; another node prints what the store
+    /// held when its own ranks had ended, which is the earlier failure if a node replaced it later.
+    fn reread_failure(&mut self) {
+        if self.failure.is_none() {
+            return;
+        }
+        match self.coordinator.failure() {
+            Ok(Some(failure)) => self.failure = Some(failure),
+            Ok(None) => {}
+            // Node 0 may be gone already; this node's view stands.
+            Err(e) => tracing::debug!("cannot read the job's failure again: {e}"),
+        }
     }
 
     /// Node 0 keeps the store up until every node reported its end: while they run, for as long

@@ -16,7 +16,8 @@ use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{bf16, f16, DType, Tensor, TensorData};
+use half::slice::HalfFloatSliceExt;
 
 use super::error::ModelError;
 
@@ -52,9 +53,10 @@ pub struct ParamLayout {
 impl ParamLayout {
     /// The layout of `module`'s float parameters (no tensor is read or initialised).
     pub fn of<M: Module>(module: &M) -> Self {
-        let mut visitor = LayoutVisitor::default();
-        module.visit(&mut visitor);
-        visitor.layout
+        // Invariant: LayoutVisitor::visit always returns Ok.
+        visit_params(module, LayoutVisitor::default())
+            .expect("the layout visitor never fails")
+            .layout
     }
 
     /// The entry named `name`.
@@ -73,7 +75,7 @@ impl ParamLayout {
     }
 }
 
-/// The module path stack shared by every visitor and mapper here.
+/// The module path stack shared by every visitor here.
 #[derive(Debug, Default)]
 struct PathStack {
     /// `(name, counts)`: enum variants are pushed with `counts = false` so exits stay balanced.
@@ -101,13 +103,34 @@ impl PathStack {
     }
 }
 
-#[derive(Debug, Default)]
-struct LayoutVisitor {
-    path: PathStack,
-    layout: ParamLayout,
+/// What a visitor here does with one float parameter, told the module path it sits at (the name
+/// is built only when asked for: most visits never need it).
+trait ParamVisit {
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError>;
 }
 
-impl ModuleVisitor for LayoutVisitor {
+/// Visits every float parameter of `module` in order with `inner`, tracking module paths, and
+/// stops at the first error; returns `inner` for its results.
+fn visit_params<M: Module, V: ParamVisit>(module: &M, inner: V) -> Result<V, ModelError> {
+    let mut visitor = PathVisitor {
+        path: PathStack::default(),
+        inner,
+        error: None,
+    };
+    module.visit(&mut visitor);
+    visitor.error.map_or(Ok(visitor.inner), Err)
+}
+
+/// burn's [`ModuleVisitor`] around a [`ParamVisit`]: the path tracking and the first error.
+/// (burn's `visit_float_with_path` is not called by `Module::visit`, hence the stack.)
+#[derive(Debug)]
+struct PathVisitor<V> {
+    path: PathStack,
+    inner: V,
+    error: Option<ModelError>,
+}
+
+impl<V: ParamVisit> ModuleVisitor for PathVisitor<V> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.enter(name, container_type);
     }
@@ -117,54 +140,73 @@ impl ModuleVisitor for LayoutVisitor {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.error.is_none() {
+            self.error = self.inner.visit(&self.path, param).err();
+        }
+    }
+}
+
+/// Collects the [`ParamLayout`].
+#[derive(Debug, Default)]
+struct LayoutVisitor {
+    layout: ParamLayout,
+}
+
+impl ParamVisit for LayoutVisitor {
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
         let shape = param.lazy_shape().to_vec();
         let numel = shape.iter().product();
         self.layout.params.push(ParamInfo {
-            name: self.path.name(),
+            name: path.name(),
             shape,
             offset: self.layout.numel,
             numel,
         });
         self.layout.numel += numel;
+        Ok(())
     }
 }
 
-/// Reads a tensor back as f32 values.
-fn read_f32<const D: usize>(tensor: Tensor<D>, name: &str) -> Result<Vec<f32>, ModelError> {
-    let read_back = |why: String| ModelError::ReadBack {
-        name: name.to_string(),
-        why,
+/// Appends a tensor's values to `out` as f32 and returns how many. Two steps: burn's read-back
+/// (which moves the buffer when the tensor holds it alone, and copies it when it is shared, as a
+/// gradient still held by `GradientsParams` or a parameter is), then one pass from that data
+/// straight into `out`, widening f16 and bf16 on the way (no intermediate `Vec<f32>`).
+fn append_f32<const D: usize>(tensor: Tensor<D>, path: &PathStack, out: &mut Vec<f32>) -> Result<usize, ModelError> {
+    let read_back = |why: &dyn std::fmt::Debug| ModelError::ReadBack {
+        name: path.name(),
+        why: format!("{why:?}"),
     };
-    let data = tensor.try_into_data().map_err(|e| read_back(format!("{e:?}")))?;
-    // Converts from the tensor's dtype (f16, bf16, f64…) to f32.
-    data.try_into_vec_as::<f32>().map_err(|e| read_back(format!("{e:?}")))
+    let data = tensor.try_into_data().map_err(|e| read_back(&e))?;
+    let start = out.len();
+    match data.dtype() {
+        DType::F32 => out.extend_from_slice(data.as_slice::<f32>().map_err(|e| read_back(&e))?),
+        DType::F16 => append_widened(data.as_slice::<f16>().map_err(|e| read_back(&e))?, out),
+        DType::BF16 => append_widened(data.as_slice::<bf16>().map_err(|e| read_back(&e))?, out),
+        // f64 and the rest: burn's conversion, through a Vec (no model here uses them).
+        _ => out.extend_from_slice(&data.try_into_vec_as::<f32>().map_err(|e| read_back(&e))?),
+    }
+    Ok(out.len() - start)
 }
 
-/// Reads every float parameter into `out` (cleared first), in visit order.
+/// Appends 16-bit floats to `out` as f32 (`half`'s block conversion, SIMD where the CPU has it).
+fn append_widened<H>(src: &[H], out: &mut Vec<f32>)
+where
+    [H]: HalfFloatSliceExt,
+{
+    let start = out.len();
+    out.resize(start + src.len(), 0.0);
+    src.convert_to_f32_slice(&mut out[start..]);
+}
+
+/// Reads every float parameter into `out`, in visit order.
 #[derive(Debug)]
 struct ParamReader<'a> {
-    path: PathStack,
     out: &'a mut Vec<f32>,
-    error: Option<ModelError>,
 }
 
-impl ModuleVisitor for ParamReader<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if self.error.is_some() {
-            return;
-        }
-        match read_f32(param.val(), &self.path.name()) {
-            Ok(values) => self.out.extend_from_slice(&values),
-            Err(e) => self.error = Some(e),
-        }
+impl ParamVisit for ParamReader<'_> {
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+        append_f32(param.val(), path, self.out).map(|_| ())
     }
 }
 
@@ -178,13 +220,7 @@ pub fn flatten_params<M: Module>(module: &M) -> Result<Vec<f32>, ModelError> {
 /// [`flatten_params`] into a reused buffer (cleared first).
 pub fn flatten_params_into<M: Module>(module: &M, out: &mut Vec<f32>) -> Result<(), ModelError> {
     out.clear();
-    let mut reader = ParamReader {
-        path: PathStack::default(),
-        out,
-        error: None,
-    };
-    module.visit(&mut reader);
-    reader.error.map_or(Ok(()), Err)
+    visit_params(module, ParamReader { out }).map(|_| ())
 }
 
 /// Replaces each float parameter's value by `values[param.range()]`. Ids, dtypes, devices and
@@ -269,41 +305,27 @@ where
 /// took no part in the loss) are zeros, so every rank's buffer has the same layout.
 #[derive(Debug)]
 struct GradReader<'a> {
-    path: PathStack,
     grads: &'a GradientsParams,
     out: &'a mut Vec<f32>,
-    error: Option<ModelError>,
 }
 
-impl ModuleVisitor for GradReader<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.enter(name, container_type);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if self.error.is_some() {
-            return;
-        }
+impl ParamVisit for GradReader<'_> {
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
         let numel = param.lazy_shape().num_elements();
-        match self.grads.get::<D>(param.id) {
-            None => self.out.resize(self.out.len() + numel, 0.0),
-            Some(grad) => match read_f32(grad, &self.path.name()) {
-                Ok(values) if values.len() == numel => self.out.extend_from_slice(&values),
-                Ok(values) => {
-                    self.error = Some(ModelError::ParamSizeMismatch {
-                        name: self.path.name(),
-                        shape: param.lazy_shape().to_vec(),
-                        expected: numel,
-                        got: values.len(),
-                    })
-                }
-                Err(e) => self.error = Some(e),
-            },
+        let Some(grad) = self.grads.get::<D>(param.id) else {
+            self.out.resize(self.out.len() + numel, 0.0);
+            return Ok(());
+        };
+        let got = append_f32(grad, path, self.out)?;
+        if got != numel {
+            return Err(ModelError::ParamSizeMismatch {
+                name: path.name(),
+                shape: param.lazy_shape().to_vec(),
+                expected: numel,
+                got,
+            });
         }
+        Ok(())
     }
 }
 
@@ -322,14 +344,7 @@ pub fn flatten_grads_into<M: Module>(
     out: &mut Vec<f32>,
 ) -> Result<(), ModelError> {
     out.clear();
-    let mut reader = GradReader {
-        path: PathStack::default(),
-        grads,
-        out,
-        error: None,
-    };
-    module.visit(&mut reader);
-    reader.error.map_or(Ok(()), Err)
+    visit_params(module, GradReader { grads, out }).map(|_| ())
 }
 
 /// Registers `values[param.range()]` as every parameter's gradient.

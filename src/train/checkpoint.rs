@@ -5,20 +5,33 @@
 //!   one stage), named by module path (`blocks.0.linear.weight`), so PyTorch's
 //!   `safetensors.torch.load_file` reads them;
 //! - `optim-stage<S>.safetensors`: optimizer state, `<param>.exp_avg`, `<param>.exp_avg_sq`;
+//! - `codec-rank<R>.safetensors` (runs with `[compression]`): rank R's gradient-codec state, its
+//!   error-feedback residuals and PowerSGD's warm-started Q factors ([`CodecCheckpoint`]). Every
+//!   rank writes its own: residuals differ between ranks;
 //! - `state.json`: step, data position, seeds, loss scale, the config; written LAST, so a folder
 //!   without it is an incomplete checkpoint and is never resumed from.
 //!
 //! Every file is written to a temporary name, fsynced, and renamed; the folder is fsynced after.
 //! Loading reads every stage file and picks tensors by name, so a checkpoint saved with one
 //! pipeline layout loads into another with no conversion step.
+//!
+//! Codec state is the exception: it is per rank, so it loads only into the same rank of a job of
+//! the same mesh (`data x pipeline`), with the same `[compression]` config and gradient buckets.
+//! A resume that changes any of these (another world size, method, ratio, rank, seed, start step,
+//! `comm.bucket_cap_mb`) drops it with a warning on each rank and goes on from zero residuals and
+//! freshly seeded PowerSGD factors, as a new run would; the run then no longer matches an
+//! uninterrupted one exactly, but trains normally.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
+
+use crate::compress::{GradCodec, SharedCodec, StateTensor};
 
 /// Errors reading or writing checkpoints; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +139,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 
 /// Serialises tensors to safetensors bytes (f32, little endian).
 pub fn to_safetensors(tensors: &[NamedTensor<'_>]) -> Result<Vec<u8>, CheckpointError> {
+    serialize(tensors, HashMap::new())
+}
+
+/// Safetensors bytes with `metadata` in the header, beside `format = burnrun`.
+fn serialize(tensors: &[NamedTensor<'_>], mut metadata: HashMap<String, String>) -> Result<Vec<u8>, CheckpointError> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|t| {
@@ -139,7 +157,7 @@ pub fn to_safetensors(tensors: &[NamedTensor<'_>]) -> Result<Vec<u8>, Checkpoint
             Ok((t.name.to_string(), view))
         })
         .collect::<Result<_, CheckpointError>>()?;
-    let metadata = HashMap::from([("format".to_string(), "burnrun".to_string())]);
+    metadata.insert("format".to_string(), "burnrun".to_string());
     safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Format {
         path: PathBuf::new(),
         reason: e.to_string(),
@@ -148,7 +166,16 @@ pub fn to_safetensors(tensors: &[NamedTensor<'_>]) -> Result<Vec<u8>, Checkpoint
 
 /// Writes tensors to `path` atomically.
 pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<(), CheckpointError> {
-    let bytes = to_safetensors(tensors).map_err(|e| match e {
+    write_tensors_with(path, tensors, HashMap::new())
+}
+
+/// [`write_tensors`] with `metadata` in the header.
+fn write_tensors_with(
+    path: &Path,
+    tensors: &[NamedTensor<'_>],
+    metadata: HashMap<String, String>,
+) -> Result<(), CheckpointError> {
+    let bytes = serialize(tensors, metadata).map_err(|e| match e {
         CheckpointError::Format { reason, .. } => CheckpointError::Format {
             path: path.to_path_buf(),
             reason,
@@ -170,11 +197,25 @@ pub struct LoadedTensor {
 /// Reads every f32 tensor of a safetensors file.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
     let bytes = fs::read(path).map_err(io(path))?;
+    parse_tensors(path, &bytes)
+}
+
+/// The header's metadata of the safetensors `bytes` read from `path`.
+fn parse_metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>, CheckpointError> {
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| CheckpointError::Format {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// Every f32 tensor of the safetensors `bytes` read from `path`.
+fn parse_tensors(path: &Path, bytes: &[u8]) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
     let format = |reason: String| CheckpointError::Format {
         path: path.to_path_buf(),
         reason,
     };
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
     let mut out = HashMap::new();
     for (name, view) in tensors.tensors() {
         if view.dtype() != Dtype::F32 {
@@ -216,6 +257,181 @@ pub fn read_all(dir: &Path, prefix: &str) -> Result<HashMap<String, LoadedTensor
         out.extend(read_tensors(&file)?);
     }
     Ok(out)
+}
+
+/// File of rank `rank`'s gradient-codec state in a checkpoint folder.
+pub fn codec_state_path(dir: &Path, rank: usize) -> PathBuf {
+    dir.join(format!("codec-rank{rank}.safetensors"))
+}
+
+/// Where a rank sits in the job that saves or resumes codec state: state is loaded only by the
+/// rank of the same number in a job of the same mesh (the same rank then holds the same replica
+/// and stage, so the same buckets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodecSlot {
+    /// Global rank.
+    pub rank: usize,
+    /// Data-parallel replicas of the job.
+    pub data_replicas: usize,
+    /// Pipeline stages of the job.
+    pub pipeline_stages: usize,
+}
+
+impl std::fmt::Display for CodecSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rank {} of a data({}) x pipeline({}) job",
+            self.rank, self.data_replicas, self.pipeline_stages
+        )
+    }
+}
+
+/// What became of a rank's saved codec state on resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodecResume {
+    /// Loaded: this many tensors (0 when the checkpoint was saved before the first compressed
+    /// step, e.g. during `compression.start_step`'s warm-up).
+    Loaded {
+        /// Tensors loaded.
+        tensors: usize,
+    },
+    /// Did not fit this run (another world size or mesh, another `[compression]` config, another
+    /// bucket layout) or was not saved: the codec starts from zero residuals and freshly seeded
+    /// PowerSGD factors, as a new run does. Logged as a warning, not an error: training goes on.
+    Dropped {
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// Metadata keys of a codec-state file.
+const META_CODEC: &str = "codec";
+const META_RANK: &str = "rank";
+const META_DATA_REPLICAS: &str = "data_replicas";
+const META_PIPELINE_STAGES: &str = "pipeline_stages";
+
+/// A rank's gradient codec as checkpoints see it: [`CodecCheckpoint::save`] writes its state
+/// ([`GradCodec::state`]) to [`codec_state_path`], with the codec's description and the rank's
+/// [`CodecSlot`] in the header; [`CodecCheckpoint::load`] restores it when all of these match and
+/// every tensor fits this run's buckets, and otherwise drops it with a warning.
+#[derive(Debug, Clone)]
+pub struct CodecCheckpoint {
+    codec: SharedCodec,
+    slot: CodecSlot,
+    /// Per bucket, the shapes of its parameters.
+    buckets: Vec<Vec<Vec<usize>>>,
+}
+
+impl CodecCheckpoint {
+    /// The codec of the rank at `slot`, whose gradient buckets hold the parameters
+    /// `bucket_params[b]` (indices into `shapes`, the shapes of the parameters in order; both come
+    /// from the same parameter list, as `DataParallel`'s bucket layout does, and a range past
+    /// `shapes` panics).
+    pub fn new(codec: SharedCodec, slot: CodecSlot, bucket_params: &[Range<usize>], shapes: &[Vec<usize>]) -> Self {
+        let buckets = bucket_params.iter().map(|r| shapes[r.clone()].to_vec()).collect();
+        Self { codec, slot, buckets }
+    }
+
+    /// Writes this rank's codec state into the checkpoint folder `dir`, atomically. Call it on
+    /// every rank before `state.json` is written.
+    pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let state = self.codec.state();
+        let tensors: Vec<NamedTensor<'_>> = state
+            .iter()
+            .map(|t| NamedTensor {
+                name: &t.name,
+                shape: &t.shape,
+                data: &t.data,
+            })
+            .collect();
+        let metadata = HashMap::from([
+            (META_CODEC.to_string(), self.codec.describe()),
+            (META_RANK.to_string(), self.slot.rank.to_string()),
+            (META_DATA_REPLICAS.to_string(), self.slot.data_replicas.to_string()),
+            (META_PIPELINE_STAGES.to_string(), self.slot.pipeline_stages.to_string()),
+        ]);
+        write_tensors_with(&codec_state_path(dir, self.slot.rank), &tensors, metadata)
+    }
+
+    /// Restores this rank's codec state from the checkpoint folder `dir`. State that does not fit
+    /// (see [`CodecResume::Dropped`]) is dropped with a warning naming the file and the reason,
+    /// and the codec starts from zero state; only a file that cannot be read or parsed is an
+    /// error.
+    pub fn load(&mut self, dir: &Path) -> Result<CodecResume, CheckpointError> {
+        let path = codec_state_path(dir, self.slot.rank);
+        let outcome = self.try_load(&path)?;
+        if let CodecResume::Dropped { reason } = &outcome {
+            tracing::warn!(
+                "rank {}: gradient codec state not resumed from {}: {reason}; error feedback and PowerSGD factors \
+                 start from zero, so this run will not match an uninterrupted one exactly",
+                self.slot.rank,
+                path.display()
+            );
+        }
+        Ok(outcome)
+    }
+
+    fn try_load(&mut self, path: &Path) -> Result<CodecResume, CheckpointError> {
+        let dropped = |reason: String| Ok(CodecResume::Dropped { reason });
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return dropped(
+                    "the checkpoint has no codec state for this rank (saved without compression, by an older \
+                     burnrun, or by a job with fewer ranks)"
+                        .to_string(),
+                )
+            }
+            Err(e) => return Err(io(path)(e)),
+        };
+        let metadata = parse_metadata(path, &bytes)?;
+        let field = |key: &str| {
+            metadata.get(key).cloned().ok_or_else(|| CheckpointError::Format {
+                path: path.to_path_buf(),
+                reason: format!("the header's metadata lacks `{key}`"),
+            })
+        };
+        let number = |key: &str| {
+            let text = field(key)?;
+            text.parse::<usize>().map_err(|e| CheckpointError::Format {
+                path: path.to_path_buf(),
+                reason: format!("metadata `{key}` = {text:?}: {e}"),
+            })
+        };
+        let saved_codec = field(META_CODEC)?;
+        let saved_slot = CodecSlot {
+            rank: number(META_RANK)?,
+            data_replicas: number(META_DATA_REPLICAS)?,
+            pipeline_stages: number(META_PIPELINE_STAGES)?,
+        };
+        let codec = self.codec.describe();
+        if saved_codec != codec {
+            return dropped(format!(
+                "it was saved by the codec `{saved_codec}`, this run's is `{codec}`"
+            ));
+        }
+        if saved_slot != self.slot {
+            return dropped(format!("it was saved by {saved_slot}, this is {}", self.slot));
+        }
+        let tensors: Vec<StateTensor> = parse_tensors(path, &bytes)?
+            .into_iter()
+            .map(|(name, t)| StateTensor {
+                name,
+                shape: t.shape,
+                data: t.data,
+            })
+            .collect();
+        let count = tensors.len();
+        match self.codec.load_state(&self.buckets, tensors) {
+            Ok(()) => Ok(CodecResume::Loaded { tensors: count }),
+            Err(e) => {
+                // load_state left the state as it was; make sure it is the zero state.
+                self.codec.reset();
+                dropped(format!("it does not fit this run's gradient buckets: {e}"))
+            }
+        }
+    }
 }
 
 /// Writes `state.json`: the mark of a complete checkpoint.

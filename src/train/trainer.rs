@@ -12,7 +12,7 @@ use std::time::Instant;
 use burn::tensor::{Device, FloatDType};
 
 use crate::comm::{ProcessGroup, ReduceOp};
-use crate::compress::build_codec;
+use crate::compress::{build_codec, SharedCodec};
 use crate::config::{
     CommBackend, ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig,
 };
@@ -151,13 +151,20 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let mut master = flatten_params(&model).map_err(model_err)?;
     let bucket_cap = (cfg.comm.bucket_cap_mb * 1024.0 * 1024.0) as usize;
     let mut ddp = DataParallel::new(place.data_group.clone(), &numels, bucket_cap);
+    let mut codec_ckpt = None; // The codec's state in checkpoints (residuals, PowerSGD's Q).
     if build::compressed(cfg) {
         let shapes: Vec<Vec<usize>> = layout.params.iter().map(|p| p.shape.clone()).collect();
-        let codec = build_codec(&build::codec_options(cfg)).map_err(|e| TrainError::Sync {
+        let codec = SharedCodec::new(build_codec(&build::codec_options(cfg)).map_err(|e| TrainError::Sync {
             rank,
             source: SyncError::Codec(e),
-        })?;
-        ddp = ddp.with_codec(codec, &shapes);
+        })?);
+        ddp = ddp.with_codec(Box::new(codec.clone()), &shapes);
+        let slot = ckpt::CodecSlot {
+            rank,
+            data_replicas: place.dims.data,
+            pipeline_stages: place.dims.pipeline,
+        };
+        codec_ckpt = Some(ckpt::CodecCheckpoint::new(codec, slot, &ddp.layout().params, &shapes));
     }
     let mut scaler = if cfg.precision.compute == ComputeDtype::F16 {
         let options = LossScalerOptions {
@@ -206,6 +213,11 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
                     }
                 }
             }
+        }
+        if let Some(codec) = &mut codec_ckpt {
+            codec
+                .load(&dir)
+                .map_err(|source| TrainError::Checkpoint { rank, source })?;
         }
         optimizer.set_steps(state.step);
         start_step = state.step;
@@ -445,8 +457,9 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         let every = cfg.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || done == cfg.train.steps {
             let scale = scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps));
+            let codec = codec_ckpt.as_ref();
             let dir = save_checkpoint(
-                &world, &place, &ckpt_root, cfg, done, scale, &layout, &master, &optimizer,
+                &world, &place, &ckpt_root, cfg, done, scale, &layout, &master, &optimizer, codec,
             )?;
             last_ckpt = Some(dir);
         }
@@ -692,6 +705,7 @@ fn save_checkpoint(
     layout: &ParamLayout,
     master: &[f32],
     optimizer: &FlatOptimizer,
+    codec: Option<&ckpt::CodecCheckpoint>,
 ) -> Result<PathBuf, TrainError> {
     let rank = world.rank();
     let dir = ckpt::step_dir(root, step);
@@ -726,6 +740,10 @@ fn save_checkpoint(
             })
             .collect();
         ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
+    }
+    // Every rank's own codec state (residuals differ between ranks), before state.json.
+    if let Some(codec) = codec {
+        codec.save(&dir).map_err(ck)?;
     }
     world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
     if rank == 0 {

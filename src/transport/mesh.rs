@@ -14,10 +14,21 @@ use std::time::{Duration, Instant};
 
 use super::error::TransportError;
 use super::frame::{FrameHeader, Tag, HEADER_BYTES, MAX_FRAME_BYTES};
-use super::tcp::{AlignedBytes, Incoming, RecvHalf, Stashed, TcpPair, STASH_LIMIT_BYTES};
+use super::pair::{AlignedBytes, Incoming, Pair, RecvHalf, Stashed, STASH_LIMIT_BYTES};
+use super::shm::Inbox;
 
 /// Combines a received segment into the destination segment (`dst = dst op incoming`).
 pub type Reducer<'a> = &'a (dyn Fn(&mut [u8], &[u8]) + Sync);
+
+/// How a receive combines what arrives into its destination.
+#[derive(Clone, Copy)]
+#[allow(missing_debug_implementations)] // holds a closure
+pub struct Reduction<'a> {
+    /// The element-wise operator; both slices hold whole elements, aligned for their type.
+    pub combine: Reducer<'a>,
+    /// Bytes of one element: the unit the combiner may be called on.
+    pub elem_bytes: usize,
+}
 
 /// One transfer of a batch.
 pub enum Op<'a> {
@@ -48,7 +59,7 @@ pub enum Op<'a> {
         /// Frame size; must equal the sender's.
         segment_bytes: usize,
         /// Optional reduction.
-        reduce: Option<Reducer<'a>>,
+        reduce: Option<Reduction<'a>>,
     },
 }
 
@@ -75,7 +86,10 @@ impl std::fmt::Debug for Op<'_> {
 pub struct Mesh {
     rank: usize,
     world_size: usize,
-    pairs: Vec<Option<Arc<TcpPair>>>,
+    pairs: Vec<Option<Arc<Pair>>>,
+    /// This rank's shared-memory inbox, when some pairs use one.
+    inbox: Option<Arc<Inbox>>,
+    shm_spin: Duration,
 }
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
@@ -92,7 +106,7 @@ fn segment_range(len: usize, segment_bytes: usize, index: usize) -> std::ops::Ra
 }
 
 struct SendState<'a> {
-    pair: &'a TcpPair,
+    pair: &'a Pair,
     tag: Tag,
     fingerprint: u64,
     data: &'a [u8],
@@ -105,14 +119,14 @@ struct SendState<'a> {
 }
 
 struct RecvState<'a, 'b> {
-    pair: &'a TcpPair,
+    pair: &'a Pair,
     tag: Tag,
     fingerprint: u64,
     data: &'b mut [u8],
     segment_bytes: usize,
     segments: usize,
     next: usize,
-    reduce: Option<Reducer<'b>>,
+    reduce: Option<Reduction<'b>>,
     scratch: AlignedBytes,
 }
 
@@ -129,7 +143,7 @@ impl State<'_, '_> {
         }
     }
 
-    fn pair(&self) -> &TcpPair {
+    fn pair(&self) -> &Pair {
         match self {
             State::Send(s) => s.pair,
             State::Recv(r) => r.pair,
@@ -243,7 +257,7 @@ impl RecvState<'_, '_> {
         let range = segment_range(self.data.len(), self.segment_bytes, self.next);
         if let Some(reduce) = self.reduce {
             let len = range.len();
-            reduce(&mut self.data[range], &self.scratch.as_slice()[..len]);
+            (reduce.combine)(&mut self.data[range], &self.scratch.as_slice()[..len]);
         }
         self.next += 1;
     }
@@ -252,7 +266,7 @@ impl RecvState<'_, '_> {
         self.check(frame.fingerprint, frame.payload.len() as u64)?;
         let range = segment_range(self.data.len(), self.segment_bytes, self.next);
         match self.reduce {
-            Some(reduce) => reduce(&mut self.data[range], frame.payload.as_slice()),
+            Some(reduce) => (reduce.combine)(&mut self.data[range], frame.payload.as_slice()),
             None => self.data[range].copy_from_slice(frame.payload.as_slice()),
         }
         self.next += 1;
@@ -301,9 +315,21 @@ impl RecvState<'_, '_> {
                 Incoming::Owned { header, filled, .. } => {
                     let len = header.len as usize;
                     let mut at = *filled;
+                    // From shared memory, reduce straight out of the ring: no copy to scratch.
+                    let in_ring = self.reduce.filter(|_| pair.shm().is_some());
                     while at < len {
-                        let landing = self.landing();
-                        match pair.read_some(&mut landing[at..len])? {
+                        let got = match in_ring {
+                            Some(reduce) => {
+                                let range = segment_range(self.data.len(), self.segment_bytes, self.next);
+                                let dst = &mut self.data[range][at..len];
+                                pair.reduce_some(dst, reduce, &mut self.scratch)?
+                            }
+                            None => {
+                                let landing = self.landing();
+                                pair.read_some(&mut landing[at..len])?
+                            }
+                        };
+                        match got {
                             Some(n) => {
                                 at += n;
                                 out.moved |= n > 0;
@@ -318,7 +344,11 @@ impl RecvState<'_, '_> {
                         return Ok(out);
                     }
                     half.incoming = Incoming::Idle;
-                    self.finish_segment();
+                    if in_ring.is_some() {
+                        self.next += 1;
+                    } else {
+                        self.finish_segment();
+                    }
                 }
                 Incoming::Stash { .. } => {
                     if !fill_stash(pair, &mut half, &mut out.moved)? {
@@ -357,7 +387,7 @@ impl RecvState<'_, '_> {
 }
 
 /// Reads the next frame header; `None` until all of it arrived.
-fn read_header(pair: &TcpPair, half: &mut RecvHalf, moved: &mut bool) -> Result<Option<FrameHeader>, TransportError> {
+fn read_header(pair: &Pair, half: &mut RecvHalf, moved: &mut bool) -> Result<Option<FrameHeader>, TransportError> {
     while half.header_filled < HEADER_BYTES {
         let at = half.header_filled;
         let mut chunk = [0u8; HEADER_BYTES];
@@ -381,7 +411,7 @@ fn read_header(pair: &TcpPair, half: &mut RecvHalf, moved: &mut bool) -> Result<
 }
 
 /// Starts reading a frame nobody waits for into the stash, within the stash's limit.
-fn start_stash(pair: &TcpPair, half: &mut RecvHalf, header: FrameHeader) -> Result<(), TransportError> {
+fn start_stash(pair: &Pair, half: &mut RecvHalf, header: FrameHeader) -> Result<(), TransportError> {
     let len = header.len as usize;
     if half.stash_bytes + len > STASH_LIMIT_BYTES || header.len > MAX_FRAME_BYTES {
         return Err(TransportError::Protocol {
@@ -404,7 +434,7 @@ fn start_stash(pair: &TcpPair, half: &mut RecvHalf, header: FrameHeader) -> Resu
 }
 
 /// Continues reading a stashed frame; true once it is complete and stored.
-fn fill_stash(pair: &TcpPair, half: &mut RecvHalf, moved: &mut bool) -> Result<bool, TransportError> {
+fn fill_stash(pair: &Pair, half: &mut RecvHalf, moved: &mut bool) -> Result<bool, TransportError> {
     let Incoming::Stash { header, buf, filled } = &mut half.incoming else {
         return Ok(true);
     };
@@ -431,7 +461,7 @@ fn fill_stash(pair: &TcpPair, half: &mut RecvHalf, moved: &mut bool) -> Result<b
 /// While a send is blocked (the peer is not reading), reads whatever the peer sends into the
 /// stash: two ranks that send to each other at once can then never deadlock on full socket
 /// buffers, whatever order they post their receives in.
-fn drain_unsolicited(pair: &TcpPair) -> Result<bool, TransportError> {
+fn drain_unsolicited(pair: &Pair) -> Result<bool, TransportError> {
     let mut half = pair.lock_recv();
     let mut moved = false;
     loop {
@@ -452,12 +482,30 @@ fn drain_unsolicited(pair: &TcpPair) -> Result<bool, TransportError> {
 
 impl Mesh {
     /// A mesh over `pairs[peer]` (`None` at this rank's own index, and for peers never connected).
-    pub fn new(rank: usize, world_size: usize, pairs: Vec<Option<TcpPair>>) -> Self {
+    pub fn new(rank: usize, world_size: usize, pairs: Vec<Option<Pair>>) -> Self {
+        let inbox = pairs
+            .iter()
+            .flatten()
+            .find_map(|p| p.shm().map(|link| Arc::clone(link.inbox())));
         Self {
             rank,
             world_size,
             pairs: pairs.into_iter().map(|p| p.map(Arc::new)).collect(),
+            inbox,
+            shm_spin: DEFAULT_SHM_SPIN,
         }
+    }
+
+    /// Sets how long a rank busy-polls its shared-memory pairs before it sleeps.
+    pub fn with_shm_spin(mut self, spin: Duration) -> Self {
+        self.shm_spin = spin;
+        self
+    }
+
+    /// What each peer's frames travel through: `"shm"`, `"tcp"`, or `None` (this rank, or a peer
+    /// never connected).
+    pub fn transports(&self) -> Vec<Option<&'static str>> {
+        self.pairs.iter().map(|p| p.as_ref().map(|p| p.transport())).collect()
     }
 
     /// This rank.
@@ -475,7 +523,7 @@ impl Mesh {
         self.pairs.iter().flatten().map(|p| p.bytes_sent()).sum()
     }
 
-    fn pair(&self, peer: usize) -> Result<&TcpPair, TransportError> {
+    fn pair(&self, peer: usize) -> Result<&Pair, TransportError> {
         self.pairs
             .get(peer)
             .and_then(|p| p.as_deref())
@@ -537,7 +585,13 @@ impl Mesh {
             State::Recv(r) => r.check_stash(),
             State::Send(_) => Ok(()),
         });
-        let result = stashed_mismatch.and_then(|()| drive(&mut states, &self.pairs, token, deadline, timeout));
+        let result = stashed_mismatch.and_then(|()| {
+            let wait = Wait {
+                inbox: self.inbox.as_deref(),
+                spin: self.shm_spin,
+            };
+            drive(&mut states, &self.pairs, wait, token, deadline, timeout)
+        });
         if let Err(e) = &result {
             for state in &states {
                 state.pair().mark_broken(e.to_string());
@@ -548,122 +602,221 @@ impl Mesh {
 }
 
 /// The mesh's pair with `peer`, if a blocked send may read from it.
-fn drainable<'p>(mesh_pairs: &'p [Option<Arc<TcpPair>>], skip_drain: &[bool], peer: usize) -> Option<&'p TcpPair> {
+fn drainable<'p>(mesh_pairs: &'p [Option<Arc<Pair>>], skip_drain: &[bool], peer: usize) -> Option<&'p Pair> {
     mesh_pairs[peer]
         .as_deref()
         .filter(|p| !skip_drain[peer] && p.check_broken().is_ok())
 }
 
+/// What one pass over a batch achieved.
+struct Pass {
+    moved: bool,
+    blocked_by_other: bool,
+    all_done: bool,
+    sending: bool,
+}
+
+/// Tries every unfinished operation once; a blocked send also drains the other pairs.
+fn progress_pass(
+    states: &mut [State<'_, '_>],
+    mesh_pairs: &[Option<Arc<Pair>>],
+    skip_drain: &mut [bool],
+    token: u64,
+) -> Result<Pass, TransportError> {
+    let mut pass = Pass {
+        moved: false,
+        blocked_by_other: false,
+        all_done: true,
+        sending: false,
+    };
+    for state in states.iter_mut() {
+        if state.done() {
+            continue;
+        }
+        let progress = match state {
+            State::Send(s) => s.progress(token)?,
+            State::Recv(r) => r.progress(token)?,
+        };
+        pass.moved |= progress.moved;
+        pass.blocked_by_other |= progress.blocked_by_other;
+        pass.all_done &= state.done();
+    }
+    if pass.all_done || pass.moved {
+        return Ok(pass);
+    }
+    // A blocked send reads whatever any peer sends, not only the peer it writes to: ranks that
+    // each send to the next one (a ring shift, or sends to every peer posted before the
+    // receives) would otherwise wait on each other in a cycle.
+    pass.sending = states.iter().any(|s| matches!(s, State::Send(_)) && !s.done());
+    if !pass.sending {
+        return Ok(pass);
+    }
+    for peer in 0..mesh_pairs.len() {
+        let Some(pair) = drainable(mesh_pairs, skip_drain, peer) else {
+            continue;
+        };
+        // A pair this batch receives from is read by that receive's progress already.
+        let receiving = states
+            .iter()
+            .any(|s| matches!(s, State::Recv(r) if !s.done() && std::ptr::eq(r.pair, pair)));
+        if receiving {
+            continue;
+        }
+        match drain_unsolicited(pair) {
+            Ok(drained) => pass.moved |= drained,
+            Err(e) if states.iter().any(|s| !s.done() && std::ptr::eq(s.pair(), pair)) => return Err(e),
+            // Not a pair this batch still needs: its failure belongs to its next user. A peer
+            // that sent everything and exited leaves its frames in the stash, still readable;
+            // a malformed stream cannot be read further.
+            Err(e) => {
+                skip_drain[peer] = true;
+                if !matches!(e, TransportError::PeerLost { .. }) {
+                    pair.mark_broken(e.to_string());
+                }
+            }
+        }
+    }
+    Ok(pass)
+}
+
+/// How long a rank whose batch involves shared-memory pairs polls them in a busy loop before it
+/// sleeps on its doorbell. Ring transfers on one host take microseconds; sleeping costs a
+/// system call on each side (the doorbell's write and the wake-up).
+pub const DEFAULT_SHM_SPIN: Duration = Duration::from_micros(50);
+
+/// Longest sleep while shared-memory pairs are involved: wake-ups are not lost by design, this
+/// bounds the cost of one that is (two threads of one rank waiting on the same doorbell).
+const SHM_SLEEP_CAP: Duration = Duration::from_millis(10);
+
+/// Announcement of a sleeper in this rank's inbox, withdrawn on drop (also on error paths).
+struct Announced<'i>(&'i Inbox);
+
+impl<'i> Announced<'i> {
+    fn new(inbox: &'i Inbox) -> Self {
+        inbox.drain_bell();
+        inbox.sleep_begin();
+        Self(inbox)
+    }
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        self.0.sleep_end();
+    }
+}
+
+/// Where the engine waits, besides the sockets: this rank's shared-memory inbox, if it has one.
+#[derive(Clone, Copy)]
+struct Wait<'m> {
+    inbox: Option<&'m Inbox>,
+    spin: Duration,
+}
+
+/// Adds `pair`'s socket to the poll set (once). A shared-memory pair's socket only ever becomes
+/// readable when the peer is gone, so only that is watched, and the pair is noted in `liveness`.
+fn watch<'p>(
+    pollfds: &mut Vec<libc::pollfd>,
+    liveness: &mut Vec<Option<&'p Pair>>,
+    pair: &'p Pair,
+    events: libc::c_short,
+) {
+    let fd = pair.fd();
+    let events = if pair.shm().is_some() { libc::POLLIN } else { events };
+    match pollfds.iter_mut().find(|p| p.fd == fd) {
+        Some(p) => p.events |= events,
+        None => {
+            pollfds.push(libc::pollfd { fd, events, revents: 0 });
+            liveness.push(pair.shm().map(|_| pair));
+        }
+    }
+}
+
 fn drive(
     states: &mut [State<'_, '_>],
-    mesh_pairs: &[Option<Arc<TcpPair>>],
+    mesh_pairs: &[Option<Arc<Pair>>],
+    wait: Wait<'_>,
     token: u64,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(), TransportError> {
-    let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(states.len());
+    let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(states.len() + 1);
+    // The pair behind each entry of `pollfds` that is a shared-memory pair's idle socket.
+    let mut liveness: Vec<Option<&Pair>> = Vec::with_capacity(states.len() + 1);
     // Pairs outside the batch that failed while drained: left alone for the rest of the call.
     let mut skip_drain = vec![false; mesh_pairs.len()];
+    let mut idle_since: Option<Instant> = None;
+    let mut announced: Option<Announced<'_>> = None;
     loop {
-        let mut moved = false;
-        let mut blocked_by_other = false;
-        let mut all_done = true;
-        for state in states.iter_mut() {
-            if state.done() {
-                continue;
-            }
-            let progress = match state {
-                State::Send(s) => s.progress(token)?,
-                State::Recv(r) => r.progress(token)?,
-            };
-            moved |= progress.moved;
-            blocked_by_other |= progress.blocked_by_other;
-            all_done &= state.done();
-        }
-        if all_done {
+        let pass = progress_pass(states, mesh_pairs, &mut skip_drain, token)?;
+        if pass.all_done {
             return Ok(());
         }
-        if moved {
-            continue;
-        }
-        // A blocked send reads whatever any peer sends, not only the peer it writes to: ranks that
-        // each send to the next one (a ring shift, or sends to every peer posted before the
-        // receives) would otherwise wait on each other in a cycle.
-        let sending = states.iter().any(|s| matches!(s, State::Send(_)) && !s.done());
-        if sending {
-            for peer in 0..mesh_pairs.len() {
-                let Some(pair) = drainable(mesh_pairs, &skip_drain, peer) else {
-                    continue;
-                };
-                // A pair this batch receives from is read by that receive's progress already.
-                let receiving = states
-                    .iter()
-                    .any(|s| matches!(s, State::Recv(r) if !s.done() && std::ptr::eq(r.pair, pair)));
-                if receiving {
-                    continue;
-                }
-                match drain_unsolicited(pair) {
-                    Ok(drained) => moved |= drained,
-                    Err(e) if states.iter().any(|s| std::ptr::eq(s.pair(), pair)) => return Err(e),
-                    // Not a pair of this batch: its failure belongs to its next user. A peer that
-                    // sent everything and exited leaves its frames in the stash, still readable;
-                    // a malformed stream cannot be read further.
-                    Err(e) => {
-                        skip_drain[peer] = true;
-                        if !matches!(e, TransportError::PeerLost { .. }) {
-                            pair.mark_broken(e.to_string());
-                        }
-                    }
-                }
-            }
-        }
-        if moved {
+        if pass.moved {
+            idle_since = None;
+            announced = None;
             continue;
         }
         let now = Instant::now();
         if now >= deadline {
             return Err(timeout_error(states, timeout));
         }
-        // Sleep until a socket is ready. When another thread owns a frame on one of our pairs it
-        // reads our frames into the stash, which poll cannot see: wake up often then.
-        let cap = if blocked_by_other {
+        let shm_inbox = wait
+            .inbox
+            .filter(|_| pass.sending || states.iter().any(|s| !s.done() && s.pair().shm().is_some()));
+        if let Some(inbox) = shm_inbox {
+            let since = *idle_since.get_or_insert(now);
+            if now.duration_since(since) < wait.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            if announced.is_none() {
+                // Announce, then look once more: data published before the announcement was
+                // not rung for.
+                announced = Some(Announced::new(inbox));
+                continue;
+            }
+        }
+        // Sleep until a socket or the doorbell is ready. When another thread owns a frame on one
+        // of our pairs it reads our frames into the stash, which poll cannot see: wake up often
+        // then.
+        let cap = if pass.blocked_by_other {
             Duration::from_millis(1)
+        } else if shm_inbox.is_some() {
+            SHM_SLEEP_CAP
         } else {
             Duration::from_millis(200)
         };
         let wait_ms = deadline.saturating_duration_since(now).min(cap).as_millis().max(1) as libc::c_int;
         pollfds.clear();
+        liveness.clear();
         for state in states.iter() {
             if state.done() {
                 continue;
             }
-            let (fd, events) = match state {
-                State::Send(s) => (s.pair.fd(), libc::POLLOUT | libc::POLLIN),
-                State::Recv(r) => (r.pair.fd(), libc::POLLIN),
-            };
-            match pollfds.iter_mut().find(|p| p.fd == fd) {
-                Some(p) => p.events |= events,
-                None => pollfds.push(libc::pollfd { fd, events, revents: 0 }),
+            match state {
+                State::Send(s) => watch(&mut pollfds, &mut liveness, s.pair, libc::POLLOUT | libc::POLLIN),
+                State::Recv(r) => watch(&mut pollfds, &mut liveness, r.pair, libc::POLLIN),
             }
         }
-        if sending {
-            // Wake up for data from any peer, which the drain above reads.
+        if pass.sending {
+            // Wake up for data from any peer, which the drain reads.
             for peer in 0..mesh_pairs.len() {
-                let Some(pair) = drainable(mesh_pairs, &skip_drain, peer) else {
-                    continue;
-                };
-                if !pollfds.iter().any(|p| p.fd == pair.fd()) {
-                    pollfds.push(libc::pollfd {
-                        fd: pair.fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    });
+                if let Some(pair) = drainable(mesh_pairs, &skip_drain, peer) {
+                    watch(&mut pollfds, &mut liveness, pair, libc::POLLIN);
                 }
             }
         }
+        if let Some(inbox) = shm_inbox {
+            pollfds.push(libc::pollfd {
+                fd: inbox.bell_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            liveness.push(None);
+        }
         // SAFETY: `pollfds` is a valid, initialised array of `pollfds.len()` entries that lives
         // across the call, and every fd in it belongs to a socket borrowed from `states` or from
-        // the mesh, which outlive the call.
+        // the mesh, or to the inbox, which outlive the call.
         let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, wait_ms) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();
@@ -674,6 +827,24 @@ fn drive(
                     what: "poll the data sockets".into(),
                     source: err,
                 });
+            }
+        }
+        announced = None;
+        for (pfd, pair) in pollfds.iter().zip(&liveness) {
+            let Some(pair) = pair else { continue };
+            if pfd.revents == 0 {
+                continue;
+            }
+            // A closed socket marks the peer gone: its operations fail once its ring is empty.
+            if let Err(e) = pair.note_socket_event() {
+                if states.iter().any(|s| std::ptr::eq(s.pair(), *pair)) {
+                    return Err(e);
+                }
+                pair.mark_broken(e.to_string());
+            }
+            if pair.shm_peer_gone() && !states.iter().any(|s| !s.done() && std::ptr::eq(s.pair(), *pair)) {
+                // Not needed by this batch: its next user finds out. Stop draining (and polling) it.
+                skip_drain[pair.peer()] = true;
             }
         }
     }

@@ -20,7 +20,7 @@ pub(crate) use ring::scatter_allgather_broadcast;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use crate::transport::{Mesh, Op, Reducer, Tag, TransportError};
+use crate::transport::{Mesh, Op, Reducer, Reduction, Tag, TransportError};
 
 use super::dtype::{DType, ReduceOp};
 use super::reduce::reduce_into;
@@ -78,7 +78,10 @@ impl<'a> Ctx<'a> {
             fingerprint: self.fingerprint,
             data,
             segment_bytes: self.segment_bytes,
-            reduce: Some(reducer),
+            reduce: Some(Reduction {
+                combine: reducer,
+                elem_bytes: self.dtype.size_bytes(),
+            }),
         }
     }
 
