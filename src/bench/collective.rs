@@ -97,6 +97,7 @@ fn run_typed<T: BenchValue>(
             opts,
             ranks,
             backend: pg.communicator().backend(),
+            links: pg.communicator().links(),
             tuning: *tuning,
         };
         write_header(out, &info).map_err(io)?;

@@ -97,11 +97,13 @@ fn round3(x: f64) -> f64 {
 }
 
 /// How the run was set up, for the table's header.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct RunInfo<'a> {
     pub(crate) opts: &'a CollectiveBenchOptions,
     pub(crate) ranks: usize,
     pub(crate) backend: &'static str,
+    /// This rank's links (e.g. `shared memory to 1 peer(s)`).
+    pub(crate) links: String,
     pub(crate) tuning: Tuning,
 }
 
@@ -123,6 +125,9 @@ pub(crate) fn write_header(out: &mut dyn Write, info: &RunInfo<'_>) -> std::io::
         "# engine: {}, ring threshold {} B (all-reduce: recursive doubling below, ring from there), segment {} B",
         info.backend, info.tuning.ring_threshold_bytes, info.tuning.segment_bytes
     )?;
+    if !info.links.is_empty() {
+        writeln!(out, "# rank 0 links: {}", info.links)?;
+    }
     let what = match opts.op {
         BenchOp::AllReduce => "in-place sum; busbw = algbw * 2(n-1)/n".to_string(),
         BenchOp::AllGather => "size = the gathered buffer; busbw = algbw * (n-1)/n".to_string(),
@@ -203,6 +208,7 @@ mod tests {
             opts: &opts,
             ranks: 2,
             backend: "tcp",
+            links: String::new(),
             tuning: Tuning::default(),
         };
         let mut header = Vec::new();

@@ -118,6 +118,11 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     fn world_size(&self) -> usize;
     /// Backend name (`tcp`, `nccl`, `local`).
     fn backend(&self) -> &'static str;
+    /// What this rank's links to the group's peers go through, for reports (e.g. `shm to 3
+    /// peers`); empty where it means nothing.
+    fn links(&self) -> String {
+        String::new()
+    }
     /// The deadline of every blocking call.
     fn timeout(&self) -> Duration;
     /// Bytes this process has sent over the transport so far, all groups together (0 when the

@@ -263,6 +263,23 @@ impl Communicator for HostComm {
         "tcp"
     }
 
+    fn links(&self) -> String {
+        let transports = self.mesh.transports();
+        let count = |kind: &str| {
+            self.members
+                .iter()
+                .filter(|&&m| m != self.mesh.rank() && transports[m] == Some(kind))
+                .count()
+        };
+        let parts: Vec<String> = [("shm", "shared memory"), ("tcp", "TCP")]
+            .into_iter()
+            .map(|(kind, name)| (count(kind), name))
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, name)| format!("{name} to {n} peer(s)"))
+            .collect();
+        parts.join(", ")
+    }
+
     fn timeout(&self) -> Duration {
         self.timeout
     }

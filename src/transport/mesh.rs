@@ -684,6 +684,10 @@ fn progress_pass(
 /// system call on each side (the doorbell's write and the wake-up).
 pub const DEFAULT_SHM_SPIN: Duration = Duration::from_micros(50);
 
+/// Part of the spin that does not yield the core: a peer that runs on another core answers
+/// within this.
+const SHM_PURE_SPIN: Duration = Duration::from_micros(5);
+
 /// Longest sleep while shared-memory pairs are involved: wake-ups are not lost by design, this
 /// bounds the cost of one that is (two threads of one rank waiting on the same doorbell).
 const SHM_SLEEP_CAP: Duration = Duration::from_millis(10);
@@ -765,8 +769,15 @@ fn drive(
             .filter(|_| pass.sending || states.iter().any(|s| !s.done() && s.pair().shm().is_some()));
         if let Some(inbox) = shm_inbox {
             let since = *idle_since.get_or_insert(now);
-            if now.duration_since(since) < wait.spin {
-                std::hint::spin_loop();
+            let idle = now.duration_since(since);
+            if idle < wait.spin {
+                // Spin briefly, then yield between looks: on a machine with more ranks (or
+                // compute threads) than cores, the peer we wait for may need this core.
+                if idle < SHM_PURE_SPIN {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             if announced.is_none() {
