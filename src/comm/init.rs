@@ -60,8 +60,10 @@ pub struct ShmOptions {
     pub ring_bytes: usize,
     /// Busy-polling before sleeping on the doorbell.
     pub spin: Duration,
-    /// Start of the names of this job's files in [`transport::SHM_DIR`] (the launcher sweeps it).
+    /// Start of the names of this job's files (the launcher sweeps [`transport::SHM_DIR`] by it).
     pub file_prefix: String,
+    /// Where the files go: [`transport::SHM_DIR`] (a RAM file system) unless a test says otherwise.
+    pub dir: std::path::PathBuf,
 }
 
 impl Default for ShmOptions {
@@ -71,6 +73,7 @@ impl Default for ShmOptions {
             ring_bytes: transport::DEFAULT_SHM_RING_BYTES,
             spin: transport::DEFAULT_SHM_SPIN,
             file_prefix: transport::shm_file_prefix(&format!("pid{}", std::process::id())),
+            dir: std::path::PathBuf::from(transport::SHM_DIR),
         }
     }
 }
@@ -96,6 +99,7 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
         ring_bytes: env.shm_ring_bytes.unwrap_or(defaults.ring_bytes),
         spin: env.shm_spin_us.map(Duration::from_micros).unwrap_or(defaults.spin),
         file_prefix: transport::shm_file_prefix(&env.run_id),
+        ..defaults
     };
     let mut options = InitOptions {
         timeout: env.timeout,
@@ -240,13 +244,7 @@ fn shm_links(
     if peers.is_empty() {
         return Ok(Vec::new());
     }
-    let inbox = match Inbox::create(
-        std::path::Path::new(transport::SHM_DIR),
-        &options.file_prefix,
-        rank,
-        &peers,
-        options.ring_bytes,
-    ) {
+    let inbox = match Inbox::create(&options.dir, &options.file_prefix, rank, &peers, options.ring_bytes) {
         Ok(inbox) => {
             store
                 .set(&format!("shm/{rank}"), inbox.describe().as_bytes())

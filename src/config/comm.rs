@@ -33,6 +33,12 @@ pub struct CommConfig {
     /// I/O unit of the pipelined algorithms, in bytes. Default: not set (the engine's built-in
     /// size, or `BURNRUN_SEGMENT_BYTES`).
     pub segment_bytes: Option<usize>,
+    /// Ranks of one host exchange frames through shared memory (`false`: loopback TCP).
+    /// Default: not set (on, unless `BURNRUN_SHM=0`).
+    pub shm: Option<bool>,
+    /// Bytes of one shared-memory ring, a power of two of at least 4096. Default: not set
+    /// (2 MiB, or `BURNRUN_SHM_RING_BYTES`).
+    pub shm_ring_bytes: Option<usize>,
 }
 
 impl Default for CommConfig {
@@ -43,6 +49,8 @@ impl Default for CommConfig {
             timeout_secs: 300,
             ring_threshold_bytes: None,
             segment_bytes: None,
+            shm: None,
+            shm_ring_bytes: None,
         }
     }
 }

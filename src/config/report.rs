@@ -220,7 +220,9 @@ fn unset_meaning(resolved: &Resolved, path: &str) -> String {
     match (path, resolved.seq_len) {
         ("data.text.seq_len", Some(seq_len)) => format!(", so model.gpt.block_size ({seq_len})"),
         ("checkpoint.path", _) => format!(", so the newest under {}/checkpoints/", resolved.config.train.out_dir),
-        ("comm.ring_threshold_bytes" | "comm.segment_bytes", _) => ", so the engine's default".to_string(),
+        ("comm.ring_threshold_bytes" | "comm.segment_bytes" | "comm.shm" | "comm.shm_ring_bytes", _) => {
+            ", so the engine's default".to_string()
+        }
         _ => String::new(),
     }
 }

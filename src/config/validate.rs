@@ -478,6 +478,18 @@ impl RunConfig {
         c.require(comm.segment_bytes != Some(0), "comm.segment_bytes", || {
             "comm.segment_bytes = 0: must be at least 1 (or not set)".into()
         });
+        if let Some(bytes) = comm.shm_ring_bytes {
+            c.require(
+                bytes.is_power_of_two() && bytes >= crate::transport::MIN_SHM_RING_BYTES,
+                "comm.shm_ring_bytes",
+                || {
+                    format!(
+                        "comm.shm_ring_bytes = {bytes}: must be a power of two of at least {} (e.g. 2097152)",
+                        crate::transport::MIN_SHM_RING_BYTES
+                    )
+                },
+            );
+        }
         if comm.backend == CommBackend::Nccl && device.is_some_and(|d| !d.is_cuda()) {
             c.fail(
                 &["comm.backend", "train.device"],

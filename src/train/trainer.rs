@@ -93,6 +93,8 @@ pub fn train(cfg: RunConfig, options: &TrainOptions) -> Result<TrainSummary, Tra
     }
     env.ring_threshold_bytes = cfg.comm.ring_threshold_bytes.or(env.ring_threshold_bytes);
     env.segment_bytes = cfg.comm.segment_bytes.or(env.segment_bytes);
+    env.shm = cfg.comm.shm.or(env.shm);
+    env.shm_ring_bytes = cfg.comm.shm_ring_bytes.or(env.shm_ring_bytes);
     let world = crate::comm::init_from(&env).map_err(init_err)?;
     train_on(world, cfg, options)
 }
