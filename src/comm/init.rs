@@ -252,7 +252,12 @@ fn shm_links(
             Some(Arc::new(inbox))
         }
         Err(e) => {
-            tracing::warn!("rank {rank}: no shared memory with ranks {peers:?} of this host, using TCP: {e}");
+            tracing::warn!(
+                "rank {rank}: no shared memory with ranks {peers:?} of this host, using TCP: {e}. If {} is \
+                 too small (Docker gives 64 MiB; raise it with --shm-size), lower BURNRUN_SHM_RING_BYTES or \
+                 comm.shm_ring_bytes",
+                options.dir.display()
+            );
             store
                 .set(&format!("shm/{rank}"), format!("none {e}").as_bytes())
                 .map_err(store_err)?;

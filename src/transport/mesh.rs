@@ -688,17 +688,22 @@ pub const DEFAULT_SHM_SPIN: Duration = Duration::from_micros(50);
 /// within this.
 const SHM_PURE_SPIN: Duration = Duration::from_micros(5);
 
-/// Longest sleep while shared-memory pairs are involved: wake-ups are not lost by design, this
-/// bounds the cost of one that is (two threads of one rank waiting on the same doorbell).
+/// Longest sleep while shared-memory pairs are involved: wake-ups are not lost by design (also
+/// with several threads of a rank asleep on its doorbell); this bounds the cost of a bug.
 const SHM_SLEEP_CAP: Duration = Duration::from_millis(10);
 
 /// Announcement of a sleeper in this rank's inbox, withdrawn on drop (also on error paths).
 struct Announced<'i>(&'i Inbox);
 
 impl<'i> Announced<'i> {
+    /// Announces this thread. The sole sleeper empties the doorbell of wake-ups already seen
+    /// (after announcing: whatever is published from then on rings again, and what was published
+    /// before the drain is seen by the look that follows). With other threads of the rank asleep
+    /// on it, a byte left there may be theirs: it stays, at the price of a spurious wake-up here.
     fn new(inbox: &'i Inbox) -> Self {
-        inbox.drain_bell();
-        inbox.sleep_begin();
+        if inbox.sleep_begin() == 0 {
+            inbox.drain_bell();
+        }
         Self(inbox)
     }
 }

@@ -352,10 +352,12 @@ impl Inbox {
         }
     }
 
-    /// Announces a sleeper: from now on peers ring the doorbell when they publish.
-    pub(crate) fn sleep_begin(&self) {
-        self.map.u32_at(OFF_SLEEPERS).fetch_add(1, Ordering::SeqCst);
+    /// Announces a sleeper: from now on peers ring the doorbell when they publish. Returns how
+    /// many other threads of this rank sleep on it already.
+    pub(crate) fn sleep_begin(&self) -> u32 {
+        let others = self.map.u32_at(OFF_SLEEPERS).fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        others
     }
 
     /// Withdraws the announcement of [`Inbox::sleep_begin`].
@@ -681,7 +683,7 @@ mod tests {
             0,
             "nobody slept: no ring"
         );
-        b.sleep_begin();
+        assert_eq!(b.sleep_begin(), 0, "no other sleeper");
         ab.write_some(&[IoSlice::new(b"y")]);
         // SAFETY: as above.
         assert_eq!(
