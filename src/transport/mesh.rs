@@ -616,12 +616,22 @@ struct Pass {
     sending: bool,
 }
 
-/// Tries every unfinished operation once; a blocked send also drains the other pairs.
+/// Whether a blocked send drains `pair` now: at once, unless this batch already received all it
+/// wanted from that pair; then only once `due` (see [`DRAIN_DELAY`]).
+fn drain_now(states: &[State<'_, '_>], pair: &Pair, due: bool) -> bool {
+    due || !states
+        .iter()
+        .any(|s| matches!(s, State::Recv(r) if s.done() && std::ptr::eq(r.pair, pair)))
+}
+
+/// Tries every unfinished operation once; a blocked send also drains the other pairs (see
+/// [`drain_now`]; `drain`: the delay is over).
 fn progress_pass(
     states: &mut [State<'_, '_>],
     mesh_pairs: &[Option<Arc<Pair>>],
     skip_drain: &mut [bool],
     token: u64,
+    drain: bool,
 ) -> Result<Pass, TransportError> {
     let mut pass = Pass {
         moved: false,
@@ -659,7 +669,7 @@ fn progress_pass(
         let receiving = states
             .iter()
             .any(|s| matches!(s, State::Recv(r) if !s.done() && std::ptr::eq(r.pair, pair)));
-        if receiving {
+        if receiving || !drain_now(states, pair, drain) {
             continue;
         }
         match drain_unsolicited(pair) {
@@ -683,6 +693,13 @@ fn progress_pass(
 /// sleeps on its doorbell. Ring transfers on one host take microseconds; sleeping costs a
 /// system call on each side (the doorbell's write and the wake-up).
 pub const DEFAULT_SHM_SPIN: Duration = Duration::from_micros(50);
+
+/// How long a blocked send waits before it drains a pair this batch already received everything
+/// from. Draining it at once would read the frames a ring neighbour already sends for the next
+/// step into heap buffers, to be copied again when that step starts; left in the socket (or
+/// ring) they land straight in their destination, and flow control holds the neighbour back
+/// meanwhile. Other pairs are drained at once, as mutual blocked sends need.
+const DRAIN_DELAY: Duration = Duration::from_millis(1);
 
 /// Part of the spin that does not yield the core: a peer that runs on another core answers
 /// within this.
@@ -721,6 +738,11 @@ struct Wait<'m> {
     spin: Duration,
 }
 
+/// Whether some pair's drain waits for [`DRAIN_DELAY`].
+fn delayed_drain(states: &[State<'_, '_>], mesh_pairs: &[Option<Arc<Pair>>]) -> bool {
+    mesh_pairs.iter().flatten().any(|pair| !drain_now(states, pair, false))
+}
+
 /// Adds `pair`'s socket to the poll set (once). A shared-memory pair's socket only ever becomes
 /// readable when the peer is gone, so only that is watched, and the pair is noted in `liveness`.
 fn watch<'p>(
@@ -756,7 +778,8 @@ fn drive(
     let mut idle_since: Option<Instant> = None;
     let mut announced: Option<Announced<'_>> = None;
     loop {
-        let pass = progress_pass(states, mesh_pairs, &mut skip_drain, token)?;
+        let drain = idle_since.is_some_and(|since: Instant| since.elapsed() >= DRAIN_DELAY);
+        let pass = progress_pass(states, mesh_pairs, &mut skip_drain, token, drain)?;
         if pass.all_done {
             return Ok(());
         }
@@ -769,12 +792,11 @@ fn drive(
         if now >= deadline {
             return Err(timeout_error(states, timeout));
         }
+        let idle = now.duration_since(*idle_since.get_or_insert(now));
         let shm_inbox = wait
             .inbox
             .filter(|_| pass.sending || states.iter().any(|s| !s.done() && s.pair().shm().is_some()));
         if let Some(inbox) = shm_inbox {
-            let since = *idle_since.get_or_insert(now);
-            let idle = now.duration_since(since);
             if idle < wait.spin {
                 // Spin briefly, then yield between looks: on a machine with more ranks (or
                 // compute threads) than cores, the peer we wait for may need this core.
@@ -795,7 +817,8 @@ fn drive(
         // Sleep until a socket or the doorbell is ready. When another thread owns a frame on one
         // of our pairs it reads our frames into the stash, which poll cannot see: wake up often
         // then.
-        let cap = if pass.blocked_by_other {
+        let cap = if pass.blocked_by_other || (pass.sending && !drain && delayed_drain(states, mesh_pairs)) {
+            // Also: a blocked send looks again when its drain is due.
             Duration::from_millis(1)
         } else if shm_inbox.is_some() {
             SHM_SLEEP_CAP
@@ -810,14 +833,22 @@ fn drive(
                 continue;
             }
             match state {
-                State::Send(s) => watch(&mut pollfds, &mut liveness, s.pair, libc::POLLOUT | libc::POLLIN),
+                State::Send(s) => {
+                    // Incoming data on a pair we send to is read by the drain, when it may run.
+                    let events = if drain_now(states, s.pair, drain) {
+                        libc::POLLOUT | libc::POLLIN
+                    } else {
+                        libc::POLLOUT
+                    };
+                    watch(&mut pollfds, &mut liveness, s.pair, events)
+                }
                 State::Recv(r) => watch(&mut pollfds, &mut liveness, r.pair, libc::POLLIN),
             }
         }
         if pass.sending {
-            // Wake up for data from any peer, which the drain reads.
+            // Wake up for data from any peer the drain may read.
             for peer in 0..mesh_pairs.len() {
-                if let Some(pair) = drainable(mesh_pairs, &skip_drain, peer) {
+                if let Some(pair) = drainable(mesh_pairs, &skip_drain, peer).filter(|p| drain_now(states, p, drain)) {
                     watch(&mut pollfds, &mut liveness, pair, libc::POLLIN);
                 }
             }
