@@ -113,6 +113,25 @@ fn shared_memory_switched_off_on_one_rank_means_tcp_for_its_pairs() {
     assert_eq!(links, vec!["TCP to 1 peer(s)", "TCP to 1 peer(s)"]);
 }
 
+#[test]
+fn two_hosts_of_two_ranks_share_memory_inside_each_host_and_talk_tcp_across() {
+    // The ring of 4 ranks then mixes both transports in every step: rank 1 receives from rank 0
+    // over shared memory while it sends to rank 2 over TCP.
+    let dir = PathBuf::from(burnrun::transport::SHM_DIR);
+    let prefix = unique_prefix("hosts");
+    let all: Vec<InitOptions> = (0..4)
+        .map(|rank| {
+            let mut o = options(&dir, &prefix);
+            o.shm.host_id = Some(format!("host-{}", rank / 2));
+            o
+        })
+        .collect();
+    let links = join_and_all_reduce(all);
+    for (rank, links) in links.iter().enumerate() {
+        assert_eq!(links, "shared memory to 1 peer(s), TCP to 2 peer(s)", "rank {rank}");
+    }
+}
+
 /// A tmpfs of 64 KiB mounted for the test, unmounted on drop.
 struct TinyTmpfs(PathBuf);
 

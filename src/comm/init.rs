@@ -64,6 +64,9 @@ pub struct ShmOptions {
     pub file_prefix: String,
     /// Where the files go: [`transport::SHM_DIR`] (a RAM file system) unless a test says otherwise.
     pub dir: std::path::PathBuf,
+    /// Which host this rank counts as on; `None`: [`transport::host_id`]. Ranks with equal ids
+    /// share memory. (Tests make "nodes" of threads with it.)
+    pub host_id: Option<String>,
 }
 
 impl Default for ShmOptions {
@@ -74,6 +77,7 @@ impl Default for ShmOptions {
             spin: transport::DEFAULT_SHM_SPIN,
             file_prefix: transport::shm_file_prefix(&format!("pid{}", std::process::id())),
             dir: std::path::PathBuf::from(transport::SHM_DIR),
+            host_id: None,
         }
     }
 }
@@ -233,7 +237,7 @@ fn shm_links(
         let raw = store.get(&key, left).map_err(store_err)?;
         Ok(String::from_utf8_lossy(&raw).into_owned())
     };
-    let host = transport::host_id();
+    let host = options.host_id.clone().unwrap_or_else(transport::host_id);
     store.set(&format!("host/{rank}"), host.as_bytes()).map_err(store_err)?;
     let mut peers = Vec::new();
     for other in (0..world_size).filter(|&r| r != rank) {
