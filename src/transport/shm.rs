@@ -316,12 +316,12 @@ impl Inbox {
         })
     }
 
-    /// What a peer needs to open this inbox: one line, `v1 <file> <doorbell> <ring bytes>
-    /// <peers>` (paths contain no spaces: the prefix is sanitised).
+    /// What a peer needs to open this inbox: the lines `v1`, the file, the doorbell, the ring
+    /// bytes and the peers (comma-separated), so paths may contain spaces.
     pub fn describe(&self) -> String {
         let peers: Vec<String> = self.peers.iter().map(|p| p.to_string()).collect();
         format!(
-            "v1 {} {} {} {}",
+            "v1\n{}\n{}\n{}\n{}",
             self.path.display(),
             self.bell_path.display(),
             self.ring_bytes,
@@ -405,9 +405,9 @@ pub struct ShmLink {
     inbox: Arc<Inbox>,
 }
 
-/// Parses the line of [`Inbox::describe`].
+/// Parses the text of [`Inbox::describe`].
 fn parse_description(line: &str) -> Option<(PathBuf, PathBuf, usize, Vec<usize>)> {
-    let mut parts = line.split(' ');
+    let mut parts = line.split('\n');
     if parts.next()? != "v1" {
         return None;
     }
@@ -700,7 +700,7 @@ mod tests {
         let (_ab, _ba, a, _b) = pair(MIN_SHM_RING_BYTES);
         let err = ShmLink::open(&a, 1, "v2 nonsense").unwrap_err();
         assert!(err.to_string().contains("unreadable description"), "{err}");
-        let err = ShmLink::open(&a, 1, "v1 /nonexistent/x /nonexistent/y 4096 0").unwrap_err();
+        let err = ShmLink::open(&a, 1, "v1\n/nonexistent/x\n/nonexistent/y\n4096\n0").unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x"), "{err}");
     }
 }
