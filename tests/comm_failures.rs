@@ -104,13 +104,12 @@ fn a_collective_mismatch_is_reported_with_both_calls_and_nobody_hangs() {
 }
 
 #[test]
-#[ignore = "known limitation: a root only sends, so ranks that each believe they are the root never \
-            receive anything that could show the disagreement; their frames stay stashed unread"]
 fn a_broadcast_from_different_roots_is_not_silently_accepted() {
     // Each rank believes it is the root and only sends: without a check the call "succeeds" with
-    // every rank keeping its own data.
-    for threshold in THRESHOLDS {
-        let results = spawn_ranks(2, &options(threshold, TIMEOUT), |pg| {
+    // every rank keeping its own data. The peer's broadcast frame then waits unread, which the
+    // next collective's end (here a barrier, whose frames come after it on the same pair) finds.
+    for (threshold, (shm, transport)) in THRESHOLDS.into_iter().zip(TRANSPORTS).chain([(0, TRANSPORTS[1])]) {
+        let results = spawn_ranks(2, &over(shm, threshold, TIMEOUT), |pg| {
             let mut data = vec![pg.rank() as f32; 100];
             let first = pg.broadcast(&mut data, pg.rank());
             let second = pg.barrier();
@@ -118,9 +117,18 @@ fn a_broadcast_from_different_roots_is_not_silently_accepted() {
         })
         .unwrap();
         let errors: Vec<String> = results.iter().map(|r| format!("{r:?}")).collect();
+        let named = results.iter().any(|(first, second)| {
+            [first, second].into_iter().any(|r| match r {
+                Err(e @ CommError::Mismatch { seq: 0, .. }) => {
+                    let text = e.to_string();
+                    text.contains("broadcast(f32 x 100, root 0)") && text.contains("broadcast(f32 x 100, root 1)")
+                }
+                _ => false,
+            })
+        });
         assert!(
-            results.iter().any(|(first, second)| first.is_err() || second.is_err()),
-            "threshold {threshold}: mismatched roots went unnoticed: {errors:#?}"
+            named,
+            "threshold {threshold} ({transport}): no rank named both broadcasts: {errors:#?}"
         );
     }
 }

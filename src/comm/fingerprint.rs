@@ -103,6 +103,13 @@ pub(crate) fn p2p_key(group_id: u64, tag: u32) -> u64 {
     P2P_BIT | ((group_id & GROUP_MASK) << SEQ_BITS) | tag as u64
 }
 
+/// The sequence number of a collective key of group `group_id`; `None` for other groups' keys
+/// and for point-to-point keys.
+pub(crate) fn collective_seq(key: u64, group_id: u64) -> Option<u64> {
+    let same_group = (key >> SEQ_BITS) & GROUP_MASK == group_id & GROUP_MASK;
+    (key & P2P_BIT == 0 && same_group).then_some(key & ((1 << SEQ_BITS) - 1))
+}
+
 /// Describes a key for error messages.
 pub(crate) fn describe_key(key: u64) -> String {
     let group = (key >> SEQ_BITS) & GROUP_MASK;

@@ -18,7 +18,7 @@ use super::algorithms::{self as alg, Ctx};
 use super::buffer::{BufMut, BufRef, HostBuffer, Memory, MemoryMut};
 use super::communicator::{CommError, Communicator};
 use super::dtype::{DType, ReduceOp};
-use super::fingerprint::{collective_key, describe, describe_key, fingerprint, p2p_key, OpKind};
+use super::fingerprint::{collective_key, collective_seq, describe, describe_key, fingerprint, p2p_key, OpKind};
 
 /// Default all-reduce switch point from recursive doubling to ring, in bytes. Measured with
 /// `benches/sweep_allreduce.py` (threshold forced to 0 and to `usize::MAX`, f32, loopback, 2 cores):
@@ -63,7 +63,21 @@ pub(crate) struct HostComm {
     /// saw the failure too, so every later call fails at once with `CommError::Poisoned` instead
     /// of waiting on a group that can no longer agree.
     failure: Mutex<Option<String>>,
+    /// Fingerprints of the last few collectives by sequence number, to name this rank's call
+    /// when a peer's frame of an earlier one turns up unread, and whether each is still running.
+    recent: Mutex<std::collections::VecDeque<Call>>,
 }
+
+/// A collective this communicator ran or runs.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    seq: u64,
+    fingerprint: u64,
+    running: bool,
+}
+
+/// How many past collectives [`HostComm`] remembers for error messages.
+const RECENT_CALLS: usize = 16;
 
 impl HostComm {
     /// The world communicator over `mesh`.
@@ -95,6 +109,7 @@ impl HostComm {
                 ..tuning
             },
             failure: Mutex::new(None),
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CALLS)),
         }
     }
 
@@ -192,7 +207,70 @@ impl HostComm {
         let fp = fingerprint(op, dtype, numel, root, reduce);
         let ctx = self.ctx(collective_key(self.group_id, seq), fp, dtype);
         tracing::trace!(rank = self.global_rank(), seq, call = %describe(fp), "collective");
-        body(&ctx).map_err(|e| self.failed(self.map_error(op, seq, fp, e)))
+        self.note_call(Call {
+            seq,
+            fingerprint: fp,
+            running: true,
+        });
+        let result = body(&ctx);
+        self.note_call(Call {
+            seq,
+            fingerprint: fp,
+            running: false,
+        });
+        result.map_err(|e| self.failed(self.map_error(op, seq, fp, e)))?;
+        self.check_leftovers(seq).map_err(|e| self.failed(e))
+    }
+
+    /// Records a collective's start or end in `recent`.
+    fn note_call(&self, call: Call) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        match recent.iter_mut().find(|c| c.seq == call.seq) {
+            Some(known) => *known = call,
+            None => {
+                // Forget the oldest finished call (a running one stays, whatever its age).
+                if recent.len() >= RECENT_CALLS {
+                    if let Some(i) = recent.iter().position(|c| !c.running) {
+                        recent.remove(i);
+                    }
+                }
+                recent.push_back(call);
+            }
+        }
+    }
+
+    /// After collective `seq` completed here: a frame of it, or of an earlier collective of this
+    /// group, still unread from a peer means the ranks disagreed on a call without noticing (each
+    /// rank of a broadcast that believes it is the root only sends, for instance): an error now,
+    /// not silently different data.
+    fn check_leftovers(&self, seq: u64) -> Result<(), CommError> {
+        for &peer in self.members.iter().filter(|&&m| m != self.mesh.rank()) {
+            for (tag, theirs) in self.mesh.stashed_from(peer) {
+                let Some(old) = collective_seq(tag.key, self.group_id).filter(|&old| old <= seq) else {
+                    continue;
+                };
+                let known = self
+                    .recent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .find(|c| c.seq == old)
+                    .copied();
+                // Another thread may still run that call (async work): its frames are not late.
+                if known.is_some_and(|c| c.running) {
+                    continue;
+                }
+                let ours = known.map_or_else(|| "a call".into(), |c| describe(c.fingerprint));
+                return Err(CommError::Mismatch {
+                    rank: self.global_rank(),
+                    seq: old,
+                    peer,
+                    ours: format!("{ours}, which completed without reading it"),
+                    theirs: format!("{} and sent this rank a frame of it", describe(theirs)),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn map_error(&self, op: OpKind, seq: u64, ours: u64, error: TransportError) -> CommError {

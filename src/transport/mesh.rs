@@ -518,6 +518,14 @@ impl Mesh {
         self.world_size
     }
 
+    /// Tags and fingerprints of the frames from `peer` that arrived and wait unread.
+    pub fn stashed_from(&self, peer: usize) -> Vec<(Tag, u64)> {
+        match self.pairs.get(peer).and_then(|p| p.as_deref()) {
+            Some(pair) => pair.stashed(),
+            None => Vec::new(),
+        }
+    }
+
     /// Bytes this rank has written to all its peers so far (frame headers included).
     pub fn bytes_sent(&self) -> u64 {
         self.pairs.iter().flatten().map(|p| p.bytes_sent()).sum()

@@ -337,6 +337,9 @@ impl Pair {
     /// Tags and fingerprints of the frames waiting in the stash, for diagnostics.
     pub(crate) fn stashed(&self) -> Vec<(Tag, u64)> {
         let recv = self.lock_recv();
+        if recv.stash.is_empty() {
+            return Vec::new();
+        }
         let mut out: Vec<(Tag, u64)> = recv
             .stash
             .iter()
