@@ -544,3 +544,24 @@ fn the_reported_mesh_is_the_one_the_parallel_layer_builds() {
         }
     }
 }
+
+#[test]
+fn shared_memory_settings_are_checked_with_their_line() {
+    let ok = parse("[comm]\nshm = false\nshm_ring_bytes = 1048576\n").unwrap();
+    assert_eq!(ok.comm.shm, Some(false));
+    assert_eq!(ok.comm.shm_ring_bytes, Some(1 << 20));
+    ok.validate(2).unwrap();
+    for bad in [1000, 2048, 3 << 20] {
+        let err = parse(&format!("[comm]\nshm_ring_bytes = {bad}\n"))
+            .unwrap()
+            .validate(2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "configs/x.toml:2:1: comm.shm_ring_bytes = {bad}: must be a power of two of at least 4096"
+            )),
+            "{err}"
+        );
+    }
+}
