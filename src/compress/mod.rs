@@ -13,7 +13,6 @@ mod error;
 mod feedback;
 mod half_cast;
 mod powersgd;
-mod shared;
 mod state;
 mod topk;
 mod uncompressed;
@@ -23,7 +22,6 @@ pub use codec::{build_codec, CodecOptions, CodecStats, CompressionMethod, GradCo
 pub use error::CompressError;
 pub use half_cast::{HalfCast, WireHalf};
 pub use powersgd::{PowerSgd, DEFAULT_MIN_COMPRESSION_RATE};
-pub use shared::SharedCodec;
 pub use state::StateTensor;
 pub use topk::TopK;
 pub use uncompressed::Uncompressed;

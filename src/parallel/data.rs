@@ -132,6 +132,16 @@ impl DataParallel {
         }
     }
 
+    /// The gradient codec, if gradients are compressed (checkpoints save its state).
+    pub fn codec(&self) -> Option<&dyn GradCodec> {
+        self.codec.as_ref().map(|(codec, _)| codec.as_ref())
+    }
+
+    /// The gradient codec, mutably (a resume restores its state).
+    pub fn codec_mut(&mut self) -> Option<&mut (dyn GradCodec + 'static)> {
+        self.codec.as_mut().map(|(codec, _)| codec.as_mut())
+    }
+
     /// Sends gradients through `codec` (compression), bucket by bucket; `shapes` are the shapes
     /// of the parameters in model order.
     pub fn with_codec(mut self, codec: Box<dyn GradCodec>, shapes: &[Vec<usize>]) -> Self {

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::compress::{GradCodec, SharedCodec, StateTensor};
+use crate::compress::{GradCodec, StateTensor};
 
 /// Errors reading or writing checkpoints; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -311,32 +311,32 @@ const META_RANK: &str = "rank";
 const META_DATA_REPLICAS: &str = "data_replicas";
 const META_PIPELINE_STAGES: &str = "pipeline_stages";
 
-/// A rank's gradient codec as checkpoints see it: [`CodecCheckpoint::save`] writes its state
-/// ([`GradCodec::state`]) to [`codec_state_path`], with the codec's description and the rank's
-/// [`CodecSlot`] in the header; [`CodecCheckpoint::load`] restores it when all of these match and
-/// every tensor fits this run's buckets, and otherwise drops it with a warning.
+/// Where a rank's gradient codec goes in checkpoints: [`CodecCheckpoint::save`] writes the
+/// codec's state ([`GradCodec::state`]) to [`codec_state_path`], with the codec's description and
+/// the rank's [`CodecSlot`] in the header; [`CodecCheckpoint::load`] restores it when all of these
+/// match and every tensor fits this run's buckets, and otherwise drops it with a warning. The
+/// codec itself stays with its owner (`DataParallel`) and is lent to each call.
 #[derive(Debug, Clone)]
 pub struct CodecCheckpoint {
-    codec: SharedCodec,
     slot: CodecSlot,
     /// Per bucket, the shapes of its parameters.
     buckets: Vec<Vec<Vec<usize>>>,
 }
 
 impl CodecCheckpoint {
-    /// The codec of the rank at `slot`, whose gradient buckets hold the parameters
+    /// For the codec of the rank at `slot`, whose gradient buckets hold the parameters
     /// `bucket_params[b]` (indices into `shapes`, the shapes of the parameters in order; both come
     /// from the same parameter list, as `DataParallel`'s bucket layout does, and a range past
     /// `shapes` panics).
-    pub fn new(codec: SharedCodec, slot: CodecSlot, bucket_params: &[Range<usize>], shapes: &[Vec<usize>]) -> Self {
+    pub fn new(slot: CodecSlot, bucket_params: &[Range<usize>], shapes: &[Vec<usize>]) -> Self {
         let buckets = bucket_params.iter().map(|r| shapes[r.clone()].to_vec()).collect();
-        Self { codec, slot, buckets }
+        Self { slot, buckets }
     }
 
     /// Writes this rank's codec state into the checkpoint folder `dir`, atomically. Call it on
     /// every rank before `state.json` is written.
-    pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
-        let state = self.codec.state();
+    pub fn save(&self, dir: &Path, codec: &dyn GradCodec) -> Result<(), CheckpointError> {
+        let state = codec.state();
         let tensors: Vec<NamedTensor<'_>> = state
             .iter()
             .map(|t| NamedTensor {
@@ -346,7 +346,7 @@ impl CodecCheckpoint {
             })
             .collect();
         let metadata = HashMap::from([
-            (META_CODEC.to_string(), self.codec.describe()),
+            (META_CODEC.to_string(), codec.describe()),
             (META_RANK.to_string(), self.slot.rank.to_string()),
             (META_DATA_REPLICAS.to_string(), self.slot.data_replicas.to_string()),
             (META_PIPELINE_STAGES.to_string(), self.slot.pipeline_stages.to_string()),
@@ -358,9 +358,9 @@ impl CodecCheckpoint {
     /// (see [`CodecResume::Dropped`]) is dropped with a warning naming the file and the reason,
     /// and the codec starts from zero state; only a file that cannot be read or parsed is an
     /// error.
-    pub fn load(&mut self, dir: &Path) -> Result<CodecResume, CheckpointError> {
+    pub fn load(&self, dir: &Path, codec: &mut dyn GradCodec) -> Result<CodecResume, CheckpointError> {
         let path = codec_state_path(dir, self.slot.rank);
-        let outcome = self.try_load(&path)?;
+        let outcome = self.try_load(&path, codec)?;
         if let CodecResume::Dropped { reason } = &outcome {
             tracing::warn!(
                 "rank {}: gradient codec state not resumed from {}: {reason}; error feedback and PowerSGD factors \
@@ -372,7 +372,7 @@ impl CodecCheckpoint {
         Ok(outcome)
     }
 
-    fn try_load(&mut self, path: &Path) -> Result<CodecResume, CheckpointError> {
+    fn try_load(&self, path: &Path, codec: &mut dyn GradCodec) -> Result<CodecResume, CheckpointError> {
         let dropped = |reason: String| Ok(CodecResume::Dropped { reason });
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
@@ -405,10 +405,10 @@ impl CodecCheckpoint {
             data_replicas: number(META_DATA_REPLICAS)?,
             pipeline_stages: number(META_PIPELINE_STAGES)?,
         };
-        let codec = self.codec.describe();
-        if saved_codec != codec {
+        let this_codec = codec.describe();
+        if saved_codec != this_codec {
             return dropped(format!(
-                "it was saved by the codec `{saved_codec}`, this run's is `{codec}`"
+                "it was saved by the codec `{saved_codec}`, this run's is `{this_codec}`"
             ));
         }
         if saved_slot != self.slot {
@@ -423,11 +423,11 @@ impl CodecCheckpoint {
             })
             .collect();
         let count = tensors.len();
-        match self.codec.load_state(&self.buckets, tensors) {
+        match codec.load_state(&self.buckets, tensors) {
             Ok(()) => Ok(CodecResume::Loaded { tensors: count }),
             Err(e) => {
                 // load_state left the state as it was; make sure it is the zero state.
-                self.codec.reset();
+                codec.reset();
                 dropped(format!("it does not fit this run's gradient buckets: {e}"))
             }
         }

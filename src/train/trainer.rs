@@ -12,7 +12,7 @@ use std::time::Instant;
 use burn::tensor::{Device, FloatDType};
 
 use crate::comm::{ProcessGroup, ReduceOp};
-use crate::compress::{build_codec, SharedCodec};
+use crate::compress::build_codec;
 use crate::config::{
     CommBackend, ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig,
 };
@@ -156,17 +156,17 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let mut codec_ckpt = None; // The codec's state in checkpoints (residuals, PowerSGD's Q).
     if build::compressed(cfg) {
         let shapes: Vec<Vec<usize>> = layout.params.iter().map(|p| p.shape.clone()).collect();
-        let codec = SharedCodec::new(build_codec(&build::codec_options(cfg)).map_err(|e| TrainError::Sync {
+        let codec = build_codec(&build::codec_options(cfg)).map_err(|e| TrainError::Sync {
             rank,
             source: SyncError::Codec(e),
-        })?);
-        ddp = ddp.with_codec(Box::new(codec.clone()), &shapes);
+        })?;
+        ddp = ddp.with_codec(codec, &shapes);
         let slot = ckpt::CodecSlot {
             rank,
             data_replicas: place.dims.data,
             pipeline_stages: place.dims.pipeline,
         };
-        codec_ckpt = Some(ckpt::CodecCheckpoint::new(codec, slot, &ddp.layout().params, &shapes));
+        codec_ckpt = Some(ckpt::CodecCheckpoint::new(slot, &ddp.layout().params, &shapes));
     }
     let mut scaler = if cfg.precision.compute == ComputeDtype::F16 {
         let options = LossScalerOptions {
@@ -216,9 +216,8 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
                 }
             }
         }
-        if let Some(codec) = &mut codec_ckpt {
-            codec
-                .load(&dir)
+        if let (Some(slot), Some(codec)) = (&codec_ckpt, ddp.codec_mut()) {
+            slot.load(&dir, codec)
                 .map_err(|source| TrainError::Checkpoint { rank, source })?;
         }
         optimizer.set_steps(state.step);
@@ -459,7 +458,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         let every = cfg.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || done == cfg.train.steps {
             let scale = scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps));
-            let codec = codec_ckpt.as_ref();
+            let codec = codec_ckpt.as_ref().zip(ddp.codec());
             let dir = save_checkpoint(
                 &world, &place, &ckpt_root, cfg, done, scale, &layout, &master, &optimizer, codec,
             )?;
@@ -707,7 +706,7 @@ fn save_checkpoint(
     layout: &ParamLayout,
     master: &[f32],
     optimizer: &FlatOptimizer,
-    codec: Option<&ckpt::CodecCheckpoint>,
+    codec: Option<(&ckpt::CodecCheckpoint, &dyn crate::compress::GradCodec)>,
 ) -> Result<PathBuf, TrainError> {
     let rank = world.rank();
     let dir = ckpt::step_dir(root, step);
@@ -744,8 +743,8 @@ fn save_checkpoint(
         ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
     }
     // Every rank's own codec state (residuals differ between ranks), before state.json.
-    if let Some(codec) = codec {
-        codec.save(&dir).map_err(ck)?;
+    if let Some((slot, codec)) = codec {
+        slot.save(&dir, codec).map_err(ck)?;
     }
     world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
     if rank == 0 {
