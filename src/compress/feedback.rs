@@ -107,6 +107,21 @@ impl ErrorFeedback {
             .collect()
     }
 
+    /// The whole `load_state` of a codec whose only state is its residuals (`method` names it in
+    /// errors): every tensor must be one of them and fit, or nothing changes.
+    pub(crate) fn load_only_state(
+        &mut self,
+        method: &'static str,
+        buckets: &[Vec<Vec<usize>>],
+        tensors: Vec<StateTensor>,
+    ) -> Result<(), CompressError> {
+        let mut tensors = StateTensors::new(method, tensors)?;
+        let residuals = self.take_state(buckets, &mut tensors)?;
+        tensors.finish()?;
+        self.install(residuals);
+        Ok(())
+    }
+
     /// Replaces every residual by `residuals` (from [`ErrorFeedback::take_state`]).
     pub(crate) fn install(&mut self, residuals: Vec<Vec<f32>>) {
         self.residuals = residuals;

@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use super::codec::{check_shapes, collective, CodecStats, GradCodec};
 use super::error::CompressError;
 use super::feedback::{relative_error, ErrorFeedback};
-use super::state::{StateTensor, StateTensors};
+use super::state::StateTensor;
 use crate::comm::{Element, ProcessGroup, ReduceOp};
 
 /// Elements converted per block (stack buffers, so the casts vectorise without allocating).
@@ -158,11 +158,7 @@ impl GradCodec for HalfCast {
     }
 
     fn load_state(&mut self, buckets: &[Vec<Vec<usize>>], tensors: Vec<StateTensor>) -> Result<(), CompressError> {
-        let mut tensors = StateTensors::new(self.name(), tensors)?;
-        let residuals = self.feedback.take_state(buckets, &mut tensors)?;
-        tensors.finish()?;
-        self.feedback.install(residuals);
-        Ok(())
+        self.feedback.load_only_state(self.name(), buckets, tensors)
     }
 }
 

@@ -14,7 +14,7 @@
 use super::codec::{check_shapes, collective, CodecStats, GradCodec};
 use super::error::CompressError;
 use super::feedback::{relative_error, ErrorFeedback};
-use super::state::{StateTensor, StateTensors};
+use super::state::StateTensor;
 use super::uncompressed::Uncompressed;
 use crate::comm::ProcessGroup;
 
@@ -196,11 +196,7 @@ impl GradCodec for TopK {
     }
 
     fn load_state(&mut self, buckets: &[Vec<Vec<usize>>], tensors: Vec<StateTensor>) -> Result<(), CompressError> {
-        let mut tensors = StateTensors::new(self.name(), tensors)?;
-        let residuals = self.feedback.take_state(buckets, &mut tensors)?;
-        tensors.finish()?;
-        self.feedback.install(residuals);
-        Ok(())
+        self.feedback.load_only_state(self.name(), buckets, tensors)
     }
 }
 
