@@ -746,9 +746,10 @@ struct Wait<'m> {
     spin: Duration,
 }
 
-/// Whether some pair's drain waits for [`DRAIN_DELAY`].
-fn delayed_drain(states: &[State<'_, '_>], mesh_pairs: &[Option<Arc<Pair>>]) -> bool {
-    mesh_pairs.iter().flatten().any(|pair| !drain_now(states, pair, false))
+/// Whether some pair's drain waits for [`DRAIN_DELAY`] (see [`drain_now`]): the batch holds a
+/// finished receive.
+fn delayed_drain(states: &[State<'_, '_>]) -> bool {
+    states.iter().any(|s| matches!(s, State::Recv(_)) && s.done())
 }
 
 /// Adds `pair`'s socket to the poll set (once). A shared-memory pair's socket only ever becomes
@@ -825,7 +826,7 @@ fn drive(
         // Sleep until a socket or the doorbell is ready. When another thread owns a frame on one
         // of our pairs it reads our frames into the stash, which poll cannot see: wake up often
         // then.
-        let cap = if pass.blocked_by_other || (pass.sending && !drain && delayed_drain(states, mesh_pairs)) {
+        let cap = if pass.blocked_by_other || (pass.sending && !drain && delayed_drain(states)) {
             // Also: a blocked send looks again when its drain is due.
             Duration::from_millis(1)
         } else if shm_inbox.is_some() {
