@@ -204,7 +204,7 @@ pub fn init_with_store(
         }
         pairs[peer] = Some(Pair::new(rank, peer, stream)?);
     }
-    if options.shm.enabled && world_size > 1 {
+    if world_size > 1 {
         for (peer, link) in shm_links(store.as_ref(), rank, world_size, &options.shm, deadline)? {
             if let Some(pair) = pairs[peer].as_mut() {
                 pair.attach_shm(link);
@@ -237,8 +237,16 @@ fn shm_links(
         let raw = store.get(&key, left).map_err(store_err)?;
         Ok(String::from_utf8_lossy(&raw).into_owned())
     };
-    let host = options.host_id.clone().unwrap_or_else(transport::host_id);
+    // A rank with shared memory off still answers, so that its peers on this host do not wait
+    // for its host id; "off" matches no host.
+    let host = match options.enabled {
+        true => options.host_id.clone().unwrap_or_else(transport::host_id),
+        false => "off".to_string(),
+    };
     store.set(&format!("host/{rank}"), host.as_bytes()).map_err(store_err)?;
+    if !options.enabled {
+        return Ok(Vec::new());
+    }
     let mut peers = Vec::new();
     for other in (0..world_size).filter(|&r| r != rank) {
         if get(format!("host/{other}"))? == host {
