@@ -30,3 +30,5 @@ pub mod transport;
 
 pub use comm::{init, DType, ProcessGroup, ReduceOp};
 pub use error::Error;
+#[cfg(feature = "train")]
+pub use parallel::{BufferSync, Ddp, DdpError, DdpOptions};

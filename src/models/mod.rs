@@ -29,8 +29,9 @@ pub use error::ModelError;
 pub use gpt::{EmbeddingBlock, LmHeadBlock, TransformerBlock};
 pub use loss::{accuracy, cross_entropy};
 pub use params::{
-    flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, grads_from_flat, load_params,
-    load_params_by_name, ParamInfo, ParamLayout,
+    flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, flatten_selected_grads_into,
+    flatten_selected_into, grads_from_flat, grads_from_selected, load_params, load_params_by_name, load_selected,
+    selected_numel, trainable_mask, ParamInfo, ParamLayout,
 };
 pub use spec::ModelSpec;
 pub use stack::BlockStack;

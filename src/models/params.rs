@@ -223,12 +223,17 @@ pub fn flatten_params_into<M: Module>(module: &M, out: &mut Vec<f32>) -> Result<
     visit_params(module, ParamReader { out }).map(|_| ())
 }
 
-/// Replaces each float parameter's value by `values[param.range()]`. Ids, dtypes, devices and
-/// gradient requirements are kept (a parameter that required a gradient still does).
+/// Replaces each selected float parameter's value by the next `numel` values of `values`. Ids,
+/// dtypes, devices and gradient requirements are kept (a parameter that required a gradient still
+/// does).
 #[derive(Debug)]
 struct ParamWriter<'a> {
     layout: std::slice::Iter<'a, ParamInfo>,
+    /// Per parameter, whether it is written (`None`: all of them).
+    select: Option<std::slice::Iter<'a, bool>>,
     values: &'a [f32],
+    /// Next unread index of `values`.
+    offset: usize,
 }
 
 impl ModuleMapper for ParamWriter<'_> {
@@ -237,7 +242,13 @@ impl ModuleMapper for ParamWriter<'_> {
         let Some(info) = self.layout.next() else {
             return param;
         };
-        let values = self.values[info.range()].to_vec();
+        if let Some(select) = self.select.as_mut() {
+            if !select.next().copied().unwrap_or(false) {
+                return param;
+            }
+        }
+        let values = self.values[self.offset..self.offset + info.numel].to_vec();
+        self.offset += info.numel;
         let shape = info.shape.clone();
         param.map(|old| {
             let device = old.device();
@@ -267,9 +278,87 @@ pub fn load_params<M: Module>(module: M, values: &[f32]) -> Result<M, ModelError
     }
     let mut writer = ParamWriter {
         layout: layout.params.iter(),
+        select: None,
         values,
+        offset: 0,
     };
     Ok(module.map(&mut writer))
+}
+
+/// Loads `values` into the parameters `select` marks (one flag per entry of
+/// [`ParamLayout::of`]`(&module)`), which it holds back to back in layout order; the others keep
+/// their values. E.g. the buffers (running statistics) a data-parallel wrapper broadcast.
+pub fn load_selected<M: Module>(module: M, select: &[bool], values: &[f32]) -> Result<M, ModelError> {
+    let layout = ParamLayout::of(&module);
+    let expected = selected_numel(&layout, select);
+    if values.len() != expected || select.len() != layout.len() {
+        return Err(ModelError::BadBufferLength {
+            what: "selected parameters",
+            expected,
+            got: values.len(),
+        });
+    }
+    let mut writer = ParamWriter {
+        layout: layout.params.iter(),
+        select: Some(select.iter()),
+        values,
+        offset: 0,
+    };
+    Ok(module.map(&mut writer))
+}
+
+/// Number of values of the parameters `select` marks.
+pub fn selected_numel(layout: &ParamLayout, select: &[bool]) -> usize {
+    layout
+        .params
+        .iter()
+        .zip(select)
+        .filter(|(_, &on)| on)
+        .map(|(p, _)| p.numel)
+        .sum()
+}
+
+/// Per float parameter in [`ParamLayout`] order, whether autodiff tracks it: false for frozen
+/// parameters (`set_require_grad(false)`), for running statistics (burn's `RunningState`, e.g.
+/// BatchNorm's), and for every parameter of a model on a device without autodiff. Initialises
+/// lazy parameters (building them is what their first forward would do anyway).
+pub fn trainable_mask<M: Module>(module: &M) -> Vec<bool> {
+    #[derive(Debug, Default)]
+    struct Mask(Vec<bool>);
+    impl ModuleVisitor for Mask {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().is_require_grad());
+        }
+    }
+    let mut mask = Mask::default();
+    module.visit(&mut mask);
+    mask.0
+}
+
+/// Reads every selected float parameter into `out` (cleared first), back to back in layout order.
+pub fn flatten_selected_into<M: Module>(module: &M, select: &[bool], out: &mut Vec<f32>) -> Result<(), ModelError> {
+    #[derive(Debug)]
+    struct Reader<'a> {
+        select: std::slice::Iter<'a, bool>,
+        out: &'a mut Vec<f32>,
+    }
+    impl ParamVisit for Reader<'_> {
+        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+            if self.select.next().copied().unwrap_or(false) {
+                append_f32(param.val(), path, self.out)?;
+            }
+            Ok(())
+        }
+    }
+    out.clear();
+    visit_params(
+        module,
+        Reader {
+            select: select.iter(),
+            out,
+        },
+    )
+    .map(|_| ())
 }
 
 /// Loads every float parameter by name from `source`, which returns the values of a name (or
@@ -347,11 +436,15 @@ pub fn flatten_grads_into<M: Module>(
     visit_params(module, GradReader { grads, out }).map(|_| ())
 }
 
-/// Registers `values[param.range()]` as every parameter's gradient.
+/// Registers the next `numel` values of `values` as the gradient of every selected parameter.
 #[derive(Debug)]
 struct GradWriter<'a> {
     layout: std::slice::Iter<'a, ParamInfo>,
+    /// Per parameter, whether it gets a gradient (`None`: all of them).
+    select: Option<std::slice::Iter<'a, bool>>,
     values: &'a [f32],
+    /// Next unread index of `values`.
+    offset: usize,
     grads: GradientsParams,
 }
 
@@ -361,10 +454,17 @@ impl ModuleVisitor for GradWriter<'_> {
         let Some(info) = self.layout.next() else {
             return;
         };
+        let values = &self.values[self.offset..self.offset + info.numel];
+        self.offset += info.numel;
+        if let Some(select) = self.select.as_mut() {
+            if !select.next().copied().unwrap_or(false) {
+                return;
+            }
+        }
         // Gradients live on the inner (non-autodiff) device, in the parameter's dtype.
         let device = param.lazy_device().without_autodiff();
         let dtype = param.val().dtype();
-        let data = TensorData::new(self.values[info.range()].to_vec(), info.shape.clone());
+        let data = TensorData::new(values.to_vec(), info.shape.clone());
         self.grads
             .register::<D>(param.id, Tensor::from_data(data, (&device, dtype)));
     }
@@ -384,9 +484,107 @@ pub fn grads_from_flat<M: Module>(module: &M, values: &[f32]) -> Result<Gradient
     }
     let mut writer = GradWriter {
         layout: layout.params.iter(),
+        select: None,
         values,
+        offset: 0,
         grads: GradientsParams::new(),
     };
     module.visit(&mut writer);
     Ok(writer.grads)
+}
+
+/// Gradients for the parameters `select` marks, from `values` laid out over the parameters
+/// `eligible` marks (back to back, layout order; `select` implies `eligible`). The others get no
+/// gradient, so an optimizer leaves them alone: a data-parallel wrapper passes the trainable
+/// parameters as `eligible` and, as `select`, those that got a gradient on some rank.
+pub fn grads_from_selected<M: Module>(
+    module: &M,
+    eligible: &[bool],
+    select: &[bool],
+    values: &[f32],
+) -> Result<GradientsParams, ModelError> {
+    let layout = ParamLayout::of(module);
+    let expected = selected_numel(&layout, eligible);
+    if values.len() != expected || eligible.len() != layout.len() || select.len() != layout.len() {
+        return Err(ModelError::BadBufferLength {
+            what: "gradients",
+            expected,
+            got: values.len(),
+        });
+    }
+    // Entries not eligible hold no values: give them an empty slot by walking a filtered layout.
+    let params: Vec<ParamInfo> = layout
+        .params
+        .iter()
+        .zip(eligible)
+        .map(|(p, &on)| ParamInfo {
+            numel: if on { p.numel } else { 0 },
+            ..p.clone()
+        })
+        .collect();
+    let mut writer = GradWriter {
+        layout: params.iter(),
+        select: Some(select.iter()),
+        values,
+        offset: 0,
+        grads: GradientsParams::new(),
+    };
+    module.visit(&mut writer);
+    Ok(writer.grads)
+}
+
+/// Reads the gradients of the parameters `select` marks into `out` (cleared first), back to back
+/// in layout order, zeros where a parameter has none; `present[k]` (one per layout entry, zero
+/// for unselected ones) says whether parameter k had a gradient.
+pub fn flatten_selected_grads_into<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    select: &[bool],
+    out: &mut Vec<f32>,
+    present: &mut Vec<u8>,
+) -> Result<(), ModelError> {
+    #[derive(Debug)]
+    struct Reader<'a> {
+        grads: &'a GradientsParams,
+        select: std::slice::Iter<'a, bool>,
+        out: &'a mut Vec<f32>,
+        present: &'a mut Vec<u8>,
+    }
+    impl ParamVisit for Reader<'_> {
+        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+            if !self.select.next().copied().unwrap_or(false) {
+                self.present.push(0);
+                return Ok(());
+            }
+            let numel = param.lazy_shape().num_elements();
+            let Some(grad) = self.grads.get::<D>(param.id) else {
+                self.present.push(0);
+                self.out.resize(self.out.len() + numel, 0.0);
+                return Ok(());
+            };
+            self.present.push(1);
+            let got = append_f32(grad, path, self.out)?;
+            if got != numel {
+                return Err(ModelError::ParamSizeMismatch {
+                    name: path.name(),
+                    shape: param.lazy_shape().to_vec(),
+                    expected: numel,
+                    got,
+                });
+            }
+            Ok(())
+        }
+    }
+    out.clear();
+    present.clear();
+    visit_params(
+        module,
+        Reader {
+            grads,
+            select: select.iter(),
+            out,
+            present,
+        },
+    )
+    .map(|_| ())
 }

@@ -4,10 +4,14 @@
 //! order, hands them to [`DataParallel`], and loads the result back.
 
 mod data;
+#[cfg(feature = "train")]
+mod ddp;
 mod dims;
 mod pipeline;
 
 pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats};
+#[cfg(feature = "train")]
+pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions};
 pub use dims::{MeshCoords, ParallelDims, ParallelDimsError};
 pub use pipeline::{
     partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, ScheduleKind,
