@@ -6,6 +6,7 @@
 //! ```text
 //! cargo build --release --examples
 //! burnrun --nproc-per-node 2 -- target/release/examples/resnet_digits --steps 50
+//! BURNRUN_DEVICE=wgpu burnrun --nproc-per-node 2 -- target/release/examples/resnet_digits   # --features wgpu
 //! ```
 //!
 //! The digits are generated on first use (ten stroke templates, randomly shifted, thickened and
@@ -253,7 +254,17 @@ fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>), Box<dyn Error>> {
     Ok((dims, data))
 }
 
-fn main() -> Result<(), Box<dyn Error>> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("resnet_digits: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
     let args = Args::parse()?;
     let pg = burnrun::init()?;
     let (rank, world) = (pg.rank(), pg.world_size());
@@ -267,10 +278,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     let (_, labels) = read_idx(&args.data.join("labels-idx1-ubyte"))?;
     let samples = labels.len();
 
-    let device = Device::flex().autodiff();
-    // Every rank may start from its own weights: Ddp::new gives all of them rank 0's.
-    device.seed(args.seed + rank as u64);
-    let model = ResNet::new(&device);
+    // This rank's device: BURNRUN_DEVICE (`cpu` by default, `wgpu` with the feature), the local
+    // rank's GPU where there are several.
+    let device = burnrun::device()?;
+    // Built on the CPU from a seed, then moved (torch's `Net().to(device)`): the same initial
+    // weights on every backend. Every rank may even use its own seed: Ddp::new gives all of them
+    // rank 0's tensors.
+    let host = Device::flex().autodiff();
+    host.seed(args.seed + rank as u64);
+    let model = ResNet::new(&host).to_device(&device);
     let (mut model, mut ddp) = burnrun::Ddp::new(&pg, model, burnrun::DdpOptions::default())?;
     let mut optim = SgdConfig::new()
         .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))

@@ -16,6 +16,7 @@
 //! | `BURNRUN_SHM` | `0` sends same-host frames over loopback TCP instead of shared memory (default `1`) |
 //! | `BURNRUN_SHM_RING_BYTES` | bytes of one shared-memory ring (a power of two) |
 //! | `BURNRUN_SHM_SPIN_US` | microseconds a rank busy-polls shared memory before it sleeps |
+//! | `BURNRUN_DEVICE` | the device `burnrun::device()` gives a hand-written loop (`cpu`, `wgpu`, ...) |
 
 use std::time::Duration;
 
@@ -118,6 +119,11 @@ pub struct DistEnv {
     pub shm_ring_bytes: Option<usize>,
     /// Override of the shared-memory spin before sleeping, in microseconds.
     pub shm_spin_us: Option<u64>,
+}
+
+/// `BURNRUN_DEVICE`: the device a hand-written training loop asked for, if set.
+pub fn device_name() -> Option<String> {
+    var("BURNRUN_DEVICE")
 }
 
 fn var(name: &'static str) -> Option<String> {

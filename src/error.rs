@@ -17,4 +17,8 @@ pub enum Error {
     /// A collective failed.
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// This build cannot give the device asked for.
+    #[cfg(feature = "train")]
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
 }

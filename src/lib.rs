@@ -15,6 +15,8 @@ pub mod compress;
 pub mod config;
 #[cfg(feature = "train")]
 pub mod data;
+#[cfg(feature = "train")]
+pub mod device;
 pub mod env;
 pub mod error;
 pub mod launcher;
@@ -29,6 +31,8 @@ pub mod train;
 pub mod transport;
 
 pub use comm::{init, DType, ProcessGroup, ReduceOp};
+#[cfg(feature = "train")]
+pub use device::device;
 pub use error::Error;
 #[cfg(feature = "train")]
 pub use parallel::{BufferSync, Ddp, DdpError, DdpOptions};
