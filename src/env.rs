@@ -16,6 +16,7 @@
 //! | `BURNRUN_SHM` | `0` sends same-host frames over loopback TCP instead of shared memory (default `1`) |
 //! | `BURNRUN_SHM_RING_BYTES` | bytes of one shared-memory ring (a power of two) |
 //! | `BURNRUN_SHM_SPIN_US` | microseconds a rank busy-polls shared memory before it sleeps |
+//! | `BURNRUN_CONTROL_LINES` | `1`: the launcher reads control lines (`crate::names::ControlLine`) from this rank |
 
 use std::time::Duration;
 
@@ -118,6 +119,16 @@ pub struct DistEnv {
     pub shm_ring_bytes: Option<usize>,
     /// Override of the shared-memory spin before sleeping, in microseconds.
     pub shm_spin_us: Option<u64>,
+}
+
+/// Set by the launcher to `1` for every rank it starts: the rank's output goes to a launcher that
+/// reads control lines ([`crate::names::ControlLine`]), so rank 0 sends its progress that way and a
+/// rank may ask for its stdout to be copied unprefixed. Anything but `1` (or unset) means no launcher.
+pub const CONTROL_LINES_VAR: &str = "BURNRUN_CONTROL_LINES";
+
+/// True when this process's output is read by a burnrun launcher that understands control lines.
+pub fn control_lines() -> bool {
+    var(CONTROL_LINES_VAR).is_some_and(|v| v.trim() == "1")
 }
 
 fn var(name: &'static str) -> Option<String> {
