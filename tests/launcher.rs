@@ -616,6 +616,64 @@ fn nodes_sharing_a_secret_file_run_together_and_node_1_waits_for_node_0_to_write
 }
 
 #[test]
+fn a_secret_file_other_users_can_read_is_refused_naming_its_mode_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("open-secret");
+    let key = dir.join("job.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    for mode in [0o644, 0o640, 0o602] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (status, launcher) = run(&["--secret-file", key.to_str().unwrap(), "--", "sh", "-c", "echo ran"]);
+        assert_eq!(status.code(), Some(1), "{}", launcher.output());
+        let stderr = launcher.stderr.text();
+        let expected = format!("job secret file {} has mode {mode:04o}", key.display());
+        assert!(stderr.contains(&expected), "{expected:?} missing from:\n{stderr}");
+        assert!(stderr.contains(&format!("chmod 600 {}", key.display())), "{stderr}");
+        assert!(launcher.stdout.all().is_empty(), "a rank ran: {}", launcher.output());
+    }
+    // The same file, private, is taken.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (status, launcher) = run(&["--secret-file", key.to_str().unwrap(), "--", "sh", "-c", "echo ran"]);
+    assert!(status.success(), "{}", launcher.output());
+    assert_eq!(launcher.stdout.all(), ["[rank0]: ran"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_help_and_the_warning_name_the_same_source_of_a_derived_secret() {
+    let output = Command::new(BURNRUN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("derives its secret from --run-id, or without one from --master-port"),
+        "{help}"
+    );
+    // A two-node job without a secret says the same at run time (node 1 never comes: node 0 gives up).
+    let port = free_port().to_string();
+    let (_, launcher) = run(&[
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master-port",
+        &port,
+        "--rdzv-timeout",
+        "1",
+        "--",
+        "true",
+    ]);
+    let stderr = launcher.stderr.text();
+    assert!(
+        stderr.contains(&format!(
+            "deriving one from the store port {port} (--run-id, or without one --master-port)"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_program_that_cannot_start_is_an_error_naming_the_rank() {
     let (status, launcher) = run(&["--nproc-per-node", "2", "--", "/nonexistent/program"]);
     assert_eq!(status.code(), Some(1), "{}", launcher.output());
