@@ -1001,3 +1001,86 @@ fn a_failing_job_leaves_no_shared_memory_file_of_its_run_behind() {
 fn a_succeeding_job_leaves_no_shared_memory_file_of_its_run_behind() {
     assert_shared_memory_is_swept(&format!("sweep-ok-{}", std::process::id()), 0);
 }
+
+/// The pid of the launcher's child that runs global rank `rank` (read from its environment).
+fn rank_pid(launcher: i32, rank: usize) -> Option<i32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let ppid = stat
+                .rfind(')')
+                .and_then(|end| stat[end + 1..].split_whitespace().nth(1)?.parse::<i32>().ok());
+            ppid == Some(launcher)
+        })
+        .find(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| {
+                    env.split(|&b| b == 0)
+                        .any(|var| var == format!("RANK={rank}").as_bytes())
+                })
+                .unwrap_or(false)
+        })
+}
+
+/// Continues and kills a process a test stopped, whatever the test's outcome.
+struct StoppedProcess(i32);
+
+impl Drop for StoppedProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+    }
+}
+
+#[test]
+fn a_rank_stopped_with_sigstop_is_named_as_the_cause_when_the_others_time_out_waiting_for_it() {
+    // Four ranks time an all-reduce for far longer than the test; each collective may wait 3 s.
+    let mut launcher = Launcher::start(&[
+        "--timeout",
+        "3",
+        "--nproc-per-node",
+        "4",
+        "bench",
+        "allreduce",
+        "--min-bytes",
+        "64K",
+        "--max-bytes",
+        "64K",
+        "--iters",
+        "100000000",
+    ]);
+    launcher.stdout.wait_for(1, JOB_DEADLINE, |l| {
+        l.starts_with("[rank0]: #") && l.contains("size(B)")
+    });
+    let pid =
+        rank_pid(launcher.pid(), 1).unwrap_or_else(|| panic!("no rank 1 under the launcher\n{}", launcher.output()));
+    let _guard = StoppedProcess(pid);
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let status = launcher.wait(JOB_DEADLINE);
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    let stderr = launcher.stderr.text();
+    let headline = stderr
+        .lines()
+        .find(|l| l.starts_with("burnrun: job failed"))
+        .unwrap_or_else(|| panic!("no summary:\n{stderr}"));
+    let expected = format!("job failed: rank 1 (node 0, local rank 1, pid {pid} on ");
+    assert!(headline.contains(&expected), "{headline}\n{stderr}");
+    assert!(
+        headline.contains("was stopped (SIGSTOP) and did not respond") && headline.contains("timed out waiting for it"),
+        "{headline}"
+    );
+    let also = stderr
+        .lines()
+        .find(|l| l.starts_with("burnrun: also failed"))
+        .unwrap_or_default();
+    assert!(also.contains("timed out waiting for peer"), "{stderr}");
+    assert!(
+        !also.contains("lost peer"),
+        "a timeout is not a lost connection: {also}"
+    );
+}
