@@ -14,7 +14,7 @@ use burnrun::rendezvous::{Store, TcpStore, TcpStoreServer, MAX_PENDING_HANDSHAKE
 const FLOOD: usize = 500;
 /// Threads the server may add beyond its pending handshakes: the accept thread, the real
 /// clients' connections, and evicted handshake threads on their way out.
-const THREAD_SLACK: usize = 32;
+const THREAD_SLACK: usize = 64;
 const LONG: Duration = Duration::from_secs(10);
 
 /// The log lines written while the test runs.
@@ -91,6 +91,11 @@ fn a_flood_of_unauthenticated_connections_costs_bounded_threads_and_a_few_log_li
 
     let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("store server")).collect();
+    eprintln!(
+        "{FLOOD} silent connections: at most {} threads above the baseline, {} log line(s)",
+        most_threads - baseline,
+        lines.len()
+    );
     assert!(
         !lines.is_empty() && lines.len() <= 4,
         "{} log lines for {FLOOD} refused connections:\n{text}",
