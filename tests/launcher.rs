@@ -1078,9 +1078,10 @@ fn a_rank_stopped_with_sigstop_is_named_as_the_cause_when_the_others_time_out_wa
         .lines()
         .find(|l| l.starts_with("burnrun: also failed"))
         .unwrap_or_default();
-    assert!(also.contains("timed out waiting for peer"), "{stderr}");
+    assert!(also.contains("timed out waiting for peer "), "{stderr}");
+    // Rank 1's connections stayed open: nobody lost it (a rank may lose a peer that exited).
     assert!(
-        !also.contains("lost peer"),
+        !also.contains("lost peer 1"),
         "a timeout is not a lost connection: {also}"
     );
 }
