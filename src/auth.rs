@@ -93,7 +93,7 @@ impl JobSecret {
         Ok(Self(random_bytes()?))
     }
 
-    /// A secret derived from a public string (the run id). Only for multi-node jobs started
+    /// A secret derived from a public string (the run id, or the store port). Only for jobs started
     /// without a secret: it keeps strangers' jobs apart, but anyone who knows the run id can join.
     pub fn derive_from(public: &str) -> Self {
         use sha2::Digest;

@@ -17,6 +17,7 @@
 //! | `BURNRUN_SHM_RING_BYTES` | bytes of one shared-memory ring (a power of two) |
 //! | `BURNRUN_SHM_SPIN_US` | microseconds a rank busy-polls shared memory before it sleeps |
 //! | `BURNRUN_DEVICE` | the device `burnrun::device()` gives a hand-written loop (`cpu`, `wgpu`, ...) |
+//! | `BURNRUN_CONTROL_LINES` | `1`: the launcher reads control lines (`crate::names::ControlLine`) from this rank |
 
 use std::time::Duration;
 
@@ -124,6 +125,16 @@ pub struct DistEnv {
 /// `BURNRUN_DEVICE`: the device a hand-written training loop asked for, if set.
 pub fn device_name() -> Option<String> {
     var("BURNRUN_DEVICE")
+}
+
+/// Set by the launcher to `1` for every rank it starts: the rank's output goes to a launcher that
+/// reads control lines ([`crate::names::ControlLine`]), so rank 0 sends its progress that way and a
+/// rank may ask for its stdout to be copied unprefixed. Anything but `1` (or unset) means no launcher.
+pub const CONTROL_LINES_VAR: &str = "BURNRUN_CONTROL_LINES";
+
+/// True when this process's output is read by a burnrun launcher that understands control lines.
+pub fn control_lines() -> bool {
+    var(CONTROL_LINES_VAR).is_some_and(|v| v.trim() == "1")
 }
 
 fn var(name: &'static str) -> Option<String> {

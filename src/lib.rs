@@ -22,6 +22,7 @@ pub mod error;
 pub mod launcher;
 #[cfg(feature = "train")]
 pub mod models;
+pub mod names;
 pub mod parallel;
 pub mod precision;
 pub mod rendezvous;

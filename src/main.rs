@@ -77,8 +77,10 @@ struct LaunchArgs {
     /// The job's id [default: random; other nodes take node 0's].
     #[arg(long, alias = "run_id", value_name = "ID")]
     run_id: Option<String>,
-    /// File with the job secret (64 hex digits); node 0 creates it when missing. Without it, and
-    /// without BURNRUN_SECRET, a multi-node job derives its secret from the run id (insecure).
+    /// File with the job secret (64 hex digits, mode 0600: a file others can read is refused);
+    /// node 0 creates it (0600) when missing. Without it, and without BURNRUN_SECRET, a multi-node
+    /// job derives its secret from --run-id, or without one from --master-port (insecure: anyone
+    /// who knows it can join).
     #[arg(long, value_name = "PATH")]
     secret_file: Option<PathBuf>,
 }
@@ -208,8 +210,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if launching && !matches!(cli.command, Some(Command::Check(_))) {
         burnrun::telemetry::init_logging(None);
         // A bad config fails here, naming the key and line, before any rank starts.
-        if let Some(Command::Train(args)) = &cli.command {
-            load_train_config(args)?.validate(cli.launch.world_size())?;
+        // Likewise a bad benchmark option, before the store or any rank starts.
+        match &cli.command {
+            Some(Command::Train(args)) => {
+                load_train_config(args)?.validate(cli.launch.world_size())?;
+            }
+            Some(Command::Bench(options)) => options.validate(cli.launch.world_size())?,
+            _ => {}
         }
         let command = match cli.program.split_first() {
             Some((program, args)) => RankCommand::new(program, args),

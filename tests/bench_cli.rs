@@ -47,11 +47,11 @@ fn burnrun(args: &[&str]) -> Output {
     }
 }
 
-/// The JSON objects of the output, one a line; a launcher's rank prefix before the `{` is skipped.
+/// The JSON objects of the output, one a line: every line of stdout must be one, as `jq` wants
+/// (no launcher prefix, no control line).
 fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stdout)
         .lines()
-        .filter_map(|line| line.find('{').map(|start| &line[start..]))
         .map(|json| serde_json::from_str(json).unwrap_or_else(|e| panic!("invalid JSON line {json:?}: {e}")))
         .collect()
 }
@@ -147,4 +147,71 @@ fn bad_options_fail_with_a_message_naming_them() {
     let out = burnrun(&["bench", "allreduce", "--min-bytes", "4Q"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("4Q"));
+}
+
+#[test]
+fn the_help_of_no_check_says_it_skips_the_check() {
+    let out = burnrun(&["bench", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let start = help
+        .find("--no-check")
+        .unwrap_or_else(|| panic!("no --no-check in:\n{help}"));
+    let entry: String = help[start..].lines().take(3).collect::<Vec<_>>().join(" ");
+    assert!(entry.contains("Skip checking"), "{entry}");
+    assert!(!entry.contains("Check results (on by default"), "{entry}");
+}
+
+#[test]
+fn a_bad_size_range_is_refused_by_the_launcher_before_any_rank_starts() {
+    let started = Instant::now();
+    let out = burnrun(&[
+        "--nproc-per-node",
+        "2",
+        "bench",
+        "allreduce",
+        "--min-bytes",
+        "8K",
+        "--max-bytes",
+        "4K",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--min-bytes 8192 is above --max-bytes 4096"),
+        "{stderr}"
+    );
+    // No rank, no store: neither the launcher's start line nor a rank's prefix nor a store warning.
+    for absent in ["[rank", "burnrun: run ", "WARN"] {
+        assert!(!stderr.contains(absent), "{absent:?} in:\n{stderr}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn json_lines_reach_the_launchers_stdout_unprefixed_so_every_line_parses() {
+    let out = burnrun(&[
+        "--nproc-per-node",
+        "2",
+        "bench",
+        "allreduce",
+        "--min-bytes",
+        "1K",
+        "--max-bytes",
+        "4K",
+        "--iters",
+        "2",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("[rank") && !stdout.contains('\u{1e}'), "{stdout:?}");
+    let rows = json_lines(&out.stdout);
+    assert_eq!(rows.len(), 3, "{stdout}");
+    assert!(!stderr.contains('\u{1e}'), "a control line leaked: {stderr:?}");
 }

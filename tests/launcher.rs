@@ -616,6 +616,64 @@ fn nodes_sharing_a_secret_file_run_together_and_node_1_waits_for_node_0_to_write
 }
 
 #[test]
+fn a_secret_file_other_users_can_read_is_refused_naming_its_mode_and_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("open-secret");
+    let key = dir.join("job.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    for mode in [0o644, 0o640, 0o602] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (status, launcher) = run(&["--secret-file", key.to_str().unwrap(), "--", "sh", "-c", "echo ran"]);
+        assert_eq!(status.code(), Some(1), "{}", launcher.output());
+        let stderr = launcher.stderr.text();
+        let expected = format!("job secret file {} has mode {mode:04o}", key.display());
+        assert!(stderr.contains(&expected), "{expected:?} missing from:\n{stderr}");
+        assert!(stderr.contains(&format!("chmod 600 {}", key.display())), "{stderr}");
+        assert!(launcher.stdout.all().is_empty(), "a rank ran: {}", launcher.output());
+    }
+    // The same file, private, is taken.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (status, launcher) = run(&["--secret-file", key.to_str().unwrap(), "--", "sh", "-c", "echo ran"]);
+    assert!(status.success(), "{}", launcher.output());
+    assert_eq!(launcher.stdout.all(), ["[rank0]: ran"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_help_and_the_warning_name_the_same_source_of_a_derived_secret() {
+    let output = Command::new(BURNRUN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("derives its secret from --run-id, or without one from --master-port"),
+        "{help}"
+    );
+    // A two-node job without a secret says the same at run time (node 1 never comes: node 0 gives up).
+    let port = free_port().to_string();
+    let (_, launcher) = run(&[
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--master-port",
+        &port,
+        "--rdzv-timeout",
+        "1",
+        "--",
+        "true",
+    ]);
+    let stderr = launcher.stderr.text();
+    assert!(
+        stderr.contains(&format!(
+            "deriving one from the store port {port} (--run-id, or without one --master-port)"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_program_that_cannot_start_is_an_error_naming_the_rank() {
     let (status, launcher) = run(&["--nproc-per-node", "2", "--", "/nonexistent/program"]);
     assert_eq!(status.code(), Some(1), "{}", launcher.output());
@@ -942,4 +1000,88 @@ fn a_failing_job_leaves_no_shared_memory_file_of_its_run_behind() {
 #[test]
 fn a_succeeding_job_leaves_no_shared_memory_file_of_its_run_behind() {
     assert_shared_memory_is_swept(&format!("sweep-ok-{}", std::process::id()), 0);
+}
+
+/// The pid of the launcher's child that runs global rank `rank` (read from its environment).
+fn rank_pid(launcher: i32, rank: usize) -> Option<i32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let ppid = stat
+                .rfind(')')
+                .and_then(|end| stat[end + 1..].split_whitespace().nth(1)?.parse::<i32>().ok());
+            ppid == Some(launcher)
+        })
+        .find(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| {
+                    env.split(|&b| b == 0)
+                        .any(|var| var == format!("RANK={rank}").as_bytes())
+                })
+                .unwrap_or(false)
+        })
+}
+
+/// Continues and kills a process a test stopped, whatever the test's outcome.
+struct StoppedProcess(i32);
+
+impl Drop for StoppedProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+    }
+}
+
+#[test]
+fn a_rank_stopped_with_sigstop_is_named_as_the_cause_when_the_others_time_out_waiting_for_it() {
+    // Four ranks time an all-reduce for far longer than the test; each collective may wait 3 s.
+    let mut launcher = Launcher::start(&[
+        "--timeout",
+        "3",
+        "--nproc-per-node",
+        "4",
+        "bench",
+        "allreduce",
+        "--min-bytes",
+        "64K",
+        "--max-bytes",
+        "64K",
+        "--iters",
+        "100000000",
+    ]);
+    launcher.stdout.wait_for(1, JOB_DEADLINE, |l| {
+        l.starts_with("[rank0]: #") && l.contains("size(B)")
+    });
+    let pid =
+        rank_pid(launcher.pid(), 1).unwrap_or_else(|| panic!("no rank 1 under the launcher\n{}", launcher.output()));
+    let _guard = StoppedProcess(pid);
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let status = launcher.wait(JOB_DEADLINE);
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    let stderr = launcher.stderr.text();
+    let headline = stderr
+        .lines()
+        .find(|l| l.starts_with("burnrun: job failed"))
+        .unwrap_or_else(|| panic!("no summary:\n{stderr}"));
+    let expected = format!("job failed: rank 1 (node 0, local rank 1, pid {pid} on ");
+    assert!(headline.contains(&expected), "{headline}\n{stderr}");
+    assert!(
+        headline.contains("was stopped (SIGSTOP) and did not respond") && headline.contains("timed out waiting for it"),
+        "{headline}"
+    );
+    let also = stderr
+        .lines()
+        .find(|l| l.starts_with("burnrun: also failed"))
+        .unwrap_or_default();
+    assert!(also.contains("timed out waiting for peer "), "{stderr}");
+    // Rank 1's connections stayed open: nobody lost it (a rank may lose a peer that exited).
+    assert!(
+        !also.contains("lost peer 1"),
+        "a timeout is not a lost connection: {also}"
+    );
 }

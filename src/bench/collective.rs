@@ -14,6 +14,7 @@ use half::{bf16, f16};
 
 use crate::comm::{CommError, DType, ProcessGroup, ReduceOp, Tuning};
 use crate::env::DistEnv;
+use crate::names::ControlLine;
 
 use super::buffers::OpBuffers;
 use super::error::BenchError;
@@ -101,6 +102,10 @@ fn run_typed<T: BenchValue>(
             tuning: *tuning,
         };
         write_header(out, &info).map_err(io)?;
+    }
+    if printer && opts.json && crate::env::control_lines() {
+        // Under a launcher: the JSON lines must reach its stdout as written, without `[rank0]: `.
+        writeln!(out, "{}", ControlLine::RawStream.encode()).map_err(io)?;
     }
     let mut rows = Vec::new();
     for count in element_counts(opts, ranks) {

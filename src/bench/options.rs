@@ -115,7 +115,8 @@ pub struct CollectiveBenchOptions {
     /// Print one JSON object a line instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Check results (on by default; a wrong element makes the command fail).
+    /// Skip checking the results (they are checked by default, and a wrong element makes the
+    /// command fail); `#wrong` then reads N/A.
     #[arg(long = "no-check", action = clap::ArgAction::SetFalse)]
     pub check: bool,
     /// Root rank of broadcast.

@@ -64,6 +64,16 @@ pub enum LaunchError {
         /// The error.
         source: std::io::Error,
     },
+    /// The secret file can be read by other users: like ssh with a private key, refused.
+    #[error(
+        "job secret file {path} has mode {mode:04o}: other users can read or change it, and whoever reads it can join the job; run `chmod 600 {path}`"
+    )]
+    SecretFileOpen {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Node 0 cannot host the rendezvous store.
     #[error("node 0: cannot host the rendezvous store on {addr} (port taken? a single-node job can omit --master-port to get a free one): {source}")]
     HostStore {

@@ -96,17 +96,20 @@ pub struct RankFailure {
     pub stderr_tail: Vec<String>,
 }
 
-/// Markers of a message in which a rank says a peer went away, each followed by that peer's rank:
-/// the transport's and the collectives' "connection to peer N lost", a failed connect, and a
-/// collective that timed out waiting for the peer.
-const LOST_PEER_MARKERS: [&str; 3] = ["connection to peer ", "cannot connect to peer ", "waiting for peer "];
+/// Markers of a message in which a rank says it lost a peer, each followed by that peer's rank: the
+/// transport's and the collectives' "connection to peer N lost", and a failed connect.
+const LOST_PEER_MARKERS: [&str; 2] = ["connection to peer ", "cannot connect to peer "];
+/// Markers of a message in which a rank says it timed out waiting for a peer (the peer may be
+/// alive but stopped or stuck, which no exit shows): the collectives' "timed out after .. waiting
+/// for peer N".
+const WAITED_PEER_MARKERS: [&str; 1] = ["waiting for peer "];
 
 impl RankFailure {
-    /// The ranks this rank's stderr tail says it lost (or could not reach), without duplicates.
-    pub(crate) fn lost_peers(&self) -> Vec<usize> {
+    /// The ranks this rank's stderr tail names after one of `markers`, without duplicates.
+    fn peers_named(&self, markers: &[&str]) -> Vec<usize> {
         let mut peers = Vec::new();
         for line in &self.stderr_tail {
-            for marker in LOST_PEER_MARKERS {
+            for marker in markers {
                 for (at, _) in line.match_indices(marker) {
                     let rest = &line[at + marker.len()..];
                     let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
@@ -122,14 +125,145 @@ impl RankFailure {
         peers
     }
 
-    /// One phrase for the "also failed" line: `rank 0 (exited with code 1, lost peer 1)`.
+    /// The ranks this rank's stderr tail says it lost, could not reach, or timed out waiting for.
+    pub(crate) fn lost_peers(&self) -> Vec<usize> {
+        let mut peers = self.peers_named(&LOST_PEER_MARKERS);
+        for peer in self.waited_peers() {
+            if !peers.contains(&peer) {
+                peers.push(peer);
+            }
+        }
+        peers
+    }
+
+    /// The ranks this rank timed out waiting for.
+    pub(crate) fn waited_peers(&self) -> Vec<usize> {
+        self.peers_named(&WAITED_PEER_MARKERS)
+    }
+
+    /// One phrase for the "also failed" line: `rank 0 (exited with code 1, lost peer 1)`, or
+    /// `rank 0 (exited with code 1, timed out waiting for peer 1)`.
     pub(crate) fn brief(&self) -> String {
-        let peers = self.lost_peers();
-        if peers.is_empty() {
-            format!("rank {} ({})", self.rank, self.cause)
-        } else {
-            let peers: Vec<String> = peers.iter().map(usize::to_string).collect();
-            format!("rank {} ({}, lost peer {})", self.rank, self.cause, peers.join(", "))
+        let list = |peers: Vec<usize>| peers.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
+        let mut text = format!("rank {} ({}", self.rank, self.cause);
+        let waited = self.waited_peers();
+        let lost: Vec<usize> = self
+            .peers_named(&LOST_PEER_MARKERS)
+            .into_iter()
+            .filter(|p| !waited.contains(p))
+            .collect();
+        if !lost.is_empty() {
+            let _ = write!(text, ", lost peer {}", list(lost));
+        }
+        if !waited.is_empty() {
+            let _ = write!(text, ", timed out waiting for peer {}", list(waited));
+        }
+        text.push(')');
+        text
+    }
+}
+
+/// Process states (`/proc/PID/stat`) of a rank that cannot answer: stopped by a signal (`T`),
+/// stopped by a debugger (`t`), or in an uninterruptible sleep (`D`).
+pub(crate) const STUCK_STATES: [char; 3] = ['T', 't', 'D'];
+
+/// The rank the job waited for, when the failures are ranks that timed out waiting for a rank
+/// that did not fail itself (it did not exit: it was alive but stopped, stuck or slow). Returns
+/// that rank and the failed ranks that waited for it (directly, or for a rank waiting for it).
+///
+/// Only when every failure names a peer (lost or waited for): a rank that failed for a reason of
+/// its own is a root cause [`root_cause`] picks. `stuck` lists this node's ranks that were still
+/// running in one of the [`STUCK_STATES`] when the first failure was seen: such a rank is the one
+/// waited for, even if the first rank to time out named another (that one waited for it too).
+/// Otherwise it is the rank not among the failures that most failed ranks waited for.
+pub(crate) fn unresponsive_peer(failures: &[&RankFailure], stuck: &[usize]) -> Option<(usize, Vec<usize>)> {
+    let failed: Vec<usize> = failures.iter().map(|f| f.rank).collect();
+    if failures.is_empty() || failures.iter().any(|f| f.lost_peers().is_empty()) {
+        return None;
+    }
+    let timed_out: Vec<(usize, Vec<usize>)> = failures
+        .iter()
+        .map(|f| (f.rank, f.waited_peers()))
+        .filter(|(_, peers)| !peers.is_empty())
+        .collect();
+    if timed_out.is_empty() {
+        return None;
+    }
+    // The failed ranks that waited for `peer`, directly or through a chain of waiting ranks.
+    let waiters_of = |peer: usize| {
+        let mut waiting = vec![peer];
+        loop {
+            let more: Vec<usize> = timed_out
+                .iter()
+                .filter(|(rank, peers)| !waiting.contains(rank) && peers.iter().any(|p| waiting.contains(p)))
+                .map(|(rank, _)| *rank)
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            waiting.extend(more);
+        }
+        let mut waiters: Vec<usize> = waiting.into_iter().filter(|&r| r != peer).collect();
+        waiters.sort_unstable();
+        waiters
+    };
+    if let Some(&peer) = stuck.iter().find(|r| !failed.contains(r)) {
+        let mut waiters = waiters_of(peer);
+        if waiters.is_empty() {
+            // Nobody named it, but a stopped rank holds up every collective it is part of.
+            waiters = timed_out.iter().map(|(rank, _)| *rank).collect();
+            waiters.sort_unstable();
+        }
+        return Some((peer, waiters));
+    }
+    let mut best: Option<(usize, Vec<usize>)> = None;
+    for (_, peers) in &timed_out {
+        for &peer in peers.iter().filter(|p| !failed.contains(p)) {
+            let waiters = waiters_of(peer);
+            if best.as_ref().is_none_or(|(_, most)| waiters.len() > most.len()) {
+                best = Some((peer, waiters));
+            }
+        }
+    }
+    best
+}
+
+/// A rank that did not fail itself but that the failed ranks timed out waiting for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unresponsive {
+    /// Global rank.
+    pub rank: usize,
+    /// The failed ranks that timed out waiting for it (directly or through each other).
+    pub waiters: Vec<usize>,
+    /// Its process, when it runs on the node that saw the timeouts.
+    pub process: Option<UnresponsiveProcess>,
+    /// A line of a waiter's stderr that says what it waited for.
+    pub evidence: Option<String>,
+}
+
+/// Where an unresponsive rank ran, and in what state it was found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnresponsiveProcess {
+    /// Its node.
+    pub node_rank: usize,
+    /// Rank within its node.
+    pub local_rank: usize,
+    /// Its process id.
+    pub pid: u32,
+    /// Host name of its node.
+    pub host: String,
+    /// Its state in `/proc/PID/stat` when the first failure was seen, if it was read.
+    pub state: Option<char>,
+}
+
+impl Unresponsive {
+    /// "was stopped (SIGSTOP) and did not respond", from the process state.
+    fn what_happened(&self) -> &'static str {
+        match self.process.as_ref().and_then(|p| p.state) {
+            Some('T') => "was stopped (SIGSTOP) and did not respond",
+            Some('t') => "was stopped by a debugger and did not respond",
+            Some('D') => "was stuck in the kernel (uninterruptible sleep) and did not respond",
+            _ => "did not respond",
         }
     }
 }
@@ -173,6 +307,8 @@ pub(crate) fn root_cause(failures: &[&RankFailure]) -> Option<usize> {
 pub enum Failure {
     /// A rank exited non-zero or was killed.
     Rank(RankFailure),
+    /// Ranks timed out waiting for a rank that did not exit (stopped, stuck or too slow).
+    Unresponsive(Unresponsive),
     /// A launcher stopped the job: it received a signal, lost the store, or saw a node go silent.
     Node {
         /// The node whose launcher stopped the job.
@@ -220,6 +356,31 @@ impl Failure {
                 }
                 lines
             }
+            Failure::Unresponsive(stall) => {
+                let waiters = stall
+                    .waiters
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let ranks = if stall.waiters.len() == 1 { "rank" } else { "ranks" };
+                let place = match &stall.process {
+                    Some(p) => format!(
+                        " (node {}, local rank {}, pid {} on {})",
+                        p.node_rank, p.local_rank, p.pid, p.host
+                    ),
+                    None => String::new(),
+                };
+                let mut lines = vec![format!(
+                    "job failed: rank {}{place} {}: {ranks} {waiters} timed out waiting for it",
+                    stall.rank,
+                    stall.what_happened()
+                )];
+                if let Some(evidence) = &stall.evidence {
+                    lines.push(format!("  {evidence}"));
+                }
+                lines
+            }
             Failure::Node {
                 node_rank,
                 host,
@@ -228,12 +389,26 @@ impl Failure {
         }
     }
 
+    /// The rank this failure blames, if it blames one.
+    pub(crate) fn root_rank(&self) -> Option<usize> {
+        match self {
+            Failure::Rank(failure) => Some(failure.rank),
+            Failure::Unresponsive(stall) => Some(stall.rank),
+            Failure::Node { .. } => None,
+        }
+    }
+
     /// Whether this failure should replace `published` as the job's root cause: both are rank
-    /// failures and [`root_cause`] prefers this one to the one published before it. A launcher's
-    /// stop ([`Failure::Node`]) is never replaced and never replaces.
+    /// failures and [`root_cause`] prefers this one to the one published before it, or this one
+    /// is the unresponsive rank the published one waited for. A launcher's stop
+    /// ([`Failure::Node`]) is never replaced and never replaces.
     pub(crate) fn replaces(&self, published: &Failure) -> bool {
         match (self, published) {
             (Failure::Rank(ours), Failure::Rank(theirs)) => root_cause(&[theirs, ours]) == Some(1),
+            // The rank that timed out explains less than the rank it waited for.
+            (Failure::Unresponsive(stall), Failure::Rank(theirs)) => {
+                stall.waiters.contains(&theirs.rank) || theirs.waited_peers().contains(&stall.rank)
+            }
             _ => false,
         }
     }
@@ -320,7 +495,12 @@ mod tests {
             ],
         );
         assert_eq!(f.lost_peers(), [1, 12, 3]);
-        assert_eq!(f.brief(), "rank 0 (exited with code 1, lost peer 1, 12, 3)");
+        assert_eq!(f.lost_peers(), [1, 12, 3]);
+        assert_eq!(f.waited_peers(), [3]);
+        assert_eq!(
+            f.brief(),
+            "rank 0 (exited with code 1, lost peer 1, 12, timed out waiting for peer 3)"
+        );
         assert!(failed(2, ExitCause::Code(1), &["boom"]).lost_peers().is_empty());
     }
 
@@ -369,6 +549,71 @@ mod tests {
         assert!(!lost.replaces(&peer));
         assert!(!peer.replaces(&peer), "a tie keeps the published one");
         assert!(!peer.replaces(&node) && !node.replaces(&lost));
+    }
+
+    fn waited(rank: usize, peer: usize) -> RankFailure {
+        let line =
+            format!("Error: rank {rank}: all_reduce #9 timed out after 5s waiting for peer {peer} (nothing arrived)");
+        failed(rank, ExitCause::Code(1), &[&line])
+    }
+
+    #[test]
+    fn the_rank_everyone_timed_out_waiting_for_is_the_cause_although_it_never_exited() {
+        // Rank 1 is stopped: rank 3 timed out first, waiting for rank 2, which waited for rank 0,
+        // which waited for rank 1. The exits name three ranks; the cause is the fourth.
+        let (r3, r2, r0) = (waited(3, 2), waited(2, 0), waited(0, 1));
+        let failures = [&r3, &r2, &r0];
+        assert_eq!(unresponsive_peer(&failures, &[]), Some((1, vec![0, 2, 3])));
+        // Only rank 3's exit was seen: without the process states rank 2 is the one it waited
+        // for; with them, the stopped rank 1 is the cause.
+        assert_eq!(unresponsive_peer(&[&r3], &[]), Some((2, vec![3])));
+        assert_eq!(unresponsive_peer(&[&r3], &[1]), Some((1, vec![3])));
+        // The old rule alone blamed a rank that merely timed out.
+        assert_eq!(root_cause(&failures), Some(2));
+    }
+
+    #[test]
+    fn a_rank_that_failed_for_a_reason_of_its_own_is_not_replaced_by_a_stalled_peer() {
+        let crashed = failed(2, killed(libc::SIGSEGV), &["boom"]);
+        let r0 = waited(0, 1);
+        assert_eq!(unresponsive_peer(&[&r0, &crashed], &[1]), None);
+        // Ranks that lost a peer that exited are secondary as before: no stall.
+        let lost = failed(0, ExitCause::Code(1), &[LOST_1]);
+        let peer = failed(1, ExitCause::Code(3), &[]);
+        assert_eq!(unresponsive_peer(&[&lost, &peer], &[]), None);
+        // A timeout naming a rank that did fail is no stall either.
+        let r1 = waited(1, 0);
+        assert_eq!(unresponsive_peer(&[&r0, &r1], &[]), None);
+    }
+
+    #[test]
+    fn a_stalled_rank_summary_says_it_was_stopped_and_who_waited_and_replaces_a_waiter() {
+        let stall = Failure::Unresponsive(Unresponsive {
+            rank: 1,
+            waiters: vec![0, 2, 3],
+            process: Some(UnresponsiveProcess {
+                node_rank: 0,
+                local_rank: 1,
+                pid: 4242,
+                host: "h".into(),
+                state: Some('T'),
+            }),
+            evidence: Some("[rank0]: all_reduce #9 timed out after 5s waiting for peer 1".into()),
+        });
+        let head = &stall.summary_lines()[0];
+        assert_eq!(
+            head,
+            "job failed: rank 1 (node 0, local rank 1, pid 4242 on h) was stopped (SIGSTOP) and did not respond: \
+             ranks 0, 2, 3 timed out waiting for it"
+        );
+        assert_eq!(stall.root_rank(), Some(1));
+        assert_eq!(Failure::from_json(&stall.to_json(), "x"), stall);
+        let waiter = Failure::Rank(waited(3, 2));
+        assert!(stall.replaces(&waiter) && !waiter.replaces(&stall));
+        assert_eq!(
+            waited(0, 1).brief(),
+            "rank 0 (exited with code 1, timed out waiting for peer 1)"
+        );
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! Where the job secret comes from.
 //!
 //! In order: `--secret-file` (node 0 creates it, mode 0600, when it does not exist; the other nodes
-//! wait for it), then
+//! wait for it; a file other users may read or write, `mode & 0o077 != 0`, is refused as ssh refuses
+//! such a private key), then
 //! `BURNRUN_SECRET`; otherwise a single-node job draws a fresh one, and a multi-node job derives one
-//! from `--run-id` (or, without one, the store's port), loudly: anyone who knows that can join the job.
-//! Every node must then be given the same `--run-id`, or none.
+//! from `--run-id` (or, without one, the store's port, `--master-port`), loudly: anyone who knows
+//! that can join the job. Every node must then be given the same `--run-id`, or none.
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -66,8 +67,10 @@ pub(crate) fn resolve(
         None => format!("store port {}", options.master_port),
     };
     say(format_args!(
-        "WARNING: no job secret (BURNRUN_SECRET or --secret-file): deriving one from the {public}; \
-         anyone who knows it can join this job. Use --secret-file on a shared file system."
+        "WARNING: no job secret (--secret-file or BURNRUN_SECRET): deriving one from the {public} \
+         (--run-id, or without one --master-port); anyone who knows it can join this job. \
+         Prefer a real secret: --secret-file on a shared file system, or the same \
+         BURNRUN_SECRET=$(openssl rand -hex 32) exported on every node."
     ));
     Ok(JobSecret::derive_from(&public))
 }
@@ -80,6 +83,17 @@ fn random_error(source: AuthError) -> LaunchError {
 }
 
 fn read(path: &Path) -> Result<JobSecret, LaunchError> {
+    let metadata = std::fs::metadata(path).map_err(|source| LaunchError::SecretFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(LaunchError::SecretFileOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
     let text = std::fs::read_to_string(path).map_err(|source| LaunchError::SecretFile {
         path: path.to_owned(),
         source,

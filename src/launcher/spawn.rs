@@ -41,6 +41,8 @@ impl Placement {
             ("BURNRUN_SECRET", job.secret_hex.clone()),
             ("BURNRUN_TIMEOUT_SECS", job.timeout_secs.to_string()),
             ("BURNRUN_RDZV_TIMEOUT_SECS", job.rdzv_timeout_secs.to_string()),
+            // The launcher reads every rank's control lines (see `crate::names::ControlLine`).
+            (crate::env::CONTROL_LINES_VAR, "1".into()),
         ]
     }
 }

@@ -12,7 +12,9 @@ use nix::unistd::Pid;
 
 use super::coordination::Coordinator;
 use super::output::{say, RankOutput};
-use super::report::{root_cause, ExitCause, Failure, RankFailure};
+use super::report::{
+    root_cause, unresponsive_peer, ExitCause, Failure, RankFailure, Unresponsive, UnresponsiveProcess, STUCK_STATES,
+};
 use super::shm_sweep;
 use super::signals;
 use super::spawn::Placement;
@@ -78,6 +80,17 @@ struct Candidate {
 struct Collecting {
     until: Instant,
     candidates: Vec<Candidate>,
+    /// The process state (`/proc/PID/stat`) of every local rank still running when the first
+    /// failure was seen, by local rank: read before the teardown signals them, so a rank that was
+    /// stopped (SIGSTOP) is known as such.
+    states: Vec<(usize, char)>,
+}
+
+/// A process's state letter in `/proc/PID/stat` (`R`, `S`, `D`, `T`, `t`, `Z`...), if it exists.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ...": comm may hold spaces and parentheses, so the state follows the last ')'.
+    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
 }
 
 /// What the supervisor needs to know about its node and run.
@@ -271,10 +284,15 @@ impl<'a> Supervisor<'a> {
                 return;
             }
         }
+        let states = self
+            .running()
+            .filter_map(|r| Some((r.placement.local_rank, process_state(r.pid)?)))
+            .collect();
         self.begin_teardown(Signal::SIGTERM, &format!("rank {} {}", placement.rank, candidate.cause));
         self.collecting = Some(Collecting {
             until: observed + ROOT_CAUSE_WINDOW,
             candidates: vec![candidate],
+            states,
         });
     }
 
@@ -317,6 +335,40 @@ impl<'a> Supervisor<'a> {
             })
             .collect();
         let refs: Vec<&RankFailure> = failures.iter().collect();
+        let stuck: Vec<usize> = collecting
+            .states
+            .iter()
+            .filter(|(_, state)| STUCK_STATES.contains(state))
+            .map(|(local_rank, _)| self.ranks[*local_rank].placement.rank)
+            .collect();
+        if let Some((rank, waiters)) = unresponsive_peer(&refs, &stuck) {
+            let local = self.ranks.iter().find(|r| r.placement.rank == rank);
+            let process = local.map(|r| UnresponsiveProcess {
+                node_rank: r.placement.node_rank,
+                local_rank: r.placement.local_rank,
+                pid: r.pid,
+                host: self.host.clone(),
+                state: collecting
+                    .states
+                    .iter()
+                    .find(|(local_rank, _)| *local_rank == r.placement.local_rank)
+                    .map(|(_, state)| *state),
+            });
+            let marker = format!("waiting for peer {rank}");
+            let evidence = failures.iter().find_map(|f| {
+                let line = f.stderr_tail.iter().find(|line| line.contains(&marker))?;
+                Some(format!("[rank{}]: {line}", f.rank))
+            });
+            let stall = Failure::Unresponsive(Unresponsive {
+                rank,
+                waiters,
+                process,
+                evidence,
+            });
+            self.local_failures = failures;
+            self.record_failure(stall);
+            return;
+        }
         // Invariant: a window opens with one candidate and never loses one.
         let chosen = root_cause(&refs).expect("a collection window holds a failure");
         if failures.len() > 1 {
@@ -338,7 +390,7 @@ impl<'a> Supervisor<'a> {
             self.failure.get_or_insert(local);
             return;
         }
-        if self.failure.is_some() && !matches!(local, Failure::Rank(_)) {
+        if self.failure.is_some() && matches!(local, Failure::Node { .. }) {
             return;
         }
         match self.coordinator.publish_failure(&local) {
@@ -408,9 +460,12 @@ impl<'a> Supervisor<'a> {
                 self.node_rank, self.grace_period
             ));
         }
-        // Every group, also of ranks that have exited: what they started may still run.
+        // Every group, also of ranks that have exited: what they started may still run. A rank
+        // stopped by SIGSTOP acts on the signal only once continued.
         for rank in &self.ranks {
-            signal_group(rank.pgid(), signal);
+            if signal_group(rank.pgid(), signal) {
+                signal_group(rank.pgid(), Signal::SIGCONT);
+            }
         }
         self.teardown = Some(Teardown {
             signal,
@@ -509,7 +564,7 @@ impl<'a> Supervisor<'a> {
             for line in failure.summary_lines() {
                 say(line);
             }
-            let is_root = |rank: usize| matches!(&failure, Failure::Rank(f) if f.rank == rank);
+            let is_root = |rank: usize| failure.root_rank() == Some(rank);
             let also: Vec<String> = local_failures
                 .iter()
                 .filter(|f| !is_root(f.rank))

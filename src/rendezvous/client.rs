@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, check_key, check_keys, check_value, deadline_after, timeout_ms, Frame, Reader, WireError};
 use super::{Store, StoreError};
-use crate::auth::{self, Channel, JobSecret};
+use crate::auth::{self, AuthError, Channel, JobSecret};
 
 /// Time a server gets, beyond the operation's own timeout, to answer.
 const IO_MARGIN: Duration = Duration::from_secs(10);
@@ -61,6 +61,10 @@ enum Reply<T> {
     Closed,
 }
 
+fn deadline_passed(deadline: Instant) -> bool {
+    Instant::now() >= deadline
+}
+
 fn try_connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing");
     for candidate in addr.to_socket_addrs()? {
@@ -82,10 +86,24 @@ impl TcpStore {
         };
         let deadline = deadline_after(timeout);
         let mut pause = RETRY_FIRST;
-        let mut stream = loop {
+        let stream = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let last = match try_connect(addr, left) {
-                Ok(stream) => break stream,
+                Ok(mut stream) => {
+                    let handshake_timeout = left.max(MIN_HANDSHAKE_TIMEOUT);
+                    match auth::client_handshake(&mut stream, secret, Channel::Store, handshake_timeout) {
+                        Ok(()) => break stream,
+                        // Closed in the middle (a server flooded by strangers closes the oldest
+                        // pending handshakes): try again. A wrong secret is final.
+                        Err(AuthError::Io { source, .. }) if !deadline_passed(deadline) => source,
+                        Err(source) => {
+                            return Err(StoreError::Auth {
+                                addr: addr.to_owned(),
+                                source,
+                            })
+                        }
+                    }
+                }
                 Err(e) => e,
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -96,15 +114,6 @@ impl TcpStore {
             std::thread::sleep(pause.min(left));
             pause = (pause * 2).min(RETRY_LAST);
         };
-        let handshake_timeout = deadline
-            .saturating_duration_since(Instant::now())
-            .max(MIN_HANDSHAKE_TIMEOUT);
-        auth::client_handshake(&mut stream, secret, Channel::Store, handshake_timeout).map_err(|source| {
-            StoreError::Auth {
-                addr: addr.to_owned(),
-                source,
-            }
-        })?;
         stream.set_nodelay(true).map_err(io)?;
         let local_addr = stream.local_addr().map_err(io)?;
         Ok(Self {

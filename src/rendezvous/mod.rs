@@ -11,6 +11,6 @@ mod wire;
 pub use client::TcpStore;
 pub use memory::MemoryStore;
 pub use prefix::PrefixStore;
-pub use server::TcpStoreServer;
+pub use server::{TcpStoreServer, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, REFUSAL_LOG_WINDOW};
 pub use store::{Store, StoreError};
 pub use wire::{MAX_KEY_BYTES, MAX_VALUE_BYTES, MAX_WAIT_KEYS};

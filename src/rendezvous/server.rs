@@ -4,15 +4,22 @@
 //! thread so a silent client never holds up `accept`. Waits block that thread on the store's
 //! condvar until the client's deadline. Shutdown stops accepting, wakes every waiter and closes
 //! every connection, so no thread outlives it by more than a few system calls.
+//!
+//! Strangers cost little: at most [`MAX_PENDING_HANDSHAKES`] connections are in their handshake at
+//! once, each under [`HANDSHAKE_TIMEOUT`]; a new connection beyond that closes the oldest pending one
+//! at once (the newest gets its chance, so a flood of silent connections cannot lock a rank out: a
+//! real client finishes its handshake in one round trip, and retries if it was closed). Refused
+//! connections are logged once, then counted: one line per [`REFUSAL_LOG_WINDOW`]
+//! ("refused N unauthenticated connection(s) in the last 10 s, last from ADDR").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -21,8 +28,14 @@ use super::wire::{self, Frame, Reader, Request, WireError};
 use super::{MemoryStore, Store, StoreError};
 use crate::auth::{self, Channel, JobSecret};
 
-/// Deadline of the handshake that opens every connection.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of the handshake that opens every connection: one round trip, even across a slow
+/// network, with room for a loaded machine.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections in their handshake at once: each holds a thread until it authenticates or
+/// its deadline passes. A job's ranks and launchers connect in waves far smaller than this.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Refused connections after the first are counted and logged once per this period.
+pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// Once a request has started, each read of its remaining bytes must make progress within this.
 const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that stops reading its responses is dropped after this long.
@@ -43,9 +56,71 @@ struct Shared {
     stopping: AtomicBool,
     /// A handle on every open connection, so shutdown can close them and wake their threads.
     connections: Mutex<HashMap<u64, TcpStream>>,
+    /// Connections in their handshake, oldest first: id and a handle to close it when evicted.
+    pending: Mutex<VecDeque<(u64, TcpStream)>>,
+    refusals: Mutex<Refusals>,
+    local_addr: SocketAddr,
+}
+
+/// The rate limit on refusal lines: the first refusal of a window is logged in full, the others
+/// are counted and summed up when the window ends.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// When the current window opened (its first refusal), `None` while no refusal is recent.
+    window_start: Option<Instant>,
+    /// Refusals since the window's first.
+    count: u64,
+    last_peer: Option<SocketAddr>,
 }
 
 impl Shared {
+    fn pending(&self) -> MutexGuard<'_, VecDeque<(u64, TcpStream)>> {
+        // Socket handles only: a panic elsewhere cannot leave the queue inconsistent.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts (and logs, rate-limited) a connection refused before it authenticated.
+    fn refused(&self, peer: SocketAddr, why: &dyn std::fmt::Display) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        if refusals.window_start.is_none() {
+            refusals.window_start = Some(Instant::now());
+            tracing::warn!(
+                store = %self.local_addr, %peer, error = %why,
+                "store server: refused a connection that failed the handshake (more are counted, one line per {REFUSAL_LOG_WINDOW:?})"
+            );
+            return;
+        }
+        refusals.count += 1;
+        refusals.last_peer = Some(peer);
+        drop(refusals);
+        self.log_refusals(false);
+    }
+
+    /// Writes the count of the refusals since the window opened, once it has lasted
+    /// [`REFUSAL_LOG_WINDOW`] (or now, if `force`).
+    fn log_refusals(&self, force: bool) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(start) = refusals.window_start else { return };
+        let elapsed = start.elapsed();
+        if !force && elapsed < REFUSAL_LOG_WINDOW {
+            return;
+        }
+        if refusals.count == 0 {
+            refusals.window_start = None;
+            return;
+        }
+        let last = refusals.last_peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+        tracing::warn!(
+            store = %self.local_addr,
+            "store server: refused {} unauthenticated connection(s) in the last {:.0} s, last from {last}",
+            refusals.count,
+            elapsed.as_secs_f64().max(1.0)
+        );
+        // The next window opens now: a flood that goes on gets one line per window.
+        refusals.window_start = Some(Instant::now());
+        refusals.count = 0;
+    }
+
     fn connections(&self) -> MutexGuard<'_, HashMap<u64, TcpStream>> {
         // The map holds only socket handles; a panic elsewhere cannot leave it inconsistent.
         self.connections.lock().unwrap_or_else(PoisonError::into_inner)
@@ -83,6 +158,9 @@ impl TcpStoreServer {
             secret,
             stopping: AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
+            pending: Mutex::new(VecDeque::new()),
+            refusals: Mutex::new(Refusals::default()),
+            local_addr,
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -122,13 +200,49 @@ impl Drop for TcpStoreServer {
             // Wakes the connection's thread out of any read; it then exits.
             let _ = connection.shutdown(Shutdown::Both);
         }
+        self.shared.log_refusals(true);
         tracing::debug!(local_addr = %self.local_addr, "store server shut down");
     }
+}
+
+/// Puts a new connection in the handshake queue, closing the oldest pending one if the queue is
+/// full; false if the connection cannot be tracked (then it is dropped, which closes it).
+fn admit(shared: &Shared, id: u64, stream: &TcpStream, peer: SocketAddr) -> bool {
+    let handle = match stream.try_clone() {
+        Ok(handle) => handle,
+        Err(e) => {
+            shared.refused(peer, &format_args!("cannot track the connection: {e}"));
+            return false;
+        }
+    };
+    let evicted = {
+        let mut pending = shared.pending();
+        let evicted = if pending.len() >= MAX_PENDING_HANDSHAKES {
+            pending.pop_front()
+        } else {
+            None
+        };
+        pending.push_back((id, handle));
+        evicted
+    };
+    if let Some((_, oldest)) = evicted {
+        // Its thread wakes from the handshake's read and ends; the refusal is counted here, once.
+        let peer = oldest.peer_addr();
+        let _ = oldest.shutdown(Shutdown::Both);
+        if let Ok(peer) = peer {
+            shared.refused(
+                peer,
+                &format_args!("closed: {MAX_PENDING_HANDSHAKES} connections were already in their handshake"),
+            );
+        }
+    }
+    true
 }
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     let mut next_id = 0u64;
     while !shared.stopping() {
+        shared.log_refusals(false);
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(ACCEPT_TICK_MS)) {
             Ok(0) | Err(Errno::EINTR) => continue,
@@ -143,11 +257,15 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             Ok((stream, peer)) => {
                 next_id += 1;
                 let id = next_id;
-                let shared = Arc::clone(shared);
+                if !admit(shared, id, &stream, peer) {
+                    continue;
+                }
+                let connection_shared = Arc::clone(shared);
                 let spawned = std::thread::Builder::new()
                     .name(format!("store-conn-{id}"))
-                    .spawn(move || serve_connection(stream, peer, id, &shared));
+                    .spawn(move || serve_connection(stream, peer, id, &connection_shared));
                 if let Err(e) = spawned {
+                    shared.pending().retain(|(pending, _)| *pending != id);
                     tracing::warn!(%peer, error = %e, "store server: cannot start a thread for a connection");
                 }
             }
@@ -177,14 +295,22 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &S
             }
         };
     }
-    serve(&mut stream, peer, shared);
+    serve(&mut stream, peer, id, shared);
     shared.connections().remove(&id);
 }
 
-fn serve(stream: &mut TcpStream, peer: SocketAddr, shared: &Shared) {
-    if let Err(e) = auth::server_handshake(stream, &shared.secret, Channel::Store, HANDSHAKE_TIMEOUT) {
-        if !shared.stopping() {
-            tracing::warn!(%peer, error = %e, "store server: refused a connection that failed the handshake");
+fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
+    let handshake = auth::server_handshake(stream, &shared.secret, Channel::Store, HANDSHAKE_TIMEOUT);
+    // Still queued means not evicted: an evicted connection's refusal was counted by `admit`.
+    let was_pending = {
+        let mut pending = shared.pending();
+        let before = pending.len();
+        pending.retain(|(pending, _)| *pending != id);
+        pending.len() < before
+    };
+    if let Err(e) = handshake {
+        if was_pending && !shared.stopping() {
+            shared.refused(peer, &e);
         }
         return;
     }
