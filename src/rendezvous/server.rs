@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections in their handshake at once: each holds a thread until it authenticates or
 /// its deadline passes. A job's ranks and launchers connect in waves far smaller than this.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// How long the accept loop waits for a handshake thread to end when all are busy, before it
+/// closes the new connection instead.
+const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(1);
 /// Refused connections after the first are counted and logged once per this period.
 pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// Once a request has started, each read of its remaining bytes must make progress within this.
@@ -58,6 +61,10 @@ struct Shared {
     connections: Mutex<HashMap<u64, TcpStream>>,
     /// Connections in their handshake, oldest first: id and a handle to close it when evicted.
     pending: Mutex<VecDeque<(u64, TcpStream)>>,
+    /// Threads still in their handshake (an evicted one counts until it has returned), and a
+    /// condvar notified when one leaves it: the accept loop starts a new one only below
+    /// [`MAX_PENDING_HANDSHAKES`], so the bound holds for threads, not only for queue entries.
+    handshaking: (Mutex<usize>, Condvar),
     refusals: Mutex<Refusals>,
     local_addr: SocketAddr,
 }
@@ -74,6 +81,32 @@ struct Refusals {
 }
 
 impl Shared {
+    /// Waits until fewer than [`MAX_PENDING_HANDSHAKES`] threads are in their handshake and counts
+    /// one more; false if none left it within [`HANDSHAKE_SLOT_WAIT`] (an evicted thread wakes from
+    /// its read at once, so this waits only when the machine is too loaded to schedule it).
+    fn enter_handshake(&self) -> bool {
+        let (count, left) = &self.handshaking;
+        let deadline = Instant::now() + HANDSHAKE_SLOT_WAIT;
+        let mut count = count.lock().unwrap_or_else(PoisonError::into_inner);
+        while *count >= MAX_PENDING_HANDSHAKES {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                return false;
+            }
+            count = left.wait_timeout(count, wait).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        *count += 1;
+        true
+    }
+
+    /// A thread has left its handshake (passed, failed or never started).
+    fn leave_handshake(&self) {
+        let (count, left) = &self.handshaking;
+        let mut count = count.lock().unwrap_or_else(PoisonError::into_inner);
+        *count = count.saturating_sub(1);
+        left.notify_one();
+    }
+
     fn pending(&self) -> MutexGuard<'_, VecDeque<(u64, TcpStream)>> {
         // Socket handles only: a panic elsewhere cannot leave the queue inconsistent.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
@@ -159,6 +192,7 @@ impl TcpStoreServer {
             stopping: AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
             pending: Mutex::new(VecDeque::new()),
+            handshaking: (Mutex::new(0), Condvar::new()),
             refusals: Mutex::new(Refusals::default()),
             local_addr,
         });
@@ -260,12 +294,18 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 if !admit(shared, id, &stream, peer) {
                     continue;
                 }
+                if !shared.enter_handshake() {
+                    shared.pending().retain(|(pending, _)| *pending != id);
+                    shared.refused(peer, &"closed: every handshake slot stayed busy");
+                    continue;
+                }
                 let connection_shared = Arc::clone(shared);
                 let spawned = std::thread::Builder::new()
                     .name(format!("store-conn-{id}"))
                     .spawn(move || serve_connection(stream, peer, id, &connection_shared));
                 if let Err(e) = spawned {
                     shared.pending().retain(|(pending, _)| *pending != id);
+                    shared.leave_handshake();
                     tracing::warn!(%peer, error = %e, "store server: cannot start a thread for a connection");
                 }
             }
@@ -285,12 +325,14 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &S
         // Checked under the lock that shutdown takes to close connections: either this connection
         // is registered before the sweep and closed by it, or it sees the flag and leaves.
         if shared.stopping() {
+            shared.leave_handshake();
             return;
         }
         match stream.try_clone() {
             Ok(handle) => connections.insert(id, handle),
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "store server: cannot register a connection");
+                shared.leave_handshake();
                 return;
             }
         };
@@ -301,6 +343,7 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &S
 
 fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
     let handshake = auth::server_handshake(stream, &shared.secret, Channel::Store, HANDSHAKE_TIMEOUT);
+    shared.leave_handshake();
     // Still queued means not evicted: an evicted connection's refusal was counted by `admit`.
     let was_pending = {
         let mut pending = shared.pending();
