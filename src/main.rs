@@ -231,12 +231,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Bench(options)) => bench(&options),
         Some(Command::Check(args)) => {
-            let world_size = if cli.launch.any() {
-                cli.launch.world_size()
+            let (world_size, local_ranks) = if cli.launch.any() {
+                (cli.launch.world_size(), cli.launch.nproc_per_node.unwrap_or(1))
             } else {
-                env.world_size
+                (env.world_size, env.local_world_size)
             };
-            check(&args, world_size)
+            check(&args, world_size, local_ranks)
         }
         // Excluded above: no subcommand means `-- PROGRAM`, which always launches.
         None => unreachable!("`-- PROGRAM` always launches"),
@@ -306,9 +306,46 @@ fn bench(options: &CollectiveBenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(args: &CheckArgs, world_size: usize) -> anyhow::Result<()> {
+fn check(args: &CheckArgs, world_size: usize, local_ranks: usize) -> anyhow::Result<()> {
     let config = RunConfig::load(&args.config, &args.overrides)?;
     print!("{}", check_report(&config, world_size)?);
+    check_memory(&config, world_size, local_ranks)
+}
+
+/// The trainer's memory estimate for the rank with the largest share of the model (the largest
+/// pipeline stage), against this node's memory shared by `local_ranks` ranks: a model that
+/// cannot fit fails `check` as it would fail the trainer, before any allocation.
+#[cfg(feature = "train")]
+fn check_memory(config: &RunConfig, world_size: usize, local_ranks: usize) -> anyhow::Result<()> {
+    use burnrun::train::memory::{fits, MemoryAvailable, MemoryEstimate};
+    let resolved = config.validate(world_size)?;
+    let cfg = &resolved.config;
+    let dataset =
+        burnrun::train::build::dataset(cfg, resolved.seq_len).context("reading the data to size the model")?;
+    let spec = burnrun::train::build::model_spec(cfg, dataset.as_ref());
+    spec.validate()?;
+    let stages = burnrun::train::stage_blocks(&cfg.parallel.partition, &spec, resolved.mesh.pipeline)
+        .map_err(|why| anyhow::anyhow!("parallel.partition: {why}"))?;
+    let Some(estimate) = stages
+        .into_iter()
+        .map(|blocks| MemoryEstimate::for_rank(&resolved, &spec, blocks, dataset.input_width()))
+        .max_by_key(MemoryEstimate::total_bytes)
+    else {
+        bail!("the model has no pipeline stage");
+    };
+    let available = MemoryAvailable::of_this_node(local_ranks);
+    println!("\nmemory: {estimate}\n        {available}");
+    if !fits(&estimate, &available) {
+        bail!(
+            "the model does not fit in memory: it needs {estimate}; {available}. Use a smaller model or batch, fewer \
+             ranks per node, or more pipeline stages"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "train"))]
+fn check_memory(_config: &RunConfig, _world_size: usize, _local_ranks: usize) -> anyhow::Result<()> {
     Ok(())
 }
 

@@ -303,3 +303,131 @@ fn check_prints_the_batch_arithmetic_and_the_rank_mesh_without_starting_ranks() 
     assert!(report.contains("data(2) x pipeline(2) = WORLD_SIZE(4)"), "{report}");
     assert!(!report.contains("[rank"), "check started ranks:\n{report}");
 }
+
+/// Runs `burnrun check CONFIG --set ...` (no launcher: `check` starts no rank).
+fn check_with(config: &Path, extra: &[&str]) -> Finished {
+    let mut args = vec!["check".to_string(), config.display().to_string()];
+    for set in extra {
+        args.push("--set".to_string());
+        args.push(set.to_string());
+    }
+    burnrun(&args)
+}
+
+#[test]
+fn a_gpu_device_is_refused_by_check_and_by_train_naming_it_and_the_devices_this_build_supports() {
+    let finished = check_with(&config("mlp_synthetic.toml"), &["train.device=cuda:0"]);
+    assert!(!finished.status.success(), "cuda:0 was accepted\n{}", finished.output());
+    for needle in ["\"cuda:0\"", "\"cpu\"", "\"flex\"", "no GPU backend"] {
+        assert!(finished.stderr.contains(needle), "no {needle}:\n{}", finished.output());
+    }
+    let dir = out_dir("cli-cuda");
+    let stderr = refused(1, &config("mlp_synthetic.toml"), &dir, &["train.device=cuda"]);
+    assert!(stderr.contains("\"cuda\" is not available"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_model_too_large_for_memory_is_refused_with_the_estimate_by_check_and_by_the_trainer_without_an_abort() {
+    let huge = "model.mlp.hidden=[1000000000, 1000000000]";
+    let finished = check_with(&config("mlp_synthetic.toml"), &[huge]);
+    assert!(!finished.status.success(), "check accepted it\n{}", finished.output());
+    for needle in [
+        "does not fit in memory",
+        "parameters",
+        "gradients",
+        "master weights",
+        "optimizer state",
+        "activations",
+        "MemAvailable",
+    ] {
+        assert!(finished.stderr.contains(needle), "no {needle}:\n{}", finished.output());
+    }
+    // A model that fits: check prints its estimate and succeeds.
+    let fine = check_with(&config("mlp_synthetic.toml"), &[]);
+    fine.assert_success("check of the default");
+    assert!(fine.stdout.contains("memory: about"), "{}", fine.output());
+
+    let dir = out_dir("cli-huge");
+    let finished = burnrun(&common::train_args(
+        1,
+        &config("mlp_synthetic.toml"),
+        &dir,
+        &sets(&[huge]),
+    ));
+    assert!(!finished.status.success(), "training started\n{}", finished.output());
+    let all = format!("{}\n{}", finished.stdout, finished.stderr);
+    assert!(all.contains("does not fit in memory"), "{}", finished.output());
+    assert!(
+        !all.contains("memory allocation of") && !all.contains("signal"),
+        "a rank aborted\n{}",
+        finished.output()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_directory_given_as_the_text_path_is_reported_as_a_directory() {
+    let dir = out_dir("cli-text-dir");
+    let finished = check_with(
+        &config("gpt_text.toml"),
+        &[&format!("data.text.path={}", dir.display())],
+    );
+    assert!(!finished.status.success(), "{}", finished.output());
+    assert!(
+        finished.stderr.contains("is a directory") && !finished.stderr.contains("no such file"),
+        "{}",
+        finished.output()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn data_paths_in_a_config_file_are_relative_to_its_folder_so_it_checks_and_trains_from_any_directory() {
+    let elsewhere = out_dir("cli-cwd");
+    let run = |args: &[String]| {
+        let output = std::process::Command::new(common::BURNRUN)
+            .args(args)
+            .current_dir(&elsewhere)
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .env_remove("MASTER_PORT")
+            .output()
+            .expect("burnrun runs");
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success(),
+            "{args:?} from {}:\n{text}",
+            elsewhere.display()
+        );
+        text
+    };
+    let gpt = config("gpt_text.toml").display().to_string();
+    run(&["check".to_string(), gpt.clone()]);
+    let out = elsewhere.join("run");
+    let text = run(&[
+        "train".to_string(),
+        gpt,
+        "--set".to_string(),
+        "train.steps=1".to_string(),
+        "--set".to_string(),
+        format!("train.out_dir={}", out.display()),
+        "--set".to_string(),
+        "log.progress=plain".to_string(),
+    ]);
+    assert!(text.contains("trained 1 steps"), "{text}");
+    // A path given with --set is relative to the current directory.
+    let copy = elsewhere.join("corpus.txt");
+    std::fs::copy(repo().join("configs/data/lighthouse.txt"), &copy).expect("copy the corpus");
+    run(&[
+        "check".to_string(),
+        config("gpt_text.toml").display().to_string(),
+        "--set".to_string(),
+        "data.text.path=corpus.txt".to_string(),
+    ]);
+    let _ = std::fs::remove_dir_all(&elsewhere);
+}

@@ -13,7 +13,9 @@ pub struct CheckpointConfig {
     /// `0` keeps all. Default `3`.
     pub keep_last: usize,
     /// Continue from the latest complete checkpoint (the one in `path`, or the newest under
-    /// `<train.out_dir>/checkpoints/`); starts from scratch if there is none. Default `false`.
+    /// `<train.out_dir>/checkpoints/`, skipping a corrupt one for the previous); starts from
+    /// scratch, with a note, if `<train.out_dir>` holds none yet. A checkpoint at `train.steps`
+    /// ends the run at once; one past it is an error. Default `false`.
     pub resume: bool,
     /// An explicit checkpoint folder to resume from (needs `resume = true`). Default: not set.
     pub path: Option<String>,

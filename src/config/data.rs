@@ -1,7 +1,9 @@
 //! `[data]`: the dataset and how it is split across ranks.
 //!
 //! Each kind has its own sub-table (`[data.synthetic]`, `[data.idx]`, `[data.text]`); only the one
-//! `kind` names is used. Relative paths are relative to the directory burnrun is started in.
+//! `kind` names is used. A relative path written in a config file is relative to that file's
+//! folder; one given with `--set` (or in the embedded default, which has no file) is relative to
+//! the directory burnrun is started in.
 
 use serde::{Deserialize, Serialize};
 

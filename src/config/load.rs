@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::error::ConfigError;
+use super::error::{ConfigError, Origin};
 use super::overrides::apply_all;
 use super::run::ConfigSource;
 use super::spans::{one_line, KeyMap};
@@ -12,6 +12,9 @@ use super::RunConfig;
 /// The embedded default run (`configs/mlp_synthetic.toml`): what `burnrun train` trains when
 /// given no file.
 pub const DEFAULT_CONFIG: &str = include_str!("../../configs/mlp_synthetic.toml");
+
+/// The data paths a config file may name, in the order `resolve_data_paths` visits them.
+const DATA_PATH_KEYS: [&str; 3] = ["data.text.path", "data.idx.images", "data.idx.labels"];
 
 /// The name [`DEFAULT_CONFIG`] goes by in messages and in the default `train.out_dir`.
 pub const DEFAULT_CONFIG_NAME: &str = "configs/mlp_synthetic.toml";
@@ -25,7 +28,27 @@ impl RunConfig {
             path: name.clone(),
             source,
         })?;
-        Self::from_str_named(&text, &name, overrides)
+        let mut config = Self::from_str_named(&text, &name, overrides)?;
+        config.resolve_data_paths(path.parent().unwrap_or(Path::new("")));
+        Ok(config)
+    }
+
+    /// Makes the relative data paths written in the config file (`data.text.path`,
+    /// `data.idx.images`, `data.idx.labels`) relative to `folder`, the file's folder, so a config
+    /// and its data move together and work from any current directory. Paths given with `--set`
+    /// stay relative to the current directory, where the user typed them.
+    fn resolve_data_paths(&mut self, folder: &Path) {
+        let written_in_file: Vec<bool> = DATA_PATH_KEYS
+            .iter()
+            .map(|key| matches!(self.source.origins.get(*key), Some(Origin::File { .. })))
+            .collect();
+        let data = &mut self.data;
+        let paths = [&mut data.text.path, &mut data.idx.images, &mut data.idx.labels];
+        for (path, in_file) in paths.into_iter().zip(written_in_file) {
+            if in_file && !path.is_empty() && Path::new(path.as_str()).is_relative() {
+                *path = folder.join(path.as_str()).display().to_string();
+            }
+        }
     }
 
     /// The embedded default ([`DEFAULT_CONFIG`]) with `overrides` applied.

@@ -21,8 +21,9 @@ pub struct TrainConfig {
     /// Folder for checkpoints (`<out_dir>/checkpoints/`) and `metrics.jsonl`. Default `""`, which
     /// loading turns into `runs/<config name>` (the config file's stem, e.g. `runs/mlp_synthetic`).
     pub out_dir: String,
-    /// Device to compute on: `"cpu"` (burn's flex backend), `"flex"` (the same, by name),
-    /// `"cuda"` (GPU number `LOCAL_RANK`) or `"cuda:N"`. Default `"cpu"`.
+    /// Device to compute on: `"cpu"` (burn's flex backend) or `"flex"` (the same, by name).
+    /// `"cuda"` (GPU number `LOCAL_RANK`) and `"cuda:N"` parse but are refused by validation:
+    /// this build has no GPU backend yet. Default `"cpu"`.
     pub device: String,
     /// Every this many steps, compare a checksum of the parameters across ranks and stop, naming
     /// the first differing parameter, if replicas diverged. `0` turns the check off. Default `50`.

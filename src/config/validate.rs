@@ -10,6 +10,9 @@ use super::run::ConfigSource;
 use super::{CommBackend, PipelineSchedule, RunConfig};
 use super::{CompressionMethod, ComputeDtype, DataKind, DeviceSpec, LrSchedule, ModelKind, OptimKind, Partition};
 
+/// The `train.device` values this build can train on, as messages list them.
+const SUPPORTED_DEVICES: &str = "\"cpu\" and \"flex\" (both burn's flex CPU backend)";
+
 /// A config checked against the world it runs in, with everything derived from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
@@ -332,12 +335,25 @@ impl RunConfig {
             "train.out_dir = \"\": needs a folder".into()
         });
         let device = DeviceSpec::parse(&t.device);
-        c.require(device.is_some(), "train.device", || {
-            format!(
-                "train.device = {:?}: expected \"cpu\", \"flex\", \"cuda\" or \"cuda:N\"",
-                t.device
-            )
-        });
+        match device {
+            None => c.fail(
+                &["train.device"],
+                format!(
+                    "train.device = {:?}: not a device; this build supports {SUPPORTED_DEVICES}",
+                    t.device
+                ),
+            ),
+            // Accepted by the schema, but no GPU backend exists yet: training would silently run
+            // on the CPU, so refuse it here, where `burnrun check` sees it too.
+            Some(cuda) if cuda.is_cuda() => c.fail(
+                &["train.device"],
+                format!(
+                    "train.device = \"{cuda}\" is not available: this build has no GPU backend yet; it supports \
+                     {SUPPORTED_DEVICES}"
+                ),
+            ),
+            Some(_) => {}
+        }
         device
     }
 
@@ -615,16 +631,22 @@ impl RunConfig {
 }
 
 /// A data file must be named and exist (checked here so a typo fails before any rank starts).
+/// Loading has already made a relative path written in the config file relative to the file's
+/// folder; one given with `--set` (or in the embedded default) is relative to the current directory.
 fn check_file(c: &mut Checks<'_>, key: &str, path: &str, needed_by: &str) {
+    let relative_to = "a relative path in a config file starts at the file's folder, one given with --set at the \
+                       current directory";
     if path.is_empty() {
         c.fail(
             &[key, "data.kind"],
             format!("{key} is not set, and {needed_by} needs it"),
         );
-    } else if !Path::new(path).is_file() {
+    } else if Path::new(path).is_dir() {
         c.fail(
             &[key],
-            format!("{key} = {path:?}: no such file (relative paths start at the current directory)"),
+            format!("{key} = {path:?} is a directory, not a file: name the data file in it"),
         );
+    } else if !Path::new(path).is_file() {
+        c.fail(&[key], format!("{key} = {path:?}: no such file ({relative_to})"));
     }
 }

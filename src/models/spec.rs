@@ -237,26 +237,72 @@ impl ModelSpec {
     }
 
     /// The number of parameter values of each block of the full model, in block order (for a
-    /// balanced pipeline partition). Equal to `Module::num_params` of the built block.
+    /// balanced pipeline partition). Equal to `Module::num_params` of the built block. Saturates
+    /// at `usize::MAX` instead of wrapping: a model that large is refused by the memory estimate,
+    /// never built.
     pub fn block_param_counts(&self) -> Vec<usize> {
         (0..self.num_blocks())
             .map(|block| match self.plan(block) {
-                BlockPlan::Dense { d_input, d_output, .. } => d_input * d_output + d_output,
-                BlockPlan::Conv { input, c_out } => c_out * input[0] * KERNEL * KERNEL + c_out,
+                BlockPlan::Dense { d_input, d_output, .. } => d_input.saturating_mul(d_output).saturating_add(d_output),
+                BlockPlan::Conv { input, c_out } => c_out
+                    .saturating_mul(input[0])
+                    .saturating_mul(KERNEL * KERNEL)
+                    .saturating_add(c_out),
                 BlockPlan::Embedding {
                     vocab,
                     block_size,
                     n_embd,
-                } => (vocab + block_size) * n_embd,
+                } => vocab.saturating_add(block_size).saturating_mul(n_embd),
                 BlockPlan::Transformer { n_embd: d, .. } => {
-                    // 2 layer norms, qkv, attention projection, MLP in and out (all with bias).
-                    let hidden = GPT_MLP_RATIO * d;
-                    2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+                    // 2 layer norms, qkv, attention projection, MLP in and out (all with bias):
+                    // 4d + 3d^2 + 3d + d^2 + d + 4d^2 + 4d + 4d^2 + d = 12 d^2 + 13 d.
+                    d.saturating_mul(d)
+                        .saturating_mul(12)
+                        .saturating_add(d.saturating_mul(13))
                 }
                 // Final layer norm and the bias-free head.
-                BlockPlan::LmHead { n_embd, vocab } => 2 * n_embd + n_embd * vocab,
+                BlockPlan::LmHead { n_embd, vocab } => n_embd.saturating_mul(vocab).saturating_add(2 * n_embd),
             })
             .collect()
+    }
+
+    /// Parameter values of the blocks `range` (a pipeline stage; `0..num_blocks()` for the whole
+    /// model), saturating like [`ModelSpec::block_param_counts`].
+    pub fn param_count(&self, range: Range<usize>) -> usize {
+        let counts = self.block_param_counts();
+        counts
+            .get(range)
+            .unwrap_or_default()
+            .iter()
+            .fold(0usize, |sum, &n| sum.saturating_add(n))
+    }
+
+    /// Activation values one sample keeps alive through block `block` (`< num_blocks()`) for the
+    /// backward pass, for a model input of width `input_width` (the sequence length of the GPT):
+    /// each layer's output and, where a nonlinearity or a softmax follows, its input too. An
+    /// estimate for the memory check, not an exact count of burn's tensors.
+    pub fn activation_values(&self, block: usize, input_width: usize) -> usize {
+        let seq = input_width;
+        match self.plan(block) {
+            // Linear output, then ReLU output.
+            BlockPlan::Dense { d_output, relu, .. } => d_output.saturating_mul(if relu { 2 } else { 1 }),
+            // Convolution and ReLU outputs at full size, the pooled output at a quarter.
+            BlockPlan::Conv {
+                input: [_, h, w],
+                c_out,
+            } => c_out.saturating_mul(h).saturating_mul(w).saturating_mul(9) / 4,
+            BlockPlan::Embedding { n_embd, .. } => seq.saturating_mul(n_embd).saturating_mul(2),
+            BlockPlan::Transformer { n_embd, n_head, .. } => {
+                // Per position: 2 layer norms, q/k/v, attention output, projection and two
+                // residuals (8 n_embd), the MLP's hidden layer before and after GELU (2 x 4
+                // n_embd); per head: the attention scores and their softmax (2 seq^2).
+                let per_position = n_embd.saturating_mul(8 + 2 * GPT_MLP_RATIO);
+                let scores = n_head.saturating_mul(seq).saturating_mul(seq).saturating_mul(2);
+                seq.saturating_mul(per_position).saturating_add(scores)
+            }
+            // Layer norm, logits and their softmax.
+            BlockPlan::LmHead { n_embd, vocab } => seq.saturating_mul(n_embd.saturating_add(vocab.saturating_mul(2))),
+        }
     }
 
     /// Checks that `range` is a non-empty part of `0..num_blocks()`.

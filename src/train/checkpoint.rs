@@ -12,6 +12,13 @@
 //!   without it is an incomplete checkpoint and is never resumed from.
 //!
 //! Every file is written to a temporary name, fsynced, and renamed; the folder is fsynced after.
+//! A write that fails (a full disk) removes its temporary file, and the trainer then removes the
+//! incomplete `step_N` folder, so a failed checkpoint leaves no space taken behind.
+//!
+//! `state.json` records the sha256 of every file of the folder; loading verifies them, so a
+//! truncated or silently corrupted file is caught (a checkpoint saved before checksums existed
+//! has none and loads unverified). Resuming from the latest checkpoint falls back to the previous
+//! complete one, with a warning naming the corrupt file, when the latest cannot be loaded.
 //! Loading reads every stage file and picks tensors by name, so a checkpoint saved with one
 //! pipeline layout loads into another with no conversion step.
 //!
@@ -22,7 +29,7 @@
 //! freshly seeded PowerSGD factors, as a new run would; the run then no longer matches an
 //! uninterrupted one exactly, but trains normally.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::ops::Range;
@@ -30,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::compress::{GradCodec, StateTensor};
 
@@ -43,6 +51,26 @@ pub enum CheckpointError {
         path: PathBuf,
         /// The error.
         source: std::io::Error,
+    },
+    /// The disk (or the quota) is full: the write failed and its temporary file was removed.
+    #[error(
+        "checkpoint {path}: the disk is full ({source}); free space there or set train.out_dir to a disk with room"
+    )]
+    DiskFull {
+        /// The file being written.
+        path: PathBuf,
+        /// The error (ENOSPC or EDQUOT).
+        source: std::io::Error,
+    },
+    /// A file's sha256 differs from the one `state.json` recorded when the checkpoint was saved.
+    #[error("checkpoint {path}: corrupt: its sha256 is {actual}, state.json recorded {expected}")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// The recorded digest (hex).
+        expected: String,
+        /// The digest of the file as it is now (hex).
+        actual: String,
     },
     /// The safetensors data is malformed.
     #[error("checkpoint {path}: not a valid safetensors file: {reason}")]
@@ -105,6 +133,10 @@ pub struct TrainState {
     pub data_replicas: usize,
     /// The resolved config, as TOML.
     pub config: String,
+    /// The sha256 (hex) of each file of the folder by file name, state.json excepted; empty in
+    /// checkpoints saved before checksums existed (those load unverified).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, String>,
 }
 
 /// Folder of the checkpoint at `step`.
@@ -113,13 +145,25 @@ pub fn step_dir(root: &Path, step: u64) -> PathBuf {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        let path = path.to_path_buf();
+        if is_disk_full(&source) {
+            CheckpointError::DiskFull { path, source }
+        } else {
+            CheckpointError::Io { path, source }
+        }
     }
 }
 
-/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
+/// Whether an I/O error means "no space left" (ENOSPC), or no quota left (EDQUOT).
+fn is_disk_full(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::StorageFull
+        || matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder. On
+/// failure the temporary file is removed: on a full disk it would keep the space the next
+/// checkpoint (or anything else) needs.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io(dir))?;
@@ -128,13 +172,116 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    {
-        let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
+    let written = (|| {
+        let mut file = fs::File::create(&tmp).map_err(io(path))?;
+        file.write_all(bytes).map_err(io(path))?;
+        file.sync_all().map_err(io(path))?;
+        fs::rename(&tmp, path).map_err(io(path))
+    })();
+    if let Err(e) = written {
+        // Best effort: the write's own error is the one to report.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path).map_err(io(path))?;
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// Removes the checkpoint folder `dir` after a failed save, unless it is complete (has
+/// `state.json`: a complete checkpoint is never deleted here). Best effort: the failure that led
+/// here is the error to report.
+pub fn discard_incomplete(dir: &Path) {
+    if dir.is_dir() && !dir.join("state.json").exists() {
+        if let Err(e) = fs::remove_dir_all(dir) {
+            tracing::warn!("cannot remove the incomplete checkpoint {}: {e}", dir.display());
+        }
+    }
+}
+
+/// The sha256 (hex) of every checkpoint file in `dir` (`*.safetensors`, temporary files
+/// excepted), by file name: what [`write_state`]'s caller records in [`TrainState::checksums`].
+pub fn checksum_files(dir: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with('.') || !name.ends_with(".safetensors") {
+            continue;
+        }
+        out.insert(name.to_string(), sha256_file(&path)?);
+    }
+    Ok(out)
+}
+
+fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks every file `state` records a checksum for (a missing file is an error too).
+pub fn verify(dir: &Path, state: &TrainState) -> Result<(), CheckpointError> {
+    for (name, expected) in &state.checksums {
+        let path = dir.join(name);
+        let actual = sha256_file(&path)?;
+        if &actual != expected {
+            return Err(CheckpointError::Checksum {
+                path,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint read and verified: its state and the tensors of every stage.
+#[derive(Debug, Clone)]
+pub struct LoadedCheckpoint {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Its `state.json`.
+    pub state: TrainState,
+    /// Parameters by module path (every stage's file together).
+    pub params: HashMap<String, LoadedTensor>,
+    /// Optimizer state by `<param>.<buffer>`.
+    pub optim: HashMap<String, LoadedTensor>,
+}
+
+/// Reads the checkpoint folder `dir`: `state.json`, the checksums of its files, every stage's
+/// tensors. Any failure is an error naming the file.
+pub fn load(dir: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
+    let state = read_state(dir)?;
+    verify(dir, &state)?;
+    Ok(LoadedCheckpoint {
+        dir: dir.to_path_buf(),
+        params: read_all(dir, "model-")?,
+        optim: read_all(dir, "optim-")?,
+        state,
+    })
+}
+
+/// Loads the latest complete checkpoint under `root` that loads: one that is corrupt (truncated,
+/// a bad header, a checksum that does not match) is skipped with a warning naming the file and the
+/// checkpoint tried instead. Every rank reads and verifies the same files, so all choose the same
+/// one. The error of the latest is returned when none loads.
+pub fn load_latest(root: &Path, rank: usize) -> Result<LoadedCheckpoint, CheckpointError> {
+    let mut candidates = complete_checkpoints(root);
+    let mut first_error = None;
+    while let Some((_, dir)) = candidates.pop() {
+        match load(&dir) {
+            Ok(loaded) => return Ok(loaded),
+            Err(e) => {
+                let next = match candidates.last() {
+                    Some((_, previous)) => format!("falling back to the previous one, {}", previous.display()),
+                    None => "and there is no earlier complete checkpoint".to_string(),
+                };
+                tracing::warn!("rank {rank}: cannot resume from {}: {e}; {next}", dir.display());
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| CheckpointError::NoneFound(root.to_path_buf())))
 }
 
 /// Serialises tensors to safetensors bytes (f32, little endian).
@@ -532,6 +679,7 @@ mod tests {
             pipeline_stages: 1,
             data_replicas: 1,
             config: String::new(),
+            checksums: BTreeMap::new(),
         };
         for step in [10, 20, 30] {
             write_state(&step_dir(&root, step), &TrainState { step, ..state.clone() }).unwrap();

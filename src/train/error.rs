@@ -8,6 +8,8 @@ use crate::parallel::{DivergenceError, PipelineError, SyncError};
 use crate::precision::PrecisionError;
 
 use super::checkpoint::CheckpointError;
+use super::lock::LockError;
+use super::memory::{MemoryAvailable, MemoryEstimate};
 
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +108,62 @@ pub enum TrainError {
         path: String,
         /// The error.
         source: std::io::Error,
+    },
+    /// Rank 0 could not lock `train.out_dir` (another job holds it, or the lock file failed).
+    #[error("rank {rank}: {source}")]
+    OutDir {
+        /// This rank (0).
+        rank: usize,
+        /// The error.
+        source: LockError,
+    },
+    /// Rank 0 refused to start (it could not lock `train.out_dir`); its error says why.
+    #[error("rank {rank}: rank 0 could not lock train.out_dir {dir} (its error says why): not starting")]
+    OutDirRefused {
+        /// This rank.
+        rank: usize,
+        /// The folder.
+        dir: String,
+    },
+    /// The model does not fit in this node's memory.
+    #[error(
+        "rank {rank}: the model does not fit in memory: it needs {estimate}; {available}. Use a smaller model or \
+         batch, fewer ranks per node, or more pipeline stages"
+    )]
+    OutOfMemory {
+        /// This rank.
+        rank: usize,
+        /// What the rank needs.
+        estimate: MemoryEstimate,
+        /// What it has.
+        available: MemoryAvailable,
+    },
+    /// A large buffer could not be allocated (the estimate fit, the allocator still said no).
+    #[error("rank {rank}: cannot allocate the {what} ({bytes} bytes): {source}")]
+    Alloc {
+        /// This rank.
+        rank: usize,
+        /// Which buffer.
+        what: &'static str,
+        /// Its size.
+        bytes: u64,
+        /// The allocator's refusal.
+        source: std::collections::TryReserveError,
+    },
+    /// The checkpoint resumed from is already past `train.steps`.
+    #[error(
+        "rank {rank}: checkpoint {checkpoint} is at step {step}, past train.steps = {steps}: set train.steps above \
+         {step} to train on, or start the run in another train.out_dir"
+    )]
+    PastEnd {
+        /// This rank.
+        rank: usize,
+        /// The checkpoint folder.
+        checkpoint: String,
+        /// Its step.
+        step: u64,
+        /// `train.steps`.
+        steps: u64,
     },
     /// The setting is valid but this build cannot run it.
     #[error("rank {rank}: {what} is not supported here: {why}")]

@@ -53,6 +53,36 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
+    /// Opens for a run that starts after step `start_step` (0 for a fresh run): lines of later
+    /// steps, left by a run that logged past its last checkpoint before it stopped, are dropped
+    /// first, so the steps this run logs again appear once. Lines that are not metrics are kept.
+    pub fn open_after(path: &Path, start_step: u64) -> std::io::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let logged_later = |line: &str| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step")?.as_u64())
+                        .is_some_and(|step| step > start_step)
+                };
+                if text.lines().any(logged_later) {
+                    let kept: String = text
+                        .lines()
+                        .filter(|line| !logged_later(line))
+                        .map(|line| format!("{line}\n"))
+                        .collect();
+                    // Written aside and renamed: a crash here leaves the old file or the new one.
+                    let tmp = path.with_extension("jsonl.tmp");
+                    std::fs::write(&tmp, kept)?;
+                    std::fs::rename(&tmp, path)?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Self::open(path)
+    }
+
     /// Opens (appending: a resumed run continues the same file).
     pub fn open(path: &Path) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {

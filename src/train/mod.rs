@@ -3,6 +3,8 @@
 pub mod build;
 pub mod checkpoint;
 mod error;
+pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod progress;

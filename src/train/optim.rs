@@ -69,6 +69,27 @@ impl FlatOptimizer {
         }
     }
 
+    /// [`FlatOptimizer::new`], but a state too large for memory is an error instead of an abort.
+    pub fn try_new(kind: OptimizerKind, numel: usize) -> Result<Self, std::collections::TryReserveError> {
+        let second = if matches!(kind, OptimizerKind::Sgd { .. }) {
+            0
+        } else {
+            numel
+        };
+        let zeros = |len: usize| -> Result<Vec<f32>, std::collections::TryReserveError> {
+            let mut buffer = Vec::new();
+            buffer.try_reserve_exact(len)?;
+            buffer.resize(len, 0.0);
+            Ok(buffer)
+        };
+        Ok(Self {
+            kind,
+            exp_avg: zeros(numel)?,
+            exp_avg_sq: zeros(second)?,
+            steps: 0,
+        })
+    }
+
     /// Updates applied so far.
     pub fn steps(&self) -> u64 {
         self.steps

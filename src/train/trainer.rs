@@ -17,15 +17,17 @@ use crate::config::{
     CommBackend, ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig,
 };
 use crate::data::{Dataset, DistributedSampler};
-use crate::models::{flatten_params, load_params, load_params_by_name, BlockStack, ModelSpec, ParamLayout};
+use crate::models::{flatten_params_into, load_params, load_params_by_name, BlockStack, ModelSpec, ParamLayout};
 use crate::parallel::{
     partition_balanced, schedule, Action, DataParallel, ParallelDims, PipelineStage, ScheduleKind, StepTimes, SyncError,
 };
 use crate::precision::{DynamicLossScaler, LossScalerOptions, ParamSpan};
 
 use super::build;
-use super::checkpoint::{self as ckpt, NamedTensor, TrainState};
+use super::checkpoint::{self as ckpt, LoadedCheckpoint, NamedTensor, TrainState};
 use super::error::TrainError;
+use super::lock::{LockOwner, OutDirLock};
+use super::memory::{self, MemoryAvailable, MemoryEstimate};
 use super::metrics::{MetricsWriter, StepMetrics};
 use super::optim::{clip_by_global_norm, learning_rate, sum_of_squares, FlatOptimizer};
 use super::progress::{Progress, ProgressMode};
@@ -104,6 +106,8 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let rank = world.rank();
     let resolved = cfg.validate(world.world_size())?;
     let cfg = &resolved.config;
+    // Before anything is written to out_dir; held until this function returns.
+    let _out_dir_lock = lock_out_dir(&world, cfg)?;
     configure_compute_threads(cfg.train.threads);
     keep_freed_memory();
     let comm_err = |source| TrainError::Comm { rank, source };
@@ -117,6 +121,75 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     if rank == 0 {
         announce(&resolved, &spec, &place, dataset.as_ref());
     }
+    // Refuse a model that cannot fit before allocating any of it (an allocation that fails
+    // aborts the process).
+    let estimate = MemoryEstimate::for_rank(&resolved, &spec, place.blocks.clone(), dataset.input_width());
+    let local_ranks = crate::env::DistEnv::from_env().map_or(1, |e| e.local_world_size);
+    let available = MemoryAvailable::of_this_node(local_ranks);
+    if !memory::fits(&estimate, &available) {
+        return Err(TrainError::OutOfMemory {
+            rank,
+            estimate,
+            available,
+        });
+    }
+    if rank == 0 {
+        tracing::info!("memory: {estimate}; {available}");
+    }
+
+    // Resume: read the checkpoint before building anything, so a finished run ends here.
+    let ckpt_root = Path::new(&cfg.train.out_dir).join("checkpoints");
+    let resume = find_resume(cfg, options, &ckpt_root, rank)?;
+    if let Some(loaded) = &resume {
+        let (step, steps) = (loaded.state.step, cfg.train.steps);
+        if step > steps {
+            return Err(TrainError::PastEnd {
+                rank,
+                checkpoint: loaded.dir.display().to_string(),
+                step,
+                steps,
+            });
+        }
+        if step == steps {
+            if rank == 0 {
+                eprintln!(
+                    "burnrun: the run is already complete: checkpoint {} is at step {step} = train.steps; nothing to \
+                     train (raise train.steps to train on)",
+                    loaded.dir.display()
+                );
+            }
+            return Ok(TrainSummary {
+                steps,
+                first_loss: f64::NAN,
+                final_loss: f64::NAN,
+                samples_per_sec: 0.0,
+                step_ms: 0.0,
+                checkpoint: Some(loaded.dir.clone()),
+                pipeline: Vec::new(),
+            });
+        }
+    }
+
+    // The large flat buffers are reserved before burn builds the model, so memory that the
+    // estimate missed ends as an error naming the buffer rather than an abort.
+    let numel = spec.param_count(place.blocks.clone());
+    let bytes = numel as u64 * 4;
+    let alloc_err = |what, source| TrainError::Alloc {
+        rank,
+        what,
+        bytes,
+        source,
+    };
+    let mut master: Vec<f32> = Vec::new();
+    master
+        .try_reserve_exact(numel)
+        .map_err(|e| alloc_err("master weights", e))?;
+    let mut grads: Vec<f32> = Vec::new();
+    grads
+        .try_reserve_exact(numel)
+        .map_err(|e| alloc_err("gradient buffer", e))?;
+    let mut optimizer =
+        FlatOptimizer::try_new(build::optimizer_kind(cfg), numel).map_err(|e| alloc_err("optimizer state", e))?;
 
     let mut base = Device::flex();
     let compute = match cfg.precision.compute {
@@ -150,7 +223,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let names: Vec<String> = layout.params.iter().map(|p| p.name.clone()).collect();
     let ranges: Vec<Range<usize>> = layout.params.iter().map(|p| p.range()).collect();
     let numels: Vec<usize> = layout.params.iter().map(|p| p.numel).collect();
-    let mut master = flatten_params(&model).map_err(model_err)?;
+    flatten_params_into(&model, &mut master).map_err(model_err)?;
     let bucket_cap = (cfg.comm.bucket_cap_mb * 1024.0 * 1024.0) as usize;
     let mut ddp = DataParallel::new(place.data_group.clone(), &numels, bucket_cap);
     let mut codec_ckpt = None; // The codec's state in checkpoints (residuals, PowerSGD's Q).
@@ -182,31 +255,19 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         None
     };
     let spans = ParamSpan::from_numels(&names, &numels);
-    let mut optimizer = FlatOptimizer::new(build::optimizer_kind(cfg), master.len());
 
     // Resume, or start every replica from rank 0's parameters.
-    let ckpt_root = Path::new(&cfg.train.out_dir).join("checkpoints");
-    let explicit: Option<PathBuf> = options.resume.clone().or_else(|| {
-        cfg.checkpoint
-            .path
-            .as_ref()
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
-    });
-    let resume_dir = match explicit {
-        Some(path) => Some(resolve_resume(&path)),
-        None if cfg.checkpoint.resume => Some(ckpt::latest(&ckpt_root)),
-        None => None,
-    };
     let mut start_step = 0;
     let mut resumed_scale = None;
-    if let Some(dir) = resume_dir {
-        let dir = dir.map_err(|source| TrainError::Checkpoint { rank, source })?;
-        let state = ckpt::read_state(&dir).map_err(|source| TrainError::Checkpoint { rank, source })?;
-        let params = ckpt::read_all(&dir, "model-").map_err(|source| TrainError::Checkpoint { rank, source })?;
-        let optim = ckpt::read_all(&dir, "optim-").map_err(|source| TrainError::Checkpoint { rank, source })?;
+    if let Some(LoadedCheckpoint {
+        dir,
+        state,
+        params,
+        optim,
+    }) = resume
+    {
         model = load_params_by_name(model, |p| params.get(&p.name).map(|t| t.data.clone())).map_err(model_err)?;
-        master = flatten_params(&model).map_err(model_err)?;
+        flatten_params_into(&model, &mut master).map_err(model_err)?;
         for (suffix, buffer) in optimizer.state_mut() {
             for (name, range) in names.iter().zip(&ranges) {
                 if let Some(t) = optim.get(&format!("{name}.{suffix}")) {
@@ -280,11 +341,13 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let progress = Progress::new(progress_mode, cfg.train.steps, start_step, rank == 0);
     let mut metrics = if rank == 0 && cfg.log.metrics {
         let path = Path::new(&cfg.train.out_dir).join("metrics.jsonl");
-        Some(MetricsWriter::open(&path).map_err(|source| TrainError::Metrics {
-            rank,
-            path: path.display().to_string(),
-            source,
-        })?)
+        Some(
+            MetricsWriter::open_after(&path, start_step).map_err(|source| TrainError::Metrics {
+                rank,
+                path: path.display().to_string(),
+                source,
+            })?,
+        )
     } else {
         None
     };
@@ -299,7 +362,6 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let run_start = Instant::now();
     let mut timed_from: Option<(Instant, u64)> = None;
     let mut pipeline_times = Vec::new();
-    let mut grads: Vec<f32> = Vec::with_capacity(master.len());
     let mut last_ckpt = None;
     let stage_device = device.clone();
 
@@ -459,10 +521,18 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         if (every > 0 && done % every == 0) || done == cfg.train.steps {
             let scale = scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps));
             let codec = codec_ckpt.as_ref().zip(ddp.codec());
-            let dir = save_checkpoint(
+            let dir = ckpt::step_dir(&ckpt_root, done);
+            match save_checkpoint(
                 &world, &place, &ckpt_root, cfg, done, scale, &layout, &master, &optimizer, codec,
-            )?;
-            last_ckpt = Some(dir);
+            ) {
+                Ok(()) => last_ckpt = Some(dir),
+                Err(e) => {
+                    // A partial step_N folder (a full disk, a peer that failed) would never be
+                    // resumed from and only hold space: every rank that got here removes it.
+                    ckpt::discard_incomplete(&dir);
+                    return Err(e);
+                }
+            }
         }
     }
     progress.finish();
@@ -498,8 +568,19 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         _ => (0.0, run_start.elapsed().as_secs_f64() * 1e3),
     };
     if rank == 0 {
+        // Only finite numbers: a run whose steps were all skipped (loss scaler) logged no loss.
+        let loss = if first_loss.is_finite() && final_loss.is_finite() {
+            format!("loss {first_loss:.4} -> {final_loss:.4}")
+        } else {
+            "no loss logged".to_string()
+        };
+        let resumed = if start_step > 0 {
+            format!(" (resumed at step {start_step})")
+        } else {
+            String::new()
+        };
         progress.println(&format!(
-            "burnrun: trained {} steps: loss {first_loss:.4} -> {final_loss:.4}, {samples_per_sec:.0} samples/s",
+            "burnrun: trained {} steps{resumed}: {loss}, {samples_per_sec:.0} samples/s",
             cfg.train.steps
         ));
     }
@@ -544,14 +625,77 @@ fn keep_freed_memory() {
     }
 }
 
-/// A checkpoint folder, or a folder of checkpoints (its latest complete one).
-fn resolve_resume(path: &Path) -> Result<PathBuf, ckpt::CheckpointError> {
-    if path.join("state.json").is_file() {
-        Ok(path.to_path_buf())
-    } else if path.join("checkpoints").is_dir() {
-        ckpt::latest(&path.join("checkpoints"))
-    } else {
-        ckpt::latest(path)
+/// Rank 0 locks `train.out_dir` (see [`super::lock`]) and tells the other ranks whether it could,
+/// so they stop too instead of waiting for it in the first collective.
+fn lock_out_dir(world: &ProcessGroup, cfg: &RunConfig) -> Result<Option<OutDirLock>, TrainError> {
+    let rank = world.rank();
+    let dir = Path::new(&cfg.train.out_dir);
+    let (mut lock, mut failure) = (None, None);
+    if rank == 0 {
+        let env = crate::env::DistEnv::from_env().ok().filter(|e| e.launched());
+        let owner = LockOwner::this_process(env.as_ref().map(|e| e.run_id.as_str()));
+        match OutDirLock::acquire(dir, &owner) {
+            Ok(held) => lock = Some(held),
+            Err(source) => failure = Some(source),
+        }
+    }
+    if world.world_size() > 1 {
+        let mut locked = [u8::from(failure.is_none())];
+        world
+            .broadcast(&mut locked, 0)
+            .map_err(|source| TrainError::Comm { rank, source })?;
+        if rank != 0 && locked[0] == 0 {
+            return Err(TrainError::OutDirRefused {
+                rank,
+                dir: dir.display().to_string(),
+            });
+        }
+    }
+    match failure {
+        Some(source) => Err(TrainError::OutDir { rank, source }),
+        None => Ok(lock),
+    }
+}
+
+/// The checkpoint this run resumes from, read and verified: `--resume PATH` (or
+/// `checkpoint.path`) names a checkpoint folder (loaded as is: a corrupt one is an error) or a
+/// folder of checkpoints; with `checkpoint.resume = true` alone, the latest under `root`, or none
+/// (a fresh start, noted) when there is none yet, so one command both starts and restarts a job.
+/// From a folder of checkpoints, a corrupt latest one falls back to the previous complete one.
+fn find_resume(
+    cfg: &RunConfig,
+    options: &TrainOptions,
+    root: &Path,
+    rank: usize,
+) -> Result<Option<LoadedCheckpoint>, TrainError> {
+    let ck = |source| TrainError::Checkpoint { rank, source };
+    let explicit: Option<PathBuf> = options.resume.clone().or_else(|| {
+        cfg.checkpoint
+            .path
+            .as_ref()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    });
+    match explicit {
+        Some(path) if path.join("state.json").is_file() => ckpt::load(&path).map(Some).map_err(ck),
+        Some(path) if path.join("checkpoints").is_dir() => {
+            ckpt::load_latest(&path.join("checkpoints"), rank).map(Some).map_err(ck)
+        }
+        Some(path) => ckpt::load_latest(&path, rank).map(Some).map_err(ck),
+        None if cfg.checkpoint.resume => {
+            if ckpt::complete_checkpoints(root).is_empty() {
+                if rank == 0 {
+                    tracing::info!(
+                        "checkpoint.resume = true, but {} holds no complete checkpoint yet: starting from step 0",
+                        root.display()
+                    );
+                }
+                Ok(None)
+            } else {
+                ckpt::load_latest(root, rank).map(Some).map_err(ck)
+            }
+        }
+        None => Ok(None),
     }
 }
 
@@ -707,7 +851,7 @@ fn save_checkpoint(
     master: &[f32],
     optimizer: &FlatOptimizer,
     codec: Option<(&ckpt::CodecCheckpoint, &dyn crate::compress::GradCodec)>,
-) -> Result<PathBuf, TrainError> {
+) -> Result<(), TrainError> {
     let rank = world.rank();
     let dir = ckpt::step_dir(root, step);
     let ck = |source| TrainError::Checkpoint { rank, source };
@@ -757,9 +901,11 @@ fn save_checkpoint(
             pipeline_stages: place.dims.pipeline,
             data_replicas: place.dims.data,
             config: cfg.to_toml_string(),
+            // Every rank's files are on disk (the barrier above): rank 0 hashes them all.
+            checksums: ckpt::checksum_files(&dir).map_err(ck)?,
         };
         ckpt::write_state(&dir, &state).map_err(ck)?;
         ckpt::prune(root, cfg.checkpoint.keep_last).map_err(ck)?;
     }
-    Ok(dir)
+    Ok(())
 }

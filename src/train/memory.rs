@@ -1,0 +1,269 @@
+//! The memory a rank needs, estimated from the model spec before anything is allocated, and the
+//! memory this node has for it.
+//!
+//! A model too large for the machine used to pass `burnrun check` and then kill every rank with
+//! SIGABRT ("memory allocation of 256000000000 bytes failed"). `check` and the trainer now add up
+//! what a rank holds (the spec knows every count without building anything) and refuse, with the
+//! breakdown and what is available, a run that cannot fit:
+//! - parameters in burn's model, in the compute dtype, and their gradients from backward;
+//! - f32 master weights and the flat f32 gradient buffer the trainer reduces and steps with;
+//! - optimizer state: Adam and AdamW 2 values per parameter, SGD 1 (its momentum buffer);
+//! - activations kept for backward, for the samples of one micro step (all the micro-batches of a
+//!   pipeline step with GPipe, the worst case).
+//!
+//! Available is `MemAvailable` of `/proc/meminfo`, bounded by the cgroup's `memory.max` minus its
+//! `memory.current`, shared by the node's ranks.
+
+use std::fmt;
+use std::ops::Range;
+
+use crate::config::{ComputeDtype, OptimKind, Resolved};
+use crate::models::ModelSpec;
+
+/// What one rank needs, in bytes, by kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryEstimate {
+    /// Parameter values held by the rank (its pipeline stage).
+    pub params: u64,
+    /// The model's parameters (compute dtype).
+    pub param_bytes: u64,
+    /// burn's gradients (compute dtype) and the flat f32 gradient buffer.
+    pub grad_bytes: u64,
+    /// The f32 master weights.
+    pub master_bytes: u64,
+    /// Optimizer state.
+    pub optim_bytes: u64,
+    /// `adam, 2 values per parameter` or the like.
+    pub optim_what: String,
+    /// Activations kept for backward.
+    pub activation_bytes: u64,
+    /// Samples whose activations are held at once.
+    pub samples: u64,
+}
+
+impl MemoryEstimate {
+    /// The rank's share of the model for `resolved`'s config: the blocks `blocks` of `spec`,
+    /// whose input is `input_width` wide (the sequence length for the GPT).
+    pub fn for_rank(resolved: &Resolved, spec: &ModelSpec, blocks: Range<usize>, input_width: usize) -> Self {
+        let cfg = &resolved.config;
+        let params = spec.param_count(blocks.clone()) as u64;
+        let compute_bytes: u64 = match cfg.precision.compute {
+            ComputeDtype::F32 => 4,
+            ComputeDtype::Bf16 | ComputeDtype::F16 => 2,
+        };
+        let (optim_values, optim_what) = match cfg.optim.kind {
+            OptimKind::Sgd => (1, "sgd, 1 value (momentum) per parameter".to_string()),
+            kind => (2, format!("{kind}, 2 values per parameter")),
+        };
+        let samples = resolved.micro_batch_size as u64 * cfg.parallel.micro_batches.max(1) as u64;
+        let per_sample: u64 = blocks
+            .map(|block| spec.activation_values(block, input_width) as u64)
+            .fold(0, u64::saturating_add);
+        Self {
+            params,
+            param_bytes: params.saturating_mul(compute_bytes),
+            grad_bytes: params.saturating_mul(compute_bytes + 4),
+            master_bytes: params.saturating_mul(4),
+            optim_bytes: params.saturating_mul(4 * optim_values),
+            optim_what,
+            activation_bytes: per_sample.saturating_mul(samples).saturating_mul(compute_bytes),
+            samples,
+        }
+    }
+
+    /// The sum.
+    pub fn total_bytes(&self) -> u64 {
+        [
+            self.param_bytes,
+            self.grad_bytes,
+            self.master_bytes,
+            self.optim_bytes,
+            self.activation_bytes,
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
+    }
+}
+
+impl fmt::Display for MemoryEstimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "about {} per rank: parameters {} ({} values), gradients {}, master weights {}, optimizer state {} ({}), \
+             activations {} ({} samples)",
+            Bytes(self.total_bytes()),
+            Bytes(self.param_bytes),
+            self.params,
+            Bytes(self.grad_bytes),
+            Bytes(self.master_bytes),
+            Bytes(self.optim_bytes),
+            self.optim_what,
+            Bytes(self.activation_bytes),
+            self.samples,
+        )
+    }
+}
+
+/// The memory of this node and each rank's share of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryAvailable {
+    /// `MemAvailable` of `/proc/meminfo` (`None`: not readable).
+    pub mem_available: Option<u64>,
+    /// The cgroup's `memory.max` (`None`: unlimited or not readable).
+    pub cgroup_max: Option<u64>,
+    /// The cgroup's `memory.current`, when it has a limit.
+    pub cgroup_current: Option<u64>,
+    /// Ranks on this node that share it.
+    pub local_ranks: usize,
+}
+
+impl MemoryAvailable {
+    /// Reads this node's memory, to be shared by `local_ranks` ranks.
+    pub fn of_this_node(local_ranks: usize) -> Self {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        let mem_available = read("/proc/meminfo").and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        });
+        // cgroup v2; "max" means no limit.
+        let cgroup_max = read("/sys/fs/cgroup/memory.max").and_then(|t| t.trim().parse().ok());
+        let cgroup_current = cgroup_max
+            .and(read("/sys/fs/cgroup/memory.current"))
+            .and_then(|t| t.trim().parse().ok());
+        Self {
+            mem_available,
+            cgroup_max,
+            cgroup_current,
+            local_ranks: local_ranks.max(1),
+        }
+    }
+
+    /// What the node has left (`None`: unknown, nothing could be read).
+    pub fn node_bytes(&self) -> Option<u64> {
+        let cgroup_left = self
+            .cgroup_max
+            .map(|max| max.saturating_sub(self.cgroup_current.unwrap_or(0)));
+        match (self.mem_available, cgroup_left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// One rank's share.
+    pub fn per_rank_bytes(&self) -> Option<u64> {
+        self.node_bytes().map(|bytes| bytes / self.local_ranks as u64)
+    }
+}
+
+impl fmt::Display for MemoryAvailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let known = |v: Option<u64>| v.map_or_else(|| "unknown".to_string(), |b| Bytes(b).to_string());
+        let cgroup = match self.cgroup_max {
+            Some(max) => format!(
+                "cgroup memory.max {} with {} in use",
+                Bytes(max),
+                known(self.cgroup_current)
+            ),
+            None => "no cgroup limit".to_string(),
+        };
+        write!(
+            f,
+            "{} available on this node (MemAvailable {}, {cgroup}) shared by {} rank(s): {} each",
+            known(self.node_bytes()),
+            known(self.mem_available),
+            self.local_ranks,
+            known(self.per_rank_bytes()),
+        )
+    }
+}
+
+/// Whether `estimate` fits a rank's share of `available`; an unknown amount fits (the check
+/// cannot refuse what it cannot measure).
+pub fn fits(estimate: &MemoryEstimate, available: &MemoryAvailable) -> bool {
+    available
+        .per_rank_bytes()
+        .is_none_or(|share| estimate.total_bytes() <= share)
+}
+
+/// A byte count in binary units, for people.
+#[derive(Debug, Clone, Copy)]
+pub struct Bytes(pub u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{value:.1} {}", UNITS[unit])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+
+    fn estimate(optim: &str) -> MemoryEstimate {
+        let cfg = RunConfig::from_str_named(
+            &format!("[optim]\nkind = \"{optim}\"\n[train]\nbatch_size = 2\n"),
+            "x.toml",
+            &[],
+        )
+        .unwrap();
+        let resolved = cfg.validate(1).unwrap();
+        let spec = ModelSpec::Mlp {
+            input: 10,
+            hidden: vec![100],
+            classes: 5,
+        };
+        MemoryEstimate::for_rank(&resolved, &spec, 0..2, 10)
+    }
+
+    #[test]
+    fn the_estimate_counts_every_kind_of_buffer_and_adam_twice_the_state_of_sgd() {
+        // 10*100 + 100 + 100*5 + 5 = 1605 parameters.
+        let adam = estimate("adam");
+        assert_eq!(adam.params, 1605);
+        assert_eq!(adam.param_bytes, 1605 * 4);
+        assert_eq!(adam.grad_bytes, 1605 * 8);
+        assert_eq!(adam.master_bytes, 1605 * 4);
+        assert_eq!(adam.optim_bytes, 1605 * 8);
+        // 2 samples x (100 x 2 + 5) values x 4 bytes.
+        assert_eq!(adam.activation_bytes, 2 * 205 * 4);
+        assert_eq!(estimate("sgd").optim_bytes, 1605 * 4);
+    }
+
+    #[test]
+    fn a_model_too_large_for_the_node_does_not_fit_and_the_message_says_both_sides() {
+        let cfg = RunConfig::from_str_named("[model.mlp]\nhidden = [1000000000, 1000000000]\n", "x.toml", &[]).unwrap();
+        let resolved = cfg.validate(1).unwrap();
+        let spec = ModelSpec::Mlp {
+            input: 64,
+            hidden: vec![1_000_000_000, 1_000_000_000],
+            classes: 10,
+        };
+        let estimate = MemoryEstimate::for_rank(&resolved, &spec, 0..3, 64);
+        let available = MemoryAvailable {
+            mem_available: Some(64 << 30),
+            cgroup_max: Some(16 << 30),
+            cgroup_current: Some(0),
+            local_ranks: 2,
+        };
+        assert!(!fits(&estimate, &available));
+        assert_eq!(available.per_rank_bytes(), Some(8 << 30));
+        let text = format!("{estimate}; {available}");
+        assert!(
+            text.contains("optimizer state") && text.contains("8.0 GiB each"),
+            "{text}"
+        );
+    }
+}
