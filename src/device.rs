@@ -17,6 +17,8 @@
 
 use burn::tensor::Device;
 
+use crate::config::{DeviceSpec, WgpuAdapter};
+
 /// A device this build cannot give.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
@@ -26,143 +28,69 @@ pub enum DeviceError {
         /// The name given.
         name: String,
         /// The names this build accepts.
-        supported: String,
+        supported: &'static str,
     },
-    /// The backend exists, but this build was compiled without it.
-    #[error("device `{name}`: this build has no {backend} backend ({how}); it supports {supported}")]
+    /// The backend exists, but this build cannot create it.
+    #[error("device `{spec}`: {why}; this build supports {supported}")]
     NotBuilt {
-        /// The name given.
-        name: String,
-        /// The missing backend.
-        backend: &'static str,
-        /// How to get it.
-        how: &'static str,
+        /// The device asked for.
+        spec: DeviceSpec,
+        /// Which backend is missing and how to get it.
+        why: String,
         /// The names this build accepts.
-        supported: String,
+        supported: &'static str,
     },
 }
 
-/// Which kind of wgpu adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WgpuAdapter {
-    /// The best adapter found (`wgpu`); every rank of a node shares it.
-    Default,
-    /// The local-rank-th discrete GPU.
-    Discrete,
-    /// The local-rank-th integrated GPU.
-    Integrated,
-    /// A CPU adapter (software Vulkan).
-    Cpu,
+/// The autodiff device named `spec` for the rank with this `local_rank`.
+pub fn device_for(spec: DeviceSpec, local_rank: usize) -> Result<Device, DeviceError> {
+    base_device(spec, local_rank).map(Device::autodiff)
 }
 
-/// A parsed device name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// burn's flex CPU backend.
-    Cpu,
-    /// burn's wgpu backend.
-    Wgpu(WgpuAdapter),
-    /// burn's CUDA backend: the given GPU, or the local rank's.
-    Cuda(Option<usize>),
-}
-
-impl DeviceChoice {
-    /// Parses a device name (see the module docs); whether this build has the backend is checked
-    /// by [`DeviceChoice::check_built`].
-    pub fn parse(name: &str) -> Result<Self, DeviceError> {
-        let unknown = || DeviceError::Unknown {
-            name: name.to_owned(),
-            supported: supported(),
-        };
-        Ok(match name.trim() {
-            "cpu" | "flex" => DeviceChoice::Cpu,
-            "wgpu" | "wgpu:default" => DeviceChoice::Wgpu(WgpuAdapter::Default),
-            "wgpu:discrete" => DeviceChoice::Wgpu(WgpuAdapter::Discrete),
-            "wgpu:integrated" => DeviceChoice::Wgpu(WgpuAdapter::Integrated),
-            "wgpu:cpu" => DeviceChoice::Wgpu(WgpuAdapter::Cpu),
-            "cuda" => DeviceChoice::Cuda(None),
-            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(index)) => DeviceChoice::Cuda(Some(index)),
-                _ => return Err(unknown()),
-            },
-        })
-    }
-
-    /// Parses `name` and checks that this build has its backend.
-    pub fn parse_built(name: &str) -> Result<Self, DeviceError> {
-        let choice = Self::parse(name)?;
-        choice.check_built(name)?;
-        Ok(choice)
-    }
-
-    /// An error unless this build can create the device.
-    pub fn check_built(self, name: &str) -> Result<(), DeviceError> {
-        let missing = |backend, how| DeviceError::NotBuilt {
-            name: name.to_owned(),
-            backend,
-            how,
-            supported: supported(),
-        };
-        match self {
-            DeviceChoice::Cpu => Ok(()),
-            DeviceChoice::Wgpu(_) if cfg!(feature = "wgpu") => Ok(()),
-            DeviceChoice::Wgpu(_) => Err(missing("wgpu", "rebuild with `cargo build --release --features wgpu`")),
-            DeviceChoice::Cuda(_) => Err(missing(
-                "CUDA",
-                "burn's CUDA backend is not wired into burnrun yet; use `cpu` or `wgpu`",
-            )),
+/// The device named `spec` without autodiff, for callers that configure it first (a compute
+/// dtype must be set before any tensor exists on it).
+pub fn base_device(spec: DeviceSpec, local_rank: usize) -> Result<Device, DeviceError> {
+    spec.check_built().map_err(|why| DeviceError::NotBuilt {
+        spec,
+        why,
+        supported: DeviceSpec::supported(),
+    })?;
+    Ok(match spec {
+        DeviceSpec::Cpu | DeviceSpec::Flex => Device::flex(),
+        #[cfg(feature = "wgpu")]
+        DeviceSpec::Wgpu(adapter) => {
+            use burn::tensor::DeviceKind;
+            let kind = match adapter {
+                WgpuAdapter::Default => DeviceKind::DefaultDevice,
+                WgpuAdapter::Discrete => DeviceKind::DiscreteGpu(local_rank),
+                WgpuAdapter::Integrated => DeviceKind::IntegratedGpu(local_rank),
+                WgpuAdapter::Cpu => DeviceKind::Cpu,
+            };
+            Device::wgpu(kind)
         }
-    }
-
-    /// Whether this is burn's flex CPU backend (whose thread pool the trainer sizes).
-    pub fn is_cpu(self) -> bool {
-        self == DeviceChoice::Cpu
-    }
-
-    /// The autodiff device for the rank with this `local_rank`.
-    pub fn device(self, name: &str, local_rank: usize) -> Result<Device, DeviceError> {
-        self.check_built(name)?;
-        Ok(match self {
-            DeviceChoice::Cpu => Device::flex().autodiff(),
-            #[cfg(feature = "wgpu")]
-            DeviceChoice::Wgpu(adapter) => {
-                use burn::tensor::DeviceKind;
-                let kind = match adapter {
-                    WgpuAdapter::Default => DeviceKind::DefaultDevice,
-                    WgpuAdapter::Discrete => DeviceKind::DiscreteGpu(local_rank),
-                    WgpuAdapter::Integrated => DeviceKind::IntegratedGpu(local_rank),
-                    WgpuAdapter::Cpu => DeviceKind::Cpu,
-                };
-                Device::wgpu(kind).autodiff()
-            }
-            // `check_built` refused the backends this build lacks.
-            _ => {
-                let _ = local_rank;
-                return Err(DeviceError::Unknown {
-                    name: name.to_owned(),
-                    supported: supported(),
-                });
-            }
-        })
-    }
-}
-
-/// The device names this build accepts, for messages.
-pub fn supported() -> String {
-    if cfg!(feature = "wgpu") {
-        "`cpu` (or `flex`), `wgpu`, `wgpu:discrete`, `wgpu:integrated`, `wgpu:cpu`".into()
-    } else {
-        "`cpu` (or `flex`); `wgpu` with the `wgpu` feature".into()
-    }
+        // `check_built` refused every backend this build lacks.
+        other => {
+            let _ = (local_rank, WgpuAdapter::Default);
+            return Err(DeviceError::NotBuilt {
+                spec: other,
+                why: "not built".into(),
+                supported: DeviceSpec::supported(),
+            });
+        }
+    })
 }
 
 /// This rank's training device for a hand-written loop: `BURNRUN_DEVICE` (default `cpu`), the
-/// local rank's one where the kind has several (see the module docs). The trainer uses
+/// local rank's one where the kind has several (see the module docs). The trainer reads
 /// `train.device` instead.
 pub fn device() -> Result<Device, crate::Error> {
     let env = crate::env::DistEnv::from_env()?;
     let name = crate::env::device_name().unwrap_or_else(|| "cpu".to_owned());
-    Ok(DeviceChoice::parse(&name)?.device(&name, env.local_rank)?)
+    let spec = DeviceSpec::parse(&name).ok_or_else(|| DeviceError::Unknown {
+        name: name.clone(),
+        supported: DeviceSpec::supported(),
+    })?;
+    Ok(device_for(spec, env.local_rank)?)
 }
 
 #[cfg(test)]
@@ -170,23 +98,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_documented_name_parses_and_others_are_refused_with_the_list() {
-        assert_eq!(DeviceChoice::parse("flex"), Ok(DeviceChoice::Cpu));
+    fn every_documented_name_parses_and_others_are_not_devices() {
+        assert_eq!(DeviceSpec::parse("flex"), Some(DeviceSpec::Flex));
         assert_eq!(
-            DeviceChoice::parse("wgpu:discrete"),
-            Ok(DeviceChoice::Wgpu(WgpuAdapter::Discrete))
+            DeviceSpec::parse("wgpu:discrete"),
+            Some(DeviceSpec::Wgpu(WgpuAdapter::Discrete))
         );
-        assert_eq!(DeviceChoice::parse("cuda:3"), Ok(DeviceChoice::Cuda(Some(3))));
-        let err = DeviceChoice::parse("tpu").unwrap_err().to_string();
-        assert!(err.contains("`tpu`") && err.contains("`cpu`"), "{err}");
-        assert!(DeviceChoice::parse("cuda:x").is_err());
+        assert_eq!(DeviceSpec::parse("cuda:3"), Some(DeviceSpec::Cuda(Some(3))));
+        assert_eq!(DeviceSpec::parse("tpu"), None);
+        assert_eq!(DeviceSpec::parse("cuda:x"), None);
+        for name in [
+            "cpu",
+            "flex",
+            "wgpu",
+            "wgpu:discrete",
+            "wgpu:integrated",
+            "wgpu:cpu",
+            "cuda",
+            "cuda:1",
+        ] {
+            assert_eq!(DeviceSpec::parse(name).map(|d| d.to_string()).as_deref(), Some(name));
+        }
     }
 
     #[test]
     fn cuda_is_an_error_that_names_what_this_build_supports() {
-        let err = DeviceChoice::parse_built("cuda:0").unwrap_err().to_string();
+        let err = device_for(DeviceSpec::Cuda(Some(0)), 0).unwrap_err().to_string();
         assert!(
-            err.contains("`cuda:0`") && err.contains("no CUDA backend") && err.contains("`cpu`"),
+            err.contains("`cuda:0`") && err.contains("no GPU backend") && err.contains("\"cpu\""),
             "{err}"
         );
     }

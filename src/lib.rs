@@ -26,6 +26,7 @@ pub mod names;
 pub mod parallel;
 pub mod precision;
 pub mod rendezvous;
+pub mod rng;
 pub mod telemetry;
 #[cfg(feature = "train")]
 pub mod train;

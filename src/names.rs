@@ -11,6 +11,36 @@
 
 use serde::{Deserialize, Serialize};
 
+// Shared-memory files: written by the transport, swept by the launcher after its ranks ended.
+
+/// Directory the shared-memory files of a job live in.
+pub const SHM_DIR: &str = "/dev/shm";
+
+/// Smallest ring accepted (a power of two; it must hold at least one frame header).
+pub const MIN_SHM_RING_BYTES: usize = 4096;
+
+/// Prefix of the names (inside [`SHM_DIR`]) of every shared-memory file of run `run_id`. It ends
+/// with a character the sanitised id cannot contain, so run `a` never matches run `a-b`.
+pub fn shm_file_prefix(run_id: &str) -> String {
+    let safe: String = run_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("burnrun-{safe}.")
+}
+
+/// Prefix of the names of the shared-memory files of one rank of run `run_id` (a launcher sweeps
+/// its own ranks' files only: two nodes of one run may share a host).
+pub fn shm_rank_file_prefix(run_id: &str, rank: usize) -> String {
+    format!("{}r{rank}-", shm_file_prefix(run_id))
+}
+
 /// What starts a control line: ASCII RS, then `burnrun:`. RS never starts a line a person writes.
 pub const CONTROL_PREFIX: &str = "\u{1e}burnrun:";
 

@@ -12,7 +12,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use burnrun::comm::{spawn_ranks, InitOptions};
-use burnrun::models::{flatten_params, load_params, ParamLayout};
+use burnrun::parallel::{flatten_params, load_params, ParamLayout};
 use burnrun::{BufferSync, Ddp, DdpError, DdpOptions, ProcessGroup};
 
 /// Losses of 2 ranks x B against 1 rank x 2 micro-batches of B may differ by this much per step:

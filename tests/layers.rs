@@ -9,16 +9,35 @@ use std::path::{Path, PathBuf};
 /// `src/main.rs`, which names the library as `burnrun::`.
 const LAYERS: &[(&str, &[&str])] = &[
     // Thin: parse, dispatch. `comm` for `burnrun::init()` of the bench subcommand.
-    ("bin", &["launcher", "train", "bench", "config", "env", "telemetry", "comm"]),
+    (
+        "bin",
+        &["launcher", "train", "bench", "config", "env", "telemetry", "comm"],
+    ),
     // Never burn, never comm: the launcher links no model. `names` holds the keys and file
     // prefixes it shares with the ranks.
-    ("launcher", &["rendezvous", "auth", "env", "config", "telemetry", "names"]),
+    (
+        "launcher",
+        &["rendezvous", "auth", "env", "config", "telemetry", "names"],
+    ),
     // The collective benchmark: a client of comm, reporting through control lines.
     ("bench", &["comm", "env", "names"]),
     // The trainer: everything below it. `names` for progress control lines to the launcher.
     (
         "train",
-        &["parallel", "device", "data", "models", "precision", "compress", "comm", "config", "env", "names", "rng"],
+        &[
+            "parallel",
+            "device",
+            "data",
+            "models",
+            "precision",
+            "compress",
+            "comm",
+            "config",
+            "env",
+            "names",
+            "rng",
+            "error",
+        ],
     ),
     // Parallelisms over a model and groups: comm's trait and ProcessGroup, never a transport.
     ("parallel", &["comm", "device", "compress", "precision", "config"]),
@@ -30,7 +49,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["config", "rng"]),
     // The one place that knows burn's backends.
     ("device", &["config", "env", "error"]),
-    ("comm", &["transport", "rendezvous", "auth", "env", "names", "kernels", "error"]),
+    (
+        "comm",
+        &["transport", "rendezvous", "auth", "env", "names", "kernels", "error"],
+    ),
     ("transport", &["auth", "names"]),
     ("rendezvous", &["auth", "names"]),
     // Leaves. `error` gathers every layer's error type into the crate's one `Error`.
@@ -38,7 +60,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("names", &[]),
     ("rng", &[]),
     ("env", &[]),
-    ("config", &[]),
+    // Checks values against the limits other layers set, which live in `names`.
+    ("config", &["names"]),
     ("telemetry", &[]),
     ("kernels", &[]),
     ("error", &["comm", "env", "rendezvous", "transport", "device"]),
@@ -76,12 +99,19 @@ fn used_layers(text: &str, prefix: &str) -> BTreeSet<String> {
         let code = code.split(" //").next().unwrap_or(code);
         for (at, _) in code.match_indices(prefix) {
             let rest = &code[at + prefix.len()..];
-            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
             // `crate::{a, b}` groups: every name in the braces.
             if name.is_empty() && rest.starts_with('{') {
                 let group = rest[1..].split('}').next().unwrap_or("");
                 for item in group.split(',') {
-                    let item: String = item.trim().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    let item: String = item
+                        .trim()
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
                     if !item.is_empty() {
                         used.insert(item);
                     }
@@ -97,7 +127,10 @@ fn used_layers(text: &str, prefix: &str) -> BTreeSet<String> {
 #[test]
 fn every_module_uses_only_the_layers_the_design_allows() {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
-    let table: BTreeMap<&str, BTreeSet<&str>> = LAYERS.iter().map(|(m, uses)| (*m, uses.iter().copied().collect())).collect();
+    let table: BTreeMap<&str, BTreeSet<&str>> = LAYERS
+        .iter()
+        .map(|(m, uses)| (*m, uses.iter().copied().collect()))
+        .collect();
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     files.sort();
@@ -110,7 +143,10 @@ fn every_module_uses_only_the_layers_the_design_allows() {
         let text = std::fs::read_to_string(file).expect("read a source file");
         let prefix = if layer == "bin" { "burnrun::" } else { "crate::" };
         let Some(allowed) = table.get(layer.as_str()) else {
-            violations.push(format!("{}: module `{layer}` is not in the layer table", file.display()));
+            violations.push(format!(
+                "{}: module `{layer}` is not in the layer table",
+                file.display()
+            ));
             continue;
         };
         for used in used_layers(&text, prefix) {
@@ -121,11 +157,18 @@ fn every_module_uses_only_the_layers_the_design_allows() {
                 _ => used,
             };
             if used != layer && !allowed.contains(used.as_str()) {
-                violations.push(format!("{}: `{layer}` uses `{used}`", file.strip_prefix(&src).unwrap().display()));
+                violations.push(format!(
+                    "{}: `{layer}` uses `{used}`",
+                    file.strip_prefix(&src).unwrap().display()
+                ));
             }
         }
     }
-    assert!(violations.is_empty(), "imports that break the layer table:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "imports that break the layer table:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[test]

@@ -6,9 +6,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burnrun::data::{Dataset, DistributedSampler, SyntheticDataset, TextDataset};
-use burnrun::models::{
-    flatten_grads, flatten_params, grads_from_flat, load_params, load_params_by_name, BlockStack, ModelError,
-    ModelSpec, ParamLayout,
+use burnrun::models::{BlockStack, ModelError, ModelSpec};
+use burnrun::parallel::{
+    flatten_grads, flatten_params, grads_from_flat, load_params, load_params_by_name, ParamError, ParamLayout,
 };
 
 /// Same arithmetic, same order, same process: results must agree bit for bit.
@@ -309,10 +309,10 @@ fn a_buffer_of_the_wrong_length_is_refused() {
     let model = tiny_mlp(1, &device);
     let numel = ParamLayout::of(&model).numel;
     let err = load_params(model.clone(), &vec![0.0; numel - 1]).unwrap_err();
-    assert!(matches!(err, ModelError::BadBufferLength { .. }), "{err}");
+    assert!(matches!(err, ParamError::BadBufferLength { .. }), "{err}");
     let err = grads_from_flat(&model, &vec![0.0; numel + 1]).unwrap_err();
     assert!(
-        matches!(err, ModelError::BadBufferLength { what: "gradients", .. }),
+        matches!(err, ParamError::BadBufferLength { what: "gradients", .. }),
         "{err}"
     );
 }
@@ -479,7 +479,7 @@ fn accuracy_counts_arg_max_hits_over_every_target() {
 
 /// Registers `values[range]` as each parameter's gradient, stored as `dtype`.
 struct RegisterAs<'a> {
-    layout: std::slice::Iter<'a, burnrun::models::ParamInfo>,
+    layout: std::slice::Iter<'a, burnrun::parallel::ParamInfo>,
     values: &'a [f32],
     dtype: DType,
     grads: GradientsParams,

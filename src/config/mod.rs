@@ -57,5 +57,5 @@ pub use parallel::{ParallelConfig, Partition, PipelineSchedule};
 pub use precision::{ComputeDtype, PrecisionConfig};
 pub use report::check_report;
 pub use run::{ConfigSource, RunConfig};
-pub use train::{DeviceSpec, TrainConfig};
+pub use train::{DeviceSpec, TrainConfig, WgpuAdapter};
 pub use validate::Resolved;

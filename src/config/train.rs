@@ -47,25 +47,44 @@ impl Default for TrainConfig {
     }
 }
 
-/// A parsed `train.device`.
+/// Which kind of wgpu adapter a `wgpu` device name asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgpuAdapter {
+    /// `"wgpu"`: the best adapter found; every rank of a node shares it.
+    Default,
+    /// `"wgpu:discrete"`: the local rank's discrete GPU (one GPU per rank).
+    Discrete,
+    /// `"wgpu:integrated"`: the local rank's integrated GPU.
+    Integrated,
+    /// `"wgpu:cpu"`: a CPU adapter (software Vulkan such as Mesa's lavapipe).
+    Cpu,
+}
+
+/// A parsed device name: `train.device`, and `BURNRUN_DEVICE` for `burnrun::device()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
     /// `"cpu"`: burn's default CPU backend (flex).
     Cpu,
     /// `"flex"`: burn's flex CPU backend, named explicitly.
     Flex,
+    /// `"wgpu"`, `"wgpu:discrete"`, `"wgpu:integrated"`, `"wgpu:cpu"`: burn's wgpu backend.
+    Wgpu(WgpuAdapter),
     /// `"cuda"` (`None`: the GPU numbered `LOCAL_RANK`) or `"cuda:N"` (`Some(N)`).
     Cuda(Option<usize>),
 }
 
 impl DeviceSpec {
-    /// Reads a `train.device` string; `None` if it is none of the accepted forms.
+    /// Reads a device name; `None` if it is none of the accepted forms.
     pub fn parse(text: &str) -> Option<Self> {
-        match text {
+        match text.trim() {
             "cpu" => Some(Self::Cpu),
             "flex" => Some(Self::Flex),
+            "wgpu" | "wgpu:default" => Some(Self::Wgpu(WgpuAdapter::Default)),
+            "wgpu:discrete" => Some(Self::Wgpu(WgpuAdapter::Discrete)),
+            "wgpu:integrated" => Some(Self::Wgpu(WgpuAdapter::Integrated)),
+            "wgpu:cpu" => Some(Self::Wgpu(WgpuAdapter::Cpu)),
             "cuda" => Some(Self::Cuda(None)),
-            _ => text
+            text => text
                 .strip_prefix("cuda:")?
                 .parse()
                 .ok()
@@ -77,6 +96,30 @@ impl DeviceSpec {
     pub fn is_cuda(self) -> bool {
         matches!(self, Self::Cuda(_))
     }
+
+    /// Whether this is burn's flex CPU backend (whose thread pool the trainer sizes).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Self::Cpu | Self::Flex)
+    }
+
+    /// `Err(why)` when this build cannot create the device: the backend, and how to get it.
+    pub fn check_built(self) -> Result<(), String> {
+        match self {
+            Self::Cpu | Self::Flex => Ok(()),
+            Self::Wgpu(_) if cfg!(feature = "wgpu") => Ok(()),
+            Self::Wgpu(_) => Err("this build has no wgpu backend (rebuild with `--features wgpu`)".into()),
+            Self::Cuda(_) => Err("this build has no GPU backend for CUDA yet".into()),
+        }
+    }
+
+    /// The device names this build accepts, for messages.
+    pub fn supported() -> &'static str {
+        if cfg!(feature = "wgpu") {
+            "\"cpu\" and \"flex\" (burn's flex CPU backend), \"wgpu\", \"wgpu:discrete\", \"wgpu:integrated\", \"wgpu:cpu\""
+        } else {
+            "\"cpu\" and \"flex\" (both burn's flex CPU backend); \"wgpu\" with the `wgpu` feature"
+        }
+    }
 }
 
 impl fmt::Display for DeviceSpec {
@@ -84,6 +127,10 @@ impl fmt::Display for DeviceSpec {
         match self {
             Self::Cpu => f.write_str("cpu"),
             Self::Flex => f.write_str("flex"),
+            Self::Wgpu(WgpuAdapter::Default) => f.write_str("wgpu"),
+            Self::Wgpu(WgpuAdapter::Discrete) => f.write_str("wgpu:discrete"),
+            Self::Wgpu(WgpuAdapter::Integrated) => f.write_str("wgpu:integrated"),
+            Self::Wgpu(WgpuAdapter::Cpu) => f.write_str("wgpu:cpu"),
             Self::Cuda(None) => f.write_str("cuda"),
             Self::Cuda(Some(index)) => write!(f, "cuda:{index}"),
         }

@@ -10,9 +10,6 @@ use super::run::ConfigSource;
 use super::{CommBackend, PipelineSchedule, RunConfig};
 use super::{CompressionMethod, ComputeDtype, DataKind, DeviceSpec, LrSchedule, ModelKind, OptimKind, Partition};
 
-/// The `train.device` values this build can train on, as messages list them.
-const SUPPORTED_DEVICES: &str = "\"cpu\" and \"flex\" (both burn's flex CPU backend)";
-
 /// A config checked against the world it runs in, with everything derived from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
@@ -339,20 +336,24 @@ impl RunConfig {
             None => c.fail(
                 &["train.device"],
                 format!(
-                    "train.device = {:?}: not a device; this build supports {SUPPORTED_DEVICES}",
-                    t.device
+                    "train.device = {:?}: not a device; this build supports {}",
+                    t.device,
+                    DeviceSpec::supported()
                 ),
             ),
-            // Accepted by the schema, but no GPU backend exists yet: training would silently run
-            // on the CPU, so refuse it here, where `burnrun check` sees it too.
-            Some(cuda) if cuda.is_cuda() => c.fail(
-                &["train.device"],
-                format!(
-                    "train.device = \"{cuda}\" is not available: this build has no GPU backend yet; it supports \
-                     {SUPPORTED_DEVICES}"
-                ),
-            ),
-            Some(_) => {}
+            // A device this build cannot create would otherwise fail only in the ranks (or, before,
+            // silently train on the CPU): refuse it here, where `burnrun check` sees it too.
+            Some(spec) => {
+                if let Err(why) = spec.check_built() {
+                    c.fail(
+                        &["train.device"],
+                        format!(
+                            "train.device = \"{spec}\" is not available: {why}; it supports {}",
+                            DeviceSpec::supported()
+                        ),
+                    );
+                }
+            }
         }
         device
     }
@@ -496,12 +497,12 @@ impl RunConfig {
         });
         if let Some(bytes) = comm.shm_ring_bytes {
             c.require(
-                bytes.is_power_of_two() && bytes >= crate::transport::MIN_SHM_RING_BYTES,
+                bytes.is_power_of_two() && bytes >= crate::names::MIN_SHM_RING_BYTES,
                 "comm.shm_ring_bytes",
                 || {
                     format!(
                         "comm.shm_ring_bytes = {bytes}: must be a power of two of at least {} (e.g. 2097152)",
-                        crate::transport::MIN_SHM_RING_BYTES
+                        crate::names::MIN_SHM_RING_BYTES
                     )
                 },
             );

@@ -8,15 +8,14 @@
 mod batch;
 mod error;
 mod idx;
-pub mod rng;
 mod sampler;
 mod synthetic;
 mod text;
 
+pub use crate::rng::SplitMix64;
 pub use batch::{Batch, Dataset};
 pub use error::DataError;
 pub use idx::{read_idx, write_idx, IdxArray, IdxDataset};
-pub use rng::SplitMix64;
 pub use sampler::DistributedSampler;
 pub use synthetic::SyntheticDataset;
 pub use text::TextDataset;

@@ -20,7 +20,7 @@
 //! DDP in other frameworks, cannot happen.
 
 use super::error::DataError;
-use super::rng::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// A rank's view of the dataset's order. Build it with [`DistributedSampler::new`], which checks
 /// the arguments.

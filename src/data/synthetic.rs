@@ -8,7 +8,7 @@
 
 use super::batch::Dataset;
 use super::error::DataError;
-use super::rng::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Samples of `features` values with a class id each, generated once in memory.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 //! short window by a documented rule (a rank killed by a signal beats one that exited with a code,
 //! a rank that lost its connection to a failed peer is secondary); see `report::root_cause`.
 //! Once its ranks have all ended, a launcher removes the run's shared-memory files from its host
-//! (`transport::SHM_DIR`, names starting with `transport::shm_rank_file_prefix(run_id, rank)` for its own ranks).
+//! (`names::SHM_DIR`, names starting with `names::shm_rank_file_prefix(run_id, rank)` for its own ranks).
 //!
 //! No rank outlives its launcher: each runs in its own process group with `PR_SET_PDEATHSIG`,
 //! and a forked watchdog kills those groups if the launcher is killed.

@@ -10,7 +10,7 @@ use std::io::ErrorKind;
 use std::path::Path;
 
 use super::output::say;
-use crate::transport::{shm_rank_file_prefix, SHM_DIR};
+use crate::names::{shm_rank_file_prefix, SHM_DIR};
 
 /// Removes every entry of [`SHM_DIR`] whose name starts with the prefix of one of `ranks` of run
 /// `run_id`. Call it once those ranks (this node's) have all ended.

@@ -7,7 +7,7 @@ use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor};
 
 use super::init::uniform_param;
-use crate::data::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Side of the square convolution kernel.
 pub(crate) const KERNEL: usize = 3;

@@ -6,7 +6,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
 use super::init::linear_uniform;
-use crate::data::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// `y = relu(x W + b)` (or without the ReLU for a final classifier layer).
 /// Parameters: `linear.weight` `[d_input, d_output]`, `linear.bias` `[d_output]`.

@@ -59,42 +59,4 @@ pub enum ModelError {
         /// The number of classes per target.
         classes: usize,
     },
-    /// A flat parameter or gradient buffer has the wrong length for the model.
-    #[error("{what}: buffer of {got} values does not fit the model's {expected} parameters")]
-    BadBufferLength {
-        /// Which buffer (`parameters`, `gradients`).
-        what: &'static str,
-        /// The model's total number of parameter values.
-        expected: usize,
-        /// The buffer's length.
-        got: usize,
-    },
-    /// A parameter the model needs is missing from a named source (e.g. a checkpoint).
-    #[error("parameter {name} (shape {shape:?}) is missing from the source")]
-    MissingParam {
-        /// The parameter's module path.
-        name: String,
-        /// Its shape in the model.
-        shape: Vec<usize>,
-    },
-    /// A named source holds a parameter with the wrong number of values.
-    #[error("parameter {name}: the model's shape {shape:?} needs {expected} values, the source has {got}")]
-    ParamSizeMismatch {
-        /// The parameter's module path.
-        name: String,
-        /// Its shape in the model.
-        shape: Vec<usize>,
-        /// Values expected.
-        expected: usize,
-        /// Values found.
-        got: usize,
-    },
-    /// A tensor could not be read back from the device.
-    #[error("parameter {name}: reading its values back failed: {why}")]
-    ReadBack {
-        /// The parameter's module path.
-        name: String,
-        /// burn's message.
-        why: String,
-    },
 }

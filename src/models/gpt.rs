@@ -12,7 +12,7 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Device, Tensor};
 
 use super::init::{constant_param, linear_normal, normal_param};
-use crate::data::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Standard deviation of GPT-2's weight and embedding initialisation.
 const INIT_STD: f32 = 0.02;

@@ -11,7 +11,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::data::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// The generator of block `block` of a model built with `seed`.
 pub(crate) fn block_rng(seed: u64, block: usize) -> SplitMix64 {

@@ -9,7 +9,7 @@
 //! - initialisation is deterministic per `(seed, block index)`: same arguments, same replica, on
 //!   any rank and in any slice;
 //! - parameters are named by module path (`blocks.<i>.…`) and flattened in a fixed order by
-//!   [`params`].
+//!   `burnrun::parallel::params`.
 
 mod block;
 mod conv;
@@ -18,7 +18,6 @@ mod error;
 mod gpt;
 mod init;
 mod loss;
-pub mod params;
 mod spec;
 mod stack;
 
@@ -28,10 +27,5 @@ pub use dense::DenseBlock;
 pub use error::ModelError;
 pub use gpt::{EmbeddingBlock, LmHeadBlock, TransformerBlock};
 pub use loss::{accuracy, cross_entropy};
-pub use params::{
-    flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, flatten_selected_grads_into,
-    flatten_selected_into, grads_from_flat, grads_from_selected, load_params, load_params_by_name, load_selected,
-    selected_numel, trainable_mask, ParamInfo, ParamLayout,
-};
 pub use spec::ModelSpec;
 pub use stack::BlockStack;

@@ -51,13 +51,13 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use sha2::{Digest, Sha256};
 
-use crate::comm::{CommError, ProcessGroup, ReduceOp};
-use crate::compress::{build_codec, CodecOptions, CompressError, CompressionMethod};
-use crate::models::params::{
+use super::params::{flatten_params, ParamError};
+use super::params::{
     flatten_selected_grads_into, flatten_selected_into, grads_from_selected, load_params, load_selected,
     selected_numel, trainable_mask, ParamLayout,
 };
-use crate::models::{flatten_params, ModelError};
+use crate::comm::{CommError, ProcessGroup, ReduceOp};
+use crate::compress::{build_codec, CodecOptions, CompressError, CompressionMethod};
 
 use super::data::{DataParallel, DivergenceError, SyncError, SyncStats};
 
@@ -139,7 +139,7 @@ pub enum DdpError {
         /// This rank.
         rank: usize,
         /// What failed.
-        source: ModelError,
+        source: ParamError,
     },
     /// The gradient codec refused its options or failed.
     #[error(transparent)]

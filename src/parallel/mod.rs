@@ -7,12 +7,19 @@ mod data;
 #[cfg(feature = "train")]
 mod ddp;
 mod dims;
+#[cfg(feature = "train")]
+pub mod params;
 mod pipeline;
 
 pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats};
 #[cfg(feature = "train")]
 pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions};
 pub use dims::{MeshCoords, ParallelDims, ParallelDimsError};
+#[cfg(feature = "train")]
+pub use params::{
+    flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, grads_from_flat, load_params,
+    load_params_by_name, ParamError, ParamInfo, ParamLayout,
+};
 pub use pipeline::{
     partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, ScheduleKind,
     StageCompute, StepTimes,

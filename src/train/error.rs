@@ -49,6 +49,14 @@ pub enum TrainError {
         /// The error.
         source: ModelError,
     },
+    /// Reading or loading the model's parameters as flat buffers failed.
+    #[error("rank {rank}: parameters: {source}")]
+    Params {
+        /// This rank.
+        rank: usize,
+        /// The error.
+        source: crate::parallel::ParamError,
+    },
     /// Gradient synchronisation (or its codec) failed.
     #[error("rank {rank}: gradient sync: {source}")]
     Sync {

@@ -8,7 +8,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
 use crate::data::Batch;
-use crate::models::{flatten_grads_into, BlockStack, ModelError};
+use crate::models::BlockStack;
+use crate::parallel::flatten_grads_into;
 use crate::parallel::{Activation, PipelineError, StageCompute};
 
 /// What a forward keeps until its backward.
@@ -80,7 +81,7 @@ impl<'a> StageRunner<'a> {
         }
     }
 
-    fn err(&self, source: ModelError) -> PipelineError {
+    fn err(&self, source: impl std::fmt::Display) -> PipelineError {
         PipelineError::Compute {
             stage: self.range.start,
             reason: source.to_string(),

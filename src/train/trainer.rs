@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::{Device, FloatDType};
+use burn::tensor::FloatDType;
 
 use crate::comm::{ProcessGroup, ReduceOp};
 use crate::compress::build_codec;
@@ -17,7 +17,8 @@ use crate::config::{
     CommBackend, ComputeDtype, LrSchedule, Partition, PipelineSchedule, Progress as ProgressChoice, Resolved, RunConfig,
 };
 use crate::data::{Dataset, DistributedSampler};
-use crate::models::{flatten_params_into, load_params, load_params_by_name, BlockStack, ModelSpec, ParamLayout};
+use crate::models::{BlockStack, ModelSpec};
+use crate::parallel::{flatten_params_into, load_params, load_params_by_name, ParamLayout};
 use crate::parallel::{
     partition_balanced, schedule, Action, DataParallel, ParallelDims, PipelineStage, ScheduleKind, StepTimes, SyncError,
 };
@@ -113,6 +114,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let comm_err = |source| TrainError::Comm { rank, source };
     let data_err = |source| TrainError::Data { rank, source };
     let model_err = |source| TrainError::Model { rank, source };
+    let params_err = |source| TrainError::Params { rank, source };
 
     let dataset = build::dataset(cfg, resolved.seq_len).map_err(data_err)?;
     let spec = build::model_spec(cfg, dataset.as_ref());
@@ -191,7 +193,12 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let mut optimizer =
         FlatOptimizer::try_new(build::optimizer_kind(cfg), numel).map_err(|e| alloc_err("optimizer state", e))?;
 
-    let mut base = Device::flex();
+    let local_rank = crate::env::DistEnv::from_env().map(|e| e.local_rank).unwrap_or(0);
+    let mut base = crate::device::base_device(resolved.device, local_rank).map_err(|e| TrainError::Unsupported {
+        rank,
+        what: format!("train.device = {}", resolved.device),
+        why: e.to_string(),
+    })?;
     let compute = match cfg.precision.compute {
         ComputeDtype::F32 => None,
         ComputeDtype::Bf16 => Some(FloatDType::BF16),
@@ -205,11 +212,17 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         })?;
         if rank == 0 {
             tracing::info!(
-                "mixed precision: forward and backward in {} on burn's CPU backend (flex), f32 master weights and \
-                 optimizer state, gradients reduced in f32{}; on CPU this saves memory, not time",
+                "mixed precision: forward and backward in {} on {}, f32 master weights and optimizer state, \
+                 gradients reduced in f32{}{}",
                 cfg.precision.compute,
+                resolved.device,
                 if cfg.precision.compute == ComputeDtype::F16 {
                     ", dynamic loss scaling"
+                } else {
+                    ""
+                },
+                if resolved.device.is_cpu() {
+                    "; on CPU this saves memory, not time"
                 } else {
                     ""
                 }
@@ -223,7 +236,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
     let names: Vec<String> = layout.params.iter().map(|p| p.name.clone()).collect();
     let ranges: Vec<Range<usize>> = layout.params.iter().map(|p| p.range()).collect();
     let numels: Vec<usize> = layout.params.iter().map(|p| p.numel).collect();
-    flatten_params_into(&model, &mut master).map_err(model_err)?;
+    flatten_params_into(&model, &mut master).map_err(params_err)?;
     let bucket_cap = (cfg.comm.bucket_cap_mb * 1024.0 * 1024.0) as usize;
     let mut ddp = DataParallel::new(place.data_group.clone(), &numels, bucket_cap);
     let mut codec_ckpt = None; // The codec's state in checkpoints (residuals, PowerSGD's Q).
@@ -266,8 +279,8 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         optim,
     }) = resume
     {
-        model = load_params_by_name(model, |p| params.get(&p.name).map(|t| t.data.clone())).map_err(model_err)?;
-        flatten_params_into(&model, &mut master).map_err(model_err)?;
+        model = load_params_by_name(model, |p| params.get(&p.name).map(|t| t.data.clone())).map_err(params_err)?;
+        flatten_params_into(&model, &mut master).map_err(params_err)?;
         for (suffix, buffer) in optimizer.state_mut() {
             for (name, range) in names.iter().zip(&ranges) {
                 if let Some(t) = optim.get(&format!("{name}.{suffix}")) {
@@ -289,7 +302,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
         }
     } else {
         ddp.broadcast_params(&mut master).map_err(comm_err)?;
-        model = load_params(model, &master).map_err(model_err)?;
+        model = load_params(model, &master).map_err(params_err)?;
     }
 
     if let (Some(scaler), Some((scale, good))) = (&mut scaler, resumed_scale) {
@@ -468,7 +481,7 @@ pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> 
             cfg.optim.schedule == LrSchedule::Cosine,
         );
         optimizer.step(lr, &mut master, &grads);
-        model = load_params(model, &master).map_err(model_err)?;
+        model = load_params(model, &master).map_err(params_err)?;
         progress.tick(step + 1);
 
         let stats = [

@@ -35,38 +35,12 @@ use std::sync::Arc;
 
 use super::pair::AlignedBytes;
 
-/// Directory the shared-memory files of a job live in.
-pub const SHM_DIR: &str = "/dev/shm";
-
 /// Default bytes of one ring (one direction of one same-host pair). Measured with
 /// `burnrun bench allreduce` (README): 2 MiB keeps a ring four 512 KiB segments deep, enough for
 /// the sender to run ahead of the receiver, while a rank with 7 local peers maps 14 x 2 MiB.
 pub const DEFAULT_SHM_RING_BYTES: usize = 2 << 20;
 
-/// Smallest ring accepted (a power of two; it must hold at least one frame header).
-pub const MIN_SHM_RING_BYTES: usize = 4096;
-
-/// Prefix of the names (inside [`SHM_DIR`]) of every shared-memory file of run `run_id`. It ends
-/// with a character the sanitised id cannot contain, so run `a` never matches run `a-b`.
-pub fn shm_file_prefix(run_id: &str) -> String {
-    let safe: String = run_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("burnrun-{safe}.")
-}
-
-/// Prefix of the names of the shared-memory files of one rank of run `run_id` (a launcher sweeps
-/// its own ranks' files only: two nodes of one run may share a host).
-pub fn shm_rank_file_prefix(run_id: &str, rank: usize) -> String {
-    format!("{}r{rank}-", shm_file_prefix(run_id))
-}
+pub use crate::names::{shm_file_prefix, shm_rank_file_prefix, MIN_SHM_RING_BYTES, SHM_DIR};
 
 /// Marks an inbox file (and the layout version).
 const MAGIC: u64 = u64::from_le_bytes(*b"brnshm01");

@@ -11,6 +11,8 @@
 //! `blocks.2.qkv.bias`, `blocks.1.weight` (a conv block), and they are the same in a pipeline slice.
 //!
 //! Values are converted to f32 on the way out and to the parameter's own dtype on the way in.
+//! Nothing here knows a particular model: it serves any burn `Module` (the built-in ones, and
+//! users' through [`super::Ddp`]).
 
 use std::ops::Range;
 
@@ -19,7 +21,48 @@ use burn::optim::GradientsParams;
 use burn::tensor::{bf16, f16, DType, Tensor, TensorData};
 use half::slice::HalfFloatSliceExt;
 
-use super::error::ModelError;
+/// Reading or writing a module's tensors as flat buffers failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ParamError {
+    /// A flat parameter or gradient buffer has the wrong length for the model.
+    #[error("{what}: buffer of {got} values does not fit the model's {expected} parameters")]
+    BadBufferLength {
+        /// Which buffer (`parameters`, `gradients`).
+        what: &'static str,
+        /// The model's total number of parameter values.
+        expected: usize,
+        /// The buffer's length.
+        got: usize,
+    },
+    /// A parameter the model needs is missing from a named source (e.g. a checkpoint).
+    #[error("parameter {name} (shape {shape:?}) is missing from the source")]
+    MissingParam {
+        /// The parameter's module path.
+        name: String,
+        /// Its shape in the model.
+        shape: Vec<usize>,
+    },
+    /// A named source holds a parameter with the wrong number of values.
+    #[error("parameter {name}: the model's shape {shape:?} needs {expected} values, the source has {got}")]
+    ParamSizeMismatch {
+        /// The parameter's module path.
+        name: String,
+        /// Its shape in the model.
+        shape: Vec<usize>,
+        /// Values expected.
+        expected: usize,
+        /// Values found.
+        got: usize,
+    },
+    /// A tensor could not be read back from the device.
+    #[error("parameter {name}: reading its values back failed: {why}")]
+    ReadBack {
+        /// The parameter's module path.
+        name: String,
+        /// burn's message.
+        why: String,
+    },
+}
 
 /// One parameter's place in a flat buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,12 +149,12 @@ impl PathStack {
 /// What a visitor here does with one float parameter, told the module path it sits at (the name
 /// is built only when asked for: most visits never need it).
 trait ParamVisit {
-    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError>;
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError>;
 }
 
 /// Visits every float parameter of `module` in order with `inner`, tracking module paths, and
 /// stops at the first error; returns `inner` for its results.
-fn visit_params<M: Module, V: ParamVisit>(module: &M, inner: V) -> Result<V, ModelError> {
+fn visit_params<M: Module, V: ParamVisit>(module: &M, inner: V) -> Result<V, ParamError> {
     let mut visitor = PathVisitor {
         path: PathStack::default(),
         inner,
@@ -127,7 +170,7 @@ fn visit_params<M: Module, V: ParamVisit>(module: &M, inner: V) -> Result<V, Mod
 struct PathVisitor<V> {
     path: PathStack,
     inner: V,
-    error: Option<ModelError>,
+    error: Option<ParamError>,
 }
 
 impl<V: ParamVisit> ModuleVisitor for PathVisitor<V> {
@@ -153,7 +196,7 @@ struct LayoutVisitor {
 }
 
 impl ParamVisit for LayoutVisitor {
-    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
         let shape = param.lazy_shape().to_vec();
         let numel = shape.iter().product();
         self.layout.params.push(ParamInfo {
@@ -171,8 +214,8 @@ impl ParamVisit for LayoutVisitor {
 /// (which moves the buffer when the tensor holds it alone, and copies it when it is shared, as a
 /// gradient still held by `GradientsParams` or a parameter is), then one pass from that data
 /// straight into `out`, widening f16 and bf16 on the way (no intermediate `Vec<f32>`).
-fn append_f32<const D: usize>(tensor: Tensor<D>, path: &PathStack, out: &mut Vec<f32>) -> Result<usize, ModelError> {
-    let read_back = |why: &dyn std::fmt::Debug| ModelError::ReadBack {
+fn append_f32<const D: usize>(tensor: Tensor<D>, path: &PathStack, out: &mut Vec<f32>) -> Result<usize, ParamError> {
+    let read_back = |why: &dyn std::fmt::Debug| ParamError::ReadBack {
         name: path.name(),
         why: format!("{why:?}"),
     };
@@ -205,20 +248,20 @@ struct ParamReader<'a> {
 }
 
 impl ParamVisit for ParamReader<'_> {
-    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
         append_f32(param.val(), path, self.out).map(|_| ())
     }
 }
 
 /// Every float parameter of `module`, concatenated in [`ParamLayout`] order.
-pub fn flatten_params<M: Module>(module: &M) -> Result<Vec<f32>, ModelError> {
+pub fn flatten_params<M: Module>(module: &M) -> Result<Vec<f32>, ParamError> {
     let mut out = Vec::new();
     flatten_params_into(module, &mut out)?;
     Ok(out)
 }
 
 /// [`flatten_params`] into a reused buffer (cleared first).
-pub fn flatten_params_into<M: Module>(module: &M, out: &mut Vec<f32>) -> Result<(), ModelError> {
+pub fn flatten_params_into<M: Module>(module: &M, out: &mut Vec<f32>) -> Result<(), ParamError> {
     out.clear();
     visit_params(module, ParamReader { out }).map(|_| ())
 }
@@ -267,10 +310,10 @@ impl ModuleMapper for ParamWriter<'_> {
 
 /// Loads `values` (laid out as [`ParamLayout::of`]`(&module)`, e.g. from [`flatten_params`] on a
 /// replica) into `module`.
-pub fn load_params<M: Module>(module: M, values: &[f32]) -> Result<M, ModelError> {
+pub fn load_params<M: Module>(module: M, values: &[f32]) -> Result<M, ParamError> {
     let layout = ParamLayout::of(&module);
     if values.len() != layout.numel {
-        return Err(ModelError::BadBufferLength {
+        return Err(ParamError::BadBufferLength {
             what: "parameters",
             expected: layout.numel,
             got: values.len(),
@@ -288,11 +331,11 @@ pub fn load_params<M: Module>(module: M, values: &[f32]) -> Result<M, ModelError
 /// Loads `values` into the parameters `select` marks (one flag per entry of
 /// [`ParamLayout::of`]`(&module)`), which it holds back to back in layout order; the others keep
 /// their values. E.g. the buffers (running statistics) a data-parallel wrapper broadcast.
-pub fn load_selected<M: Module>(module: M, select: &[bool], values: &[f32]) -> Result<M, ModelError> {
+pub fn load_selected<M: Module>(module: M, select: &[bool], values: &[f32]) -> Result<M, ParamError> {
     let layout = ParamLayout::of(&module);
     let expected = selected_numel(&layout, select);
     if values.len() != expected || select.len() != layout.len() {
-        return Err(ModelError::BadBufferLength {
+        return Err(ParamError::BadBufferLength {
             what: "selected parameters",
             expected,
             got: values.len(),
@@ -336,14 +379,14 @@ pub fn trainable_mask<M: Module>(module: &M) -> Vec<bool> {
 }
 
 /// Reads every selected float parameter into `out` (cleared first), back to back in layout order.
-pub fn flatten_selected_into<M: Module>(module: &M, select: &[bool], out: &mut Vec<f32>) -> Result<(), ModelError> {
+pub fn flatten_selected_into<M: Module>(module: &M, select: &[bool], out: &mut Vec<f32>) -> Result<(), ParamError> {
     #[derive(Debug)]
     struct Reader<'a> {
         select: std::slice::Iter<'a, bool>,
         out: &'a mut Vec<f32>,
     }
     impl ParamVisit for Reader<'_> {
-        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
             if self.select.next().copied().unwrap_or(false) {
                 append_f32(param.val(), path, self.out)?;
             }
@@ -365,7 +408,7 @@ pub fn flatten_selected_into<M: Module>(module: &M, select: &[bool], out: &mut V
 /// `None` if it has none); e.g. a checkpoint written by another pipeline layout. Every parameter of
 /// `module` must be found with the right number of values; extra names in the source are ignored
 /// (they belong to other stages).
-pub fn load_params_by_name<M, F>(module: M, mut source: F) -> Result<M, ModelError>
+pub fn load_params_by_name<M, F>(module: M, mut source: F) -> Result<M, ParamError>
 where
     M: Module,
     F: FnMut(&ParamInfo) -> Option<Vec<f32>>,
@@ -373,12 +416,12 @@ where
     let layout = ParamLayout::of(&module);
     let mut values = Vec::with_capacity(layout.numel);
     for info in &layout.params {
-        let found = source(info).ok_or_else(|| ModelError::MissingParam {
+        let found = source(info).ok_or_else(|| ParamError::MissingParam {
             name: info.name.clone(),
             shape: info.shape.clone(),
         })?;
         if found.len() != info.numel {
-            return Err(ModelError::ParamSizeMismatch {
+            return Err(ParamError::ParamSizeMismatch {
                 name: info.name.clone(),
                 shape: info.shape.clone(),
                 expected: info.numel,
@@ -399,7 +442,7 @@ struct GradReader<'a> {
 }
 
 impl ParamVisit for GradReader<'_> {
-    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+    fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
         let numel = param.lazy_shape().num_elements();
         let Some(grad) = self.grads.get::<D>(param.id) else {
             self.out.resize(self.out.len() + numel, 0.0);
@@ -407,7 +450,7 @@ impl ParamVisit for GradReader<'_> {
         };
         let got = append_f32(grad, path, self.out)?;
         if got != numel {
-            return Err(ModelError::ParamSizeMismatch {
+            return Err(ParamError::ParamSizeMismatch {
                 name: path.name(),
                 shape: param.lazy_shape().to_vec(),
                 expected: numel,
@@ -420,7 +463,7 @@ impl ParamVisit for GradReader<'_> {
 
 /// The gradients of `module`'s parameters, concatenated in [`ParamLayout`] order (zeros for
 /// parameters without a gradient).
-pub fn flatten_grads<M: Module>(module: &M, grads: &GradientsParams) -> Result<Vec<f32>, ModelError> {
+pub fn flatten_grads<M: Module>(module: &M, grads: &GradientsParams) -> Result<Vec<f32>, ParamError> {
     let mut out = Vec::new();
     flatten_grads_into(module, grads, &mut out)?;
     Ok(out)
@@ -431,7 +474,7 @@ pub fn flatten_grads_into<M: Module>(
     module: &M,
     grads: &GradientsParams,
     out: &mut Vec<f32>,
-) -> Result<(), ModelError> {
+) -> Result<(), ParamError> {
     out.clear();
     visit_params(module, GradReader { grads, out }).map(|_| ())
 }
@@ -473,10 +516,10 @@ impl ModuleVisitor for GradWriter<'_> {
 /// Gradients for `module` from a flat buffer laid out as [`ParamLayout::of`]`(module)` (e.g. the
 /// all-reduced output of [`flatten_grads`]), ready for `optimizer.step`. Every parameter gets one,
 /// zeros included, so the optimizer treats all ranks' replicas alike.
-pub fn grads_from_flat<M: Module>(module: &M, values: &[f32]) -> Result<GradientsParams, ModelError> {
+pub fn grads_from_flat<M: Module>(module: &M, values: &[f32]) -> Result<GradientsParams, ParamError> {
     let layout = ParamLayout::of(module);
     if values.len() != layout.numel {
-        return Err(ModelError::BadBufferLength {
+        return Err(ParamError::BadBufferLength {
             what: "gradients",
             expected: layout.numel,
             got: values.len(),
@@ -502,11 +545,11 @@ pub fn grads_from_selected<M: Module>(
     eligible: &[bool],
     select: &[bool],
     values: &[f32],
-) -> Result<GradientsParams, ModelError> {
+) -> Result<GradientsParams, ParamError> {
     let layout = ParamLayout::of(module);
     let expected = selected_numel(&layout, eligible);
     if values.len() != expected || eligible.len() != layout.len() || select.len() != layout.len() {
-        return Err(ModelError::BadBufferLength {
+        return Err(ParamError::BadBufferLength {
             what: "gradients",
             expected,
             got: values.len(),
@@ -542,7 +585,7 @@ pub fn flatten_selected_grads_into<M: Module>(
     select: &[bool],
     out: &mut Vec<f32>,
     present: &mut Vec<u8>,
-) -> Result<(), ModelError> {
+) -> Result<(), ParamError> {
     #[derive(Debug)]
     struct Reader<'a> {
         grads: &'a GradientsParams,
@@ -551,7 +594,7 @@ pub fn flatten_selected_grads_into<M: Module>(
         present: &'a mut Vec<u8>,
     }
     impl ParamVisit for Reader<'_> {
-        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ModelError> {
+        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
             if !self.select.next().copied().unwrap_or(false) {
                 self.present.push(0);
                 return Ok(());
@@ -565,7 +608,7 @@ pub fn flatten_selected_grads_into<M: Module>(
             self.present.push(1);
             let got = append_f32(grad, path, self.out)?;
             if got != numel {
-                return Err(ModelError::ParamSizeMismatch {
+                return Err(ParamError::ParamSizeMismatch {
                     name: path.name(),
                     shape: param.lazy_shape().to_vec(),
                     expected: numel,
