@@ -296,7 +296,12 @@ fn run() -> Result<(), Box<dyn Error>> {
     let micro = args.batch / args.accum;
     let global_batch = world * args.batch;
     let mut losses = Vec::with_capacity(args.steps);
+    let mut timed_from: Option<std::time::Instant> = None;
     for step in 0..args.steps {
+        if step == 1 {
+            // The first step warms up (allocations, thread pools): timed from the second on.
+            timed_from = Some(std::time::Instant::now());
+        }
         let mut step_loss = 0.0f32;
         for m in 0..args.accum {
             // This rank's micro-batch m of the global batch of this step (wrapping around).
@@ -346,8 +351,11 @@ fn run() -> Result<(), Box<dyn Error>> {
             let text: Vec<String> = losses.iter().map(|l| format!("{l:.9}")).collect();
             fs::write(path, text.join("\n") + "\n")?;
         }
+        let samples_per_sec = timed_from.filter(|_| args.steps > 1).map_or(0.0, |t| {
+            ((args.steps - 1) * global_batch) as f64 / t.elapsed().as_secs_f64()
+        });
         println!(
-            "trained {} steps on {world} rank(s), global batch {global_batch}",
+            "trained {} steps on {world} rank(s), global batch {global_batch}: {samples_per_sec:.0} samples/s",
             args.steps
         );
     }

@@ -2,14 +2,13 @@
 //! checked for divergence.
 //!
 //! Gradients are grouped into buckets of whole parameters up to `bucket_cap_bytes` (DDP's
-//! `bucket_cap_mb`). The trainer produces one bucket at a time; its all-reduce starts on the
-//! group's communication thread at once, so averaging bucket k overlaps with extracting bucket
-//! k+1 from the autodiff graph.
+//! `bucket_cap_mb`) and averaged in place, bucket by bucket, once the whole backward is done (no
+//! overlap with backward yet: burn's backward is one call).
 
 use std::ops::Range;
 use std::time::Instant;
 
-use crate::comm::{CommError, ProcessGroup, ReduceOp, Work};
+use crate::comm::{CommError, ProcessGroup, ReduceOp};
 use crate::compress::{CompressError, GradCodec};
 
 /// Gradient buckets over a flat parameter order.
@@ -192,50 +191,7 @@ impl DataParallel {
         self.group.broadcast(flat, 0)
     }
 
-    /// Averages gradients across replicas. `produce(b)` returns bucket `b`'s gradients (its
-    /// parameters' gradients concatenated in order); its all-reduce starts at once, while the
-    /// next bucket is produced. `consume(b, averaged)` receives the results in bucket order.
-    pub fn sync_gradients(
-        &self,
-        mut produce: impl FnMut(usize) -> Vec<f32>,
-        mut consume: impl FnMut(usize, Vec<f32>),
-    ) -> Result<SyncStats, CommError> {
-        let start = Instant::now();
-        let mut stats = SyncStats {
-            buckets: self.layout.len(),
-            ..Default::default()
-        };
-        let single = self.group.world_size() == 1;
-        let mut in_flight: Vec<Work<Vec<f32>>> = Vec::with_capacity(self.layout.len());
-        let mut ready: Vec<Vec<f32>> = Vec::new();
-        for bucket in 0..self.layout.len() {
-            let grads = produce(bucket);
-            stats.bytes += grads.len() * 4;
-            if single {
-                ready.push(grads);
-            } else {
-                in_flight.push(self.group.all_reduce_async(grads, ReduceOp::Avg));
-            }
-        }
-        let wait_start = Instant::now();
-        let mut results = ready;
-        for work in in_flight {
-            results.push(work.wait()?);
-        }
-        stats.wait_ms = wait_start.elapsed().as_secs_f64() * 1e3;
-        stats.comm_ms = if single {
-            0.0
-        } else {
-            start.elapsed().as_secs_f64() * 1e3
-        };
-        for (bucket, grads) in results.into_iter().enumerate() {
-            consume(bucket, grads);
-        }
-        Ok(stats)
-    }
-
-    /// Averages a flat gradient vector in place, bucket by bucket (the same buckets as
-    /// [`Self::sync_gradients`]).
+    /// Averages a flat gradient vector in place, bucket by bucket.
     ///
     /// The whole vector is ready when this is called, so there is no backward left to overlap
     /// with: each bucket is all-reduced in place on the calling thread, with no copy out to an

@@ -3,13 +3,13 @@
 //! The burn counterpart of torch's `DistributedDataParallel(model)`:
 //!
 //! ```no_run
-//! # fn demo<M: burn::module::AutodiffModule>(model: M, loss: impl Fn(&M) -> burn::tensor::Tensor<1>) -> Result<(), Box<dyn std::error::Error>> {
-//! use burn::optim::{AdamConfig, Optimizer};
+//! # fn demo<M: burn::module::Module>(model: M, loss: impl Fn(&M) -> burn::tensor::Tensor<1>) -> Result<(), Box<dyn std::error::Error>> {
+//! use burn::optim::{AdamConfig, GradientsParams};
 //! let pg = burnrun::init()?;
 //! let (mut model, mut ddp) = burnrun::Ddp::new(&pg, model, burnrun::DdpOptions::default())?;
 //! let mut optim = AdamConfig::new().init();
 //! for _step in 0..100 {
-//!     let grads = loss(&model).backward();
+//!     let grads = GradientsParams::from_grads(loss(&model).backward(), &model);
 //!     let grads = ddp.sync(&model, grads)?; // averaged over the ranks
 //!     model = optim.step(1e-3, model, grads);
 //!     model = ddp.sync_buffers(model)?;     // running statistics: rank 0's everywhere
