@@ -8,7 +8,6 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};

@@ -776,7 +776,7 @@ fn announce(resolved: &Resolved, spec: &ModelSpec, place: &Placement, data: &dyn
     }
     tracing::info!(
         "training {} ({} blocks) on {} samples of {} data: {} steps, global batch {} = {} x {} accum x {} replicas, \
-         {} ranks (data {} x pipeline {})",
+         {} ranks (data {} x pipeline {}) on {}",
         spec.name(),
         spec.num_blocks(),
         data.len(),
@@ -789,6 +789,7 @@ fn announce(resolved: &Resolved, spec: &ModelSpec, place: &Placement, data: &dyn
         resolved.world_size,
         place.dims.data,
         place.dims.pipeline,
+        resolved.device,
     );
     if place.dims.pipeline > 1 {
         let counts = spec.block_param_counts();
