@@ -373,3 +373,35 @@ fn the_resnet_example_on_two_ranks_matches_one_rank_with_two_micro_batches() {
         );
     }
 }
+
+#[test]
+fn gradients_sent_as_bf16_on_the_wire_average_within_bf16_precision() {
+    use burnrun::compress::{CodecOptions, CompressionMethod};
+    // bf16 keeps 8 bits of mantissa: each rank's gradient is rounded to a relative 2^-8 before the
+    // f32 sum, and error feedback carries the rest to the next step.
+    const BF16_RELATIVE: f32 = 1.0 / 256.0;
+    let outcomes = ranks(2, |pg| {
+        let device = device();
+        let options = DdpOptions {
+            compression: CodecOptions {
+                method: CompressionMethod::Bf16,
+                ..CodecOptions::default()
+            },
+            ..DdpOptions::default()
+        };
+        let (net, mut ddp) = Ddp::new(&pg, Net::new(4, &device), options).unwrap();
+        let loss = net.a.forward(input(3, pg.rank(), &device)).powf_scalar(2.0).sum();
+        let local = GradientsParams::from_grads(loss.backward(), &net);
+        let local_a = grad_of(&net, &local, "a.weight").unwrap();
+        let synced = ddp.sync(&net, local).unwrap();
+        (local_a, grad_of(&net, &synced, "a.weight").unwrap(), ddp.stats().clone())
+    });
+    for (rank, (_, synced, stats)) in outcomes.iter().enumerate() {
+        assert!(stats.wire_bytes > 0 && (stats.wire_bytes as usize) < stats.bytes, "rank {rank}: {stats:?}");
+        for (i, s) in synced.iter().enumerate() {
+            let exact = (outcomes[0].0[i] + outcomes[1].0[i]) / 2.0;
+            let scale = outcomes[0].0[i].abs().max(outcomes[1].0[i].abs()).max(1e-6);
+            assert!((s - exact).abs() <= BF16_RELATIVE * scale, "rank {rank}: a.weight[{i}] {s} vs {exact}");
+        }
+    }
+}

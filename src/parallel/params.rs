@@ -433,21 +433,41 @@ where
     load_params(module, &values)
 }
 
-/// Reads the gradient of every float parameter into `out`; missing gradients (a parameter that
-/// took no part in the loss) are zeros, so every rank's buffer has the same layout.
+/// Reads the gradients of the selected float parameters (all of them without `select`) into
+/// `out`, back to back; missing gradients (a parameter that took no part in the loss) are zeros,
+/// so every rank's buffer has the same layout. `present`, if given, gets one flag per parameter:
+/// whether it had a gradient (0 for unselected ones).
 #[derive(Debug)]
 struct GradReader<'a> {
     grads: &'a GradientsParams,
+    select: Option<std::slice::Iter<'a, bool>>,
     out: &'a mut Vec<f32>,
+    present: Option<&'a mut Vec<u8>>,
+}
+
+impl GradReader<'_> {
+    fn mark(&mut self, had: bool) {
+        if let Some(present) = self.present.as_mut() {
+            present.push(u8::from(had));
+        }
+    }
 }
 
 impl ParamVisit for GradReader<'_> {
     fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
+        if let Some(select) = self.select.as_mut() {
+            if !select.next().copied().unwrap_or(false) {
+                self.mark(false);
+                return Ok(());
+            }
+        }
         let numel = param.lazy_shape().num_elements();
         let Some(grad) = self.grads.get::<D>(param.id) else {
+            self.mark(false);
             self.out.resize(self.out.len() + numel, 0.0);
             return Ok(());
         };
+        self.mark(true);
         let got = append_f32(grad, path, self.out)?;
         if got != numel {
             return Err(ParamError::ParamSizeMismatch {
@@ -476,7 +496,13 @@ pub fn flatten_grads_into<M: Module>(
     out: &mut Vec<f32>,
 ) -> Result<(), ParamError> {
     out.clear();
-    visit_params(module, GradReader { grads, out }).map(|_| ())
+    let reader = GradReader {
+        grads,
+        select: None,
+        out,
+        present: None,
+    };
+    visit_params(module, reader).map(|_| ())
 }
 
 /// Registers the next `numel` values of `values` as the gradient of every selected parameter.
@@ -586,48 +612,13 @@ pub fn flatten_selected_grads_into<M: Module>(
     out: &mut Vec<f32>,
     present: &mut Vec<u8>,
 ) -> Result<(), ParamError> {
-    #[derive(Debug)]
-    struct Reader<'a> {
-        grads: &'a GradientsParams,
-        select: std::slice::Iter<'a, bool>,
-        out: &'a mut Vec<f32>,
-        present: &'a mut Vec<u8>,
-    }
-    impl ParamVisit for Reader<'_> {
-        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
-            if !self.select.next().copied().unwrap_or(false) {
-                self.present.push(0);
-                return Ok(());
-            }
-            let numel = param.lazy_shape().num_elements();
-            let Some(grad) = self.grads.get::<D>(param.id) else {
-                self.present.push(0);
-                self.out.resize(self.out.len() + numel, 0.0);
-                return Ok(());
-            };
-            self.present.push(1);
-            let got = append_f32(grad, path, self.out)?;
-            if got != numel {
-                return Err(ParamError::ParamSizeMismatch {
-                    name: path.name(),
-                    shape: param.lazy_shape().to_vec(),
-                    expected: numel,
-                    got,
-                });
-            }
-            Ok(())
-        }
-    }
     out.clear();
     present.clear();
-    visit_params(
-        module,
-        Reader {
-            grads,
-            select: select.iter(),
-            out,
-            present,
-        },
-    )
-    .map(|_| ())
+    let reader = GradReader {
+        grads,
+        select: Some(select.iter()),
+        out,
+        present: Some(present),
+    };
+    visit_params(module, reader).map(|_| ())
 }
