@@ -394,14 +394,24 @@ fn gradients_sent_as_bf16_on_the_wire_average_within_bf16_precision() {
         let local = GradientsParams::from_grads(loss.backward(), &net);
         let local_a = grad_of(&net, &local, "a.weight").unwrap();
         let synced = ddp.sync(&net, local).unwrap();
-        (local_a, grad_of(&net, &synced, "a.weight").unwrap(), ddp.stats().clone())
+        (
+            local_a,
+            grad_of(&net, &synced, "a.weight").unwrap(),
+            ddp.stats().clone(),
+        )
     });
     for (rank, (_, synced, stats)) in outcomes.iter().enumerate() {
-        assert!(stats.wire_bytes > 0 && (stats.wire_bytes as usize) < stats.bytes, "rank {rank}: {stats:?}");
+        assert!(
+            stats.wire_bytes > 0 && (stats.wire_bytes as usize) < stats.bytes,
+            "rank {rank}: {stats:?}"
+        );
         for (i, s) in synced.iter().enumerate() {
             let exact = (outcomes[0].0[i] + outcomes[1].0[i]) / 2.0;
             let scale = outcomes[0].0[i].abs().max(outcomes[1].0[i].abs()).max(1e-6);
-            assert!((s - exact).abs() <= BF16_RELATIVE * scale, "rank {rank}: a.weight[{i}] {s} vs {exact}");
+            assert!(
+                (s - exact).abs() <= BF16_RELATIVE * scale,
+                "rank {rank}: a.weight[{i}] {s} vs {exact}"
+            );
         }
     }
 }
