@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use burn::nn::{Linear, LinearConfig};
@@ -38,17 +37,20 @@ fn adapter_present() -> bool {
     }
 }
 
-/// Points burn's and Mesa's shader caches into the test's folder (they default to `~/.cache`).
-fn private_caches(dir: &Path) {
-    std::env::set_var("XDG_CACHE_HOME", dir.join("cache"));
+/// Points burn's and Mesa's shader caches (`~/.cache` by default) into one folder of this test
+/// binary, for this process and the ranks it starts; set before any wgpu device exists, and the
+/// same value from every test, so tests running in parallel threads agree.
+fn private_caches() {
+    let dir = std::env::temp_dir().join(format!("burnrun-wgpu-cache-{}", std::process::id()));
+    std::env::set_var("XDG_CACHE_HOME", dir);
 }
 
 #[test]
 fn ddp_averages_gradients_of_a_model_on_the_wgpu_device() {
+    private_caches();
     if !adapter_present() {
         return;
     }
-    private_caches(&common::out_dir("wgpu-ddp"));
     let options = InitOptions {
         timeout: Duration::from_secs(120),
         ..InitOptions::default()
@@ -76,11 +78,11 @@ fn ddp_averages_gradients_of_a_model_on_the_wgpu_device() {
 
 #[test]
 fn training_on_two_wgpu_ranks_matches_one_cpu_rank() {
+    private_caches();
     if !adapter_present() {
         return;
     }
     let out = common::out_dir("wgpu-parity");
-    let cache = out.join("cache");
     let run = |nproc: usize, device: &str, folder: &str| {
         let dir = out.join(folder);
         // The global batch is the same: 2 ranks x 16 against 1 rank x 32.
@@ -95,7 +97,6 @@ fn training_on_two_wgpu_ranks_matches_one_cpu_rank() {
             args.push("--set".into());
             args.push(set);
         }
-        std::env::set_var("XDG_CACHE_HOME", &cache);
         common::burnrun(&args).assert_success(&format!("{nproc} rank(s) on {device}"));
         common::final_params(&dir)
     };
