@@ -1,7 +1,7 @@
 //! Collectives: the only communication API the upper layers see.
 //!
 //! [`init`] reads the launcher's environment and returns the world [`ProcessGroup`]; the CPU
-//! engine ([`host`]) runs our algorithms over TCP pairs.
+//! engine (`host`) runs our algorithms over TCP pairs.
 
 mod algorithms;
 mod buffer;

@@ -11,7 +11,7 @@ use super::gpt::{EmbeddingBlock, LmHeadBlock, TransformerBlock};
 /// `[batch, features]` activation (see the module docs for each model's widths).
 ///
 /// The variant name is not part of parameter names: block 3's query/key/value weight is
-/// `blocks.3.qkv.weight`, see [`crate::models::params`].
+/// `blocks.3.qkv.weight`, see [`crate::parallel::params`].
 // A transformer block's handles are ~1 KB, the others' a few hundred bytes; a model holds a
 // few dozen blocks at most, and burn's `Module` is not implemented for `Box`, so no indirection.
 #[allow(clippy::large_enum_variant)]

@@ -1,7 +1,7 @@
 //! Moves tagged byte buffers between two ranks, nothing else.
 //!
-//! [`tcp`] connects ranks (authenticated TCP), [`pair`] frames the byte stream between two ranks,
-//! over TCP or, for ranks of one host, over [`shm`] rings; [`Mesh`] drives batches of sends and
+//! `tcp` connects ranks (authenticated TCP), `pair` frames the byte stream between two ranks,
+//! over TCP or, for ranks of one host, over `shm` rings; [`Mesh`] drives batches of sends and
 //! receives over pairs concurrently with deadlines.
 
 mod error;
