@@ -30,6 +30,21 @@ pub enum DeviceError {
         /// The names this build accepts.
         supported: &'static str,
     },
+    /// The local rank asks for an adapter beyond those present.
+    #[error(
+        "device `{spec}`: LOCAL_RANK {local_rank} asks for adapter #{local_rank}, but this node has {count} \
+         ({adapters}); start at most {count} rank(s) per node or use `wgpu` to share one adapter"
+    )]
+    NoSuchAdapter {
+        /// The device asked for.
+        spec: DeviceSpec,
+        /// This rank's local rank.
+        local_rank: usize,
+        /// Adapters of that kind found.
+        count: usize,
+        /// Every adapter found, by name and kind.
+        adapters: String,
+    },
     /// The backend exists, but this build cannot create it.
     #[error("device `{spec}`: {why}; this build supports {supported}")]
     NotBuilt {
@@ -60,6 +75,7 @@ pub fn base_device(spec: DeviceSpec, local_rank: usize) -> Result<Device, Device
         #[cfg(feature = "wgpu")]
         DeviceSpec::Wgpu(adapter) => {
             use burn::tensor::DeviceKind;
+            check_adapter(spec, adapter, local_rank)?;
             let kind = match adapter {
                 WgpuAdapter::Default => DeviceKind::DefaultDevice,
                 WgpuAdapter::Discrete => DeviceKind::DiscreteGpu(local_rank),
@@ -78,6 +94,78 @@ pub fn base_device(spec: DeviceSpec, local_rank: usize) -> Result<Device, Device
             });
         }
     })
+}
+
+/// Counts the wgpu adapters of the kind asked for: burn panics on one that does not exist.
+#[cfg(feature = "wgpu")]
+fn check_adapter(spec: DeviceSpec, adapter: WgpuAdapter, local_rank: usize) -> Result<(), DeviceError> {
+    use wgpu::DeviceType;
+    let instance = wgpu::Instance::default();
+    let listing = block_on(
+        instance.enumerate_adapters(wgpu::Backends::all()),
+        ADAPTER_LIST_DEADLINE,
+    );
+    let Some(adapters) = listing else {
+        return Err(DeviceError::NoSuchAdapter {
+            spec,
+            local_rank,
+            count: 0,
+            adapters: format!("the adapter list did not come within {ADAPTER_LIST_DEADLINE:?}"),
+        });
+    };
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let wanted = |t: DeviceType| match adapter {
+        WgpuAdapter::Default => true,
+        WgpuAdapter::Discrete => t == DeviceType::DiscreteGpu,
+        WgpuAdapter::Integrated => t == DeviceType::IntegratedGpu,
+        WgpuAdapter::Cpu => t == DeviceType::Cpu,
+    };
+    let count = infos.iter().filter(|i| wanted(i.device_type)).count();
+    // `wgpu` and `wgpu:cpu` share one adapter among the node's ranks; the others take the
+    // local rank's.
+    let index = match adapter {
+        WgpuAdapter::Default | WgpuAdapter::Cpu => 0,
+        WgpuAdapter::Discrete | WgpuAdapter::Integrated => local_rank,
+    };
+    if index < count {
+        return Ok(());
+    }
+    let listed: Vec<String> = infos
+        .iter()
+        .map(|i| format!("{} ({:?}, {:?})", i.name, i.device_type, i.backend))
+        .collect();
+    Err(DeviceError::NoSuchAdapter {
+        spec,
+        local_rank,
+        count,
+        adapters: if listed.is_empty() {
+            "no adapter at all: install a Vulkan driver, e.g. Debian's mesa-vulkan-drivers".into()
+        } else {
+            listed.join(", ")
+        },
+    })
+}
+
+/// How long listing the wgpu adapters may take (it asks the drivers, which answer at once).
+#[cfg(feature = "wgpu")]
+const ADAPTER_LIST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs a future that completes without waiting on anything outside (wgpu's native adapter list
+/// is ready at the first poll), polling again until `deadline`; `None` past it.
+#[cfg(feature = "wgpu")]
+fn block_on<F: std::future::Future>(future: F, deadline: std::time::Duration) -> Option<F::Output> {
+    let start = std::time::Instant::now();
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut context) {
+            return Some(out);
+        }
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// This rank's training device for a hand-written loop: `BURNRUN_DEVICE` (default `cpu`), the

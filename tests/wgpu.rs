@@ -104,3 +104,25 @@ fn training_on_two_wgpu_ranks_matches_one_cpu_rank() {
     let wgpu = run(2, "wgpu", "wgpu");
     common::assert_params_close(&cpu, &wgpu, WGPU_PARITY_TOLERANCE, "2 ranks on wgpu vs 1 rank on cpu");
 }
+
+#[test]
+fn a_local_rank_beyond_the_adapters_of_its_kind_is_an_error_naming_it_and_what_exists() {
+    use burnrun::config::{DeviceSpec, WgpuAdapter};
+    private_caches();
+    if !adapter_present() {
+        return;
+    }
+    // Lavapipe is a CPU adapter: a discrete GPU for local rank 3 does not exist here. (On a machine
+    // with four discrete GPUs this would be a device, which is the point of the check.)
+    match burnrun::device::device_for(DeviceSpec::Wgpu(WgpuAdapter::Discrete), 3) {
+        Ok(_) => eprintln!("skipped: this machine has at least four discrete GPUs"),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("LOCAL_RANK 3") && text.contains("wgpu:discrete"),
+                "{text}"
+            );
+        }
+    }
+    assert!(burnrun::device::device_for(DeviceSpec::Wgpu(WgpuAdapter::Default), 3).is_ok());
+}
