@@ -337,13 +337,23 @@ fn serve_connection(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &S
             }
         };
     }
-    serve(&mut stream, peer, id, shared);
+    let authenticated = serve(&mut stream, peer, id, shared);
     shared.connections().remove(&id);
+    drop(stream);
+    // A connection that failed its handshake leaves its slot only now, with its work done, so
+    // the cap bounds the threads that exist, not only the handshakes in progress.
+    if !authenticated {
+        shared.leave_handshake();
+    }
 }
 
-fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
+/// Authenticates the connection and serves its requests until it closes; returns whether the
+/// handshake passed (then its slot among the handshakes was given back here).
+fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) -> bool {
     let handshake = auth::server_handshake(stream, &shared.secret, Channel::Store, HANDSHAKE_TIMEOUT);
-    shared.leave_handshake();
+    if handshake.is_ok() {
+        shared.leave_handshake();
+    }
     // Still queued means not evicted: an evicted connection's refusal was counted by `admit`.
     let was_pending = {
         let mut pending = shared.pending();
@@ -355,7 +365,7 @@ fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
         if was_pending && !shared.stopping() {
             shared.refused(peer, &e);
         }
-        return;
+        return false;
     }
     tracing::debug!(%peer, "store server: client connected");
     if let Err(e) = stream
@@ -363,25 +373,25 @@ fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
         .and(stream.set_write_timeout(Some(WRITE_TIMEOUT)))
     {
         tracing::warn!(%peer, error = %e, "store server: cannot configure a connection");
-        return;
+        return true;
     }
     loop {
         let request = match read_request(stream) {
             Ok(Some(request)) => request,
             Ok(None) => {
                 tracing::debug!(%peer, "store server: client disconnected");
-                return;
+                return true;
             }
-            Err(_) if shared.stopping() => return,
+            Err(_) if shared.stopping() => return true,
             Err(WireError::Malformed(reason)) => {
                 tracing::warn!(%peer, %reason, "store server: malformed frame, closing the connection");
                 // Best effort: the client may already be gone.
                 let _ = stream.write_all(&Frame::new(wire::STATUS_PROTOCOL).bytes(reason.as_bytes()).0);
-                return;
+                return true;
             }
             Err(e @ WireError::Io(_)) => {
                 tracing::warn!(%peer, error = %e, "store server: closing the connection in the middle of a frame");
-                return;
+                return true;
             }
         };
         let response = answer(&shared.store, request);
@@ -389,7 +399,7 @@ fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
             if !shared.stopping() {
                 tracing::warn!(%peer, error = %e, "store server: cannot send a response, closing the connection");
             }
-            return;
+            return true;
         }
     }
 }
