@@ -17,7 +17,9 @@
 
 use burn::tensor::Device;
 
-use crate::config::{DeviceSpec, WgpuAdapter};
+use crate::config::DeviceSpec;
+#[cfg(feature = "wgpu")]
+use crate::config::WgpuAdapter;
 
 /// A device this build cannot give.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,14 +66,10 @@ pub fn device_for(spec: DeviceSpec, local_rank: usize) -> Result<Device, DeviceE
 
 /// The device named `spec` without autodiff, for callers that configure it first (a compute
 /// dtype must be set before any tensor exists on it).
+#[cfg_attr(not(feature = "wgpu"), allow(unused_variables))]
 pub fn base_device(spec: DeviceSpec, local_rank: usize) -> Result<Device, DeviceError> {
-    spec.check_built().map_err(|why| DeviceError::NotBuilt {
-        spec,
-        why,
-        supported: DeviceSpec::supported(),
-    })?;
-    Ok(match spec {
-        DeviceSpec::Cpu | DeviceSpec::Flex => Device::flex(),
+    match spec {
+        DeviceSpec::Cpu | DeviceSpec::Flex => Ok(Device::flex()),
         #[cfg(feature = "wgpu")]
         DeviceSpec::Wgpu(adapter) => {
             use burn::tensor::DeviceKind;
@@ -82,18 +80,15 @@ pub fn base_device(spec: DeviceSpec, local_rank: usize) -> Result<Device, Device
                 WgpuAdapter::Integrated => DeviceKind::IntegratedGpu(local_rank),
                 WgpuAdapter::Cpu => DeviceKind::Cpu,
             };
-            Device::wgpu(kind)
+            Ok(Device::wgpu(kind))
         }
-        // `check_built` refused every backend this build lacks.
-        other => {
-            let _ = (local_rank, WgpuAdapter::Default);
-            return Err(DeviceError::NotBuilt {
-                spec: other,
-                why: "not built".into(),
-                supported: DeviceSpec::supported(),
-            });
-        }
-    })
+        // A backend this build lacks: `check_built` says which and how to get it.
+        _ => Err(DeviceError::NotBuilt {
+            spec,
+            why: spec.check_built().err().unwrap_or_else(|| "not built".into()),
+            supported: DeviceSpec::supported(),
+        }),
+    }
 }
 
 /// Counts the wgpu adapters of the kind asked for: burn panics on one that does not exist.
@@ -184,6 +179,7 @@ pub fn device() -> Result<Device, crate::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::WgpuAdapter;
 
     #[test]
     fn every_documented_name_parses_and_others_are_not_devices() {

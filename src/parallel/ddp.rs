@@ -360,7 +360,7 @@ impl Ddp {
     fn read<M: Module>(&mut self, model: &M, grads: &GradientsParams) -> Result<(), DdpError> {
         let rank = self.rank();
         let model_err = |source| DdpError::Model { rank, source };
-        if self.pending == 0 && self.flat.is_empty() {
+        if self.pending == 0 {
             flatten_selected_grads_into(model, grads, &self.trainable, &mut self.flat, &mut self.present)
                 .map_err(model_err)?;
             return Ok(());

@@ -241,14 +241,20 @@ where
     src.convert_to_f32_slice(&mut out[start..]);
 }
 
-/// Reads every float parameter into `out`, in visit order.
+/// Reads the selected float parameters (all of them without `select`) into `out`, in visit order.
 #[derive(Debug)]
 struct ParamReader<'a> {
+    select: Option<std::slice::Iter<'a, bool>>,
     out: &'a mut Vec<f32>,
 }
 
 impl ParamVisit for ParamReader<'_> {
     fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
+        if let Some(select) = self.select.as_mut() {
+            if !select.next().copied().unwrap_or(false) {
+                return Ok(());
+            }
+        }
         append_f32(param.val(), path, self.out).map(|_| ())
     }
 }
@@ -263,7 +269,7 @@ pub fn flatten_params<M: Module>(module: &M) -> Result<Vec<f32>, ParamError> {
 /// [`flatten_params`] into a reused buffer (cleared first).
 pub fn flatten_params_into<M: Module>(module: &M, out: &mut Vec<f32>) -> Result<(), ParamError> {
     out.clear();
-    visit_params(module, ParamReader { out }).map(|_| ())
+    visit_params(module, ParamReader { select: None, out }).map(|_| ())
 }
 
 /// Replaces each selected float parameter's value by the next `numel` values of `values`. Ids,
@@ -380,28 +386,12 @@ pub fn trainable_mask<M: Module>(module: &M) -> Vec<bool> {
 
 /// Reads every selected float parameter into `out` (cleared first), back to back in layout order.
 pub fn flatten_selected_into<M: Module>(module: &M, select: &[bool], out: &mut Vec<f32>) -> Result<(), ParamError> {
-    #[derive(Debug)]
-    struct Reader<'a> {
-        select: std::slice::Iter<'a, bool>,
-        out: &'a mut Vec<f32>,
-    }
-    impl ParamVisit for Reader<'_> {
-        fn visit<const D: usize>(&mut self, path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
-            if self.select.next().copied().unwrap_or(false) {
-                append_f32(param.val(), path, self.out)?;
-            }
-            Ok(())
-        }
-    }
     out.clear();
-    visit_params(
-        module,
-        Reader {
-            select: select.iter(),
-            out,
-        },
-    )
-    .map(|_| ())
+    let reader = ParamReader {
+        select: Some(select.iter()),
+        out,
+    };
+    visit_params(module, reader).map(|_| ())
 }
 
 /// Loads every float parameter by name from `source`, which returns the values of a name (or
@@ -509,7 +499,9 @@ pub fn flatten_grads_into<M: Module>(
 #[derive(Debug)]
 struct GradWriter<'a> {
     layout: std::slice::Iter<'a, ParamInfo>,
-    /// Per parameter, whether it gets a gradient (`None`: all of them).
+    /// Per parameter, whether `values` holds its values (`None`: all of them).
+    eligible: Option<std::slice::Iter<'a, bool>>,
+    /// Per parameter, whether it gets a gradient (`None`: all of them); implies `eligible`.
     select: Option<std::slice::Iter<'a, bool>>,
     values: &'a [f32],
     /// Next unread index of `values`.
@@ -523,12 +515,18 @@ impl ModuleVisitor for GradWriter<'_> {
         let Some(info) = self.layout.next() else {
             return;
         };
+        let holds = self
+            .eligible
+            .as_mut()
+            .is_none_or(|e| e.next().copied().unwrap_or(false));
+        let gets = self.select.as_mut().is_none_or(|s| s.next().copied().unwrap_or(false));
+        if !holds {
+            return;
+        }
         let values = &self.values[self.offset..self.offset + info.numel];
         self.offset += info.numel;
-        if let Some(select) = self.select.as_mut() {
-            if !select.next().copied().unwrap_or(false) {
-                return;
-            }
+        if !gets {
+            return;
         }
         // Gradients live on the inner (non-autodiff) device, in the parameter's dtype.
         let device = param.lazy_device().without_autodiff();
@@ -553,6 +551,7 @@ pub fn grads_from_flat<M: Module>(module: &M, values: &[f32]) -> Result<Gradient
     }
     let mut writer = GradWriter {
         layout: layout.params.iter(),
+        eligible: None,
         select: None,
         values,
         offset: 0,
@@ -581,18 +580,9 @@ pub fn grads_from_selected<M: Module>(
             got: values.len(),
         });
     }
-    // Entries not eligible hold no values: give them an empty slot by walking a filtered layout.
-    let params: Vec<ParamInfo> = layout
-        .params
-        .iter()
-        .zip(eligible)
-        .map(|(p, &on)| ParamInfo {
-            numel: if on { p.numel } else { 0 },
-            ..p.clone()
-        })
-        .collect();
     let mut writer = GradWriter {
-        layout: params.iter(),
+        layout: layout.params.iter(),
+        eligible: Some(eligible.iter()),
         select: Some(select.iter()),
         values,
         offset: 0,
