@@ -1,29 +1,29 @@
 //! A small character-level transformer language model with its own loss (label-smoothed
-//! cross-entropy, written out by hand), trained data parallel with burnrun's `Ddp` in a
-//! hand-written burn loop. Nothing here is part of burnrun but the three calls that make it
-//! distributed (`init`, `Ddp::new`, `ddp.sync`).
+//! cross-entropy, written out by hand), trained by burnrun's trainer through the `Task` trait:
+//! the model, the data and the loss are this file's; the config, `--set`, data parallelism,
+//! compression, mixed precision, checkpoints with resume, metrics and the progress bar come with
+//! `burnrun::train::main`.
 //!
 //! ```text
 //! cargo build --release --examples
-//! burnrun --nproc-per-node 2 -- target/release/examples/char_lm --steps 100
-//! burnrun --nproc-per-node 2 -- target/release/examples/char_lm --wire bf16   # gradients as bf16 on the wire
+//! burnrun --nproc-per-node 2 -- target/release/examples/char_lm                    # examples/char_lm.toml
+//! burnrun --nproc-per-node 2 -- target/release/examples/char_lm --set compression.method=bf16
+//! burnrun --nproc-per-node 2 -- target/release/examples/char_lm --set user.width=64 --check
 //! ```
 //!
-//! Each step draws a global batch of `world x --batch` windows of `--context` characters from the
-//! text at positions that depend only on (step, index in the global batch); rank r trains on its
-//! own `--batch` of them. So 2 ranks x B see exactly the windows 1 rank x 2B sees.
+//! A sample is a window of `user.context` characters (sample i starts at character i) and its
+//! next characters; burnrun's sampler splits each global batch over the ranks.
 
-use std::error::Error;
-use std::path::PathBuf;
+use std::process::ExitCode;
 
 use burn::module::Module;
 use burn::nn::attention::generate_autoregressive_mask;
 use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burnrun::compress::{CodecOptions, CompressionMethod};
+use burnrun::{Task, TaskError};
+use serde::Deserialize;
 
 /// Weight of the uniform distribution mixed into the one-hot targets (Szegedy et al. 2016).
 const LABEL_SMOOTHING: f32 = 0.1;
@@ -39,11 +39,12 @@ struct CharLm {
 }
 
 impl CharLm {
-    fn new(vocab: usize, context: usize, width: usize, device: &Device) -> Self {
+    fn new(vocab: usize, s: &Settings, device: &Device) -> Self {
+        let width = s.width;
         Self {
             tokens: EmbeddingConfig::new(vocab, width).init(device),
-            positions: EmbeddingConfig::new(context, width).init(device),
-            blocks: TransformerEncoderConfig::new(width, 4 * width, 4, 2)
+            positions: EmbeddingConfig::new(s.context, width).init(device),
+            blocks: TransformerEncoderConfig::new(width, 4 * width, s.heads, s.layers)
                 .with_dropout(0.0)
                 .with_norm_first(true)
                 .init(device),
@@ -77,152 +78,122 @@ fn smoothed_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<
     nll.mul_scalar(1.0 - LABEL_SMOOTHING) + uniform.mul_scalar(LABEL_SMOOTHING)
 }
 
-#[derive(Debug)]
-struct Args {
-    steps: usize,
-    batch: usize,
+/// `[user]` of the config: this program's own settings.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Settings {
+    /// The training text (any bytes; the alphabet is the distinct bytes in it).
+    text: String,
+    /// Characters per window.
     context: usize,
+    /// Embedding width.
     width: usize,
-    lr: f64,
-    text: PathBuf,
-    wire: CompressionMethod,
-    losses: Option<PathBuf>,
+    /// Transformer layers.
+    layers: usize,
+    /// Attention heads (divide `width`).
+    heads: usize,
 }
 
-impl Args {
-    fn parse() -> Result<Self, Box<dyn Error>> {
-        let mut args = Args {
-            steps: 60,
-            batch: 8,
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            text: concat!(env!("CARGO_MANIFEST_DIR"), "/configs/data/lighthouse.txt").into(),
             context: 32,
             width: 32,
-            lr: 3e-3,
-            text: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/data/lighthouse.txt")),
-            wire: CompressionMethod::None,
-            losses: None,
-        };
-        let mut it = std::env::args().skip(1);
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--steps" => args.steps = value()?.parse()?,
-                "--batch" => args.batch = value()?.parse()?,
-                "--context" => args.context = value()?.parse()?,
-                "--width" => args.width = value()?.parse()?,
-                "--lr" => args.lr = value()?.parse()?,
-                "--text" => args.text = value()?.into(),
-                "--losses" => args.losses = Some(value()?.into()),
-                "--wire" => {
-                    args.wire = match value()?.as_str() {
-                        "f32" => CompressionMethod::None,
-                        "fp16" => CompressionMethod::Fp16,
-                        "bf16" => CompressionMethod::Bf16,
-                        other => return Err(format!("--wire {other}: expected f32, fp16 or bf16").into()),
-                    }
-                }
-                other => return Err(format!("unknown argument {other}").into()),
-            }
-        }
-        Ok(args)
-    }
-}
-
-/// Where window `index` of the global batch of `step` starts: a hash of both, so that it does not
-/// depend on how the batch is split across ranks.
-fn window_start(step: usize, index: usize, limit: usize) -> usize {
-    let mut z = ((step as u64) << 32 | index as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) % limit as u64) as usize
-}
-
-fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("char_lm: error: {e}");
-            std::process::ExitCode::FAILURE
+            layers: 2,
+            heads: 4,
         }
     }
 }
 
-fn run() -> Result<(), Box<dyn Error>> {
-    let args = Args::parse()?;
-    let pg = burnrun::init()?;
-    let (rank, world) = (pg.rank(), pg.world_size());
+/// The model, the text as character ids, and the loss.
+struct CharLmTask {
+    settings: Settings,
+    /// The alphabet: the distinct bytes of the text, sorted; a character's id is its index.
+    alphabet: Vec<u8>,
+    ids: Vec<i64>,
+}
 
-    let text = std::fs::read(&args.text).map_err(|e| format!("{}: {e}", args.text.display()))?;
-    let mut alphabet: Vec<u8> = text.clone();
-    alphabet.sort_unstable();
-    alphabet.dedup();
-    let ids: Vec<i64> = text
-        .iter()
-        .map(|b| alphabet.binary_search(b).unwrap_or(0) as i64)
-        .collect();
-    if ids.len() <= args.context + 1 {
-        return Err(format!(
-            "{}: {} characters, fewer than --context + 2",
-            args.text.display(),
-            ids.len()
+impl CharLmTask {
+    fn new(settings: Settings) -> Result<Self, TaskError> {
+        let text = std::fs::read(&settings.text).map_err(|e| format!("user.text = {}: {e}", settings.text))?;
+        let mut alphabet = text.clone();
+        alphabet.sort_unstable();
+        alphabet.dedup();
+        let ids: Vec<i64> = text
+            .iter()
+            .map(|b| alphabet.binary_search(b).unwrap_or(0) as i64)
+            .collect();
+        if ids.len() <= settings.context + 1 {
+            return Err(format!(
+                "user.text = {}: {} characters, fewer than user.context + 2",
+                settings.text,
+                ids.len()
+            )
+            .into());
+        }
+        if settings.heads == 0 || settings.width % settings.heads != 0 {
+            return Err(format!(
+                "user.heads = {} must divide user.width = {}",
+                settings.heads, settings.width
+            )
+            .into());
+        }
+        Ok(Self {
+            settings,
+            alphabet,
+            ids,
+        })
+    }
+}
+
+impl Task for CharLmTask {
+    type Model = CharLm;
+    /// `[batch, context]` input ids and the ids that follow each of them.
+    type Batch = (Tensor<2, Int>, Tensor<2, Int>);
+
+    fn describe(&self) -> String {
+        let s = &self.settings;
+        format!(
+            "char_lm ({} layers, width {}, {} heads, alphabet of {}) on {} windows of {} characters",
+            s.layers,
+            s.width,
+            s.heads,
+            self.alphabet.len(),
+            self.len(),
+            s.context
         )
-        .into());
     }
 
-    let device = burnrun::device()?;
-    let host = Device::flex().autodiff();
-    host.seed(11);
-    let model = CharLm::new(alphabet.len(), args.context, args.width, &host).to_device(&device);
-    let options = burnrun::DdpOptions {
-        compression: CodecOptions {
-            method: args.wire,
-            ..CodecOptions::default()
-        },
-        ..burnrun::DdpOptions::default()
-    };
-    let (mut model, mut ddp) = burnrun::Ddp::new(&pg, model, options)?;
-    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    fn len(&self) -> usize {
+        self.ids.len() - self.settings.context - 1
+    }
 
-    let limit = ids.len() - args.context - 1;
-    let global_batch = world * args.batch;
-    let mut losses = Vec::with_capacity(args.steps);
-    for step in 0..args.steps {
+    fn model(&self, device: &Device) -> Result<CharLm, TaskError> {
+        Ok(CharLm::new(self.alphabet.len(), &self.settings, device))
+    }
+
+    fn batch(&self, indices: &[usize], device: &Device) -> Result<Self::Batch, TaskError> {
+        let context = self.settings.context;
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-        for index in rank * args.batch..(rank + 1) * args.batch {
-            let start = window_start(step, index, limit);
-            inputs.extend_from_slice(&ids[start..start + args.context]);
-            targets.extend_from_slice(&ids[start + 1..start + args.context + 1]);
+        for &start in indices {
+            inputs.extend_from_slice(&self.ids[start..start + context]);
+            targets.extend_from_slice(&self.ids[start + 1..start + context + 1]);
         }
-        let shape = [args.batch, args.context];
-        let x = Tensor::<2, Int>::from_data(TensorData::new(inputs, shape), &device);
-        let y = Tensor::<2, Int>::from_data(TensorData::new(targets, shape), &device);
-        let loss = smoothed_cross_entropy(model.forward(x), y);
-        let mut mean = [loss.clone().into_scalar::<f32>()];
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let grads = ddp.sync(&model, grads)?;
-        model = optim.step(args.lr, model, grads);
-        pg.all_reduce(&mut mean, burnrun::ReduceOp::Avg)?;
-        losses.push(mean[0]);
-        if rank == 0 && (step % 10 == 0 || step + 1 == args.steps) {
-            let s = ddp.stats();
-            println!(
-                "step {step:>4}  loss {:.4}  {} KiB of gradients, {} KiB on the wire, all-reduce {:.2} ms",
-                mean[0],
-                s.bytes >> 10,
-                s.wire_bytes >> 10,
-                s.comm_ms
-            );
-        }
+        let shape = [indices.len(), context];
+        Ok((
+            Tensor::from_data(TensorData::new(inputs, shape), device),
+            Tensor::from_data(TensorData::new(targets, shape), device),
+        ))
     }
-    ddp.check_replicas(&model)?;
-    if rank == 0 {
-        if let Some(path) = &args.losses {
-            let text: Vec<String> = losses.iter().map(|l| format!("{l:.9}")).collect();
-            std::fs::write(path, text.join("\n") + "\n")?;
-        }
-        println!(
-            "trained {} steps on {world} rank(s), global batch {global_batch}",
-            args.steps
-        );
+
+    fn loss(&self, model: &CharLm, (inputs, targets): &Self::Batch) -> Result<Tensor<1>, TaskError> {
+        Ok(smoothed_cross_entropy(model.forward(inputs.clone()), targets.clone()))
     }
-    Ok(())
+}
+
+fn main() -> ExitCode {
+    burnrun::train::main("char_lm", include_str!("char_lm.toml"), |cfg| {
+        CharLmTask::new(cfg.user_section()?)
+    })
 }

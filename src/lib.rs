@@ -7,7 +7,10 @@
 //! - [`device()`] is this rank's burn device (`BURNRUN_DEVICE`: `cpu`, `wgpu`, ...);
 //! - [`Ddp`] makes any burn `Module` data parallel in a hand-written loop ([`DdpOptions`],
 //!   [`BufferSync`], errors in [`DdpError`]);
-//! - [`config::RunConfig`] and [`train::train`] are `burnrun train` (the built-in models);
+//! - [`Task`] is a user's model, data and loss for the trainer: [`train::train_task`] (or
+//!   [`train::main`], a whole command line) gives it everything `burnrun train` has, from a
+//!   [`config::RunConfig`] (TOML, with a `[user]` section of the program's own); `burnrun train`
+//!   is the built-in models ([`train::BuiltIn`]) through the same path;
 //! - [`Error`] gathers every layer's error.
 //!
 //! The other modules are the layers underneath, public for the integration tests and benchmarks
@@ -62,3 +65,5 @@ pub use device::device;
 pub use error::Error;
 #[cfg(feature = "train")]
 pub use parallel::{BufferSync, Ddp, DdpError, DdpOptions};
+#[cfg(feature = "train")]
+pub use train::{BlockChain, Task, TaskError};

@@ -317,22 +317,10 @@ fn check(args: &CheckArgs, world_size: usize, local_ranks: usize) -> anyhow::Res
 /// cannot fit fails `check` as it would fail the trainer, before any allocation.
 #[cfg(feature = "train")]
 fn check_memory(config: &RunConfig, world_size: usize, local_ranks: usize) -> anyhow::Result<()> {
-    use burnrun::train::memory::{fits, MemoryAvailable, MemoryEstimate};
+    use burnrun::train::memory::{fits, largest_stage, MemoryAvailable};
     let resolved = config.validate(world_size)?;
-    let cfg = &resolved.config;
-    let dataset =
-        burnrun::train::build::dataset(cfg, resolved.seq_len).context("reading the data to size the model")?;
-    let spec = burnrun::train::build::model_spec(cfg, dataset.as_ref());
-    spec.validate()?;
-    let stages = burnrun::train::stage_blocks(&cfg.parallel.partition, &spec, resolved.mesh.pipeline)
-        .map_err(|why| anyhow::anyhow!("parallel.partition: {why}"))?;
-    let Some(estimate) = stages
-        .into_iter()
-        .map(|blocks| MemoryEstimate::for_rank(&resolved, &spec, blocks, dataset.input_width()))
-        .max_by_key(MemoryEstimate::total_bytes)
-    else {
-        bail!("the model has no pipeline stage");
-    };
+    let task = burnrun::train::BuiltIn::new(&resolved, 0).context("reading the data to size the model")?;
+    let estimate = largest_stage(&resolved, &task).map_err(|why| anyhow::anyhow!(why))?;
     let available = MemoryAvailable::of_this_node(local_ranks);
     println!("\nmemory: {estimate}\n        {available}");
     if !fits(&estimate, &available) {

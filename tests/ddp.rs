@@ -418,22 +418,41 @@ fn run_example(name: &str, nproc: usize, args: &[&str], losses: &std::path::Path
     read_losses(losses)
 }
 
+/// Trains the char_lm example (a user's `Task` through `burnrun::train::main`) for 20 steps on
+/// `nproc` ranks with `overrides`, and returns the loss of every step from its metrics.jsonl.
+fn run_char_lm(nproc: usize, out: &std::path::Path, overrides: &[&str]) -> Vec<f32> {
+    let mut args: Vec<String> = vec!["--nproc-per-node".into(), nproc.to_string(), "--".into()];
+    args.push(example("char_lm").display().to_string());
+    let dir = format!("train.out_dir={}", out.display());
+    for set in [
+        "train.steps=20",
+        "log.every_steps=1",
+        "log.progress=\"off\"",
+        dir.as_str(),
+    ]
+    .iter()
+    .chain(overrides)
+    {
+        args.push("--set".into());
+        args.push(set.to_string());
+    }
+    common::burnrun(&args).assert_success(&format!("char_lm on {nproc} rank(s)"));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics.jsonl");
+    metrics
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            v["loss"].as_f64().expect("a loss") as f32
+        })
+        .collect()
+}
+
 #[test]
-fn the_char_lm_example_on_two_ranks_matches_one_rank_with_the_same_global_batch_also_with_a_bf16_wire() {
+fn the_char_lm_task_on_two_ranks_matches_one_rank_with_the_same_global_batch_also_with_a_bf16_wire() {
     let out = common::out_dir("ddp-char-lm");
-    let single = run_example(
-        "char_lm",
-        1,
-        &["--steps", "20", "--batch", "16"],
-        &out.join("single.txt"),
-    );
-    let parallel = run_example("char_lm", 2, &["--steps", "20", "--batch", "8"], &out.join("ddp.txt"));
-    let bf16 = run_example(
-        "char_lm",
-        2,
-        &["--steps", "20", "--batch", "8", "--wire", "bf16"],
-        &out.join("bf16.txt"),
-    );
+    let single = run_char_lm(1, &out.join("single"), &["train.batch_size=16"]);
+    let parallel = run_char_lm(2, &out.join("ddp"), &["train.batch_size=8"]);
+    let bf16 = run_char_lm(2, &out.join("bf16"), &["train.batch_size=8", "compression.method=bf16"]);
     assert_eq!(single.len(), 20);
     assert!(single[19] < single[0], "the loss goes down: {single:?}");
     for (step, ((s, p), b)) in single.iter().zip(&parallel).zip(&bf16).enumerate() {
@@ -446,4 +465,30 @@ fn the_char_lm_example_on_two_ranks_matches_one_rank_with_the_same_global_batch_
             "step {step}: f32 {s} vs bf16 wire {b}"
         );
     }
+    // The trainer wrote a checkpoint of the user's model by module path.
+    let ckpt = out.join("ddp/checkpoints/step_00000020/model-stage0.safetensors");
+    let bytes = std::fs::read(&ckpt).unwrap_or_else(|e| panic!("{}: {e}", ckpt.display()));
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).to_string();
+    assert!(text.contains("tokens.weight") && text.contains("head.weight"), "{text}");
+}
+
+#[test]
+fn a_misspelt_key_of_the_user_section_is_refused_naming_the_key_and_the_fix() {
+    let out = common::out_dir("ddp-char-lm-bad");
+    let run = common::burnrun(&[
+        "--nproc-per-node".into(),
+        "1".into(),
+        "--".into(),
+        example("char_lm").display().to_string(),
+        "--set".into(),
+        format!("train.out_dir={}", out.display()),
+        "--set".into(),
+        "user.widht=64".into(),
+    ]);
+    let text = run.output();
+    assert!(!run.status.success(), "{text}");
+    assert!(
+        text.contains("user.widht") && text.contains("did you mean `width`"),
+        "{text}"
+    );
 }

@@ -21,10 +21,12 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     // The collective benchmark: a client of comm, reporting through control lines.
     ("bench", &["comm", "env", "names"]),
-    // The trainer: everything below it. `names` for progress control lines to the launcher.
+    // The trainer: everything below it. `names` for progress control lines to the launcher;
+    // `telemetry` for the logging of a user's binary run through `train::main`.
     (
         "train",
         &[
+            "telemetry",
             "parallel",
             "device",
             "data",

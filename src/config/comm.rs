@@ -24,6 +24,12 @@ pub struct CommConfig {
     /// Gradients are packed into buckets of at most this many MiB and each bucket is all-reduced
     /// as one message (torch DDP's `bucket_cap_mb`). Default `25.0`.
     pub bucket_cap_mb: f64,
+    /// With a model that is a chain of blocks (the built-in models, a `Task` giving `blocks()`),
+    /// trained data parallel on one pipeline stage: each block's gradients are all-reduced while
+    /// the backward of the earlier blocks goes on (one all-reduce per block, launched last block
+    /// first). Not with a gradient codec or f16 loss scaling, which need the whole gradient first.
+    /// Default `true`.
+    pub overlap: bool,
     /// Deadline of every blocking collective, in seconds; a rank that waits longer fails naming
     /// the peer it waited for. Default `300`.
     pub timeout_secs: u64,
@@ -46,6 +52,7 @@ impl Default for CommConfig {
         Self {
             backend: CommBackend::Tcp,
             bucket_cap_mb: 25.0,
+            overlap: true,
             timeout_secs: 300,
             ring_threshold_bytes: None,
             segment_bytes: None,

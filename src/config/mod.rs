@@ -41,6 +41,7 @@ mod schema;
 mod spans;
 mod suggest;
 mod train;
+mod user;
 mod validate;
 
 pub use checkpoint::CheckpointConfig;

@@ -38,6 +38,9 @@ pub struct RunConfig {
     pub precision: PrecisionConfig,
     /// `[compression]`: gradient compression.
     pub compression: CompressionConfig,
+    /// `[user]`: the program's own settings, free-form here; a user's binary reads them as its
+    /// own type with [`RunConfig::user_section`], which checks them.
+    pub user: toml::Table,
     /// Where each key came from (not part of the settings: not serialized, not compared).
     #[serde(skip)]
     pub source: ConfigSource,
@@ -55,6 +58,7 @@ impl PartialEq for RunConfig {
             && self.log == other.log
             && self.precision == other.precision
             && self.compression == other.compression
+            && self.user == other.user
     }
 }
 

@@ -118,7 +118,7 @@ fn table<T: DeserializeOwned>(path: &'static str) -> Table {
 
 /// The field names serde's derive hands to `deserialize_struct` for `T` (empty if `T` is not a
 /// struct).
-fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
+pub(crate) fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
     match T::deserialize(FieldProbe) {
         Err(ProbeError::Fields(fields)) => fields,
         Ok(_) | Err(ProbeError::NotAStruct) => &[],

@@ -49,7 +49,10 @@ impl<'a> KeyMap<'a> {
             let key_span = table.get_key_value(name).and_then(|(key, _)| key.span());
             let path = join(parent, name);
             let value_span = item.span();
-            if let Err(miss) = check_key(parent, name) {
+            // `[user]` is the program's: its keys are recorded (for their lines) but checked
+            // only when the program reads them (`RunConfig::user_section`).
+            let free = parent == "user" || parent.starts_with("user.");
+            if let (false, Err(miss)) = (free, check_key(parent, name)) {
                 let offset = key_span.as_ref().or(value_span.as_ref()).map(|span| span.start);
                 return Err(ConfigError::UnknownKey {
                     at: location_of(self.text, self.file, offset),
@@ -67,7 +70,8 @@ impl<'a> KeyMap<'a> {
             });
             // A table of the schema given as something else (`optim = 3`) is left to serde,
             // whose type error is then located by `key_at`.
-            if let (Some(_), Some(child)) = (find_table(&path), item.as_table_like()) {
+            let descend = find_table(&path).is_some() || path == "user" || free;
+            if let (true, Some(child)) = (descend, item.as_table_like()) {
                 self.walk(&path, child)?;
             }
         }

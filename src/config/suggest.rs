@@ -25,21 +25,30 @@ pub(crate) fn closest<'a>(typed: &str, candidates: &[&'a str]) -> Option<&'a str
     })
 }
 
-/// Levenshtein distance (insertions, deletions, substitutions), one row at a time.
+/// Edit distance with adjacent transpositions (optimal string alignment): insertions, deletions,
+/// substitutions and swaps of two neighbouring characters each cost one, so the common typo
+/// `widht` is one edit from `width`, as a person counts it.
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    // previous[j] = distance between the first i-1 chars of a and the first j chars of b.
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    let mut current = vec![0; b.len() + 1];
-    for (i, a_char) in a.chars().enumerate() {
-        current[0] = i + 1;
-        for (j, b_char) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(a_char != *b_char);
-            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        std::mem::swap(&mut previous, &mut current);
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // rows[i][j] = distance between the first i chars of a and the first j chars of b.
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
     }
-    previous[b.len()]
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let substitution = rows[i - 1][j - 1] + usize::from(a[i - 1] != b[j - 1]);
+            let mut best = substitution.min(rows[i - 1][j] + 1).min(rows[i][j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = best;
+        }
+    }
+    rows[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -55,5 +64,6 @@ mod tests {
         assert_eq!(closest("batch", &keys), None);
         assert_eq!(closest("optimizer", &["model", "optim"]), Some("optim"));
         assert_eq!(closest("batch", &["steps", "batch_size"]), Some("batch_size"));
+        assert_eq!(closest("widht", &["width", "heads"]), Some("width"));
     }
 }

@@ -49,6 +49,16 @@ pub enum TrainError {
         /// The error.
         source: ModelError,
     },
+    /// The task (a user's model, data or loss) failed.
+    #[error("rank {rank}: {what}: {source}")]
+    Task {
+        /// This rank.
+        rank: usize,
+        /// What the trainer asked of the task: `building the model`, `reading a batch`, ...
+        what: &'static str,
+        /// The task's error.
+        source: super::TaskError,
+    },
     /// Reading or loading the model's parameters as flat buffers failed.
     #[error("rank {rank}: parameters: {source}")]
     Params {

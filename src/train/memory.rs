@@ -1,9 +1,9 @@
-//! The memory a rank needs, estimated from the model spec before anything is allocated, and the
+//! The memory a rank needs, estimated from the model's block sizes before anything is allocated, and the
 //! memory this node has for it.
 //!
 //! A model too large for the machine used to pass `burnrun check` and then kill every rank with
 //! SIGABRT ("memory allocation of 256000000000 bytes failed"). `check` and the trainer now add up
-//! what a rank holds (the spec knows every count without building anything) and refuse, with the
+//! what a rank holds (a block chain knows every count without building anything) and refuse, with the
 //! breakdown and what is available, a run that cannot fit:
 //! - parameters in burn's model, in the compute dtype, and their gradients from backward;
 //! - f32 master weights and the flat f32 gradient buffer the trainer reduces and steps with;
@@ -14,11 +14,11 @@
 //! Available is `MemAvailable` of `/proc/meminfo`, bounded by the cgroup's `memory.max` minus its
 //! `memory.current`, shared by the node's ranks.
 
-use std::fmt;
-use std::ops::Range;
-
 use crate::config::{ComputeDtype, OptimKind, Resolved};
-use crate::models::ModelSpec;
+use std::fmt;
+
+use super::setup::stage_blocks;
+use super::task::BlockChain;
 
 /// What one rank needs, in bytes, by kind.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,11 +42,10 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
-    /// The rank's share of the model for `resolved`'s config: the blocks `blocks` of `spec`,
-    /// whose input is `input_width` wide (the sequence length for the GPT).
-    pub fn for_rank(resolved: &Resolved, spec: &ModelSpec, blocks: Range<usize>, input_width: usize) -> Self {
+    /// The rank's share of the model for `resolved`'s config: `params` parameter values, whose
+    /// blocks keep `activation_values` values per sample for backward.
+    pub fn of(resolved: &Resolved, params: u64, activation_values: u64) -> Self {
         let cfg = &resolved.config;
-        let params = spec.param_count(blocks.clone()) as u64;
         let compute_bytes: u64 = match cfg.precision.compute {
             ComputeDtype::F32 => 4,
             ComputeDtype::Bf16 | ComputeDtype::F16 => 2,
@@ -56,9 +55,6 @@ impl MemoryEstimate {
             kind => (2, format!("{kind}, 2 values per parameter")),
         };
         let samples = resolved.micro_batch_size as u64 * cfg.parallel.micro_batches.max(1) as u64;
-        let per_sample: u64 = blocks
-            .map(|block| spec.activation_values(block, input_width) as u64)
-            .fold(0, u64::saturating_add);
         Self {
             params,
             param_bytes: params.saturating_mul(compute_bytes),
@@ -66,7 +62,7 @@ impl MemoryEstimate {
             master_bytes: params.saturating_mul(4),
             optim_bytes: params.saturating_mul(4 * optim_values),
             optim_what,
-            activation_bytes: per_sample.saturating_mul(samples).saturating_mul(compute_bytes),
+            activation_bytes: activation_values.saturating_mul(samples).saturating_mul(compute_bytes),
             samples,
         }
     }
@@ -102,6 +98,23 @@ impl fmt::Display for MemoryEstimate {
             self.samples,
         )
     }
+}
+
+/// The estimate for the pipeline stage holding the largest share of a block-chain model (the
+/// whole model without a pipeline); an error when `parallel.partition` does not fit the blocks.
+pub fn largest_stage<M, B>(resolved: &Resolved, chain: &dyn BlockChain<M, B>) -> Result<MemoryEstimate, String> {
+    let counts = chain.block_param_counts();
+    let stages = stage_blocks(&resolved.config.parallel.partition, &counts, resolved.mesh.pipeline)
+        .map_err(|why| format!("parallel.partition: {why}"))?;
+    stages
+        .into_iter()
+        .map(|blocks| {
+            let params: usize = counts[blocks.clone()].iter().sum();
+            let activations: usize = blocks.map(|b| chain.activation_values(b)).sum();
+            MemoryEstimate::of(resolved, params as u64, activations as u64)
+        })
+        .max_by_key(MemoryEstimate::total_bytes)
+        .ok_or_else(|| "the model has no pipeline stage".to_string())
 }
 
 /// The memory of this node and each rank's share of it.
@@ -211,6 +224,13 @@ impl fmt::Display for Bytes {
 mod tests {
     use super::*;
     use crate::config::RunConfig;
+    use crate::models::ModelSpec;
+
+    /// The estimate for blocks `0..blocks` of a built-in model whose input is `input` wide.
+    fn for_blocks(resolved: &Resolved, spec: &ModelSpec, blocks: usize, input: usize) -> MemoryEstimate {
+        let activations: usize = (0..blocks).map(|b| spec.activation_values(b, input)).sum();
+        MemoryEstimate::of(resolved, spec.param_count(0..blocks) as u64, activations as u64)
+    }
 
     fn estimate(optim: &str) -> MemoryEstimate {
         let cfg = RunConfig::from_str_named(
@@ -225,7 +245,7 @@ mod tests {
             hidden: vec![100],
             classes: 5,
         };
-        MemoryEstimate::for_rank(&resolved, &spec, 0..2, 10)
+        for_blocks(&resolved, &spec, 2, 10)
     }
 
     #[test]
@@ -251,7 +271,7 @@ mod tests {
             hidden: vec![1_000_000_000, 1_000_000_000],
             classes: 10,
         };
-        let estimate = MemoryEstimate::for_rank(&resolved, &spec, 0..3, 64);
+        let estimate = for_blocks(&resolved, &spec, 3, 64);
         let available = MemoryAvailable {
             mem_available: Some(64 << 30),
             cgroup_max: Some(16 << 30),

@@ -21,10 +21,13 @@ pub struct StepMetrics {
     pub step_ms: f64,
     /// Mean time in forward and backward per step (max over ranks), in milliseconds.
     pub compute_ms: f64,
-    /// Mean time in gradient synchronisation per step (max over ranks), in milliseconds.
+    /// Mean wall time of gradient synchronisation per step, from the first bucket's launch to
+    /// the last one's completion (max over ranks), in milliseconds. Overlapped with backward when
+    /// the model is a block chain (`comm.overlap`).
     pub comm_ms: f64,
-    /// Mean time the slowest rank waited for the others' gradients (straggler cost), ms.
-    pub wait_ms: f64,
+    /// The part of `comm_ms` the step was blocked on, not hidden behind backward (max over
+    /// ranks), in milliseconds: equal to `comm_ms` without overlap.
+    pub exposed_comm_ms: f64,
     /// Rank whose compute was slowest over the window (straggler attribution).
     pub slowest_rank: usize,
     /// Pipeline bubble: mean over ranks of the time blocked waiting for activations or

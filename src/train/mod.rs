@@ -1,15 +1,33 @@
-//! The trainer: the loop (forward, backward, sync, clip, step), checkpoints, metrics, progress.
+//! The trainer: a [`Task`] (a model, its data and its loss; the built-in models are one) trained
+//! as a [`RunConfig`](crate::config::RunConfig) says: data and pipeline parallel, gradient
+//! compression, mixed precision, accumulation, clipping, LR schedules, checkpoints with resume
+//! and reshard, metrics and a progress bar.
+//!
+//! - [`train_task`] trains a user's [`Task`] in a process the launcher started ([`main`] is a
+//!   whole command line: a config file, `--set`, `--resume`, `--check`);
+//! - [`train`] is `burnrun train`: the built-in models through the same path ([`BuiltIn`]).
 
 pub mod build;
+mod builtin;
 pub mod checkpoint;
+mod cli;
 mod error;
 pub mod lock;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod progress;
+mod report;
+mod resume;
+mod run;
+mod setup;
 mod stage;
-mod trainer;
+mod step;
+mod task;
 
+pub use builtin::BuiltIn;
+pub use cli::main;
 pub use error::TrainError;
-pub use trainer::{stage_blocks, train, train_on, TrainOptions, TrainSummary};
+pub use run::{train, train_on, train_task, train_task_on, TrainOptions, TrainSummary};
+pub use setup::stage_blocks;
+pub use task::{BlockChain, Task, TaskError};

@@ -1,5 +1,5 @@
-//! A slice of a burn model run micro-batch by micro-batch: the compute side of data and
-//! pipeline parallelism alike (a whole model is a pipeline of one stage).
+//! A slice of a task's block chain run micro-batch by micro-batch: the compute side of a pipeline
+//! stage (a whole model is a pipeline of one stage).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -7,10 +7,9 @@ use std::ops::Range;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
-use crate::data::Batch;
-use crate::models::BlockStack;
-use crate::parallel::flatten_grads_into;
-use crate::parallel::{Activation, PipelineError, StageCompute};
+use crate::parallel::{flatten_grads_into, Activation, PipelineError, StageCompute};
+
+use super::task::{BlockChain, Task};
 
 /// What a forward keeps until its backward.
 struct Held {
@@ -25,21 +24,20 @@ enum HeldOutput {
     Activation(Tensor<2>),
 }
 
-/// Runs the blocks `range` of `model` on micro-batches of `batch`.
-pub(crate) struct StageRunner<'a> {
-    pub(crate) model: &'a BlockStack,
+/// Runs the blocks `range` of `model` on the micro-batches of one step.
+pub(crate) struct StageRunner<'a, T: Task> {
+    pub(crate) task: &'a T,
+    pub(crate) chain: &'a dyn BlockChain<T::Model, T::Batch>,
+    pub(crate) model: &'a T::Model,
     pub(crate) range: Range<usize>,
     pub(crate) device: Device,
-    /// This rank's batch for the step (`micro_batches * micro_size` samples). Only the first
-    /// stage reads inputs and only the last one targets, but every stage gets the same batch.
-    pub(crate) batch: &'a Batch,
-    pub(crate) micro_size: usize,
+    /// This rank's samples of the step, one slice per micro-batch. Only the first stage reads
+    /// inputs and only the last one targets; each builds the micro-batch it needs from these.
+    pub(crate) micro_indices: Vec<&'a [usize]>,
     pub(crate) first: bool,
     pub(crate) last: bool,
-    /// Sum of this stage's parameter gradients over the micro-batches.
-    pub(crate) grads: &'a mut Vec<f32>,
-    /// Scratch for one backward's gradients.
-    pub(crate) scratch: Vec<f32>,
+    /// The step's gradient accumulator (see [`Accumulator`]).
+    pub(crate) grads: Accumulator<'a>,
     /// Sum of micro-batch losses (last stage only).
     pub(crate) loss_sum: f64,
     /// Number of losses summed.
@@ -51,28 +49,28 @@ pub(crate) struct StageRunner<'a> {
     held: HashMap<usize, Held>,
 }
 
-impl<'a> StageRunner<'a> {
+impl<'a, T: Task> StageRunner<'a, T> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        model: &'a BlockStack,
+        task: &'a T,
+        chain: &'a dyn BlockChain<T::Model, T::Batch>,
+        model: &'a T::Model,
         range: Range<usize>,
         device: Device,
-        batch: &'a Batch,
-        micro_size: usize,
-        first: bool,
-        last: bool,
-        grads: &'a mut Vec<f32>,
+        micro_indices: Vec<&'a [usize]>,
+        (first, last): (bool, bool),
+        grads: Accumulator<'a>,
     ) -> Self {
         Self {
+            task,
+            chain,
             model,
             range,
             device,
-            batch,
-            micro_size,
+            micro_indices,
             first,
             last,
             grads,
-            scratch: Vec::new(),
             loss_sum: 0.0,
             loss_count: 0,
             compute_secs: 0.0,
@@ -88,14 +86,14 @@ impl<'a> StageRunner<'a> {
         }
     }
 
-    fn to_activation(t: &Tensor<2>) -> Result<Activation, String> {
+    fn to_activation(&self, t: &Tensor<2>) -> Result<Activation, PipelineError> {
         let shape = t.dims().to_vec();
         let data = t
             .clone()
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| self.err(format!("{e:?}")))?;
         Ok(Activation { shape, data })
     }
 
@@ -103,91 +101,58 @@ impl<'a> StageRunner<'a> {
         Tensor::from_data(TensorData::new(a.data, a.shape), &self.device)
     }
 
-    /// Adds this backward's parameter gradients into the accumulator.
-    fn accumulate(&mut self, grads: Gradients) -> Result<(), PipelineError> {
-        let params = GradientsParams::from_grads(grads, self.model);
-        // The step's first backward writes straight into the accumulator, which keeps its
-        // capacity from step to step: no scratch buffer to grow (and fault in) every step, and no
-        // pass adding the gradients into zeros.
-        if self.grads.is_empty() {
-            return flatten_grads_into(self.model, &params, self.grads).map_err(|e| self.err(e));
-        }
-        self.scratch.clear();
-        flatten_grads_into(self.model, &params, &mut self.scratch).map_err(|e| self.err(e))?;
-        if self.grads.is_empty() {
-            self.grads.resize(self.scratch.len(), 0.0);
-        }
-        for (acc, g) in self.grads.iter_mut().zip(&self.scratch) {
-            *acc += g;
-        }
-        Ok(())
+    fn micro_batch(&self, micro: usize) -> Result<T::Batch, PipelineError> {
+        let indices = self
+            .micro_indices
+            .get(micro)
+            .ok_or_else(|| self.err(format!("no micro-batch {micro}")))?;
+        self.task.batch(indices, &self.device).map_err(|e| self.err(e))
     }
 }
 
-impl StageCompute for StageRunner<'_> {
+impl<T: Task> StageCompute for StageRunner<'_, T> {
     fn forward(&mut self, micro: usize, input: Option<Activation>) -> Result<Option<Activation>, PipelineError> {
         let started = std::time::Instant::now();
-        let start = micro * self.micro_size;
         let leaf = input.map(|a| self.activation_tensor(a).require_grad());
-        let x = match &leaf {
-            Some(x) => x.clone(),
-            None => self.batch.inputs.clone().narrow(0, start, self.micro_size),
+        let batch = if self.first || self.last {
+            Some(self.micro_batch(micro)?)
+        } else {
+            None
+        };
+        let x = match (&leaf, &batch) {
+            (Some(x), _) => x.clone(),
+            (None, Some(batch)) => self.chain.input(batch).map_err(|e| self.err(e))?,
+            (None, None) => return Err(self.err(format!("micro-batch {micro}: a middle stage got no activation"))),
         };
         let out = self
-            .model
-            .forward_range(x, self.range.clone())
+            .chain
+            .forward_range(self.model, x, self.range.clone())
             .map_err(|e| self.err(e))?;
-        let result = if self.last {
-            let targets = self.batch.targets.clone().narrow(0, start, self.micro_size);
-            let loss = self.model.loss(out, targets).map_err(|e| self.err(e))?;
-            let value = loss
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .as_slice::<f32>()
-                .map_or(f64::NAN, |v| v[0] as f64);
-            self.loss_sum += value;
-            self.loss_count += 1;
-            self.held.insert(
-                micro,
-                Held {
-                    input: leaf,
-                    output: HeldOutput::Loss(loss),
-                },
-            );
-            None
-        } else {
-            let activation = Self::to_activation(&out).map_err(|reason| PipelineError::Compute {
-                stage: self.range.start,
-                reason,
-            })?;
-            self.held.insert(
-                micro,
-                Held {
-                    input: leaf,
-                    output: HeldOutput::Activation(out),
-                },
-            );
-            Some(activation)
+        let (result, output) = match (self.last, &batch) {
+            (true, Some(batch)) => {
+                let loss = self.chain.loss_of_output(out, batch).map_err(|e| self.err(e))?;
+                self.loss_sum += loss_value(&loss);
+                self.loss_count += 1;
+                (None, HeldOutput::Loss(loss))
+            }
+            _ => (Some(self.to_activation(&out)?), HeldOutput::Activation(out)),
         };
+        self.held.insert(micro, Held { input: leaf, output });
         self.compute_secs += started.elapsed().as_secs_f64();
         Ok(result)
     }
 
     fn backward(&mut self, micro: usize, grad_output: Option<Activation>) -> Result<Option<Activation>, PipelineError> {
         let started = std::time::Instant::now();
-        let held = self.held.remove(&micro).ok_or_else(|| PipelineError::Compute {
-            stage: self.range.start,
-            reason: format!("backward of micro-batch {micro} before its forward"),
-        })?;
+        let held = self
+            .held
+            .remove(&micro)
+            .ok_or_else(|| self.err(format!("backward of micro-batch {micro} before its forward")))?;
         let grads = match held.output {
-            HeldOutput::Loss(loss) if self.loss_scale == 1.0 => loss.backward(),
-            HeldOutput::Loss(loss) => (loss * self.loss_scale).backward(),
+            HeldOutput::Loss(loss) => scaled(loss, self.loss_scale).backward(),
             HeldOutput::Activation(out) => {
-                let upstream = grad_output.ok_or_else(|| PipelineError::Compute {
-                    stage: self.range.start,
-                    reason: format!("backward of micro-batch {micro} got no output gradient"),
-                })?;
+                let upstream = grad_output
+                    .ok_or_else(|| self.err(format!("backward of micro-batch {micro} got no output gradient")))?;
                 // d(sum(out * g))/d(theta) = g^T d(out)/d(theta): back-propagates g exactly.
                 let g = self.activation_tensor(upstream);
                 (out * g).sum().backward()
@@ -195,19 +160,64 @@ impl StageCompute for StageRunner<'_> {
         };
         let input_grad = match &held.input {
             Some(leaf) => {
-                let g = leaf.grad(&grads).ok_or_else(|| PipelineError::Compute {
-                    stage: self.range.start,
-                    reason: format!("micro-batch {micro}: the received activation got no gradient"),
-                })?;
-                Some(Self::to_activation(&g).map_err(|reason| PipelineError::Compute {
-                    stage: self.range.start,
-                    reason,
-                })?)
+                let g = leaf
+                    .grad(&grads)
+                    .ok_or_else(|| self.err(format!("micro-batch {micro}: the received activation got no gradient")))?;
+                Some(self.to_activation(&g)?)
             }
             None => None,
         };
-        self.accumulate(grads)?;
+        self.grads.add(self.model, grads).map_err(|e| self.err(e))?;
         self.compute_secs += started.elapsed().as_secs_f64();
         Ok(if self.first { None } else { input_grad })
+    }
+}
+
+/// `loss * scale`, or `loss` itself when the scale is 1 (no extra node in the graph).
+pub(crate) fn scaled(loss: Tensor<1>, scale: f32) -> Tensor<1> {
+    if scale == 1.0 {
+        loss
+    } else {
+        loss * scale
+    }
+}
+
+/// The value of a one-element loss tensor (NaN if it cannot be read).
+pub(crate) fn loss_value(loss: &Tensor<1>) -> f64 {
+    loss.clone()
+        .into_data()
+        .convert::<f32>()
+        .as_slice::<f32>()
+        .map_or(f64::NAN, |v| v[0] as f64)
+}
+
+/// Sums the gradients of every backward of a step into one flat buffer, in the model's layout
+/// order (zeros for parameters without a gradient).
+#[derive(Debug)]
+pub(crate) struct Accumulator<'a> {
+    /// The sum so far; emptied, not zeroed, at the start of a step: the step's first backward
+    /// writes straight into it, and it keeps its capacity from step to step (no scratch buffer to
+    /// grow and fault in every step, no pass adding the first gradients into zeros).
+    pub(crate) sum: &'a mut Vec<f32>,
+    /// One backward's gradients, when there is already a sum.
+    pub(crate) scratch: &'a mut Vec<f32>,
+}
+
+impl Accumulator<'_> {
+    /// Adds the gradients of one backward of `model`.
+    pub(crate) fn add<M: burn::module::Module>(
+        &mut self,
+        model: &M,
+        grads: Gradients,
+    ) -> Result<(), crate::parallel::ParamError> {
+        let params = GradientsParams::from_grads(grads, model);
+        if self.sum.is_empty() {
+            return flatten_grads_into(model, &params, self.sum);
+        }
+        flatten_grads_into(model, &params, self.scratch)?;
+        for (acc, g) in self.sum.iter_mut().zip(self.scratch.iter()) {
+            *acc += g;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,473 @@
+//! A training run from start to end: [`train_task_on`] sets it up (placement, device, model,
+//! buffers, resume), runs the steps, checkpoints and reports. Every rank runs this.
+//!
+//! Rank r sits at (replica, stage) in the `data x pipeline` mesh; with one stage it holds a whole
+//! replica (plain data parallelism). The trainable parameters of the rank's blocks live in one
+//! flat f32 vector (the master weights), with the optimizer state beside it; burn computes the
+//! gradients, we average them over the replicas and apply the update ourselves.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+
+use crate::comm::ProcessGroup;
+use crate::compress::build_codec;
+use crate::config::{CommBackend, ComputeDtype, PipelineSchedule, Resolved, RunConfig};
+use crate::data::DistributedSampler;
+use crate::parallel::params::trainable_mask;
+use crate::parallel::{
+    flatten_params_into, load_params, load_params_by_name, schedule, Action, DataParallel, ParamLayout, PipelineStage,
+    ScheduleKind, StepTimes, SyncError,
+};
+use crate::precision::{DynamicLossScaler, LossScalerOptions};
+
+use super::builtin::BuiltIn;
+use super::checkpoint::{self as ckpt, LoadedCheckpoint};
+use super::optim::FlatOptimizer;
+use super::report::{announce, Reporter};
+use super::resume::{self, SaveExtras};
+use super::setup::{self, Placement};
+use super::step::Overlap;
+use super::task::{BlockChain, Task};
+use super::TrainError;
+
+/// Options that are not part of the config.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Resume from this checkpoint folder (or the latest complete one under it).
+    pub resume: Option<PathBuf>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Optimizer steps completed in total (resumed ones included).
+    pub steps: u64,
+    /// Mean loss of the first logged window of this run.
+    pub first_loss: f64,
+    /// Mean loss of the last logged window.
+    pub final_loss: f64,
+    /// Global samples per second over the whole run (excluding the first step).
+    pub samples_per_sec: f64,
+    /// Mean step time, ms.
+    pub step_ms: f64,
+    /// The checkpoint written at the end, if any.
+    pub checkpoint: Option<PathBuf>,
+    /// Per-step pipeline timers of this rank (empty without a pipeline).
+    pub pipeline: Vec<StepTimes>,
+}
+
+/// `burnrun train`: joins the job from the environment and trains the built-in model of `cfg`.
+pub fn train(cfg: RunConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    let world = join(&cfg)?;
+    train_on(world, cfg, options)
+}
+
+/// The built-in model of `cfg` on an existing world group (tests run ranks on threads with
+/// [`crate::comm::spawn_ranks`]).
+pub fn train_on(world: ProcessGroup, cfg: RunConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    let resolved = cfg.validate(world.world_size())?;
+    let task = BuiltIn::new(&resolved, world.rank())?;
+    run(world, &resolved, &task, options)
+}
+
+/// Joins the job from the environment and trains `task` as `cfg` says: a user's own model gets
+/// everything `burnrun train` has.
+pub fn train_task<T: Task>(task: &T, cfg: RunConfig, options: &TrainOptions) -> Result<TrainSummary, TrainError> {
+    let world = join(&cfg)?;
+    train_task_on(world, task, cfg, options)
+}
+
+/// [`train_task`] on an existing world group.
+pub fn train_task_on<T: Task>(
+    world: ProcessGroup,
+    task: &T,
+    cfg: RunConfig,
+    options: &TrainOptions,
+) -> Result<TrainSummary, TrainError> {
+    let resolved = cfg.validate(world.world_size())?;
+    run(world, &resolved, task, options)
+}
+
+/// The world group of the job the launcher started, with the config's `[comm]` settings.
+fn join(cfg: &RunConfig) -> Result<ProcessGroup, TrainError> {
+    let init_err = |e: crate::Error| TrainError::Init {
+        rank: 0,
+        source: Box::new(e),
+    };
+    let mut env = crate::env::DistEnv::from_env().map_err(|e| init_err(e.into()))?;
+    if cfg.comm.backend != CommBackend::Tcp {
+        return Err(TrainError::Unsupported {
+            rank: env.rank,
+            what: format!("comm.backend = \"{}\"", cfg.comm.backend),
+            why: "this build has the CPU engine only (the NCCL backend needs the `cuda` feature and a GPU)".into(),
+        });
+    }
+    // The timeout set in the file (or by --set) wins over the launcher's --timeout, its default
+    // does not.
+    let launcher_default = std::time::Duration::from_secs(crate::env::DEFAULT_TIMEOUT_SECS);
+    if cfg.source().is_set("comm.timeout_secs") || env.timeout == launcher_default {
+        env.timeout = std::time::Duration::from_secs(cfg.comm.timeout_secs);
+    }
+    env.ring_threshold_bytes = cfg.comm.ring_threshold_bytes.or(env.ring_threshold_bytes);
+    env.segment_bytes = cfg.comm.segment_bytes.or(env.segment_bytes);
+    env.shm = cfg.comm.shm.or(env.shm);
+    env.shm_ring_bytes = cfg.comm.shm_ring_bytes.or(env.shm_ring_bytes);
+    crate::comm::init_from(&env).map_err(init_err)
+}
+
+/// Everything a rank holds between steps (the model itself travels through the loop by value:
+/// loading parameters into a burn module consumes it).
+pub(crate) struct Run<'a, T: Task> {
+    pub(crate) world: ProcessGroup,
+    pub(crate) rank: usize,
+    pub(crate) resolved: &'a Resolved,
+    pub(crate) task: &'a T,
+    pub(crate) chain: Option<&'a dyn BlockChain<T::Model, T::Batch>>,
+    pub(crate) place: Placement,
+    pub(crate) device: Device,
+    pub(crate) layout: ParamLayout,
+    /// Per parameter, whether autodiff trains it; the others (BatchNorm's running statistics,
+    /// frozen weights) are buffers: the model's own values, rank 0's on every replica.
+    pub(crate) trainable: Vec<bool>,
+    /// The f32 master copy of every float parameter (buffers included), layout order.
+    pub(crate) master: Vec<f32>,
+    /// The step's gradients, layout order.
+    pub(crate) grads: Vec<f32>,
+    pub(crate) scratch: Vec<f32>,
+    pub(crate) optimizer: FlatOptimizer,
+    pub(crate) ddp: DataParallel,
+    pub(crate) codec_ckpt: Option<ckpt::CodecCheckpoint>,
+    pub(crate) scaler: Option<DynamicLossScaler>,
+    /// Parameter names and sizes, layout order (the loss scaler names the overflowing one).
+    pub(crate) names: Vec<String>,
+    pub(crate) numels: Vec<usize>,
+    pub(crate) sampler: DistributedSampler,
+    pub(crate) pipeline: Option<PipelineStage>,
+    pub(crate) actions: Vec<Action>,
+    /// The shape of this stage's output per micro-batch (pipelines agree on it up front).
+    pub(crate) output_shape: [usize; 2],
+    /// Block-wise backward with the gradient all-reduce overlapped (a block chain, one stage).
+    pub(crate) overlap: Option<Overlap>,
+    /// Per step, this stage's pipeline timers (empty without a pipeline).
+    pub(crate) pipeline_times: Vec<StepTimes>,
+}
+
+impl<T: Task> std::fmt::Debug for Run<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run")
+            .field("rank", &self.rank)
+            .field("place", &self.place)
+            .finish()
+    }
+}
+
+fn run<T: Task>(
+    world: ProcessGroup,
+    resolved: &Resolved,
+    task: &T,
+    options: &TrainOptions,
+) -> Result<TrainSummary, TrainError> {
+    let rank = world.rank();
+    let cfg = &resolved.config;
+    // Before anything is written to out_dir; held until this function returns.
+    let _out_dir_lock = setup::lock_out_dir(&world, cfg)?;
+    setup::configure_compute_threads(cfg.train.threads);
+    setup::keep_freed_memory();
+    let chain = task.blocks();
+    let counts = chain.map(|c| c.block_param_counts());
+    let place = setup::place(&world, resolved, counts.as_deref())?;
+    if rank == 0 {
+        announce(resolved, &task.describe(), &place, counts.as_deref());
+    }
+    if let (Some(chain), Some(counts)) = (chain, &counts) {
+        let params = counts[place.blocks.clone()].iter().sum();
+        let activations = place.blocks.clone().map(|b| chain.activation_values(b)).sum();
+        setup::check_memory(resolved, rank, params, activations)?;
+    }
+
+    // Resume: read the checkpoint before building anything, so a finished run ends here.
+    let ckpt_root = Path::new(&cfg.train.out_dir).join("checkpoints");
+    let resume = resume::find_resume(cfg, options, &ckpt_root, rank)?;
+    if let Some(loaded) = &resume {
+        if resume::already_done(loaded, cfg, rank)? {
+            return Ok(TrainSummary {
+                steps: cfg.train.steps,
+                first_loss: f64::NAN,
+                final_loss: f64::NAN,
+                samples_per_sec: 0.0,
+                step_ms: 0.0,
+                checkpoint: Some(loaded.dir.clone()),
+                pipeline: Vec::new(),
+            });
+        }
+    }
+
+    let device = setup::device(resolved, rank)?;
+    let task_err = |what, source| TrainError::Task { rank, what, source };
+    let model = match chain {
+        Some(chain) if place.dims.pipeline > 1 => chain.model_range(place.blocks.clone(), &device),
+        _ => task.model(&device),
+    }
+    .map_err(|e| task_err("building the model", e))?;
+    let (mut run, model, start_step) = Run::new(world, resolved, task, chain, place, device, model, resume)?;
+    let mut report = Reporter::new(resolved, rank, start_step)?;
+    let global_batch = resolved.global_batch as f64;
+    let mut model = model;
+    let mut last_ckpt = None;
+    for step in start_step..cfg.train.steps {
+        report.step_started(step, start_step);
+        let (next, outcome) = run.step(model, step)?;
+        model = next;
+        report.progress.tick(step + 1);
+        let Some(stats) = outcome else {
+            continue; // skipped by the loss scaler
+        };
+        report.add(&stats.stats);
+        let done = step + 1;
+        if done % cfg.log.every_steps.max(1) == 0 || done == cfg.train.steps {
+            let scaler = run.scaler.as_ref();
+            report.log(&run.world, global_batch, done, stats.lr, |m| {
+                if let Some(scaler) = scaler {
+                    m.loss_scale = Some(scaler.scale as f64);
+                    m.skipped_steps = Some(scaler.skipped_steps);
+                }
+                m.compression_error = stats.compression_error;
+            })?;
+        }
+        let check_every = cfg.train.check_replicas_every;
+        if check_every > 0 && done % check_every == 0 {
+            run.check_replicas(done)?;
+        }
+        let every = cfg.checkpoint.every_steps;
+        if (every > 0 && done % every == 0) || done == cfg.train.steps {
+            last_ckpt = Some(run.save(&ckpt_root, done)?);
+        }
+    }
+    let (samples_per_sec, step_ms) = report.throughput(global_batch, cfg.train.steps);
+    report.finish(resolved, &run.place, &run.pipeline_times, start_step, samples_per_sec);
+    Ok(TrainSummary {
+        steps: cfg.train.steps,
+        first_loss: report.first_loss,
+        final_loss: report.final_loss,
+        samples_per_sec,
+        step_ms,
+        checkpoint: last_ckpt,
+        pipeline: run.pipeline_times,
+    })
+}
+
+impl<'a, T: Task> Run<'a, T> {
+    /// The flat buffers, gradient sync, loss scaler, sampler and pipeline of a rank holding
+    /// `model`; then every replica starts from the checkpoint, or from rank 0's parameters.
+    /// Returns the model with those parameters and the first step to run.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        world: ProcessGroup,
+        resolved: &'a Resolved,
+        task: &'a T,
+        chain: Option<&'a dyn BlockChain<T::Model, T::Batch>>,
+        place: Placement,
+        device: Device,
+        model: T::Model,
+        resume: Option<LoadedCheckpoint>,
+    ) -> Result<(Self, T::Model, u64), TrainError> {
+        let rank = world.rank();
+        let cfg = &resolved.config;
+        let params_err = |source| TrainError::Params { rank, source };
+        let layout = ParamLayout::of(&model);
+        let trainable = trainable_mask(&model);
+        let numel = layout.params.last().map_or(0, |p| p.range().end);
+
+        // The large flat buffers: a reservation that fails is an error naming the buffer, not
+        // an abort.
+        let alloc_err = |what, source| TrainError::Alloc {
+            rank,
+            what,
+            bytes: numel as u64 * 4,
+            source,
+        };
+        let mut master: Vec<f32> = Vec::new();
+        master
+            .try_reserve_exact(numel)
+            .map_err(|e| alloc_err("master weights", e))?;
+        let mut grads: Vec<f32> = Vec::new();
+        grads
+            .try_reserve_exact(numel)
+            .map_err(|e| alloc_err("gradient buffer", e))?;
+        let optimizer = FlatOptimizer::try_new(super::build::optimizer_kind(cfg), numel)
+            .map_err(|e| alloc_err("optimizer state", e))?;
+        flatten_params_into(&model, &mut master).map_err(params_err)?;
+
+        let numels: Vec<usize> = layout.params.iter().map(|p| p.numel).collect();
+        let names: Vec<String> = layout.params.iter().map(|p| p.name.clone()).collect();
+        let bucket_cap = (cfg.comm.bucket_cap_mb * 1024.0 * 1024.0) as usize;
+        let mut ddp = DataParallel::new(place.data_group.clone(), &numels, bucket_cap);
+        let mut codec_ckpt = None; // The codec's state in checkpoints (residuals, PowerSGD's Q).
+        if super::build::compressed(cfg) {
+            let shapes: Vec<Vec<usize>> = layout.params.iter().map(|p| p.shape.clone()).collect();
+            let codec = build_codec(&super::build::codec_options(cfg)).map_err(|e| TrainError::Sync {
+                rank,
+                source: SyncError::Codec(e),
+            })?;
+            ddp = ddp.with_codec(codec, &shapes);
+            let slot = ckpt::CodecSlot {
+                rank,
+                data_replicas: place.dims.data,
+                pipeline_stages: place.dims.pipeline,
+            };
+            codec_ckpt = Some(ckpt::CodecCheckpoint::new(slot, &ddp.layout().params, &shapes));
+        }
+        let mut scaler = if cfg.precision.compute == ComputeDtype::F16 {
+            let options = LossScalerOptions {
+                init_scale: cfg.precision.loss_scale_init as f32,
+                growth_interval: cfg.precision.growth_interval,
+                backoff_factor: cfg.precision.backoff as f32,
+                growth_factor: cfg.precision.growth_factor as f32,
+                min_scale: cfg.precision.min_scale as f32,
+                ..LossScalerOptions::default()
+            };
+            Some(DynamicLossScaler::new(&options).map_err(|source| TrainError::Precision { rank, source })?)
+        } else {
+            None
+        };
+        let sampler = DistributedSampler::new(
+            task.len(),
+            place.dims.data,
+            place.replica,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            cfg.data.shuffle,
+            cfg.data.drop_last,
+        )
+        .map_err(|source| TrainError::Data { rank, source })?;
+
+        let overlap =
+            Overlap::plan(resolved, chain, &place, &layout, &trainable, &ddp, scaler.is_some()).map_err(|why| {
+                TrainError::Unsupported {
+                    rank,
+                    what: "comm.overlap".into(),
+                    why,
+                }
+            })?;
+        let mut run = Self {
+            world,
+            rank,
+            resolved,
+            task,
+            chain,
+            place,
+            device,
+            layout,
+            trainable,
+            master,
+            grads,
+            scratch: Vec::new(),
+            optimizer,
+            ddp,
+            codec_ckpt,
+            scaler: None,
+            names,
+            numels,
+            sampler,
+            pipeline: None,
+            actions: Vec::new(),
+            output_shape: [resolved.micro_batch_size, 0],
+            overlap,
+            pipeline_times: Vec::new(),
+        };
+        run.plan_pipeline()?;
+
+        // Resume, or start every replica from rank 0's parameters.
+        let mut model = model;
+        let mut start_step = 0;
+        if let Some(loaded) = resume {
+            model = load_params_by_name(model, |p| loaded.params.get(&p.name).map(|t| t.data.clone()))
+                .map_err(params_err)?;
+            flatten_params_into(&model, &mut run.master).map_err(params_err)?;
+            resume::load_optimizer(&mut run.optimizer, &run.layout, &loaded);
+            if let (Some(slot), Some(codec)) = (&run.codec_ckpt, run.ddp.codec_mut()) {
+                slot.load(&loaded.dir, codec)
+                    .map_err(|source| TrainError::Checkpoint { rank, source })?;
+            }
+            if let Some(scaler) = &mut scaler {
+                scaler.scale = loaded.state.loss_scale;
+                scaler.good_steps = loaded.state.good_steps;
+            }
+            start_step = loaded.state.step;
+            if rank == 0 {
+                tracing::info!("resumed from {} at step {}", loaded.dir.display(), loaded.state.step);
+            }
+        } else {
+            run.ddp
+                .broadcast_params(&mut run.master)
+                .map_err(|source| TrainError::Comm { rank, source })?;
+            model = load_params(model, &run.master).map_err(params_err)?;
+        }
+        run.scaler = scaler;
+        Ok((run, model, start_step))
+    }
+
+    /// A pipeline stage's schedule and the activation shapes its neighbours agree on.
+    fn plan_pipeline(&mut self) -> Result<(), TrainError> {
+        let (Some(group), Some(chain)) = (&self.place.pipe_group, self.chain) else {
+            return Ok(());
+        };
+        let rank = self.rank;
+        let cfg = &self.resolved.config;
+        let micro = self.resolved.micro_batch_size;
+        let mut stage = PipelineStage::new(group.clone());
+        let blocks = &self.place.blocks;
+        let produces = [micro, chain.activation_width(blocks.end)];
+        let expects = [micro, chain.activation_width(blocks.start)];
+        let (first, last) = (self.place.first(), self.place.last());
+        stage
+            .agree_shapes((!last).then_some(&produces[..]), (!first).then_some(&expects[..]))
+            .map_err(|source| TrainError::Pipeline { rank, source })?;
+        let kind = match cfg.parallel.schedule {
+            PipelineSchedule::GPipe => ScheduleKind::GPipe,
+            PipelineSchedule::OneFOneB => ScheduleKind::OneFOneB,
+        };
+        self.actions = schedule(
+            kind,
+            self.place.stage,
+            self.place.dims.pipeline,
+            cfg.parallel.micro_batches.max(1),
+        );
+        self.output_shape = produces;
+        self.pipeline = Some(stage);
+        Ok(())
+    }
+
+    /// Compares every parameter across replicas.
+    fn check_replicas(&self, step: u64) -> Result<(), TrainError> {
+        let names: Vec<String> = self.layout.params.iter().map(|p| p.name.clone()).collect();
+        let ranges: Vec<Range<usize>> = self.layout.params.iter().map(|p| p.range()).collect();
+        self.ddp
+            .check_replicas(step, &names, &self.master, &ranges)
+            .map_err(|source| TrainError::Divergence {
+                rank: self.rank,
+                source,
+            })
+    }
+
+    /// Writes the checkpoint of step `step` under `root`.
+    fn save(&self, root: &Path, step: u64) -> Result<PathBuf, TrainError> {
+        let extras = SaveExtras {
+            scale: self.scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps)),
+            codec: self.codec_ckpt.as_ref().zip(self.ddp.codec()),
+        };
+        resume::save(
+            &self.world,
+            &self.place,
+            root,
+            &self.resolved.config,
+            step,
+            &self.layout,
+            &self.master,
+            &self.optimizer,
+            extras,
+        )
+    }
+}

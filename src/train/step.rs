@@ -1,0 +1,441 @@
+//! One optimizer step: forward and backward over the step's micro-batches, gradient sync (after
+//! backward, or block by block during it), loss scaling, clipping, the update, the buffers.
+//!
+//! **Overlap.** With a model that is a chain of blocks ([`super::BlockChain`]) trained by plain
+//! data parallelism, the last micro-batch of a step runs forward block by block (each block's
+//! input a fresh leaf) and backward from the last block to the first: as soon as block b's
+//! backward is done its gradients are final, and their all-reduce is launched on the process
+//! group's communication thread while the backward of blocks b-1, …, 0 goes on (torch DDP does
+//! the same with autograd hooks and buckets in reverse order). The cost is one elementwise
+//! product and sum per block boundary (`sum(out_b * g_b)` back-propagates the received gradient
+//! `g_b` exactly).
+
+use std::ops::Range;
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+use crate::comm::{ReduceOp, Work};
+use crate::config::Resolved;
+use crate::parallel::params::{flatten_selected_grads_into, flatten_selected_into};
+use crate::parallel::{load_params, DataParallel, ParamLayout, StageCompute, SyncStats};
+
+use crate::precision::ParamSpan;
+
+use super::optim::{clip_by_global_norm, learning_rate, sum_of_squares};
+use super::report::StepStats;
+use super::run::Run;
+use super::setup::Placement;
+use super::stage::{loss_value, scaled, Accumulator, StageRunner};
+use super::task::{BlockChain, Task};
+use super::TrainError;
+
+/// What a step that was not skipped reports.
+#[derive(Debug)]
+pub(crate) struct StepOutcome {
+    pub(crate) stats: StepStats,
+    /// The learning rate the update used.
+    pub(crate) lr: f32,
+    /// Per bucket, the relative error of what compression dropped.
+    pub(crate) compression_error: Vec<f64>,
+}
+
+/// Which parameters each block holds: its element range in the flat layout and its mask.
+#[derive(Debug)]
+pub(crate) struct Overlap {
+    /// Per block, its elements of the flat gradient buffer.
+    ranges: Vec<Range<usize>>,
+    /// Per block, one flag per parameter (layout order): the block's own.
+    select: Vec<Vec<bool>>,
+}
+
+impl Overlap {
+    /// The block layout of a block-chain model trained data parallel on one stage, when
+    /// `comm.overlap` is on and nothing needs the whole gradient before the all-reduce (a codec
+    /// compresses buckets of its own, the loss scaler checks every gradient for overflow first).
+    /// An error when the model's parameters are not laid out block after block as its
+    /// [`BlockChain::block_param_counts`] say.
+    pub(crate) fn plan<M, B>(
+        resolved: &Resolved,
+        chain: Option<&dyn BlockChain<M, B>>,
+        place: &Placement,
+        layout: &ParamLayout,
+        trainable: &[bool],
+        ddp: &DataParallel,
+        loss_scaling: bool,
+    ) -> Result<Option<Self>, String> {
+        let cfg = &resolved.config;
+        let Some(chain) = chain else { return Ok(None) };
+        if !cfg.comm.overlap
+            || place.dims.pipeline > 1
+            || place.dims.data == 1
+            || ddp.codec().is_some()
+            || loss_scaling
+            || !trainable.iter().all(|&t| t)
+        {
+            return Ok(None);
+        }
+        let counts = chain.block_param_counts();
+        let (mut ranges, mut select) = (Vec::new(), Vec::new());
+        let mut params = layout.params.iter().enumerate().peekable();
+        let mut offset = 0;
+        for (block, &count) in counts.iter().enumerate() {
+            let mut mask = vec![false; layout.len()];
+            let end = offset + count;
+            while let Some((k, p)) = params.next_if(|(_, p)| p.range().end <= end) {
+                if p.range().start < offset {
+                    break;
+                }
+                mask[k] = true;
+            }
+            let reached = params.peek().map_or(layout.numel, |(_, p)| p.range().start);
+            if reached != end {
+                return Err(format!(
+                    "block {block} of the model should hold {count} parameter values (BlockChain::block_param_counts), \
+                     but its parameters in visit order end at value {reached}, not {end}: the model's parameters must \
+                     be those of block 0, then block 1, and so on (set comm.overlap = false to sync after backward)"
+                ));
+            }
+            ranges.push(offset..end);
+            select.push(mask);
+            offset = end;
+        }
+        if offset != layout.numel {
+            return Err(format!(
+                "the blocks hold {offset} parameter values (BlockChain::block_param_counts) but the model {}",
+                layout.numel
+            ));
+        }
+        Ok(Some(Self { ranges, select }))
+    }
+}
+
+/// Gradient all-reduces launched during backward, one per block.
+struct InFlight {
+    launched: Vec<(Range<usize>, Work<Vec<f32>>)>,
+    first_launch: Option<Instant>,
+}
+
+impl<T: Task> Run<'_, T> {
+    /// Runs step `step` (0-based) on `model` and returns the model with the updated parameters;
+    /// `None` as outcome when the loss scaler skipped the step (a gradient overflowed).
+    pub(crate) fn step(&mut self, model: T::Model, step: u64) -> Result<(T::Model, Option<StepOutcome>), TrainError> {
+        let rank = self.rank;
+        let cfg = &self.resolved.config;
+        let bytes_before = self.world.bytes_sent();
+        let accum = cfg.train.grad_accum_steps.max(1);
+        let micro_batches = cfg.parallel.micro_batches.max(1);
+        // The loss of a step is the mean over its micro-batches: scale the summed gradients alike.
+        let scale = 1.0 / (accum * micro_batches) as f32;
+        let mut stats = StepStats::default();
+        let mut in_flight = None;
+        self.grads.clear();
+        for micro_step in 0..accum {
+            let indices = self.sampler.step_indices(step * accum as u64 + micro_step as u64);
+            let slices: Vec<&[usize]> = indices.chunks(self.resolved.micro_batch_size.max(1)).collect();
+            let last_micro_step = micro_step + 1 == accum;
+            match (&self.pipeline, &self.overlap) {
+                (Some(_), _) => self.pipeline_micro_step(&model, &slices, &mut stats)?,
+                (None, Some(_)) if last_micro_step => {
+                    let (last, earlier) = slices.split_last().expect("a step has at least one micro-batch");
+                    self.whole_backward(&model, earlier, &mut stats)?;
+                    in_flight = Some(self.overlapped_backward(&model, last, scale, &mut stats)?);
+                }
+                (None, _) => self.whole_backward(&model, &slices, &mut stats)?,
+            }
+        }
+        if stats.loss_count > 0 && !(stats.loss_sum / stats.loss_count as f64).is_finite() {
+            return Err(TrainError::NonFinite {
+                rank,
+                step: step + 1,
+                loss: stats.loss_sum / stats.loss_count as f64,
+            });
+        }
+
+        let sync = match in_flight {
+            Some(in_flight) => self.finish_overlap(in_flight)?,
+            None => {
+                // Every stage runs a backward each step, so this only guards the layout.
+                self.grads.resize(self.master.len(), 0.0);
+                if scale != 1.0 {
+                    self.grads.iter_mut().for_each(|g| *g *= scale);
+                }
+                // Dynamic loss scaling: every rank agrees whether any gradient overflowed, and all skip.
+                if let Some(scaler) = &mut self.scaler {
+                    let spans = ParamSpan::from_numels(&self.names, &self.numels);
+                    let decision = scaler
+                        .check_and_update(Some(&self.world), step + 1, &self.grads, &spans)
+                        .map_err(|source| TrainError::Precision { rank, source })?;
+                    if decision.skip {
+                        if rank == 0 {
+                            tracing::warn!(
+                                "step {}: gradient overflow on rank(s) {:?} (first: {}); skipped, loss scale -> {}",
+                                step + 1,
+                                decision.overflow_ranks,
+                                decision.first_overflow.as_deref().unwrap_or("?"),
+                                decision.scale
+                            );
+                        }
+                        return Ok((model, None));
+                    }
+                    scaler.unscale(&mut self.grads);
+                }
+                self.ddp
+                    .sync_flat(&mut self.grads, step)
+                    .map_err(|source| TrainError::Sync { rank, source })?
+            }
+        };
+
+        // Clip by the global norm: the stages' shares add up over the pipeline group.
+        let mut sum_sq = sum_of_squares(&self.grads);
+        if let Some(pipe) = &self.place.pipe_group {
+            let mut total = [sum_sq];
+            pipe.all_reduce(&mut total, ReduceOp::Sum)
+                .map_err(|source| TrainError::Comm { rank, source })?;
+            sum_sq = total[0];
+        }
+        let grad_norm = clip_by_global_norm(&mut self.grads, sum_sq, cfg.optim.grad_clip_norm as f32);
+        let lr = learning_rate(
+            step,
+            cfg.optim.lr as f32,
+            cfg.optim.min_lr as f32,
+            cfg.optim.warmup_steps,
+            cfg.train.steps,
+            cfg.optim.schedule == crate::config::LrSchedule::Cosine,
+        );
+        self.optimizer.step(lr, &mut self.master, &self.grads);
+        self.keep_buffers(&model)?;
+        let model = load_params(model, &self.master).map_err(|source| TrainError::Params { rank, source })?;
+
+        stats.comm_ms = sync.comm_ms;
+        stats.exposed_ms = sync.wait_ms;
+        stats.wire_bytes = self.world.bytes_sent() - bytes_before;
+        stats.grad_norm = grad_norm;
+        Ok((
+            model,
+            Some(StepOutcome {
+                stats,
+                lr,
+                compression_error: sync.compression_error,
+            }),
+        ))
+    }
+
+    /// Forward and backward of the whole model on each of `slices`, gradients summed.
+    fn whole_backward(
+        &mut self,
+        model: &T::Model,
+        slices: &[&[usize]],
+        stats: &mut StepStats,
+    ) -> Result<(), TrainError> {
+        let rank = self.rank;
+        let task_err = |what, source| TrainError::Task { rank, what, source };
+        let loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        let mut acc = Accumulator {
+            sum: &mut self.grads,
+            scratch: &mut self.scratch,
+        };
+        for indices in slices {
+            let started = Instant::now();
+            let batch = self
+                .task
+                .batch(indices, &self.device)
+                .map_err(|e| task_err("reading a batch", e))?;
+            let loss = self
+                .task
+                .loss(model, &batch)
+                .map_err(|e| task_err("computing the loss", e))?;
+            stats.loss_sum += loss_value(&loss);
+            stats.loss_count += 1;
+            let grads = scaled(loss, loss_scale).backward();
+            acc.add(model, grads)
+                .map_err(|source| TrainError::Params { rank, source })?;
+            stats.compute_ms += started.elapsed().as_secs_f64() * 1e3;
+        }
+        Ok(())
+    }
+
+    /// The micro-batches of one accumulation step through this rank's pipeline stage.
+    fn pipeline_micro_step(
+        &mut self,
+        model: &T::Model,
+        slices: &[&[usize]],
+        stats: &mut StepStats,
+    ) -> Result<(), TrainError> {
+        let rank = self.rank;
+        let pipe_err = |source| TrainError::Pipeline { rank, source };
+        let (Some(stage), Some(chain)) = (&self.pipeline, self.chain) else {
+            return Ok(());
+        };
+        let mut runner = StageRunner::new(
+            self.task,
+            chain,
+            model,
+            self.place.blocks.clone(),
+            self.device.clone(),
+            slices.to_vec(),
+            (self.place.first(), self.place.last()),
+            Accumulator {
+                sum: &mut self.grads,
+                scratch: &mut self.scratch,
+            },
+        );
+        runner.loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        if self.place.dims.pipeline > 1 {
+            let times = stage
+                .run(&self.actions, Some(&self.output_shape), &mut runner)
+                .map_err(pipe_err)?;
+            stats.idle_ms += times.idle_ms;
+            self.pipeline_times.push(times);
+        } else {
+            for m in 0..slices.len() {
+                runner.forward(m, None).map_err(pipe_err)?;
+                runner.backward(m, None).map_err(pipe_err)?;
+            }
+        }
+        stats.loss_sum += runner.loss_sum;
+        stats.loss_count += runner.loss_count;
+        stats.compute_ms += runner.compute_secs * 1e3;
+        Ok(())
+    }
+
+    /// Forward block by block on `indices`, then backward from the last block to the first,
+    /// launching each block's gradient all-reduce as soon as its backward is done.
+    fn overlapped_backward(
+        &mut self,
+        model: &T::Model,
+        indices: &[usize],
+        scale: f32,
+        stats: &mut StepStats,
+    ) -> Result<InFlight, TrainError> {
+        let rank = self.rank;
+        let task_err = |what, source| TrainError::Task { rank, what, source };
+        let (Some(chain), Some(overlap)) = (self.chain, &self.overlap) else {
+            return Ok(InFlight {
+                launched: Vec::new(),
+                first_launch: None,
+            });
+        };
+        let started = Instant::now();
+        let batch = self
+            .task
+            .batch(indices, &self.device)
+            .map_err(|e| task_err("reading a batch", e))?;
+        // Forward: block b's input is a fresh leaf, so its backward stops at the block.
+        let blocks = overlap.ranges.len();
+        let mut x = chain.input(&batch).map_err(|e| task_err("reading a batch", e))?;
+        let mut held: Vec<(Option<Tensor<2>>, Tensor<2>)> = Vec::with_capacity(blocks);
+        for b in 0..blocks {
+            let leaf = (b > 0).then(|| x.clone().detach().require_grad());
+            let input = leaf.clone().unwrap_or(x);
+            let out = chain
+                .forward_range(model, input, b..b + 1)
+                .map_err(|e| task_err("running the forward", e))?;
+            x = out.clone();
+            held.push((leaf, out));
+        }
+        let loss = chain
+            .loss_of_output(x, &batch)
+            .map_err(|e| task_err("computing the loss", e))?;
+        stats.loss_sum += loss_value(&loss);
+        stats.loss_count += 1;
+
+        // Backward, last block first. The step's earlier micro-batches (if any) already summed
+        // their gradients into `grads`; this one adds its own, then the block's sum is scaled to
+        // the step's mean and leaves for the all-reduce.
+        let fresh = self.grads.is_empty();
+        if fresh {
+            self.grads.resize(self.master.len(), 0.0);
+        }
+        let group = self.place.data_group.clone();
+        let mut in_flight = InFlight {
+            launched: Vec::with_capacity(blocks),
+            first_launch: None,
+        };
+        let mut present = Vec::new();
+        let mut upstream: Option<Tensor<2>> = None;
+        let mut loss = Some(loss);
+        for b in (0..blocks).rev() {
+            // Invariant: one entry was pushed per block above.
+            let (leaf, out) = held.pop().expect("one held output per block");
+            let grads = match (upstream.take(), loss.take()) {
+                (Some(g), _) => (out * g).sum().backward(),
+                (None, Some(loss)) => loss.backward(),
+                (None, None) => {
+                    return Err(task_err(
+                        "running the backward",
+                        format!("block {b} got no gradient from block {}", b + 1).into(),
+                    ))
+                }
+            };
+            if let Some(leaf) = &leaf {
+                let g = leaf.grad(&grads).ok_or_else(|| {
+                    task_err(
+                        "running the backward",
+                        format!("the input of block {b} got no gradient").into(),
+                    )
+                })?;
+                upstream = Some(Tensor::from_inner(g));
+            }
+            let params = GradientsParams::from_grads(grads, model);
+            flatten_selected_grads_into(model, &params, &overlap.select[b], &mut self.scratch, &mut present)
+                .map_err(|source| TrainError::Params { rank, source })?;
+            let range = overlap.ranges[b].clone();
+            let block_grads = &mut self.grads[range.clone()];
+            for (acc, g) in block_grads.iter_mut().zip(&self.scratch) {
+                *acc = if fresh { g * scale } else { (*acc + g) * scale };
+            }
+            if !range.is_empty() {
+                in_flight.first_launch.get_or_insert_with(Instant::now);
+                let work = group.all_reduce_async(block_grads.to_vec(), ReduceOp::Avg);
+                in_flight.launched.push((range, work));
+            }
+        }
+        stats.compute_ms += started.elapsed().as_secs_f64() * 1e3;
+        Ok(in_flight)
+    }
+
+    /// Waits for the all-reduces launched during backward and puts the averages in place.
+    fn finish_overlap(&mut self, in_flight: InFlight) -> Result<SyncStats, TrainError> {
+        let rank = self.rank;
+        let mut stats = SyncStats {
+            buckets: in_flight.launched.len(),
+            ..SyncStats::default()
+        };
+        let waited = Instant::now();
+        for (range, work) in in_flight.launched {
+            stats.bytes += range.len() * 4;
+            let averaged = work.wait().map_err(|source| TrainError::Comm { rank, source })?;
+            self.grads[range].copy_from_slice(&averaged);
+        }
+        stats.wait_ms = waited.elapsed().as_secs_f64() * 1e3;
+        stats.comm_ms = in_flight.first_launch.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        stats.wire_bytes = stats.bytes as u64;
+        Ok(stats)
+    }
+
+    /// Buffers (parameters autodiff does not train: running statistics, frozen weights) keep the
+    /// values the model computed, rank 0's on every replica (torch DDP's `broadcast_buffers`).
+    fn keep_buffers(&mut self, model: &T::Model) -> Result<(), TrainError> {
+        if self.trainable.iter().all(|&t| t) {
+            return Ok(());
+        }
+        let rank = self.rank;
+        let buffers: Vec<bool> = self.trainable.iter().map(|t| !t).collect();
+        flatten_selected_into(model, &buffers, &mut self.scratch)
+            .map_err(|source| TrainError::Params { rank, source })?;
+        if self.place.dims.data > 1 {
+            self.place
+                .data_group
+                .broadcast(&mut self.scratch, 0)
+                .map_err(|source| TrainError::Comm { rank, source })?;
+        }
+        let mut offset = 0;
+        for (p, _) in self.layout.params.iter().zip(&buffers).filter(|(_, &b)| b) {
+            self.master[p.range()].copy_from_slice(&self.scratch[offset..offset + p.numel]);
+            offset += p.numel;
+        }
+        Ok(())
+    }
+}
