@@ -25,6 +25,12 @@ const ADAM_PARITY_TOL: f32 = 1e-5;
 /// splits the batch into two micro-batches (sum of the two halves, then a halving, exact in f32).
 const SAME_ARITHMETIC_TOL: f32 = 0.0;
 
+/// Gradient sync overlapped with backward (block by block) against sync after backward: the
+/// block-wise backward hands each block exactly the output gradient the whole backward does
+/// (`d sum(out * g) / d out = g`), and averaging two ranks' values is one exact-order addition
+/// whatever the bucket boundaries, so the runs agree bit for bit.
+const OVERLAP_TOL: f32 = 0.0;
+
 /// A resumed run replays the same arithmetic on the same ranks from exactly saved f32 state.
 const RESUME_TOL: f32 = 0.0;
 
@@ -106,6 +112,34 @@ fn two_ranks_with_batch_b_compute_exactly_what_one_rank_splitting_2b_into_two_mi
         SAME_ARITHMETIC_TOL,
         "2 ranks x B vs 1 rank x 2B in 2 micro-batches",
     );
+}
+
+#[test]
+fn gradient_sync_overlapped_with_backward_ends_where_sync_after_backward_does_also_when_accumulating() {
+    for accum in [1, 2] {
+        let overlapped = out_dir(&format!("overlap-on-{accum}"));
+        train(
+            2,
+            &config("mlp_synthetic.toml"),
+            &overlapped,
+            &mlp(B, accum, &["comm.overlap=true"]),
+        );
+        let after = run(&format!("overlap-off-{accum}"), 2, B, accum, &["comm.overlap=false"]);
+        assert_params_close(
+            &final_params(&overlapped),
+            &after,
+            OVERLAP_TOL,
+            &format!("overlapped vs after backward, accum {accum}"),
+        );
+        // The metrics split the sync into its wall time and the part the step waited for.
+        let metrics = std::fs::read_to_string(overlapped.join("metrics.jsonl")).unwrap();
+        for line in metrics.lines() {
+            let m: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (comm, exposed) = (m["comm_ms"].as_f64().unwrap(), m["exposed_comm_ms"].as_f64().unwrap());
+            assert!(comm > 0.0 && exposed <= comm, "{line}");
+        }
+        let _ = std::fs::remove_dir_all(&overlapped);
+    }
 }
 
 #[test]

@@ -343,14 +343,13 @@ impl<'a, T: Task> Run<'a, T> {
         )
         .map_err(|source| TrainError::Data { rank, source })?;
 
-        let overlap =
-            Overlap::plan(resolved, chain, &place, &layout, &trainable, &ddp, scaler.is_some()).map_err(|why| {
-                TrainError::Unsupported {
-                    rank,
-                    what: "comm.overlap".into(),
-                    why,
-                }
-            })?;
+        let overlap = Overlap::plan(resolved, chain, &place, &layout, &ddp, scaler.is_some()).map_err(|why| {
+            TrainError::Unsupported {
+                rank,
+                what: "comm.overlap".into(),
+                why,
+            }
+        })?;
         let mut run = Self {
             world,
             rank,

@@ -13,6 +13,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
@@ -61,21 +62,14 @@ impl Overlap {
         chain: Option<&dyn BlockChain<M, B>>,
         place: &Placement,
         layout: &ParamLayout,
-        trainable: &[bool],
         ddp: &DataParallel,
         loss_scaling: bool,
     ) -> Result<Option<Self>, String> {
         let cfg = &resolved.config;
-        let Some(chain) = chain else { return Ok(None) };
-        if !cfg.comm.overlap
-            || place.dims.pipeline > 1
-            || place.dims.data == 1
-            || ddp.codec().is_some()
-            || loss_scaling
-            || !trainable.iter().all(|&t| t)
-        {
+        // The contract is checked whenever the rank holds the whole chain, used or not.
+        let Some(chain) = chain.filter(|_| place.dims.pipeline == 1) else {
             return Ok(None);
-        }
+        };
         let counts = chain.block_param_counts();
         let (mut ranges, mut select) = (Vec::new(), Vec::new());
         let mut params = layout.params.iter().enumerate().peekable();
@@ -107,7 +101,8 @@ impl Overlap {
                 layout.numel
             ));
         }
-        Ok(Some(Self { ranges, select }))
+        let used = cfg.comm.overlap && place.dims.data > 1 && ddp.codec().is_none() && !loss_scaling;
+        Ok(used.then_some(Self { ranges, select }))
     }
 }
 
@@ -423,6 +418,9 @@ impl<T: Task> Run<'_, T> {
         }
         let rank = self.rank;
         let buffers: Vec<bool> = self.trainable.iter().map(|t| !t).collect();
+        // burn's `RunningState` keeps a forward's update aside until a read folds it in; `valid()`
+        // folds every pending one (the inference copy it returns is dropped at once).
+        drop(model.valid());
         flatten_selected_into(model, &buffers, &mut self.scratch)
             .map_err(|source| TrainError::Params { rank, source })?;
         if self.place.dims.data > 1 {
