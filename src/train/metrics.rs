@@ -37,6 +37,8 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Bytes this rank sent for gradient synchronisation per step.
     pub wire_bytes: u64,
+    /// Peak resident memory of the largest rank so far (RSS; `VmHWM`), MiB.
+    pub peak_rss_mb: f64,
     /// Dynamic loss scale, when used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f64>,

@@ -34,11 +34,26 @@ pub(crate) struct StepStats {
     pub(crate) idle_ms: f64,
 }
 
-/// Number of values of [`StepStats`] exchanged per rank.
-const STAT_FIELDS: usize = 8;
+/// Number of values of a rank's window exchanged at each log step: the fields of [`StepStats`]
+/// and the rank's peak resident memory.
+const STAT_FIELDS: usize = 9;
+
+/// Index of the peak resident memory in a window (not summed: the latest value is kept).
+const PEAK_RSS: usize = 8;
+
+/// This process's peak resident set size in bytes (`VmHWM` of `/proc/self/status`; 0 where it
+/// cannot be read).
+pub(crate) fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
 
 impl StepStats {
-    fn values(&self) -> [f64; STAT_FIELDS] {
+    fn values(&self) -> [f64; PEAK_RSS] {
         [
             self.loss_sum,
             self.loss_count as f64,
@@ -122,6 +137,7 @@ impl Reporter {
         for (w, s) in self.window.iter_mut().zip(stats.values()) {
             *w += s;
         }
+        self.window[PEAK_RSS] = peak_rss_bytes() as f64;
         self.window_steps += 1;
     }
 
@@ -225,8 +241,9 @@ impl Reporter {
                 String::new()
             };
             self.progress.println(&format!(
-                "burnrun: trained {} steps{resumed}: {loss}, {samples_per_sec:.0} samples/s",
-                cfg.train.steps
+                "burnrun: trained {} steps{resumed}: {loss}, {samples_per_sec:.0} samples/s, peak RSS {:.0} MiB (rank 0)",
+                cfg.train.steps,
+                peak_rss_bytes() as f64 / (1024.0 * 1024.0)
             ));
         }
     }
@@ -304,6 +321,7 @@ fn gather_metrics(
         grad_norm: per_rank[0][6] / steps_f,
         bubble_fraction: per_rank.iter().map(|r| r[7] / steps_f).sum::<f64>() / n as f64 / (secs * 1e3 / steps_f),
         wire_bytes: (per_rank.iter().map(|r| r[5]).sum::<f64>() / steps_f / n as f64) as u64,
+        peak_rss_mb: max(PEAK_RSS) / (1024.0 * 1024.0),
         ..Default::default()
     })
 }

@@ -346,7 +346,7 @@ impl<'a, T: Task> Run<'a, T> {
         let overlap = Overlap::plan(resolved, chain, &place, &layout, &ddp, scaler.is_some()).map_err(|why| {
             TrainError::Unsupported {
                 rank,
-                what: "comm.overlap".into(),
+                what: "the model's BlockChain (Task::blocks)".into(),
                 why,
             }
         })?;

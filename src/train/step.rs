@@ -53,7 +53,7 @@ pub(crate) struct Overlap {
 
 impl Overlap {
     /// The block layout of a block-chain model trained data parallel on one stage, when
-    /// `comm.overlap` is on and nothing needs the whole gradient before the all-reduce (a codec
+    /// `comm.overlap` is on (by default on GPU devices) and nothing needs the whole gradient before the all-reduce (a codec
     /// compresses buckets of its own, the loss scaler checks every gradient for overflow first).
     /// An error when the model's parameters are not laid out block after block as its
     /// [`BlockChain::block_param_counts`] say.
@@ -88,7 +88,7 @@ impl Overlap {
                 return Err(format!(
                     "block {block} of the model should hold {count} parameter values (BlockChain::block_param_counts), \
                      but its parameters in visit order end at value {reached}, not {end}: the model's parameters must \
-                     be those of block 0, then block 1, and so on (set comm.overlap = false to sync after backward)"
+                     be those of block 0, then block 1, and so on (fix block_param_counts or the order of the model's fields)"
                 ));
             }
             ranges.push(offset..end);
@@ -101,7 +101,8 @@ impl Overlap {
                 layout.numel
             ));
         }
-        let used = cfg.comm.overlap && place.dims.data > 1 && ddp.codec().is_none() && !loss_scaling;
+        let wanted = cfg.comm.overlap.unwrap_or(!resolved.device.is_cpu());
+        let used = wanted && place.dims.data > 1 && ddp.codec().is_none() && !loss_scaling;
         Ok(used.then_some(Self { ranges, select }))
     }
 }
