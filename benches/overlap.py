@@ -13,7 +13,8 @@ part the step waited for) from metrics.jsonl (windows after the first), and the 
 peak RSS. Each run is bounded by --timeout seconds.
 
 Usage: python3 benches/overlap.py [--rounds 5] [--steps 60] [--config configs/mlp_bench.toml]
-Build first: cargo build --release.
+                                  [--burnrun PATH] [--set key=value]...
+Build first: cargo build --release. On wgpu: --burnrun <a --features wgpu build> --set train.device=wgpu
 """
 import argparse
 import json
@@ -26,11 +27,11 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-BURNRUN = os.path.join(ROOT, "target", "release", "burnrun")
+BURNRUN = os.path.join(ROOT, "target", "release", "burnrun")  # --burnrun overrides
 TRAINED = re.compile(r"burnrun: trained \d+ steps: .*?([0-9.]+) samples/s")
 
 
-def run(nproc, config, steps, overlap, out, timeout):
+def run(nproc, config, steps, overlap, out, timeout, burnrun=BURNRUN, extra=()):
     launch = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
     sets = [
         f"train.steps={steps}",
@@ -39,8 +40,9 @@ def run(nproc, config, steps, overlap, out, timeout):
         "log.every_steps=10",
         "log.progress=plain",
         f"comm.overlap={'true' if overlap else 'false'}",
+        *extra,
     ]
-    cmd = [BURNRUN, *launch, "train", config]
+    cmd = [burnrun, *launch, "train", config]
     for s in sets:
         cmd += ["--set", s]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BURNRUN_", "MASTER_", "RANK", "WORLD_"))}
@@ -67,6 +69,8 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--config", default="configs/mlp_bench.toml")
     parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--burnrun", default=BURNRUN, help="the burnrun binary (e.g. a --features wgpu build)")
+    parser.add_argument("--set", action="append", default=[], help="extra config override, repeatable")
     args = parser.parse_args()
     runs = {"1 rank": (1, True), "2 ranks, overlap": (2, True), "2 ranks, after backward": (2, False)}
     results = {name: [] for name in runs}
@@ -74,10 +78,10 @@ def main():
         for r in range(args.rounds):
             for name, (nproc, overlap) in runs.items():
                 out = os.path.join(tmp, f"{r}-{nproc}-{overlap}")
-                results[name].append(run(nproc, args.config, args.steps, overlap, out, args.timeout))
+                results[name].append(run(nproc, args.config, args.steps, overlap, out, args.timeout, args.burnrun, args.set))
                 print(f"round {r + 1}: {name}: {results[name][-1]}", file=sys.stderr)
     keys = ["samples_per_sec", "step_ms", "compute_ms", "comm_ms", "exposed_comm_ms", "peak_rss_mb"]
-    print(f"{args.config}, {args.steps} steps, median of {args.rounds} rounds")
+    print(f"{args.config} {' '.join(args.set)}, {args.steps} steps, median of {args.rounds} rounds")
     print("| run | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     med = {name: {k: statistics.median(x[k] for x in rs) for k in keys} for name, rs in results.items()}

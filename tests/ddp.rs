@@ -492,3 +492,19 @@ fn a_misspelt_key_of_the_user_section_is_refused_naming_the_key_and_the_fix() {
         "{text}"
     );
 }
+
+#[test]
+fn a_users_binary_checks_its_config_like_burnrun_check_with_its_task_and_its_own_section() {
+    let run = std::process::Command::new(example("char_lm"))
+        .args(["--check", "--set", "user.width=64", "--set", "train.batch_size=16"])
+        .env_remove("WORLD_SIZE")
+        .env_remove("RANK")
+        .output()
+        .expect("char_lm runs");
+    let text = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{text}");
+    assert!(text.contains("# task: char_lm (2 layers, width 64"), "{text}");
+    assert!(text.contains("[user]\ncontext = 32\nwidth = 64"), "{text}");
+    assert!(!text.contains("[model]") && !text.contains("[data]"), "{text}");
+    assert!(text.contains("global batch = batch_size(16)"), "{text}");
+}

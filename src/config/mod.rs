@@ -56,7 +56,7 @@ pub use model::{CnnConfig, GptConfig, MlpConfig, ModelConfig, ModelKind};
 pub use optim::{LrSchedule, OptimConfig, OptimKind};
 pub use parallel::{ParallelConfig, Partition, PipelineSchedule};
 pub use precision::{ComputeDtype, PrecisionConfig};
-pub use report::check_report;
+pub use report::{check_report, TaskFacts};
 pub use run::{ConfigSource, RunConfig};
 pub use train::{DeviceSpec, TrainConfig, WgpuAdapter};
 pub use validate::Resolved;

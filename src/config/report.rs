@@ -18,9 +18,30 @@ pub fn check_report(config: &RunConfig, world_size: usize) -> Result<String, Con
     Ok(config.validate(world_size)?.report())
 }
 
+/// What a user's task tells the report (`burnrun train` reports its built-in model and data from
+/// the config itself).
+#[derive(Debug, Clone)]
+pub struct TaskFacts {
+    /// The task's one-line description.
+    pub describe: String,
+    /// Its number of training samples.
+    pub samples: usize,
+}
+
 impl Resolved {
-    /// The full report: header, settings as TOML, batch arithmetic, mesh, notes.
+    /// The full report of a `burnrun train` run: header, settings as TOML, batch arithmetic,
+    /// mesh, notes.
     pub fn report(&self) -> String {
+        self.report_for(None)
+    }
+
+    /// The report of a run of a user's task: `[model]` and `[data]` (the built-in's) left out,
+    /// `[user]` shown, the epoch counted in the task's samples.
+    pub fn task_report(&self, task: &TaskFacts) -> String {
+        self.report_for(Some(task))
+    }
+
+    fn report_for(&self, task: Option<&TaskFacts>) -> String {
         let mut out = String::new();
         let source = self.config.source();
         let name = if source.name.is_empty() {
@@ -34,9 +55,12 @@ impl Resolved {
             self.config.hash()
         ));
         out.push_str(&format!("# world size: {}\n", self.world_size));
-        out.push_str(&self.settings_toml());
+        if let Some(task) = task {
+            out.push_str(&format!("# task: {}\n", task.describe));
+        }
+        out.push_str(&self.settings_toml_for(task.is_some()));
         out.push_str("\n# batch\n");
-        for line in self.batch_arithmetic() {
+        for line in self.batch_arithmetic_for(task.map(|t| t.samples)) {
             out.push_str(&format!("#   {line}\n"));
         }
         out.push_str("\n# rank mesh\n");
@@ -56,6 +80,12 @@ impl Resolved {
     /// `model.kind` and `data.kind` are shown; optional keys that are not set appear as comments,
     /// and overridden keys carry their `--set` as a comment.
     pub fn settings_toml(&self) -> String {
+        self.settings_toml_for(false)
+    }
+
+    /// [`Self::settings_toml`]; for a user's task (`task`), without the built-in `[model]` and
+    /// `[data]` and with `[user]`.
+    fn settings_toml_for(&self, task: bool) -> String {
         let config = &self.config;
         let value = toml::Value::try_from(config).unwrap_or(toml::Value::Table(toml::Table::new()));
         let selected_model = format!("model.{}", config.model.kind);
@@ -63,7 +93,11 @@ impl Resolved {
         let mut out = String::new();
         for table in tables() {
             let is_other_kind = |prefix: &str, selected: &str| table.path.starts_with(prefix) && table.path != selected;
+            let builtin = ["model", "data"]
+                .iter()
+                .any(|t| table.path == *t || table.path.starts_with(&format!("{t}.")));
             if table.path.is_empty()
+                || (task && builtin)
                 || is_other_kind("model.", &selected_model)
                 || is_other_kind("data.", &selected_data)
             {
@@ -89,12 +123,23 @@ impl Resolved {
                 }
             }
         }
+        if task {
+            // The program's own section, as written (its keys are checked by the program).
+            let user = toml::to_string(&config.user).unwrap_or_default();
+            let _ = write!(out, "\n[user]\n{user}");
+        }
         out
     }
 
     /// The batch sizes derived from the config, every term named, e.g.
     /// `global batch = batch_size(32) x grad_accum_steps(2) x data-parallel ranks(2) = 128`.
     pub fn batch_arithmetic(&self) -> Vec<String> {
+        let samples = (self.config.data.kind == DataKind::Synthetic).then_some(self.config.data.synthetic.samples);
+        self.batch_arithmetic_for(samples)
+    }
+
+    /// [`Self::batch_arithmetic`] with the epoch counted in `samples` when known.
+    fn batch_arithmetic_for(&self, samples: Option<usize>) -> Vec<String> {
         let train = &self.config.train;
         let parallel = &self.config.parallel;
         let data_ranks = self.mesh.data;
@@ -116,8 +161,7 @@ impl Resolved {
                 self.global_batch * seq_len
             ));
         }
-        if self.config.data.kind == DataKind::Synthetic {
-            let samples = self.config.data.synthetic.samples;
+        if let Some(samples) = samples {
             let per_micro_step = train.batch_size * data_ranks;
             let micro_steps = samples / per_micro_step.max(1);
             let remainder = samples % per_micro_step.max(1);

@@ -8,7 +8,7 @@
 
 use std::process::ExitCode;
 
-use crate::config::{check_report, RunConfig};
+use crate::config::{RunConfig, TaskFacts};
 
 use super::memory::{fits, largest_stage, MemoryAvailable};
 use super::task::{Task, TaskError};
@@ -98,9 +98,13 @@ where
     let env = crate::env::DistEnv::from_env()?;
     crate::telemetry::init_logging(env.launched().then_some(env.rank));
     if args.check {
-        print!("{}", check_report(&cfg, env.world_size)?);
         let resolved = cfg.validate(env.world_size)?;
         let task = make(&resolved.config)?;
+        let facts = TaskFacts {
+            describe: task.describe(),
+            samples: task.len(),
+        };
+        print!("{}", resolved.task_report(&facts));
         if let Some(chain) = task.blocks() {
             let estimate = largest_stage(&resolved, chain)?;
             let available = MemoryAvailable::of_this_node(env.local_world_size);

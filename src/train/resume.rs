@@ -116,81 +116,68 @@ pub(crate) fn save(
     extras: SaveExtras<'_>,
 ) -> Result<PathBuf, TrainError> {
     let dir = ckpt::step_dir(root, step);
-    match write(world, place, &dir, root, cfg, step, layout, master, optimizer, extras) {
+    let written = (|| -> Result<(), TrainError> {
+        let rank = world.rank();
+        let ck = |source| TrainError::Checkpoint { rank, source };
+        if place.replica == 0 {
+            let params: Vec<NamedTensor<'_>> = layout
+                .params
+                .iter()
+                .map(|p| NamedTensor {
+                    name: &p.name,
+                    shape: &p.shape,
+                    data: &master[p.range()],
+                })
+                .collect();
+            ckpt::write_tensors(&dir.join(format!("model-stage{}.safetensors", place.stage)), &params).map_err(ck)?;
+            let state_names: Vec<(String, &[usize], &[f32])> = optimizer
+                .state()
+                .into_iter()
+                .flat_map(|(suffix, buf)| {
+                    layout
+                        .params
+                        .iter()
+                        .map(move |p| (format!("{}.{suffix}", p.name), p.shape.as_slice(), &buf[p.range()]))
+                })
+                .collect();
+            let tensors: Vec<NamedTensor<'_>> = state_names
+                .iter()
+                .map(|(n, s, d)| NamedTensor {
+                    name: n,
+                    shape: s,
+                    data: d,
+                })
+                .collect();
+            ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
+        }
+        // Every rank's own codec state (residuals differ between ranks), before state.json.
+        if let Some((slot, codec)) = extras.codec {
+            slot.save(&dir, codec).map_err(ck)?;
+        }
+        world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
+        if rank == 0 {
+            let state = TrainState {
+                step,
+                micro_batches_seen: step * cfg.train.grad_accum_steps as u64,
+                seed: cfg.train.seed,
+                loss_scale: extras.scale.0,
+                good_steps: extras.scale.1,
+                pipeline_stages: place.dims.pipeline,
+                data_replicas: place.dims.data,
+                config: cfg.to_toml_string(),
+                // Every rank's files are on disk (the barrier above): rank 0 hashes them all.
+                checksums: ckpt::checksum_files(&dir).map_err(ck)?,
+            };
+            ckpt::write_state(&dir, &state).map_err(ck)?;
+            ckpt::prune(root, cfg.checkpoint.keep_last).map_err(ck)?;
+        }
+        Ok(())
+    })();
+    match written {
         Ok(()) => Ok(dir),
         Err(e) => {
             ckpt::discard_incomplete(&dir);
             Err(e)
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write(
-    world: &ProcessGroup,
-    place: &Placement,
-    dir: &Path,
-    root: &Path,
-    cfg: &RunConfig,
-    step: u64,
-    layout: &ParamLayout,
-    master: &[f32],
-    optimizer: &FlatOptimizer,
-    extras: SaveExtras<'_>,
-) -> Result<(), TrainError> {
-    let rank = world.rank();
-    let ck = |source| TrainError::Checkpoint { rank, source };
-    if place.replica == 0 {
-        let params: Vec<NamedTensor<'_>> = layout
-            .params
-            .iter()
-            .map(|p| NamedTensor {
-                name: &p.name,
-                shape: &p.shape,
-                data: &master[p.range()],
-            })
-            .collect();
-        ckpt::write_tensors(&dir.join(format!("model-stage{}.safetensors", place.stage)), &params).map_err(ck)?;
-        let state_names: Vec<(String, &[usize], &[f32])> = optimizer
-            .state()
-            .into_iter()
-            .flat_map(|(suffix, buf)| {
-                layout
-                    .params
-                    .iter()
-                    .map(move |p| (format!("{}.{suffix}", p.name), p.shape.as_slice(), &buf[p.range()]))
-            })
-            .collect();
-        let tensors: Vec<NamedTensor<'_>> = state_names
-            .iter()
-            .map(|(n, s, d)| NamedTensor {
-                name: n,
-                shape: s,
-                data: d,
-            })
-            .collect();
-        ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
-    }
-    // Every rank's own codec state (residuals differ between ranks), before state.json.
-    if let Some((slot, codec)) = extras.codec {
-        slot.save(dir, codec).map_err(ck)?;
-    }
-    world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
-    if rank == 0 {
-        let state = TrainState {
-            step,
-            micro_batches_seen: step * cfg.train.grad_accum_steps as u64,
-            seed: cfg.train.seed,
-            loss_scale: extras.scale.0,
-            good_steps: extras.scale.1,
-            pipeline_stages: place.dims.pipeline,
-            data_replicas: place.dims.data,
-            config: cfg.to_toml_string(),
-            // Every rank's files are on disk (the barrier above): rank 0 hashes them all.
-            checksums: ckpt::checksum_files(dir).map_err(ck)?,
-        };
-        ckpt::write_state(dir, &state).map_err(ck)?;
-        ckpt::prune(root, cfg.checkpoint.keep_last).map_err(ck)?;
-    }
-    Ok(())
 }
