@@ -43,7 +43,7 @@ fn main() {
             let started = Instant::now();
             let tensor = Tensor::<1>::from_data(data, &device);
             // Force the upload: a tiny read that depends on the whole buffer's arrival.
-            let _ = tensor.clone().slice([0..1]).into_data();
+            let _ = tensor.clone().narrow(0, 0, 1).into_data();
             up.push(started.elapsed().as_secs_f64() * 1e3);
             let started = Instant::now();
             let back = tensor.into_data().try_into_vec::<f32>().expect("f32 data");
