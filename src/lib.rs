@@ -17,7 +17,7 @@
 //! and hidden from the documentation: `launcher` spawns ranks and hosts the `rendezvous` store;
 //! `transport` moves tagged bytes between two ranks; `comm` builds the collectives on top of it
 //! and is the only communication API the upper layers see; `parallel`, `models`, `data` run burn
-//! models on top of `comm`; `compress` (gradient codecs) and `precision` (policy, loss scaler) are
+//! models on top of `comm`; `compress` (gradient codecs) and `precision` (the loss scaler) are
 //! comm hooks. Who may use whom is checked by `tests/layers.rs`.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
 #![deny(unsafe_op_in_unsafe_fn, unused_must_use)]

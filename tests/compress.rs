@@ -449,8 +449,8 @@ fn build_codec_refuses_out_of_range_options_and_unknown_methods() {
         err.to_string().contains("\"zstd\"") && err.to_string().contains("powersgd"),
         "{err}"
     );
-    for method in CompressionMethod::ALL {
-        assert_eq!(method.name().parse::<CompressionMethod>().unwrap(), method);
+    for &method in CompressionMethod::ALL {
+        assert_eq!(method.as_str().parse::<CompressionMethod>().unwrap(), method);
         assert_eq!(
             build_codec(&CodecOptions {
                 method,
@@ -458,7 +458,7 @@ fn build_codec_refuses_out_of_range_options_and_unknown_methods() {
             })
             .unwrap()
             .name(),
-            method.name()
+            method.as_str()
         );
     }
 }

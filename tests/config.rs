@@ -528,20 +528,58 @@ fn the_hash_follows_the_settings_and_not_their_spelling() {
 }
 
 #[test]
-fn the_reported_mesh_is_the_one_the_parallel_layer_builds() {
+fn the_resolved_mesh_is_the_one_the_parallel_layer_builds_with_the_documented_layout() {
     use burnrun::parallel::{MeshCoords, ParallelDims};
     for (data, pipeline) in [(1, 1), (2, 1), (1, 4), (2, 2), (3, 2), (2, 4)] {
-        let text =
+        let world = data * pipeline;
+        let shape = format!("{data} x {pipeline}");
+        let explicit =
             format!("[model.mlp]\nhidden = [16, 16, 16, 16]\n[parallel]\ndata = {data}\npipeline = {pipeline}\n");
-        let config = parse(&text).unwrap();
-        let mesh = config.validate(data * pipeline).unwrap().mesh;
-        let dims = ParallelDims::new(data, pipeline, data * pipeline).unwrap();
-        for rank in 0..data * pipeline {
-            let MeshCoords { data: d, stage } = dims.coords(rank);
-            assert_eq!(mesh.coords(rank), (d, stage), "rank {rank} of {data} x {pipeline}");
-            assert_eq!(mesh.data_group(stage), dims.data_group(stage));
-            assert_eq!(mesh.pipeline_group(d), dims.pipeline_group(d));
+        let implied = format!("[model.mlp]\nhidden = [16, 16, 16, 16]\n[parallel]\ndata = 0\npipeline = {pipeline}\n");
+        let mesh = parse(&explicit).unwrap().validate(world).unwrap().mesh;
+        let dims = ParallelDims::new(data, pipeline, world).unwrap();
+        assert_eq!(mesh, dims, "{shape}");
+        assert_eq!(mesh, ParallelDims { data, pipeline }, "{shape}");
+        assert_eq!(
+            parse(&implied).unwrap().validate(world).unwrap().mesh,
+            dims,
+            "{shape}, data = 0"
+        );
+        assert_eq!(
+            ParallelDims::new(0, pipeline, world).unwrap(),
+            dims,
+            "{shape}, data = 0"
+        );
+        assert_eq!(mesh.world_size(), world);
+
+        // Rank r is stage r % pipeline of replica r / pipeline.
+        for rank in 0..world {
+            let coords = mesh.coords(rank);
+            let expected = MeshCoords {
+                data: rank / pipeline,
+                stage: rank % pipeline,
+            };
+            assert_eq!(coords, expected, "rank {rank} of {shape}");
+            assert_eq!(mesh.rank_of(coords), rank, "rank {rank} of {shape}");
+            assert!(mesh.data_group(coords.stage).contains(&rank), "rank {rank} of {shape}");
+            assert!(
+                mesh.pipeline_group(coords.data).contains(&rank),
+                "rank {rank} of {shape}"
+            );
         }
+        // A stage's data-parallel group is every pipeline-th rank; a replica's stages are neighbours.
+        for stage in 0..pipeline {
+            let every_pipeline_th: Vec<usize> = (stage..world).step_by(pipeline).collect();
+            assert_eq!(mesh.data_group(stage), every_pipeline_th, "stage {stage} of {shape}");
+        }
+        for replica in 0..data {
+            let neighbours: Vec<usize> = (replica * pipeline..(replica + 1) * pipeline).collect();
+            assert_eq!(mesh.pipeline_group(replica), neighbours, "replica {replica} of {shape}");
+        }
+        let stages: Vec<usize> = (0..world).map(|r| r % pipeline).collect();
+        let replicas: Vec<usize> = (0..world).map(|r| r / pipeline).collect();
+        assert_eq!(mesh.data_colors(), stages, "{shape}");
+        assert_eq!(mesh.pipeline_colors(), replicas, "{shape}");
     }
 }
 

@@ -1,11 +1,10 @@
-//! The dynamic loss scaler on N ranks over real TCP, and the precision policy.
+//! The dynamic loss scaler on N ranks over real TCP.
 
 use std::time::Duration;
 
 use burnrun::comm::{spawn_ranks, InitOptions};
 use burnrun::precision::{
-    DynamicLossScaler, FloatDtype, LossScalerOptions, ParamSpan, PrecisionError, PrecisionPolicy, ScaleEventKind,
-    StepDecision, HISTORY_CAPACITY,
+    DynamicLossScaler, LossScalerOptions, ParamSpan, PrecisionError, ScaleEventKind, StepDecision, HISTORY_CAPACITY,
 };
 
 fn options() -> InitOptions {
@@ -296,38 +295,4 @@ fn a_span_past_the_gradient_is_refused_with_its_name() {
             .contains("`layer2.weight` spans elements 6..10 but the gradient has 8"),
         "{err}"
     );
-}
-
-#[test]
-fn the_default_policy_is_f32_and_only_f16_compute_needs_a_loss_scaler() {
-    let policy = PrecisionPolicy::default();
-    assert_eq!(
-        (policy.compute, policy.master, policy.reduce),
-        (FloatDtype::F32, FloatDtype::F32, FloatDtype::F32)
-    );
-    assert!(!policy.is_mixed() && !policy.needs_loss_scaler());
-    assert!(PrecisionPolicy::mixed(FloatDtype::F16).needs_loss_scaler());
-    assert!(!PrecisionPolicy::mixed(FloatDtype::Bf16).needs_loss_scaler());
-    assert!(PrecisionPolicy::mixed(FloatDtype::Bf16).is_mixed());
-    let half_master = PrecisionPolicy {
-        master: FloatDtype::Bf16,
-        ..Default::default()
-    };
-    assert!(half_master
-        .validate()
-        .unwrap_err()
-        .to_string()
-        .starts_with("precision.master = \"bf16\""));
-    for (text, dtype) in [
-        ("f32", FloatDtype::F32),
-        ("bf16", FloatDtype::Bf16),
-        ("fp16", FloatDtype::F16),
-    ] {
-        assert_eq!(text.parse::<FloatDtype>().unwrap(), dtype);
-    }
-    assert!("f8"
-        .parse::<FloatDtype>()
-        .unwrap_err()
-        .to_string()
-        .contains("expected one of f32, bf16, f16"));
 }

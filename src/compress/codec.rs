@@ -1,7 +1,5 @@
 //! The plug-in point: [`GradCodec`], its per-bucket statistics and the run-time factory.
 
-use serde::{Deserialize, Serialize};
-
 use super::error::CompressError;
 use super::half_cast::{HalfCast, WireHalf};
 use super::powersgd::PowerSgd;
@@ -10,6 +8,7 @@ use super::topk::TopK;
 use super::uncompressed::Uncompressed;
 use super::warmup::WarmUp;
 use crate::comm::ProcessGroup;
+use crate::config::CompressionMethod;
 
 /// Averages one DDP bucket's gradients across a data-parallel group, exactly or lossily.
 ///
@@ -92,62 +91,17 @@ pub struct CodecStats {
     pub compressed: bool,
 }
 
-/// The `[compression] method` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CompressionMethod {
-    /// f32 all-reduce with averaging: exact, the reference.
-    #[default]
-    None,
-    /// IEEE half on the wire (torch's `fp16_compress_hook`, Horovod's fp16 compression).
-    Fp16,
-    /// bfloat16 on the wire (torch's `bf16_compress_hook`).
-    Bf16,
-    /// The k largest-magnitude entries per rank, all-gathered as (index, value) pairs.
-    TopK,
-    /// Low-rank P, Q factors (Vogels et al., 2019).
-    PowerSgd,
-}
-
-impl CompressionMethod {
-    /// Every method, for tests and benchmarks.
-    pub const ALL: [CompressionMethod; 5] = [
-        CompressionMethod::None,
-        CompressionMethod::Fp16,
-        CompressionMethod::Bf16,
-        CompressionMethod::TopK,
-        CompressionMethod::PowerSgd,
-    ];
-
-    /// The config name.
-    pub const fn name(self) -> &'static str {
-        match self {
-            CompressionMethod::None => "none",
-            CompressionMethod::Fp16 => "fp16",
-            CompressionMethod::Bf16 => "bf16",
-            CompressionMethod::TopK => "topk",
-            CompressionMethod::PowerSgd => "powersgd",
-        }
-    }
-
-    /// Whether the method loses information (and so uses error feedback when enabled).
-    pub const fn is_lossy(self) -> bool {
-        !matches!(self, CompressionMethod::None)
-    }
-}
-
-impl std::fmt::Display for CompressionMethod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
+/// Parses a method by its config name, ignoring case. The enum is the config's (its names,
+/// `ALL` and `Display` come from there); the parse lives here because its error is the codec
+/// layer's, and the config layer may not name `compress`.
 impl std::str::FromStr for CompressionMethod {
     type Err = CompressError;
     fn from_str(s: &str) -> Result<Self, CompressError> {
+        let name = s.to_ascii_lowercase();
         CompressionMethod::ALL
-            .into_iter()
-            .find(|m| m.name() == s.to_ascii_lowercase())
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == name)
             .ok_or_else(|| CompressError::UnknownMethod { name: s.to_string() })
     }
 }

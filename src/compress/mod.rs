@@ -18,7 +18,7 @@ mod topk;
 mod uncompressed;
 mod warmup;
 
-pub use codec::{build_codec, CodecOptions, CodecStats, CompressionMethod, GradCodec};
+pub use codec::{build_codec, CodecOptions, CodecStats, GradCodec};
 pub use error::CompressError;
 pub use half_cast::{HalfCast, WireHalf};
 pub use powersgd::{PowerSgd, DEFAULT_MIN_COMPRESSION_RATE};
@@ -26,3 +26,6 @@ pub use state::StateTensor;
 pub use topk::TopK;
 pub use uncompressed::Uncompressed;
 pub use warmup::WarmUp;
+
+// The methods are the config's choice (`compression.method`); codecs are built from it directly.
+pub use crate::config::CompressionMethod;

@@ -6,16 +6,22 @@ use super::choice::choice;
 
 choice! {
     /// `compression.method`: how gradient buckets travel.
+    ///
+    /// The one definition of the methods: the config reads it, and `compress` builds its codecs
+    /// from it (re-exported as `crate::compress::CompressionMethod`, which also parses it from a
+    /// string with a [`CompressError`](crate::compress::CompressError)).
     CompressionMethod, default None {
-        /// f32 on the wire.
+        /// f32 all-reduce with averaging: exact, the reference.
         None = "none",
-        /// Cast to IEEE half on the wire, reduce in f32.
+        /// Cast to IEEE half on the wire, reduce in f32 (torch's `fp16_compress_hook`, Horovod's
+        /// fp16 compression).
         Fp16 = "fp16",
-        /// Cast to bfloat16 on the wire, reduce in f32.
+        /// Cast to bfloat16 on the wire, reduce in f32 (torch's `bf16_compress_hook`).
         Bf16 = "bf16",
-        /// Each rank sends its `topk_ratio` largest-magnitude entries per bucket.
+        /// Each rank sends its `topk_ratio` largest-magnitude entries per bucket, all-gathered as
+        /// (index, value) pairs.
         TopK = "topk",
-        /// Low-rank factors of rank `powersgd_rank` per matrix (Vogels et al.).
+        /// Low-rank P, Q factors of rank `powersgd_rank` per matrix (Vogels et al., 2019).
         PowerSgd = "powersgd",
     }
 }
@@ -54,6 +60,29 @@ impl Default for CompressionConfig {
             powersgd_rank: 4,
             error_feedback: true,
             start_step: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_reads_writes_and_displays_as_its_config_name() {
+        let names = ["none", "fp16", "bf16", "topk", "powersgd"];
+        assert_eq!(CompressionMethod::ALL.len(), names.len());
+        for (&method, name) in CompressionMethod::ALL.iter().zip(names) {
+            assert_eq!(method.as_str(), name);
+            assert_eq!(method.to_string(), name);
+            let read: CompressionConfig = toml::from_str(&format!("method = \"{name}\"")).unwrap();
+            assert_eq!(read.method, method);
+            let written = toml::to_string(&CompressionConfig {
+                method,
+                ..Default::default()
+            })
+            .unwrap();
+            assert!(written.contains(&format!("method = \"{name}\"")), "{written}");
         }
     }
 }

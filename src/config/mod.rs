@@ -51,7 +51,7 @@ pub use data::{DataConfig, DataKind, IdxConfig, SyntheticConfig, TextConfig};
 pub use error::{ConfigError, Location, Origin, Problem};
 pub use load::{DEFAULT_CONFIG, DEFAULT_CONFIG_NAME};
 pub use log::{LogConfig, Progress};
-pub use mesh::RankMesh;
+pub use mesh::{MeshCoords, ParallelDims, ParallelDimsError};
 pub use model::{CnnConfig, GptConfig, MlpConfig, ModelConfig, ModelKind};
 pub use optim::{LrSchedule, OptimConfig, OptimKind};
 pub use parallel::{ParallelConfig, Partition, PipelineSchedule};

@@ -9,12 +9,13 @@ use serde::{Deserialize, Serialize};
 use super::choice::choice;
 
 choice! {
-    /// `parallel.schedule`: the order in which a pipeline stage runs its micro-batches.
+    /// `parallel.schedule`: the order in which a pipeline stage runs its micro-batches
+    /// (`crate::parallel::schedule` lists a stage's actions under each).
     PipelineSchedule, default GPipe {
         /// All forwards, then all backwards (holds every micro-batch's activations).
         GPipe = "gpipe",
-        /// Warm-up forwards, then one forward one backward, then cool-down (holds at most
-        /// `pipeline` micro-batches' activations).
+        /// Warm-up forwards, then one forward one backward, then cool-down (PipeDream-flush;
+        /// holds at most `pipeline` micro-batches' activations).
         OneFOneB = "1f1b",
     }
 }

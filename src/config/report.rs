@@ -8,7 +8,7 @@ use std::fmt::{self, Write as _};
 use super::error::{ConfigError, Origin};
 use super::schema::{find_table, join, tables};
 use super::validate::Resolved;
-use super::{DataKind, Partition, RunConfig};
+use super::{DataKind, MeshCoords, Partition, RunConfig};
 
 /// Ranks listed one per line in the mesh table; larger worlds are summarized after these.
 const MESH_ROWS_SHOWN: usize = 64;
@@ -202,7 +202,7 @@ impl Resolved {
             "rank  (data, stage)  data-parallel group  pipeline group".to_string(),
         ];
         for rank in 0..mesh.world_size().min(MESH_ROWS_SHOWN) {
-            let (data, stage) = mesh.coords(rank);
+            let MeshCoords { data, stage } = mesh.coords(rank);
             let coords = format!("({data}, {stage})");
             let data_group = format!("{:?}", mesh.data_group(stage));
             lines.push(format!(

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::error::{ConfigError, Problem};
-use super::mesh::RankMesh;
+use super::mesh::ParallelDims;
 use super::run::ConfigSource;
 use super::{CommBackend, PipelineSchedule, RunConfig};
 use super::{CompressionMethod, ComputeDtype, DataKind, DeviceSpec, LrSchedule, ModelKind, OptimKind, Partition};
@@ -18,7 +18,7 @@ pub struct Resolved {
     /// `WORLD_SIZE`.
     pub world_size: usize,
     /// Data-parallel replicas x pipeline stages (`parallel.data = 0` resolved).
-    pub mesh: RankMesh,
+    pub mesh: ParallelDims,
     /// The parsed `train.device`.
     pub device: DeviceSpec,
     /// Samples per pipeline micro-batch: `batch_size / micro_batches`.
@@ -359,7 +359,7 @@ impl RunConfig {
     }
 
     /// Returns the mesh (a placeholder `1 x 1` when it does not fit: the problem is recorded).
-    fn check_parallel(&self, c: &mut Checks<'_>, world_size: usize) -> RankMesh {
+    fn check_parallel(&self, c: &mut Checks<'_>, world_size: usize) -> ParallelDims {
         let p = &self.parallel;
         let batch_size = self.train.batch_size;
         c.require(p.pipeline > 0, "parallel.pipeline", || {
@@ -380,11 +380,11 @@ impl RunConfig {
             );
         }
 
-        let mut mesh = RankMesh { data: 1, pipeline: 1 };
+        let mut mesh = ParallelDims { data: 1, pipeline: 1 };
         if p.pipeline > 0 && world_size > 0 {
             if p.data == 0 {
                 if world_size % p.pipeline == 0 {
-                    mesh = RankMesh {
+                    mesh = ParallelDims {
                         data: world_size / p.pipeline,
                         pipeline: p.pipeline,
                     };
@@ -410,7 +410,7 @@ impl RunConfig {
                     ),
                 );
             } else {
-                mesh = RankMesh {
+                mesh = ParallelDims {
                     data: p.data,
                     pipeline: p.pipeline,
                 };
@@ -459,7 +459,7 @@ impl RunConfig {
     }
 
     /// With `drop_last`, an epoch of synthetic data must hold at least one batch on every rank.
-    fn check_data_fits_batch(&self, c: &mut Checks<'_>, mesh: RankMesh) {
+    fn check_data_fits_batch(&self, c: &mut Checks<'_>, mesh: ParallelDims) {
         if self.data.kind != DataKind::Synthetic || !self.data.drop_last {
             return;
         }
@@ -585,7 +585,7 @@ impl RunConfig {
         }
     }
 
-    fn check_compression(&self, c: &mut Checks<'_>, mesh: RankMesh) {
+    fn check_compression(&self, c: &mut Checks<'_>, mesh: ParallelDims) {
         let z = &self.compression;
         c.require(
             z.topk_ratio > 0.0 && z.topk_ratio <= 1.0,

@@ -6,7 +6,6 @@
 mod data;
 #[cfg(feature = "train")]
 mod ddp;
-mod dims;
 #[cfg(feature = "train")]
 pub mod params;
 mod pipeline;
@@ -14,13 +13,17 @@ mod pipeline;
 pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats};
 #[cfg(feature = "train")]
 pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions};
-pub use dims::{MeshCoords, ParallelDims, ParallelDimsError};
+// The mesh is defined by the config layer (it validates it against the world size); the
+// process groups are built from it here.
+pub use crate::config::{MeshCoords, ParallelDims, ParallelDimsError};
 #[cfg(feature = "train")]
 pub use params::{
     flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, grads_from_flat, load_params,
     load_params_by_name, ParamError, ParamInfo, ParamLayout,
 };
 pub use pipeline::{
-    partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, ScheduleKind,
-    StageCompute, StepTimes,
+    partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, StageCompute,
+    StepTimes,
 };
+// `schedule` takes the config's choice of schedule.
+pub use crate::config::PipelineSchedule;

@@ -17,15 +17,7 @@
 use std::time::Instant;
 
 use crate::comm::{CommError, ProcessGroup, Work};
-
-/// Which schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScheduleKind {
-    /// All forwards, then all backwards.
-    GPipe,
-    /// One forward, one backward (PipeDream-flush).
-    OneFOneB,
-}
+use crate::config::PipelineSchedule;
 
 /// One unit of work of a stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +28,16 @@ pub enum Action {
     Backward(usize),
 }
 
-/// The actions of `stage` (of `stages`) for one step of `micro_batches`.
-pub fn schedule(kind: ScheduleKind, stage: usize, stages: usize, micro_batches: usize) -> Vec<Action> {
+/// The actions of `stage` (of `stages`) for one step of `micro_batches` under `kind`
+/// (`parallel.schedule`).
+pub fn schedule(kind: PipelineSchedule, stage: usize, stages: usize, micro_batches: usize) -> Vec<Action> {
     let m = micro_batches;
     match kind {
-        ScheduleKind::GPipe => (0..m)
+        PipelineSchedule::GPipe => (0..m)
             .map(Action::Forward)
             .chain((0..m).map(Action::Backward))
             .collect(),
-        ScheduleKind::OneFOneB => {
+        PipelineSchedule::OneFOneB => {
             let warmup = (stages - stage - 1).min(m);
             let mut out: Vec<Action> = (0..warmup).map(Action::Forward).collect();
             for i in 0..m - warmup {
@@ -314,13 +307,13 @@ mod tests {
         for stages in 1..=4 {
             for m in 1..=8 {
                 for s in 0..stages {
-                    let a = schedule(ScheduleKind::OneFOneB, s, stages, m);
+                    let a = schedule(PipelineSchedule::OneFOneB, s, stages, m);
                     assert_eq!(a.len(), 2 * m);
                     assert!(
                         peak_in_flight(&a) <= (stages - s).min(m),
                         "P={stages} M={m} s={s}: {a:?}"
                     );
-                    let g = schedule(ScheduleKind::GPipe, s, stages, m);
+                    let g = schedule(PipelineSchedule::GPipe, s, stages, m);
                     assert_eq!(peak_in_flight(&g), m);
                 }
             }
@@ -331,7 +324,7 @@ mod tests {
     fn one_f_one_b_on_the_last_stage_alternates_from_the_start() {
         use Action::*;
         assert_eq!(
-            schedule(ScheduleKind::OneFOneB, 1, 2, 3),
+            schedule(PipelineSchedule::OneFOneB, 1, 2, 3),
             vec![
                 Forward(0),
                 Backward(0),
@@ -342,7 +335,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            schedule(ScheduleKind::OneFOneB, 0, 2, 3),
+            schedule(PipelineSchedule::OneFOneB, 0, 2, 3),
             vec![
                 Forward(0),
                 Forward(1),

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use crate::comm::CommError;
 
-/// What went wrong in the precision policy or the loss scaler.
+/// What went wrong in the loss scaler.
 #[derive(Debug, thiserror::Error)]
 pub enum PrecisionError {
     /// The all-reduce that agrees on an overflow failed.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::compress::{CodecOptions, CompressionMethod as Method};
+use crate::compress::CodecOptions;
 use crate::config::{CompressionMethod, DataKind, ModelKind, OptimKind, RunConfig};
 use crate::data::{DataError, Dataset, IdxDataset, SyntheticDataset, TextDataset};
 use crate::models::ModelSpec;
@@ -87,15 +87,8 @@ pub fn optimizer_kind(cfg: &RunConfig) -> OptimizerKind {
 /// The codec options of a config.
 pub fn codec_options(cfg: &RunConfig) -> CodecOptions {
     let c = &cfg.compression;
-    let method = match c.method {
-        CompressionMethod::None => Method::None,
-        CompressionMethod::Fp16 => Method::Fp16,
-        CompressionMethod::Bf16 => Method::Bf16,
-        CompressionMethod::TopK => Method::TopK,
-        CompressionMethod::PowerSgd => Method::PowerSgd,
-    };
     CodecOptions {
-        method,
+        method: c.method,
         topk_ratio: c.topk_ratio as f32,
         powersgd_rank: c.powersgd_rank,
         error_feedback: c.error_feedback,

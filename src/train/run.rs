@@ -13,12 +13,12 @@ use burn::tensor::Device;
 
 use crate::comm::ProcessGroup;
 use crate::compress::build_codec;
-use crate::config::{CommBackend, ComputeDtype, PipelineSchedule, Resolved, RunConfig};
+use crate::config::{CommBackend, ComputeDtype, Resolved, RunConfig};
 use crate::data::DistributedSampler;
 use crate::parallel::params::trainable_mask;
 use crate::parallel::{
     flatten_params_into, load_params, load_params_by_name, schedule, Action, DataParallel, ParamLayout, PipelineStage,
-    ScheduleKind, StepTimes, SyncError,
+    StepTimes, SyncError,
 };
 use crate::precision::{DynamicLossScaler, LossScalerOptions};
 
@@ -424,12 +424,8 @@ impl<'a, T: Task> Run<'a, T> {
         stage
             .agree_shapes((!last).then_some(&produces[..]), (!first).then_some(&expects[..]))
             .map_err(|source| TrainError::Pipeline { rank, source })?;
-        let kind = match cfg.parallel.schedule {
-            PipelineSchedule::GPipe => ScheduleKind::GPipe,
-            PipelineSchedule::OneFOneB => ScheduleKind::OneFOneB,
-        };
         self.actions = schedule(
-            kind,
+            cfg.parallel.schedule,
             self.place.stage,
             self.place.dims.pipeline,
             cfg.parallel.micro_batches.max(1),
