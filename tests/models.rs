@@ -7,6 +7,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burnrun::data::{Dataset, DistributedSampler, SyntheticDataset, TextDataset};
 use burnrun::models::{BlockStack, ModelError, ModelSpec};
+use burnrun::parallel::params::flatten_grads_via_device;
 use burnrun::parallel::{
     flatten_grads, flatten_params, grads_from_flat, load_params, load_params_by_name, ParamError, ParamLayout,
 };
@@ -386,6 +387,9 @@ fn missing_gradients_flatten_as_zeros() {
     let numel = ParamLayout::of(&model).numel;
     let flat = flatten_grads(&model, &GradientsParams::new()).unwrap();
     assert_eq!(flat, vec![0.0; numel]);
+    let mut via_device = Vec::new();
+    flatten_grads_via_device(&model, &GradientsParams::new(), &mut via_device).unwrap();
+    assert_eq!(via_device, vec![0.0; numel]);
 }
 
 #[test]
@@ -513,6 +517,15 @@ fn gradients_held_in_f32_f16_or_bf16_flatten_to_their_values_in_layout_order() {
             model.visit(&mut register);
             let flat = flatten_grads(&model, &register.grads).unwrap();
             assert_eq!(flat, values, "{} with {dtype:?} gradients", model.spec().name());
+            // Through one buffer on the device (the GPU path): the same values, same order.
+            let mut via_device = Vec::new();
+            flatten_grads_via_device(&model, &register.grads, &mut via_device).unwrap();
+            assert_eq!(
+                via_device,
+                values,
+                "{} with {dtype:?} gradients, via the device",
+                model.spec().name()
+            );
             // The gradients are still there to read again (they are not taken out).
             assert_eq!(flatten_grads(&model, &register.grads).unwrap(), values);
         }

@@ -471,6 +471,71 @@ impl ParamVisit for GradReader<'_> {
     }
 }
 
+/// Collects each float parameter's gradient as a flat tensor on its own device (zeros where it
+/// has none), for one concatenation on the device.
+#[derive(Debug)]
+struct DeviceGradCollector<'a> {
+    grads: &'a GradientsParams,
+    /// Per parameter, whether it is read (`None`: all of them).
+    select: Option<std::slice::Iter<'a, bool>>,
+    parts: Vec<Tensor<1>>,
+}
+
+impl ParamVisit for DeviceGradCollector<'_> {
+    fn visit<const D: usize>(&mut self, _path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
+        if let Some(select) = self.select.as_mut() {
+            if !select.next().copied().unwrap_or(false) {
+                return Ok(());
+            }
+        }
+        let numel = param.lazy_shape().num_elements();
+        let part = match self.grads.get::<D>(param.id) {
+            Some(grad) => grad.reshape([numel]),
+            // Gradients live on the inner (non-autodiff) device.
+            None => Tensor::zeros([numel], &param.lazy_device().without_autodiff()),
+        };
+        self.parts.push(part);
+        Ok(())
+    }
+}
+
+/// [`flatten_grads_into`] through one buffer on the device: the gradients are concatenated there
+/// and cross to the host in a single read instead of one per parameter. For GPU devices, where
+/// every read is a synchronisation and a transfer; on the CPU the per-parameter read is free and
+/// the concatenation a copy, so [`flatten_grads_into`] is the better choice there.
+pub fn flatten_grads_via_device<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    out: &mut Vec<f32>,
+) -> Result<(), ParamError> {
+    flatten_selected_grads_via_device(module, grads, None, out)
+}
+
+/// [`flatten_grads_via_device`] for the parameters `select` marks (`None`: all), back to back in
+/// layout order.
+pub fn flatten_selected_grads_via_device<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    select: Option<&[bool]>,
+    out: &mut Vec<f32>,
+) -> Result<(), ParamError> {
+    out.clear();
+    let collector = visit_params(
+        module,
+        DeviceGradCollector {
+            grads,
+            select: select.map(|s| s.iter()),
+            parts: Vec::new(),
+        },
+    )?;
+    if collector.parts.is_empty() {
+        return Ok(());
+    }
+    let flat = Tensor::cat(collector.parts, 0);
+    append_f32(flat, &PathStack::default(), out)?;
+    Ok(())
+}
+
 /// The gradients of `module`'s parameters, concatenated in [`ParamLayout`] order (zeros for
 /// parameters without a gradient).
 pub fn flatten_grads<M: Module>(module: &M, grads: &GradientsParams) -> Result<Vec<f32>, ParamError> {

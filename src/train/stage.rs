@@ -7,6 +7,7 @@ use std::ops::Range;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
+use crate::parallel::params::flatten_grads_via_device;
 use crate::parallel::{flatten_grads_into, Activation, PipelineError, StageCompute};
 
 use super::task::{BlockChain, Task};
@@ -201,6 +202,9 @@ pub(crate) struct Accumulator<'a> {
     pub(crate) sum: &'a mut Vec<f32>,
     /// One backward's gradients, when there is already a sum.
     pub(crate) scratch: &'a mut Vec<f32>,
+    /// Read the gradients through one buffer on the device (GPU devices: one transfer per
+    /// backward instead of one per parameter).
+    pub(crate) via_device: bool,
 }
 
 impl Accumulator<'_> {
@@ -211,10 +215,15 @@ impl Accumulator<'_> {
         grads: Gradients,
     ) -> Result<(), crate::parallel::ParamError> {
         let params = GradientsParams::from_grads(grads, model);
+        let read = if self.via_device {
+            flatten_grads_via_device::<M>
+        } else {
+            flatten_grads_into::<M>
+        };
         if self.sum.is_empty() {
-            return flatten_grads_into(model, &params, self.sum);
+            return read(model, &params, self.sum);
         }
-        flatten_grads_into(model, &params, self.scratch)?;
+        read(model, &params, self.scratch)?;
         for (acc, g) in self.sum.iter_mut().zip(self.scratch.iter()) {
             *acc += g;
         }

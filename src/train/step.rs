@@ -19,7 +19,7 @@ use burn::tensor::Tensor;
 
 use crate::comm::{ReduceOp, Work};
 use crate::config::Resolved;
-use crate::parallel::params::{flatten_selected_grads_into, flatten_selected_into};
+use crate::parallel::params::{flatten_selected_grads_into, flatten_selected_grads_via_device, flatten_selected_into};
 use crate::parallel::{load_params, DataParallel, ParamLayout, StageCompute, SyncStats};
 
 use crate::precision::ParamSpan;
@@ -231,6 +231,7 @@ impl<T: Task> Run<'_, T> {
         let mut acc = Accumulator {
             sum: &mut self.grads,
             scratch: &mut self.scratch,
+            via_device: !self.resolved.device.is_cpu(),
         };
         for indices in slices {
             let started = Instant::now();
@@ -275,6 +276,7 @@ impl<T: Task> Run<'_, T> {
             Accumulator {
                 sum: &mut self.grads,
                 scratch: &mut self.scratch,
+                via_device: !self.resolved.device.is_cpu(),
             },
         );
         runner.loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
@@ -375,8 +377,13 @@ impl<T: Task> Run<'_, T> {
                 upstream = Some(Tensor::from_inner(g));
             }
             let params = GradientsParams::from_grads(grads, model);
-            flatten_selected_grads_into(model, &params, &overlap.select[b], &mut self.scratch, &mut present)
-                .map_err(|source| TrainError::Params { rank, source })?;
+            let select = &overlap.select[b];
+            if self.resolved.device.is_cpu() {
+                flatten_selected_grads_into(model, &params, select, &mut self.scratch, &mut present)
+            } else {
+                flatten_selected_grads_via_device(model, &params, Some(select), &mut self.scratch)
+            }
+            .map_err(|source| TrainError::Params { rank, source })?;
             let range = overlap.ranges[b].clone();
             let block_grads = &mut self.grads[range.clone()];
             for (acc, g) in block_grads.iter_mut().zip(&self.scratch) {
