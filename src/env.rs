@@ -137,6 +137,55 @@ pub fn control_lines() -> bool {
     var(CONTROL_LINES_VAR).is_some_and(|v| v.trim() == "1")
 }
 
+/// Where to look for NCCL, in the order the NCCL communicator tries them: `NCCL_LIBRARY` (a file
+/// or a folder), then every folder of `LD_LIBRARY_PATH`, then the Python environments a PyPI
+/// wheel (`nvidia-nccl-cu12`/`-cu13`, which every PyTorch install carries) may sit in:
+/// `VIRTUAL_ENV`, `CONDA_PREFIX`, `~/.local`, `PYENV_ROOT` (default `~/.pyenv`) versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LibrarySearch {
+    /// `NCCL_LIBRARY`.
+    pub nccl_library: Option<std::path::PathBuf>,
+    /// The folders of `LD_LIBRARY_PATH`, in order.
+    pub ld_library_path: Vec<std::path::PathBuf>,
+    /// Prefixes of Python environments (`<prefix>/lib/python3.*/site-packages` is searched).
+    pub python_prefixes: Vec<std::path::PathBuf>,
+}
+
+impl LibrarySearch {
+    /// Reads the variables above.
+    pub fn from_env() -> Self {
+        use std::path::PathBuf;
+        let ld_library_path = var("LD_LIBRARY_PATH")
+            .map(|v| v.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect())
+            .unwrap_or_default();
+        let home = var("HOME").map(PathBuf::from);
+        let mut python_prefixes: Vec<PathBuf> = [var("VIRTUAL_ENV"), var("CONDA_PREFIX")]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::from)
+            .collect();
+        if let Some(home) = &home {
+            python_prefixes.push(home.join(".local"));
+        }
+        let pyenv = var("PYENV_ROOT")
+            .map(PathBuf::from)
+            .or_else(|| home.map(|h| h.join(".pyenv")));
+        if let Some(versions) = pyenv.map(|p| p.join("versions")) {
+            if let Ok(entries) = std::fs::read_dir(&versions) {
+                let mut found: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+                found.sort();
+                python_prefixes.extend(found);
+            }
+        }
+        python_prefixes.extend(["/usr/local", "/usr"].map(PathBuf::from));
+        Self {
+            nccl_library: var("NCCL_LIBRARY").map(PathBuf::from),
+            ld_library_path,
+            python_prefixes,
+        }
+    }
+}
+
 fn var(name: &'static str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }

@@ -11,6 +11,8 @@ mod fingerprint;
 mod group;
 mod host;
 mod init;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod reduce;
 
 pub use buffer::{BufMut, BufRef, DevicePtr, HostBuffer, Memory, MemoryMut};

@@ -1,0 +1,70 @@
+//! What can go wrong with NCCL, each error naming the call, the library or the places looked.
+
+/// An NCCL failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NcclError {
+    /// No candidate library loaded.
+    #[error(
+        "NCCL not found: looked for libnccl.so.2 in {} place(s): {}{}; install NCCL (a CUDA install, or `pip \
+         install nvidia-nccl-cu12` as PyTorch does) or set NCCL_LIBRARY to the library or its folder",
+        .looked.len(),
+        .looked.join(", "),
+        failures_text(.failures)
+    )]
+    LibraryNotFound {
+        /// Every path tried, in order.
+        looked: Vec<String>,
+        /// Candidates that exist but did not load, with why.
+        failures: Vec<String>,
+    },
+    /// The library at `path` did not load.
+    #[error("cannot load NCCL from {path}: {why}")]
+    Load {
+        /// The path.
+        path: String,
+        /// The loader's message.
+        why: String,
+    },
+    /// The library lacks a function burnrun calls (an NCCL older than 2.12).
+    #[error("NCCL at {path} has no `{symbol}`: burnrun needs NCCL 2.12 or newer")]
+    MissingSymbol {
+        /// The library.
+        path: String,
+        /// The function.
+        symbol: &'static str,
+    },
+    /// An NCCL call returned an error.
+    #[error("{call} failed: {message} (ncclResult_t {code})")]
+    Call {
+        /// The function.
+        call: &'static str,
+        /// Its result code.
+        code: i32,
+        /// NCCL's text for the code.
+        message: String,
+    },
+    /// The unique id read from the store has the wrong size.
+    #[error("the NCCL unique id from the store has {len} bytes, not 128: another program wrote the key")]
+    BadUniqueId {
+        /// Bytes read.
+        len: usize,
+    },
+    /// The unique id could not be exchanged through the store.
+    #[error("rank {rank}: exchanging the NCCL unique id through the store (key `{key}`): {why}")]
+    IdExchange {
+        /// This rank.
+        rank: usize,
+        /// The store key.
+        key: String,
+        /// The store's error.
+        why: String,
+    },
+}
+
+fn failures_text(failures: &[String]) -> String {
+    if failures.is_empty() {
+        String::new()
+    } else {
+        format!(" (found but not loadable: {})", failures.join("; "))
+    }
+}
