@@ -137,14 +137,16 @@ pub fn control_lines() -> bool {
     var(CONTROL_LINES_VAR).is_some_and(|v| v.trim() == "1")
 }
 
-/// Where to look for NCCL, in the order the NCCL communicator tries them: `NCCL_LIBRARY` (a file
-/// or a folder), then every folder of `LD_LIBRARY_PATH`, then the Python environments a PyPI
+/// Where to look for NCCL (and NVRTC), in the order they are tried: `NCCL_LIBRARY` (or
+/// `NVRTC_LIBRARY`: a file or a folder), then every folder of `LD_LIBRARY_PATH`, then the Python environments a PyPI
 /// wheel (`nvidia-nccl-cu12`/`-cu13`, which every PyTorch install carries) may sit in:
 /// `VIRTUAL_ENV`, `CONDA_PREFIX`, `~/.local`, `PYENV_ROOT` (default `~/.pyenv`) versions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LibrarySearch {
     /// `NCCL_LIBRARY`.
     pub nccl_library: Option<std::path::PathBuf>,
+    /// `NVRTC_LIBRARY` (the CUDA runtime compiler the kernels are built with).
+    pub nvrtc_library: Option<std::path::PathBuf>,
     /// The folders of `LD_LIBRARY_PATH`, in order.
     pub ld_library_path: Vec<std::path::PathBuf>,
     /// Prefixes of Python environments (`<prefix>/lib/python3.*/site-packages` is searched).
@@ -180,6 +182,7 @@ impl LibrarySearch {
         python_prefixes.extend(["/usr/local", "/usr"].map(PathBuf::from));
         Self {
             nccl_library: var("NCCL_LIBRARY").map(PathBuf::from),
+            nvrtc_library: var("NVRTC_LIBRARY").map(PathBuf::from),
             ld_library_path,
             python_prefixes,
         }

@@ -38,6 +38,9 @@ pub mod device;
 #[doc(hidden)]
 pub mod env;
 pub mod error;
+#[cfg(feature = "nccl")]
+#[doc(hidden)]
+pub mod kernels;
 #[doc(hidden)]
 pub mod launcher;
 #[cfg(feature = "train")]

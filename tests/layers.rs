@@ -65,7 +65,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     // Checks values against the limits other layers set, which live in `names`.
     ("config", &["names"]),
     ("telemetry", &[]),
-    ("kernels", &[]),
+    // CUDA kernels compiled with NVRTC, found through the environment like NCCL.
+    ("kernels", &["env"]),
     ("error", &["comm", "env", "rendezvous", "transport", "device"]),
 ];
 

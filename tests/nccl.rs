@@ -31,6 +31,7 @@ fn the_search_tries_nccl_library_then_ld_library_path_then_cuda_then_python_whee
         nccl_library: Some(PathBuf::from("/opt/nccl/lib/libnccl.so.2")),
         ld_library_path: vec![PathBuf::from("/opt/ld")],
         python_prefixes: vec![wheel_env.clone()],
+        ..LibrarySearch::default()
     };
     let list = candidates(&search);
     let position = |p: &str| {
@@ -55,7 +56,7 @@ fn a_library_that_is_nowhere_is_an_error_listing_every_place_looked_and_the_fix(
     let search = LibrarySearch {
         nccl_library: Some(PathBuf::from("/nonexistent/burnrun/libnccl.so.2")),
         ld_library_path: vec![PathBuf::from("/nonexistent/ld")],
-        python_prefixes: vec![],
+        ..LibrarySearch::default()
     };
     match Nccl::find(&search) {
         // A machine with NCCL on the loader's own path finds it by name: nothing to check then.
