@@ -153,3 +153,36 @@ fn joining_a_communicator_without_a_gpu_fails_cleanly_naming_the_call() {
         }
     }
 }
+
+#[test]
+fn an_nccl_communicator_needs_a_cuda_driver_and_on_a_gpu_runs_its_collectives_at_world_size_1() {
+    use burnrun::comm::nccl::NcclCommunicator;
+    use burnrun::comm::{BufMut, BufRef, Communicator, ReduceOp};
+    let test = "an_nccl_communicator_needs_a_cuda_driver";
+    if nccl_or_skip(test).is_none() {
+        return;
+    }
+    let store = MemoryStore::new();
+    match NcclCommunicator::new(&store, "nccl/one/id", 0, 1, 0, Duration::from_secs(30)) {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.starts_with("CUDA: "), "{text}");
+            eprintln!("no GPU here: {text}");
+        }
+        Ok(comm) => {
+            // A GPU: the collectives for real, on host buffers staged through the device.
+            let mut values = [1.0f32, -2.0, 3.5];
+            comm.all_reduce(BufMut::host(&mut values), ReduceOp::Sum).unwrap();
+            assert_eq!(values, [1.0, -2.0, 3.5]);
+            comm.broadcast(BufMut::host(&mut values), 0).unwrap();
+            let mut gathered = [0.0f32; 3];
+            comm.all_gather(BufRef::host(&values), BufMut::host(&mut gathered))
+                .unwrap();
+            assert_eq!(gathered, values);
+            comm.barrier().unwrap();
+            let bad = comm.broadcast(BufMut::host(&mut values), 1).unwrap_err().to_string();
+            assert!(bad.contains("root 1"), "{bad}");
+            eprintln!("GPU: NCCL all_reduce, broadcast, all_gather and barrier ran at world size 1");
+        }
+    }
+}

@@ -97,6 +97,20 @@ pub enum CommError {
         /// The store error.
         source: crate::rendezvous::StoreError,
     },
+    /// A device backend (NCCL) failed: its call returned an error, the device reported one, or
+    /// the deadline passed (NCCL cannot say which peer it waited for; the communicator was
+    /// aborted so nothing stays blocked).
+    #[error("rank {rank}: {op} #{seq} failed on the device: {reason}")]
+    Device {
+        /// This rank.
+        rank: usize,
+        /// The collective.
+        op: &'static str,
+        /// Sequence number.
+        seq: u64,
+        /// What happened.
+        reason: String,
+    },
     /// An earlier error broke the group; it cannot be used any more.
     #[error("rank {rank}: the process group is unusable after an earlier failure: {first}")]
     Poisoned {

@@ -43,6 +43,14 @@ pub enum NcclError {
         /// NCCL's text for the code.
         message: String,
     },
+    /// The CUDA driver is missing or failed.
+    #[error("CUDA: {call}: {why}")]
+    Cuda {
+        /// What was asked of the driver.
+        call: &'static str,
+        /// Why it failed.
+        why: String,
+    },
     /// The unique id read from the store has the wrong size.
     #[error("the NCCL unique id from the store has {len} bytes, not 128: another program wrote the key")]
     BadUniqueId {

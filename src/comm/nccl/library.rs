@@ -66,6 +66,13 @@ type GetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 type CommInitRank = unsafe extern "C" fn(*mut RawComm, c_int, UniqueId, c_int) -> c_int;
 type CommHandle = unsafe extern "C" fn(RawComm) -> c_int;
 type CommGetAsyncError = unsafe extern "C" fn(RawComm, *mut c_int) -> c_int;
+type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, RawStream) -> c_int;
+type Reduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, c_int, RawComm, RawStream) -> c_int;
+type Broadcast = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, RawStream) -> c_int;
+type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, RawComm, RawStream) -> c_int;
+type ReduceScatter = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, RawStream) -> c_int;
+type SendRecv = unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, RawComm, RawStream) -> c_int;
+type GroupCall = unsafe extern "C" fn() -> c_int;
 
 /// NCCL's functions, resolved from the loaded library.
 pub struct Nccl {
@@ -80,6 +87,15 @@ pub struct Nccl {
     comm_abort: CommHandle,
     comm_destroy: CommHandle,
     comm_get_async_error: CommGetAsyncError,
+    pub(crate) all_reduce: AllReduce,
+    pub(crate) reduce: Reduce,
+    pub(crate) broadcast: Broadcast,
+    pub(crate) all_gather: AllGather,
+    pub(crate) reduce_scatter: ReduceScatter,
+    pub(crate) send: SendRecv,
+    pub(crate) recv: SendRecv,
+    pub(crate) group_start: GroupCall,
+    pub(crate) group_end: GroupCall,
 }
 
 impl std::fmt::Debug for Nccl {
@@ -150,6 +166,15 @@ impl Nccl {
             comm_abort: symbol!("ncclCommAbort"),
             comm_destroy: symbol!("ncclCommDestroy"),
             comm_get_async_error: symbol!("ncclCommGetAsyncError"),
+            all_reduce: symbol!("ncclAllReduce"),
+            reduce: symbol!("ncclReduce"),
+            broadcast: symbol!("ncclBroadcast"),
+            all_gather: symbol!("ncclAllGather"),
+            reduce_scatter: symbol!("ncclReduceScatter"),
+            send: symbol!("ncclSend"),
+            recv: symbol!("ncclRecv"),
+            group_start: symbol!("ncclGroupStart"),
+            group_end: symbol!("ncclGroupEnd"),
             path,
             _library: library,
         })

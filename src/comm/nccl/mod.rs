@@ -4,13 +4,16 @@
 //!
 //! What runs without a GPU, and is tested here: finding and loading the library (or the error
 //! that lists every place looked), `ncclGetVersion`, `ncclGetUniqueId`, the id exchange, the
-//! mappings, and `ncclCommInitRank` failing cleanly. Communicators and collectives need a GPU.
+//! mappings, `ncclCommInitRank` failing cleanly, and [`NcclCommunicator::new`] refusing without a
+//! CUDA driver. The collectives of [`NcclCommunicator`] need a GPU (the GPU check).
 
+mod communicator;
 mod error;
 mod id;
 mod library;
 mod types;
 
+pub use communicator::NcclCommunicator;
 pub use error::NcclError;
 pub use id::exchange_unique_id;
 pub use library::{candidates, Comm, Nccl, RawComm, RawStream, UniqueId, NCCL_SONAME, UNIQUE_ID_BYTES};

@@ -1,0 +1,434 @@
+//! [`NcclCommunicator`]: burnrun's [`Communicator`] on NCCL, one rank per CUDA device.
+//!
+//! Every collective is enqueued on the communicator's own CUDA stream and then watched, never
+//! waited for blindly: the stream is polled, NCCL's background error is checked, and when the
+//! deadline passes (a dead or stuck peer) the communicator is aborted with `ncclCommAbort`, so the
+//! call returns an error naming the operation and its sequence number instead of hanging; later
+//! calls fail at once. Device buffers go to NCCL by pointer; host buffers are staged through the
+//! device (for small control messages: a barrier, a loss to average).
+//!
+//! Written against NCCL 2.12+ and the CUDA driver API; it needs a GPU to run, which this
+//! project's CI machine does not have: construction without a driver is an error (tested), the
+//! collectives are exercised by the GPU check.
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+
+use crate::comm::{BufMut, BufRef, CommError, Communicator, Memory, MemoryMut, ReduceOp};
+use crate::rendezvous::Store;
+
+use super::error::NcclError;
+use super::id::exchange_unique_id;
+use super::library::{Comm, Nccl, RawComm, RawStream};
+use super::types::{nccl_dtype, nccl_op};
+
+/// Pause between two polls of a running collective.
+const POLL_INTERVAL: Duration = Duration::from_micros(20);
+
+/// A rank of an NCCL communicator on one CUDA device.
+pub struct NcclCommunicator {
+    nccl: &'static Nccl,
+    /// `None` once aborted: every later call fails at once.
+    comm: Mutex<Option<Comm>>,
+    /// The first failure, for later calls' errors.
+    failure: Mutex<Option<String>>,
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+    seq: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for NcclCommunicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclCommunicator")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("device", &self.context.ordinal())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NcclCommunicator {
+    /// Joins the NCCL communicator of `world_size` ranks as `rank`, on CUDA device `ordinal`;
+    /// rank 0's unique id travels through `store` under `key`. Without a CUDA driver or device
+    /// this is an error saying so (never a panic).
+    pub fn new(
+        store: &dyn Store,
+        key: &str,
+        rank: usize,
+        world_size: usize,
+        ordinal: usize,
+        timeout: Duration,
+    ) -> Result<Self, NcclError> {
+        let nccl = Nccl::get()?;
+        let cuda = |call: &'static str, why: String| NcclError::Cuda { call, why };
+        // SAFETY: only checks whether the driver library loads; calls nothing in it.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(cuda(
+                "loading the driver",
+                "libcuda.so (the NVIDIA driver) is not on this machine: NCCL needs a GPU".into(),
+            ));
+        }
+        let context =
+            CudaContext::new(ordinal).map_err(|e| cuda("opening the device", format!("device {ordinal}: {e}")))?;
+        let stream = context
+            .new_stream()
+            .map_err(|e| cuda("creating a stream", e.to_string()))?;
+        let id = exchange_unique_id(nccl, store, key, rank, timeout)?;
+        context
+            .bind_to_thread()
+            .map_err(|e| cuda("binding the device", e.to_string()))?;
+        let comm = nccl.init_rank(id, rank, world_size)?;
+        Ok(Self {
+            nccl,
+            comm: Mutex::new(Some(comm)),
+            failure: Mutex::new(None),
+            context,
+            stream,
+            rank,
+            world_size,
+            timeout,
+            seq: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+
+    fn device_err(&self, op: &'static str, seq: u64, reason: String) -> CommError {
+        CommError::Device {
+            rank: self.rank,
+            op,
+            seq,
+            reason,
+        }
+    }
+
+    /// Enqueues one NCCL call on the stream and watches it to the end or the deadline.
+    fn run(
+        &self,
+        op: &'static str,
+        bytes: usize,
+        enqueue: impl FnOnce(&Nccl, RawComm, RawStream) -> c_int,
+    ) -> Result<(), CommError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(comm) = guard.as_ref() else {
+            let first = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return Err(CommError::Poisoned {
+                rank: self.rank,
+                first: first.unwrap_or_else(|| "the NCCL communicator was aborted".into()),
+            });
+        };
+        self.context
+            .bind_to_thread()
+            .map_err(|e| self.device_err(op, seq, e.to_string()))?;
+        let code = enqueue(self.nccl, comm.raw(), self.stream.cu_stream() as RawStream);
+        self.nccl
+            .check(op, code)
+            .map_err(|e| self.device_err(op, seq, e.to_string()))?;
+        let deadline = Instant::now() + self.timeout;
+        let outcome = loop {
+            // SAFETY: the stream is alive (owned by self) and the context is bound.
+            let state = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
+            match state {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => break Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => break Err(format!("the CUDA stream failed: {other:?}")),
+            }
+            if let Err(e) = comm.async_error() {
+                break Err(e.to_string());
+            }
+            if Instant::now() >= deadline {
+                break Err(format!(
+                    "timed out after {:?} (a peer is gone or stuck; NCCL cannot say which)",
+                    self.timeout
+                ));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        };
+        match outcome {
+            Ok(()) => {
+                self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(reason) => {
+                // Abort, so that no peer and no later call stays blocked on this communicator.
+                if let Some(comm) = guard.take() {
+                    let _ = comm.abort();
+                }
+                let error = self.device_err(op, seq, format!("{reason}; the communicator was aborted"));
+                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Host bytes copied to the device (staging for host buffers).
+    fn stage(&self, op: &'static str, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.stream
+            .clone_htod(bytes)
+            .map_err(|e| self.device_err(op, seq, format!("staging to the device: {e}")))
+    }
+
+    /// Copies a staged buffer back to the host bytes.
+    fn unstage(&self, op: &'static str, staged: &CudaSlice<u8>, bytes: &mut [u8]) -> Result<(), CommError> {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.stream
+            .memcpy_dtoh(staged, bytes)
+            .and_then(|()| self.stream.synchronize())
+            .map_err(|e| self.device_err(op, seq, format!("copying back from the device: {e}")))
+    }
+
+    /// Runs `call` with the device address of `buf` (staged through the device when it is host
+    /// memory, and copied back afterwards).
+    fn with_device_mut(
+        &self,
+        op: &'static str,
+        buf: BufMut<'_>,
+        call: impl FnOnce(u64) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        match buf.memory {
+            MemoryMut::Device(ptr) => call(ptr.address),
+            MemoryMut::Host(bytes) => {
+                let staged = self.stage(op, bytes)?;
+                {
+                    let (address, _sync) = staged.device_ptr(&self.stream);
+                    call(address)?;
+                }
+                self.unstage(op, &staged, bytes)
+            }
+        }
+    }
+
+    fn unsupported(&self, op: &'static str, reason: &str) -> CommError {
+        CommError::Unsupported {
+            rank: self.rank,
+            op,
+            backend: "nccl",
+            reason: reason.to_string(),
+        }
+    }
+
+    fn check_root(&self, op: &'static str, root: usize) -> Result<(), CommError> {
+        if root >= self.world_size {
+            return Err(CommError::InvalidArgument {
+                rank: self.rank,
+                op,
+                reason: format!("root {root} is not below the world size {}", self.world_size),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A read-only buffer's device address, staging host memory (kept alive by the returned slice).
+fn device_ref(
+    comm: &NcclCommunicator,
+    op: &'static str,
+    buf: &BufRef<'_>,
+) -> Result<(u64, Option<CudaSlice<u8>>), CommError> {
+    match &buf.memory {
+        Memory::Device(ptr) => Ok((ptr.address, None)),
+        Memory::Host(bytes) => {
+            let staged = comm.stage(op, bytes)?;
+            let address = staged.device_ptr(&comm.stream).0;
+            Ok((address, Some(staged)))
+        }
+    }
+}
+
+fn ptr(address: u64) -> *mut c_void {
+    address as usize as *mut c_void
+}
+
+impl Communicator for NcclCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn links(&self) -> String {
+        format!("NCCL on CUDA device {}", self.context.ordinal())
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn all_reduce(&self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
+        let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.numel * buf.dtype.size_bytes());
+        self.with_device_mut("all_reduce", buf, |address| {
+            self.run("all_reduce", size, |nccl, comm, stream| {
+                // SAFETY: in-place all-reduce of `count` elements at a live device address.
+                unsafe { (nccl.all_reduce)(ptr(address), ptr(address), count, dtype, nccl_op(op), comm, stream) }
+            })
+        })
+    }
+
+    fn reduce(&self, buf: BufMut<'_>, op: ReduceOp, root: usize) -> Result<(), CommError> {
+        self.check_root("reduce", root)?;
+        let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.numel * buf.dtype.size_bytes());
+        self.with_device_mut("reduce", buf, |address| {
+            self.run("reduce", size, |nccl, comm, stream| {
+                // SAFETY: in-place reduce of `count` elements at a live device address.
+                unsafe {
+                    (nccl.reduce)(
+                        ptr(address),
+                        ptr(address),
+                        count,
+                        dtype,
+                        nccl_op(op),
+                        root as c_int,
+                        comm,
+                        stream,
+                    )
+                }
+            })
+        })
+    }
+
+    fn broadcast(&self, buf: BufMut<'_>, root: usize) -> Result<(), CommError> {
+        self.check_root("broadcast", root)?;
+        let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.numel * buf.dtype.size_bytes());
+        self.with_device_mut("broadcast", buf, |address| {
+            self.run("broadcast", size, |nccl, comm, stream| {
+                // SAFETY: in-place broadcast of `count` elements at a live device address.
+                unsafe { (nccl.broadcast)(ptr(address), ptr(address), count, dtype, root as c_int, comm, stream) }
+            })
+        })
+    }
+
+    fn all_gather(&self, input: BufRef<'_>, output: BufMut<'_>) -> Result<(), CommError> {
+        if output.numel != input.numel * self.world_size || output.dtype != input.dtype {
+            return Err(CommError::InvalidArgument {
+                rank: self.rank,
+                op: "all_gather",
+                reason: format!(
+                    "output holds {} {:?}, input {} {:?}: the output must be world_size({}) times the input",
+                    output.numel, output.dtype, input.numel, input.dtype, self.world_size
+                ),
+            });
+        }
+        let (dtype, count, size) = (nccl_dtype(input.dtype), input.numel, input.size_bytes());
+        let (send, _staged) = device_ref(self, "all_gather", &input)?;
+        self.with_device_mut("all_gather", output, |recv| {
+            self.run("all_gather", size, |nccl, comm, stream| {
+                // SAFETY: `count` elements from `send`, `count * world_size` into `recv`, both live.
+                unsafe { (nccl.all_gather)(ptr(send), ptr(recv), count, dtype, comm, stream) }
+            })
+        })
+    }
+
+    fn reduce_scatter(&self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
+        if input.numel != output.numel * self.world_size || output.dtype != input.dtype {
+            return Err(CommError::InvalidArgument {
+                rank: self.rank,
+                op: "reduce_scatter",
+                reason: format!(
+                    "input holds {} {:?}, output {} {:?}: the input must be world_size({}) times the output",
+                    input.numel, input.dtype, output.numel, output.dtype, self.world_size
+                ),
+            });
+        }
+        let (dtype, count, size) = (nccl_dtype(input.dtype), output.numel, input.size_bytes());
+        let (send, _staged) = device_ref(self, "reduce_scatter", &input)?;
+        self.with_device_mut("reduce_scatter", output, |recv| {
+            self.run("reduce_scatter", size, |nccl, comm, stream| {
+                // SAFETY: `count * world_size` elements from `send`, `count` into `recv`, both live.
+                unsafe { (nccl.reduce_scatter)(ptr(send), ptr(recv), count, dtype, nccl_op(op), comm, stream) }
+            })
+        })
+    }
+
+    fn all_to_all(&self, input: BufRef<'_>, output: BufMut<'_>) -> Result<(), CommError> {
+        let n = self.world_size;
+        if input.numel != output.numel || input.numel % n != 0 || input.dtype != output.dtype {
+            return Err(CommError::InvalidArgument {
+                rank: self.rank,
+                op: "all_to_all",
+                reason: format!(
+                    "input {} and output {} elements must be equal and divisible by world_size({n})",
+                    input.numel, output.numel
+                ),
+            });
+        }
+        let (dtype, chunk, elem) = (nccl_dtype(input.dtype), input.numel / n, input.dtype.size_bytes());
+        let size = input.size_bytes();
+        let (send, _staged) = device_ref(self, "all_to_all", &input)?;
+        self.with_device_mut("all_to_all", output, |recv| {
+            self.run("all_to_all", size, |nccl, comm, stream| {
+                // One group of point-to-point calls: chunk j to rank j, chunk i from rank i.
+                // SAFETY: every address is inside the live buffers (chunk * elem bytes each).
+                unsafe {
+                    let mut code = (nccl.group_start)();
+                    for peer in 0..n {
+                        if code != 0 {
+                            break;
+                        }
+                        let offset = (peer * chunk * elem) as u64;
+                        code = (nccl.send)(ptr(send + offset), chunk, dtype, peer as c_int, comm, stream);
+                        if code == 0 {
+                            code = (nccl.recv)(ptr(recv + offset), chunk, dtype, peer as c_int, comm, stream);
+                        }
+                    }
+                    let end = (nccl.group_end)();
+                    if code != 0 {
+                        code
+                    } else {
+                        end
+                    }
+                }
+            })
+        })
+    }
+
+    fn send(&self, buf: BufRef<'_>, peer: usize, _tag: u32) -> Result<(), CommError> {
+        // NCCL matches point-to-point calls by order between a pair, not by tag.
+        let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.size_bytes());
+        let (address, _staged) = device_ref(self, "send", &buf)?;
+        self.run("send", size, |nccl, comm, stream| {
+            // SAFETY: `count` elements at a live device address.
+            unsafe { (nccl.send)(ptr(address), count, dtype, peer as c_int, comm, stream) }
+        })
+    }
+
+    fn recv(&self, buf: BufMut<'_>, peer: usize, _tag: u32) -> Result<(), CommError> {
+        let (dtype, count) = (nccl_dtype(buf.dtype), buf.numel);
+        self.with_device_mut("recv", buf, |address| {
+            self.run("recv", 0, |nccl, comm, stream| {
+                // SAFETY: `count` elements at a live device address.
+                unsafe { (nccl.recv)(ptr(address), count, dtype, peer as c_int, comm, stream) }
+            })
+        })
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        let mut one = [0u8];
+        self.all_reduce(BufMut::host(&mut one), ReduceOp::Sum)
+    }
+
+    fn new_group(&self, _ranks: &[usize]) -> Result<Option<Box<dyn Communicator>>, CommError> {
+        Err(self.unsupported(
+            "new_group",
+            "sub-groups of an NCCL communicator are not built yet (ncclCommSplit); use the TCP engine for them",
+        ))
+    }
+}
