@@ -216,6 +216,10 @@ pub(crate) fn keep_freed_memory() {
     }
 }
 
+/// How long a rank told that rank 0 could not lock `train.out_dir` waits before it exits, so that
+/// rank 0's exit, with the reason, comes first (the launcher stops every other rank then).
+const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Rank 0 locks `train.out_dir` (see [`super::lock`]) and tells the other ranks whether it could,
 /// so they stop too instead of waiting for it in the first collective.
 pub(crate) fn lock_out_dir(world: &ProcessGroup, cfg: &RunConfig) -> Result<Option<OutDirLock>, TrainError> {
@@ -236,6 +240,10 @@ pub(crate) fn lock_out_dir(world: &ProcessGroup, cfg: &RunConfig) -> Result<Opti
             .broadcast(&mut locked, 0)
             .map_err(|source| TrainError::Comm { rank, source })?;
         if rank != 0 && locked[0] == 0 {
+            // Rank 0 holds the reason (the other job's pid, host and run id) and exits with it at
+            // once; were this rank to exit first, the launcher would tear rank 0 down before it
+            // printed, and the job's report would say only "rank 0 could not lock".
+            std::thread::sleep(REFUSAL_GRACE);
             return Err(TrainError::OutDirRefused {
                 rank,
                 dir: dir.display().to_string(),
