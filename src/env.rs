@@ -187,6 +187,26 @@ impl LibrarySearch {
             python_prefixes,
         }
     }
+
+    /// The package folders of the Python environments: every existing
+    /// `<prefix>/lib/python3.*/site-packages` (or Debian's `dist-packages`), prefixes in order.
+    pub fn site_packages(&self) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for prefix in &self.python_prefixes {
+            let Ok(entries) = std::fs::read_dir(prefix.join("lib")) else {
+                continue;
+            };
+            let mut found: Vec<std::path::PathBuf> = entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+                .flat_map(|e| ["site-packages", "dist-packages"].map(|s| e.path().join(s)))
+                .filter(|p| p.is_dir())
+                .collect();
+            found.sort();
+            out.extend(found);
+        }
+        out
+    }
 }
 
 fn var(name: &'static str) -> Option<String> {

@@ -259,21 +259,9 @@ pub fn candidates(search: &LibrarySearch) -> Vec<PathBuf> {
     }
     folders.extend(search.ld_library_path.iter().cloned());
     folders.push(PathBuf::from("/usr/local/cuda/lib64"));
-    for prefix in &search.python_prefixes {
-        let Ok(entries) = std::fs::read_dir(prefix.join("lib")) else {
-            continue;
-        };
-        let mut sites: Vec<PathBuf> = entries
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-            .flat_map(|e| ["site-packages", "dist-packages"].map(|s| e.path().join(s)))
-            .filter(|p| p.is_dir())
-            .collect();
-        sites.sort();
-        for site in sites {
-            folders.push(site.join("nvidia/cu13/lib"));
-            folders.push(site.join("nvidia/cuda_nvrtc/lib"));
-        }
+    for site in search.site_packages() {
+        folders.push(site.join("nvidia/cu13/lib"));
+        folders.push(site.join("nvidia/cuda_nvrtc/lib"));
     }
     for folder in folders {
         out.extend(NAMES.iter().map(|name| folder.join(name)));

@@ -256,28 +256,11 @@ pub fn candidates(search: &LibrarySearch) -> Vec<PathBuf> {
     for dir in ["/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"] {
         out.push(Path::new(dir).join(NCCL_SONAME));
     }
-    for prefix in &search.python_prefixes {
-        for site in site_packages(prefix) {
-            out.push(site.join("nvidia/nccl/lib").join(NCCL_SONAME));
-        }
+    for site in search.site_packages() {
+        out.push(site.join("nvidia/nccl/lib").join(NCCL_SONAME));
     }
     out.push(PathBuf::from(NCCL_SONAME));
     out
-}
-
-/// `<prefix>/lib/python3.*/site-packages` (and `dist-packages`, Debian's name) that exist.
-fn site_packages(prefix: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(prefix.join("lib")) else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-        .flat_map(|e| ["site-packages", "dist-packages"].map(|s| e.path().join(s)))
-        .filter(|p| p.is_dir())
-        .collect();
-    found.sort();
-    found
 }
 
 /// An NCCL communicator handle: destroyed when dropped, or aborted ([`Comm::abort`]) when a peer
