@@ -10,7 +10,7 @@
 //! | `wgpu:discrete` | wgpu, discrete GPUs | the r-th discrete GPU (torchrun's one-GPU-per-rank) |
 //! | `wgpu:integrated` | wgpu, integrated GPUs | the r-th integrated GPU |
 //! | `wgpu:cpu` | wgpu on a CPU adapter (Mesa's lavapipe) | that adapter |
-//! | `cuda`, `cuda:N` | burn's CUDA backend | GPU r (or N); not in this build yet |
+//! | `cuda`, `cuda:N` | burn's CUDA backend (feature `cuda`) | GPU r (or N): torchrun's one GPU per rank |
 //!
 //! A name this build cannot serve is an error that says what it supports, never a silent fall
 //! back to the CPU. Every device returned tracks gradients (`.autodiff()`): it is for training.
@@ -47,6 +47,18 @@ pub enum DeviceError {
         /// Every adapter found, by name and kind.
         adapters: String,
     },
+    /// The CUDA device this rank asks for is not there (no driver, or fewer GPUs).
+    #[error("device `{spec}`: LOCAL_RANK {local_rank} asks for CUDA device {ordinal}, but {found}")]
+    NoCudaDevice {
+        /// The device asked for.
+        spec: DeviceSpec,
+        /// This rank's local rank.
+        local_rank: usize,
+        /// The device number asked for.
+        ordinal: usize,
+        /// What was found instead.
+        found: String,
+    },
     /// The backend exists, but this build cannot create it.
     #[error("device `{spec}`: {why}; this build supports {supported}")]
     NotBuilt {
@@ -82,6 +94,12 @@ pub fn base_device(spec: DeviceSpec, local_rank: usize) -> Result<Device, Device
             };
             Ok(Device::wgpu(kind))
         }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            let ordinal = index.unwrap_or(local_rank);
+            check_cuda(spec, ordinal, local_rank)?;
+            Ok(Device::cuda(ordinal))
+        }
         // A backend this build lacks: `check_built` says which and how to get it.
         _ => Err(DeviceError::NotBuilt {
             spec,
@@ -89,6 +107,25 @@ pub fn base_device(spec: DeviceSpec, local_rank: usize) -> Result<Device, Device
             supported: DeviceSpec::supported(),
         }),
     }
+}
+
+/// Counts the CUDA devices first: burn panics on a driver or device that is not there.
+#[cfg(feature = "cuda")]
+fn check_cuda(spec: DeviceSpec, ordinal: usize, local_rank: usize) -> Result<(), DeviceError> {
+    let no_device = |found: String| DeviceError::NoCudaDevice {
+        spec,
+        local_rank,
+        ordinal,
+        found,
+    };
+    let count = crate::comm::nccl::cuda_device_count().map_err(no_device)?;
+    if ordinal < count {
+        return Ok(());
+    }
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").map_or_else(|_| "not set".into(), |v| format!("{v:?}"));
+    Err(no_device(format!(
+        "this node shows {count} (CUDA_VISIBLE_DEVICES {visible}); start at most {count} rank(s) per node"
+    )))
 }
 
 /// Counts the wgpu adapters of the kind asked for: burn panics on one that does not exist.
@@ -205,11 +242,12 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_is_an_error_that_names_what_this_build_supports() {
         let err = device_for(DeviceSpec::Cuda(Some(0)), 0).unwrap_err().to_string();
         assert!(
-            err.contains("`cuda:0`") && err.contains("no GPU backend") && err.contains("\"cpu\""),
+            err.contains("`cuda:0`") && err.contains("--features cuda") && err.contains("\"cpu\""),
             "{err}"
         );
     }

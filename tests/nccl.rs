@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use burnrun::comm::nccl::{candidates, exchange_unique_id, Nccl, NcclError, NCCL_SONAME};
+use burnrun::comm::nccl::{candidates, exchange_unique_id, CallCheck, CheckMode, Nccl, NcclError, NCCL_SONAME};
+use burnrun::comm::{fingerprint, DType, OpKind, ReduceOp};
 use burnrun::env::LibrarySearch;
 use burnrun::rendezvous::{MemoryStore, Store};
 
@@ -185,4 +186,121 @@ fn an_nccl_communicator_needs_a_cuda_driver_and_on_a_gpu_runs_its_collectives_at
             eprintln!("GPU: NCCL all_reduce, broadcast, all_gather and barrier ran at world size 1");
         }
     }
+}
+
+/// Runs `calls(rank, check)` on `world` threads sharing one store, each with its own check.
+fn with_checks<T: Send + 'static>(
+    world: usize,
+    mode: CheckMode,
+    calls: impl Fn(usize, &CallCheck) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let calls = Arc::new(calls);
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (store, calls) = (store.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let check = CallCheck::new(store, "nccl/check-test", rank, world, mode, Duration::from_secs(5));
+                calls(rank, &check)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+}
+
+#[test]
+fn checking_every_call_finds_a_mismatched_collective_before_nccl_is_called() {
+    let all_reduce = fingerprint(OpKind::AllReduce, DType::F32, 1000, None, Some(ReduceOp::Sum));
+    let all_gather = fingerprint(OpKind::AllGather, DType::F32, 500, None, None);
+    let results = with_checks(3, CheckMode::EveryCall, move |rank, check| {
+        // Calls #0 and #1 agree; at #2 rank 2 calls another collective.
+        check.before("all_reduce", 0, all_reduce)?;
+        check.before("all_reduce", 1, all_reduce)?;
+        if rank == 2 {
+            check.before("all_gather", 2, all_gather)
+        } else {
+            check.before("all_reduce", 2, all_reduce)
+        }
+    });
+    for (rank, result) in results.iter().enumerate() {
+        let err = result
+            .as_ref()
+            .expect_err("a mismatch is an error on every rank")
+            .to_string();
+        assert!(err.contains("mismatch at #2"), "rank {rank}: {err}");
+        if rank == 2 {
+            assert!(
+                err.contains("this rank called all_gather(f32 x 500)") && err.contains("peer 0"),
+                "{err}"
+            );
+        } else {
+            assert!(
+                err.contains("this rank called all_reduce(f32 x 1000, sum)") && err.contains("peer 2"),
+                "{err}"
+            );
+            assert!(err.contains("all_gather(f32 x 500)"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn checking_every_call_times_out_naming_the_rank_that_never_came() {
+    let fp = fingerprint(OpKind::Broadcast, DType::BF16, 8, Some(0), None);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let check = CallCheck::new(
+        store,
+        "nccl/late",
+        0,
+        2,
+        CheckMode::EveryCall,
+        Duration::from_millis(200),
+    );
+    let err = check
+        .before("broadcast", 0, fp)
+        .expect_err("rank 1 never calls")
+        .to_string();
+    assert!(
+        err.contains("peer 1") && err.contains("did not reach this call"),
+        "{err}"
+    );
+}
+
+#[test]
+fn after_a_failure_the_report_names_the_first_differing_call_or_the_silent_rank() {
+    let sum = fingerprint(OpKind::AllReduce, DType::F32, 64, None, Some(ReduceOp::Sum));
+    let max = fingerprint(OpKind::AllReduce, DType::F32, 64, None, Some(ReduceOp::Max));
+    // The default mode costs nothing per call; a failure at #1 compares the traces.
+    let reports = with_checks(2, CheckMode::OnFailure, move |rank, check| {
+        check.before("all_reduce", 0, sum).expect("no store traffic");
+        check
+            .before("all_reduce", 1, if rank == 0 { sum } else { max })
+            .expect("no comparison before the call");
+        check.diagnose(1)
+    });
+    assert!(
+        reports[0].contains("collective mismatch at #1: this rank called all_reduce(f32 x 64, sum), rank 1 called all_reduce(f32 x 64, max)"),
+        "{}",
+        reports[0]
+    );
+    // A rank alone in its failure: the others never report.
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let check = CallCheck::new(store, "nccl/alone", 1, 3, CheckMode::OnFailure, Duration::from_secs(1));
+    check.before("all_reduce", 0, sum).unwrap();
+    let report = check.diagnose(0);
+    assert!(
+        report.contains("rank(s) [0, 2] did not report") && report.contains("stuck before call #0"),
+        "{report}"
+    );
+}
+
+#[test]
+fn the_check_mode_comes_from_burnrun_nccl_check() {
+    assert_eq!(CheckMode::from_env_value(None), Ok(CheckMode::OnFailure));
+    assert_eq!(CheckMode::from_env_value(Some("every")), Ok(CheckMode::EveryCall));
+    assert_eq!(CheckMode::from_env_value(Some("off")), Ok(CheckMode::Off));
+    let err = CheckMode::from_env_value(Some("always")).unwrap_err();
+    assert!(
+        err.contains("BURNRUN_NCCL_CHECK=\"always\"") && err.contains("\"every\""),
+        "{err}"
+    );
 }

@@ -9,14 +9,22 @@ use super::dtype::{DType, ReduceOp};
 
 /// The collectives, as numbered in fingerprints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OpKind {
+pub enum OpKind {
+    /// `all_reduce`.
     AllReduce = 1,
+    /// `reduce`.
     Reduce = 2,
+    /// `broadcast`.
     Broadcast = 3,
+    /// `all_gather`.
     AllGather = 4,
+    /// `reduce_scatter`.
     ReduceScatter = 5,
+    /// `all_to_all`.
     AllToAll = 6,
+    /// `send` and `recv`.
     SendRecv = 7,
+    /// `barrier`.
     Barrier = 8,
 }
 
@@ -32,7 +40,8 @@ impl OpKind {
         OpKind::Barrier,
     ];
 
-    pub(crate) fn name(self) -> &'static str {
+    /// The op's name in messages.
+    pub fn name(self) -> &'static str {
         match self {
             OpKind::AllReduce => "all_reduce",
             OpKind::Reduce => "reduce",
@@ -48,14 +57,8 @@ impl OpKind {
 
 const REDUCE_OPS: [ReduceOp; 5] = ReduceOp::ALL;
 
-/// Packs a fingerprint.
-pub(crate) fn fingerprint(
-    op: OpKind,
-    dtype: DType,
-    numel: usize,
-    root: Option<usize>,
-    reduce: Option<ReduceOp>,
-) -> u64 {
+/// Packs a fingerprint: op, dtype, root and reduction, and the low 32 bits of the count.
+pub fn fingerprint(op: OpKind, dtype: DType, numel: usize, root: Option<usize>, reduce: Option<ReduceOp>) -> u64 {
     let reduce_code = reduce.map_or(0, |r| 1 + REDUCE_OPS.iter().position(|&x| x == r).unwrap_or(0) as u64);
     let root_code = root.map_or(0xfff, |r| (r as u64).min(0xffe));
     ((op as u64) << 56)
@@ -66,7 +69,7 @@ pub(crate) fn fingerprint(
 }
 
 /// Renders a fingerprint for error messages.
-pub(crate) fn describe(fp: u64) -> String {
+pub fn describe(fp: u64) -> String {
     let op = OpKind::ALL
         .iter()
         .find(|k| **k as u64 == fp >> 56)

@@ -18,6 +18,7 @@ mod reduce;
 pub use buffer::{BufMut, BufRef, DevicePtr, HostBuffer, Memory, MemoryMut};
 pub use communicator::{CommError, Communicator};
 pub use dtype::{DType, Element, ReduceOp};
+pub use fingerprint::{describe as describe_fingerprint, fingerprint, OpKind};
 pub use group::{ProcessGroup, Work};
 pub use host::{Tuning, DEFAULT_RING_THRESHOLD_BYTES, DEFAULT_SEGMENT_BYTES};
 pub use init::{init, init_from, init_with_store, spawn_ranks, InitOptions, ShmOptions};

@@ -6,9 +6,14 @@ use super::choice::choice;
 
 choice! {
     /// `comm.backend`: who runs the collectives.
-    CommBackend, default Tcp {
-        /// burnrun's own algorithms over TCP between host buffers (CPU, any machine).
-        Tcp = "tcp",
+    CommBackend, default Auto {
+        /// NCCL when the ranks train on CUDA devices (`train.device = "cuda"`, a `cuda` build),
+        /// otherwise the host engine.
+        Auto = "auto",
+        /// burnrun's own algorithms over TCP and shared memory between host buffers (any device;
+        /// `"tcp"` is accepted for it too).
+        #[serde(alias = "tcp")]
+        Host = "host",
         /// NVIDIA's NCCL on GPU buffers (needs `train.device = "cuda"` or `"cuda:N"` and the
         /// `cuda` feature).
         Nccl = "nccl",
@@ -19,7 +24,8 @@ choice! {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CommConfig {
-    /// Backend: `"tcp"` or `"nccl"`. Default `"tcp"`.
+    /// Backend: `"auto"`, `"host"` or `"nccl"`. Default `"auto"`: NCCL when every rank's device is
+    /// CUDA, the host engine otherwise.
     pub backend: CommBackend,
     /// Gradients are packed into buckets of at most this many MiB and each bucket is all-reduced
     /// as one message (torch DDP's `bucket_cap_mb`). Default `25.0`.
@@ -51,7 +57,7 @@ pub struct CommConfig {
 impl Default for CommConfig {
     fn default() -> Self {
         Self {
-            backend: CommBackend::Tcp,
+            backend: CommBackend::Auto,
             bucket_cap_mb: 25.0,
             overlap: None,
             timeout_secs: 300,

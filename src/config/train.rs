@@ -21,9 +21,10 @@ pub struct TrainConfig {
     /// Folder for checkpoints (`<out_dir>/checkpoints/`) and `metrics.jsonl`. Default `""`, which
     /// loading turns into `runs/<config name>` (the config file's stem, e.g. `runs/mlp_synthetic`).
     pub out_dir: String,
-    /// Device to compute on: `"cpu"` (burn's flex backend) or `"flex"` (the same, by name).
-    /// `"cuda"` (GPU number `LOCAL_RANK`) and `"cuda:N"` parse but are refused by validation:
-    /// this build has no GPU backend yet. Default `"cpu"`.
+    /// Device to compute on: `"cpu"` (burn's flex backend) or `"flex"` (the same, by name);
+    /// `"wgpu"`, `"wgpu:discrete"`, `"wgpu:integrated"`, `"wgpu:cpu"` (feature `wgpu`); `"cuda"`
+    /// (GPU number `LOCAL_RANK`) and `"cuda:N"` (feature `cuda`). A device the build lacks is
+    /// refused by validation. Default `"cpu"`.
     pub device: String,
     /// Every this many steps, compare a checksum of the parameters across ranks and stop, naming
     /// the first differing parameter, if replicas diverged. `0` turns the check off. Default `50`.
@@ -108,16 +109,26 @@ impl DeviceSpec {
             Self::Cpu | Self::Flex => Ok(()),
             Self::Wgpu(_) if cfg!(feature = "wgpu") => Ok(()),
             Self::Wgpu(_) => Err("this build has no wgpu backend (rebuild with `--features wgpu`)".into()),
-            Self::Cuda(_) => Err("this build has no GPU backend for CUDA yet".into()),
+            Self::Cuda(_) if cfg!(feature = "cuda") => Ok(()),
+            Self::Cuda(_) => Err("this build has no CUDA backend (rebuild with `--features cuda`)".into()),
         }
     }
 
     /// The device names this build accepts, for messages.
     pub fn supported() -> &'static str {
-        if cfg!(feature = "wgpu") {
-            "\"cpu\" and \"flex\" (burn's flex CPU backend), \"wgpu\", \"wgpu:discrete\", \"wgpu:integrated\", \"wgpu:cpu\""
-        } else {
-            "\"cpu\" and \"flex\" (both burn's flex CPU backend); \"wgpu\" with the `wgpu` feature"
+        match (cfg!(feature = "wgpu"), cfg!(feature = "cuda")) {
+            (true, true) => {
+                "\"cpu\" and \"flex\" (burn's flex CPU backend), \"wgpu\", \"wgpu:discrete\", \"wgpu:integrated\", \"wgpu:cpu\", \"cuda\", \"cuda:N\""
+            }
+            (true, false) => {
+                "\"cpu\" and \"flex\" (burn's flex CPU backend), \"wgpu\", \"wgpu:discrete\", \"wgpu:integrated\", \"wgpu:cpu\"; \"cuda\" with the `cuda` feature"
+            }
+            (false, true) => {
+                "\"cpu\" and \"flex\" (burn's flex CPU backend), \"cuda\" (GPU number LOCAL_RANK), \"cuda:N\"; \"wgpu\" with the `wgpu` feature"
+            }
+            (false, false) => {
+                "\"cpu\" and \"flex\" (both burn's flex CPU backend); \"wgpu\" with the `wgpu` feature, \"cuda\" with the `cuda` feature"
+            }
         }
     }
 }

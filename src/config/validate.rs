@@ -21,6 +21,8 @@ pub struct Resolved {
     pub mesh: ParallelDims,
     /// The parsed `train.device`.
     pub device: DeviceSpec,
+    /// `comm.backend` with `auto` resolved: `Host` or `Nccl`.
+    pub backend: CommBackend,
     /// Samples per pipeline micro-batch: `batch_size / micro_batches`.
     pub micro_batch_size: usize,
     /// Samples per optimizer step over the whole job: `batch_size * grad_accum_steps * data`.
@@ -105,6 +107,7 @@ impl RunConfig {
             world_size,
             mesh,
             device: device.unwrap_or(DeviceSpec::Cpu),
+            backend: self.backend_for(device.unwrap_or(DeviceSpec::Cpu)),
             micro_batch_size: self.train.batch_size / micro_batches,
             global_batch: self.train.batch_size * self.train.grad_accum_steps * mesh.data,
             seq_len,
@@ -507,15 +510,53 @@ impl RunConfig {
                 },
             );
         }
-        if comm.backend == CommBackend::Nccl && device.is_some_and(|d| !d.is_cuda()) {
-            c.fail(
-                &["comm.backend", "train.device"],
-                format!(
-                    "comm.backend = \"nccl\" needs a GPU, but train.device = {:?} (use \"cuda\" or \"cuda:N\", or \
-                     comm.backend = \"tcp\")",
-                    self.train.device
-                ),
-            );
+        if comm.backend == CommBackend::Nccl {
+            if device.is_some_and(|d| !d.is_cuda()) {
+                c.fail(
+                    &["comm.backend", "train.device"],
+                    format!(
+                        "comm.backend = \"nccl\" needs a GPU, but train.device = {:?} (use \"cuda\" or \"cuda:N\", or \
+                         comm.backend = \"host\")",
+                        self.train.device
+                    ),
+                );
+            }
+            if let Some(what) = self.nccl_unsupported() {
+                c.fail(
+                    &["comm.backend"],
+                    format!(
+                        "comm.backend = \"nccl\" does not run {what} yet: set comm.backend = \"host\" (or \"auto\", \
+                         which then picks the host engine)"
+                    ),
+                );
+            }
+        }
+        if comm.backend == CommBackend::Auto && device.is_some_and(|d| d.is_cuda()) {
+            if let Some(what) = self.nccl_unsupported() {
+                c.note(format!(
+                    "comm.backend = \"auto\" picks the host engine, not NCCL: NCCL does not run {what} yet"
+                ));
+            }
+        }
+    }
+
+    /// What of this config the NCCL path of the trainer cannot run yet (`None`: all of it).
+    fn nccl_unsupported(&self) -> Option<&'static str> {
+        if self.parallel.pipeline > 1 {
+            Some("pipeline parallelism (activations between stages)")
+        } else if self.compression.method != CompressionMethod::None {
+            Some("gradient codecs (they run on the host engine)")
+        } else {
+            None
+        }
+    }
+
+    /// The backend that runs this config's collectives: `auto` resolved for `device`.
+    pub fn backend_for(&self, device: DeviceSpec) -> CommBackend {
+        match self.comm.backend {
+            CommBackend::Auto if device.is_cuda() && self.nccl_unsupported().is_none() => CommBackend::Nccl,
+            CommBackend::Auto => CommBackend::Host,
+            chosen => chosen,
         }
     }
 

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 
-use crate::comm::{BufMut, BufRef, CommError, Communicator, Memory, MemoryMut, ReduceOp};
+use crate::comm::{fingerprint, BufMut, BufRef, CommError, Communicator, Memory, MemoryMut, OpKind, ReduceOp};
 use crate::rendezvous::Store;
 
+use super::check::CallCheck;
 use super::error::NcclError;
 use super::id::exchange_unique_id;
 use super::library::{Comm, Nccl, RawComm, RawStream};
@@ -28,6 +29,17 @@ use super::types::{nccl_dtype, nccl_op};
 
 /// Pause between two polls of a running collective.
 const POLL_INTERVAL: Duration = Duration::from_micros(20);
+
+/// How many CUDA devices this process sees, or why none (no driver library, a driver error).
+pub fn cuda_device_count() -> Result<usize, String> {
+    // SAFETY: only checks whether the driver library loads; calls nothing in it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("libcuda.so (the NVIDIA driver) is not on this machine".into());
+    }
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| format!("the CUDA driver cannot count its devices: {e}"))
+}
 
 /// A rank of an NCCL communicator on one CUDA device.
 pub struct NcclCommunicator {
@@ -42,7 +54,10 @@ pub struct NcclCommunicator {
     world_size: usize,
     timeout: Duration,
     seq: AtomicU64,
+    p2p_seq: AtomicU64,
     bytes: AtomicU64,
+    /// The fingerprint comparison through the store, if set ([`NcclCommunicator::with_check`]).
+    check: Option<CallCheck>,
 }
 
 impl std::fmt::Debug for NcclCommunicator {
@@ -69,13 +84,7 @@ impl NcclCommunicator {
     ) -> Result<Self, NcclError> {
         let nccl = Nccl::get()?;
         let cuda = |call: &'static str, why: String| NcclError::Cuda { call, why };
-        // SAFETY: only checks whether the driver library loads; calls nothing in it.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(cuda(
-                "loading the driver",
-                "libcuda.so (the NVIDIA driver) is not on this machine: NCCL needs a GPU".into(),
-            ));
-        }
+        cuda_device_count().map_err(|why| cuda("loading the driver", format!("{why}: NCCL needs a GPU")))?;
         let context =
             CudaContext::new(ordinal).map_err(|e| cuda("opening the device", format!("device {ordinal}: {e}")))?;
         let stream = context
@@ -96,8 +105,27 @@ impl NcclCommunicator {
             world_size,
             timeout,
             seq: AtomicU64::new(0),
+            p2p_seq: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            check: None,
         })
+    }
+
+    /// Compares the ranks' calls through the store ([`CallCheck`]): on a failure the error names
+    /// the first call where two ranks differ; with `CheckMode::EveryCall` a mismatch is found
+    /// before NCCL is called.
+    pub fn with_check(mut self, check: CallCheck) -> Self {
+        self.check = Some(check);
+        self
+    }
+
+    /// The error of a call after the communicator was aborted.
+    fn poisoned(&self) -> CommError {
+        let first = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        CommError::Poisoned {
+            rank: self.rank,
+            first: first.unwrap_or_else(|| "the NCCL communicator was aborted".into()),
+        }
     }
 
     fn device_err(&self, op: &'static str, seq: u64, reason: String) -> CommError {
@@ -113,17 +141,22 @@ impl NcclCommunicator {
     fn run(
         &self,
         op: &'static str,
+        fp: Option<u64>,
         bytes: usize,
         enqueue: impl FnOnce(&Nccl, RawComm, RawStream) -> c_int,
     ) -> Result<(), CommError> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        // Collectives are numbered over the whole group (every rank makes each one); point-to-point
+        // calls (no fingerprint) on their own, since only a pair of ranks makes them.
+        let seq = match fp {
+            Some(_) => self.seq.fetch_add(1, Ordering::Relaxed),
+            None => self.p2p_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        if let (Some(check), Some(fp)) = (&self.check, fp) {
+            check.before(op, seq, fp)?;
+        }
         let mut guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
         let Some(comm) = guard.as_ref() else {
-            let first = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            return Err(CommError::Poisoned {
-                rank: self.rank,
-                first: first.unwrap_or_else(|| "the NCCL communicator was aborted".into()),
-            });
+            return Err(self.poisoned());
         };
         self.context
             .bind_to_thread()
@@ -162,7 +195,11 @@ impl NcclCommunicator {
                 if let Some(comm) = guard.take() {
                     let _ = comm.abort();
                 }
-                let error = self.device_err(op, seq, format!("{reason}; the communicator was aborted"));
+                let diagnosis = match (&self.check, fp) {
+                    (Some(check), Some(_)) => check.diagnose(seq),
+                    _ => String::new(),
+                };
+                let error = self.device_err(op, seq, format!("{reason}; the communicator was aborted{diagnosis}"));
                 *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
                 Err(error)
             }
@@ -204,15 +241,6 @@ impl NcclCommunicator {
                 }
                 self.unstage(op, &staged, bytes)
             }
-        }
-    }
-
-    fn unsupported(&self, op: &'static str, reason: &str) -> CommError {
-        CommError::Unsupported {
-            rank: self.rank,
-            op,
-            backend: "nccl",
-            reason: reason.to_string(),
         }
     }
 
@@ -274,9 +302,10 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_reduce(&self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
+        let fp = fingerprint(OpKind::AllReduce, buf.dtype, buf.numel, None, Some(op));
         let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.numel * buf.dtype.size_bytes());
         self.with_device_mut("all_reduce", buf, |address| {
-            self.run("all_reduce", size, |nccl, comm, stream| {
+            self.run("all_reduce", Some(fp), size, |nccl, comm, stream| {
                 // SAFETY: in-place all-reduce of `count` elements at a live device address.
                 unsafe { (nccl.all_reduce)(ptr(address), ptr(address), count, dtype, nccl_op(op), comm, stream) }
             })
@@ -285,9 +314,10 @@ impl Communicator for NcclCommunicator {
 
     fn reduce(&self, buf: BufMut<'_>, op: ReduceOp, root: usize) -> Result<(), CommError> {
         self.check_root("reduce", root)?;
+        let fp = fingerprint(OpKind::Reduce, buf.dtype, buf.numel, Some(root), Some(op));
         let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.numel * buf.dtype.size_bytes());
         self.with_device_mut("reduce", buf, |address| {
-            self.run("reduce", size, |nccl, comm, stream| {
+            self.run("reduce", Some(fp), size, |nccl, comm, stream| {
                 // SAFETY: in-place reduce of `count` elements at a live device address.
                 unsafe {
                     (nccl.reduce)(
@@ -307,9 +337,10 @@ impl Communicator for NcclCommunicator {
 
     fn broadcast(&self, buf: BufMut<'_>, root: usize) -> Result<(), CommError> {
         self.check_root("broadcast", root)?;
+        let fp = fingerprint(OpKind::Broadcast, buf.dtype, buf.numel, Some(root), None);
         let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.numel * buf.dtype.size_bytes());
         self.with_device_mut("broadcast", buf, |address| {
-            self.run("broadcast", size, |nccl, comm, stream| {
+            self.run("broadcast", Some(fp), size, |nccl, comm, stream| {
                 // SAFETY: in-place broadcast of `count` elements at a live device address.
                 unsafe { (nccl.broadcast)(ptr(address), ptr(address), count, dtype, root as c_int, comm, stream) }
             })
@@ -327,10 +358,11 @@ impl Communicator for NcclCommunicator {
                 ),
             });
         }
+        let fp = fingerprint(OpKind::AllGather, input.dtype, input.numel, None, None);
         let (dtype, count, size) = (nccl_dtype(input.dtype), input.numel, input.size_bytes());
         let (send, _staged) = device_ref(self, "all_gather", &input)?;
         self.with_device_mut("all_gather", output, |recv| {
-            self.run("all_gather", size, |nccl, comm, stream| {
+            self.run("all_gather", Some(fp), size, |nccl, comm, stream| {
                 // SAFETY: `count` elements from `send`, `count * world_size` into `recv`, both live.
                 unsafe { (nccl.all_gather)(ptr(send), ptr(recv), count, dtype, comm, stream) }
             })
@@ -348,10 +380,11 @@ impl Communicator for NcclCommunicator {
                 ),
             });
         }
+        let fp = fingerprint(OpKind::ReduceScatter, input.dtype, input.numel, None, Some(op));
         let (dtype, count, size) = (nccl_dtype(input.dtype), output.numel, input.size_bytes());
         let (send, _staged) = device_ref(self, "reduce_scatter", &input)?;
         self.with_device_mut("reduce_scatter", output, |recv| {
-            self.run("reduce_scatter", size, |nccl, comm, stream| {
+            self.run("reduce_scatter", Some(fp), size, |nccl, comm, stream| {
                 // SAFETY: `count * world_size` elements from `send`, `count` into `recv`, both live.
                 unsafe { (nccl.reduce_scatter)(ptr(send), ptr(recv), count, dtype, nccl_op(op), comm, stream) }
             })
@@ -372,9 +405,10 @@ impl Communicator for NcclCommunicator {
         }
         let (dtype, chunk, elem) = (nccl_dtype(input.dtype), input.numel / n, input.dtype.size_bytes());
         let size = input.size_bytes();
+        let fp = fingerprint(OpKind::AllToAll, input.dtype, input.numel, None, None);
         let (send, _staged) = device_ref(self, "all_to_all", &input)?;
         self.with_device_mut("all_to_all", output, |recv| {
-            self.run("all_to_all", size, |nccl, comm, stream| {
+            self.run("all_to_all", Some(fp), size, |nccl, comm, stream| {
                 // One group of point-to-point calls: chunk j to rank j, chunk i from rank i.
                 // SAFETY: every address is inside the live buffers (chunk * elem bytes each).
                 unsafe {
@@ -404,7 +438,7 @@ impl Communicator for NcclCommunicator {
         // NCCL matches point-to-point calls by order between a pair, not by tag.
         let (dtype, count, size) = (nccl_dtype(buf.dtype), buf.numel, buf.size_bytes());
         let (address, _staged) = device_ref(self, "send", &buf)?;
-        self.run("send", size, |nccl, comm, stream| {
+        self.run("send", None, size, |nccl, comm, stream| {
             // SAFETY: `count` elements at a live device address.
             unsafe { (nccl.send)(ptr(address), count, dtype, peer as c_int, comm, stream) }
         })
@@ -413,7 +447,7 @@ impl Communicator for NcclCommunicator {
     fn recv(&self, buf: BufMut<'_>, peer: usize, _tag: u32) -> Result<(), CommError> {
         let (dtype, count) = (nccl_dtype(buf.dtype), buf.numel);
         self.with_device_mut("recv", buf, |address| {
-            self.run("recv", 0, |nccl, comm, stream| {
+            self.run("recv", None, 0, |nccl, comm, stream| {
                 // SAFETY: `count` elements at a live device address.
                 unsafe { (nccl.recv)(ptr(address), count, dtype, peer as c_int, comm, stream) }
             })
@@ -425,10 +459,103 @@ impl Communicator for NcclCommunicator {
         self.all_reduce(BufMut::host(&mut one), ReduceOp::Sum)
     }
 
-    fn new_group(&self, _ranks: &[usize]) -> Result<Option<Box<dyn Communicator>>, CommError> {
-        Err(self.unsupported(
-            "new_group",
-            "sub-groups of an NCCL communicator are not built yet (ncclCommSplit); use the TCP engine for them",
-        ))
+    fn new_group(&self, ranks: &[usize]) -> Result<Option<Box<dyn Communicator>>, CommError> {
+        let op = "new_group";
+        let invalid = |reason: String| CommError::InvalidArgument {
+            rank: self.rank,
+            op,
+            reason,
+        };
+        if ranks.is_empty() || ranks.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid(format!(
+                "ranks {ranks:?} must be non-empty, ascending and distinct"
+            )));
+        }
+        if let Some(&last) = ranks.last().filter(|&&r| r >= self.world_size) {
+            return Err(invalid(format!(
+                "rank {last} is not below the world size {}",
+                self.world_size
+            )));
+        }
+        let member = ranks.iter().position(|&r| r == self.rank);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(parent) = guard.as_ref() else {
+            return Err(self.poisoned());
+        };
+        self.context
+            .bind_to_thread()
+            .map_err(|e| self.device_err(op, seq, e.to_string()))?;
+        // ncclCommSplit blocks until every rank of this communicator calls it: run it on its own
+        // thread and wait for it no longer than the deadline.
+        let (done, outcome) = std::sync::mpsc::channel();
+        let parent_raw = SendComm(parent.raw());
+        let (nccl, context) = (self.nccl, self.context.clone());
+        // One color for the members, none for the others; ordered by their rank in this group.
+        let color = member.map(|_| 0);
+        std::thread::Builder::new()
+            .name("nccl-split".into())
+            .spawn(move || {
+                let parent_raw = parent_raw;
+                let result = context
+                    .bind_to_thread()
+                    .map_err(|e| e.to_string())
+                    // SAFETY: the parent outlives the call: on a timeout it is aborted only
+                    // after this thread is abandoned, and the process then stops using it.
+                    .and_then(|()| {
+                        unsafe { nccl.split_raw(parent_raw.0, color, member.unwrap_or(0)) }.map_err(|e| e.to_string())
+                    });
+                let _ = done.send(result);
+            })
+            .map_err(|e| self.device_err(op, seq, format!("starting the split thread: {e}")))?;
+        let split = match outcome.recv_timeout(self.timeout) {
+            Ok(Ok(split)) => split,
+            Ok(Err(reason)) => return Err(self.device_err(op, seq, reason)),
+            Err(_) => {
+                if let Some(comm) = guard.take() {
+                    let _ = comm.abort();
+                }
+                let error = self.device_err(
+                    op,
+                    seq,
+                    format!(
+                        "ncclCommSplit did not finish within {:?} (a rank did not call new_group); the communicator was aborted",
+                        self.timeout
+                    ),
+                );
+                *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+                return Err(error);
+            }
+        };
+        drop(guard);
+        let (Some(rank), Some(comm)) = (member, split) else {
+            return Ok(None);
+        };
+        let stream = self
+            .context
+            .new_stream()
+            .map_err(|e| self.device_err(op, seq, format!("creating a stream: {e}")))?;
+        Ok(Some(Box::new(NcclCommunicator {
+            nccl: self.nccl,
+            comm: Mutex::new(Some(comm)),
+            failure: Mutex::new(None),
+            context: self.context.clone(),
+            stream,
+            rank,
+            world_size: ranks.len(),
+            timeout: self.timeout,
+            seq: AtomicU64::new(0),
+            p2p_seq: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            // A sub-group's calls are compared only by its own check, which needs its own keys.
+            check: None,
+        })))
     }
 }
+
+/// A raw communicator handle moved to the thread that splits it.
+struct SendComm(RawComm);
+
+// SAFETY: only an address; the split thread is the only user of the parent while it runs (the
+// parent's lock is held by the caller meanwhile).
+unsafe impl Send for SendComm {}

@@ -73,6 +73,10 @@ type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, 
 type ReduceScatter = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, RawComm, RawStream) -> c_int;
 type SendRecv = unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, RawComm, RawStream) -> c_int;
 type GroupCall = unsafe extern "C" fn() -> c_int;
+type CommSplit = unsafe extern "C" fn(RawComm, c_int, c_int, *mut RawComm, *mut c_void) -> c_int;
+
+/// `NCCL_SPLIT_NOCOLOR`: the color of a rank that joins no sub-communicator.
+const NCCL_SPLIT_NOCOLOR: c_int = -1;
 
 /// NCCL's functions, resolved from the loaded library.
 pub struct Nccl {
@@ -96,6 +100,8 @@ pub struct Nccl {
     pub(crate) recv: SendRecv,
     pub(crate) group_start: GroupCall,
     pub(crate) group_end: GroupCall,
+    /// `ncclCommSplit` (NCCL 2.18+), absent from older libraries.
+    comm_split: Option<CommSplit>,
 }
 
 impl std::fmt::Debug for Nccl {
@@ -175,6 +181,8 @@ impl Nccl {
             recv: symbol!("ncclRecv"),
             group_start: symbol!("ncclGroupStart"),
             group_end: symbol!("ncclGroupEnd"),
+            // SAFETY: as above; optional, since NCCL before 2.18 lacks it.
+            comm_split: unsafe { library.get::<CommSplit>(b"ncclCommSplit\0") }.ok().map(|f| *f),
             path,
             _library: library,
         })
@@ -211,6 +219,39 @@ impl Nccl {
         let code = unsafe { (self.comm_init_rank)(&mut raw, world_size as c_int, id, rank as c_int) };
         self.check("ncclCommInitRank", code)?;
         Ok(Comm { nccl: self, raw })
+    }
+
+    /// Splits `parent` (a collective call: every rank of `parent` makes it): the ranks passing
+    /// the same `color` form one new communicator, ordered by `key`; `None` as color joins none
+    /// and gets `None` back. An NCCL older than 2.18 has no split: an error saying so.
+    pub fn split(&'static self, parent: &Comm, color: Option<usize>, key: usize) -> Result<Option<Comm>, NcclError> {
+        // SAFETY: the parent is alive for the call (borrowed).
+        unsafe { self.split_raw(parent.raw, color, key) }
+    }
+
+    /// [`Nccl::split`] of a raw parent handle, for a caller that runs the split on another thread.
+    ///
+    /// # Safety
+    /// `parent` must be a live communicator of this library, not destroyed during the call.
+    pub(crate) unsafe fn split_raw(
+        &'static self,
+        parent: RawComm,
+        color: Option<usize>,
+        key: usize,
+    ) -> Result<Option<Comm>, NcclError> {
+        let Some(split) = self.comm_split else {
+            return Err(NcclError::MissingSymbol {
+                path: self.path.display().to_string(),
+                symbol: "ncclCommSplit (NCCL 2.18 or newer)",
+            });
+        };
+        let color = color.map_or(NCCL_SPLIT_NOCOLOR, |c| c as c_int);
+        let mut raw: RawComm = std::ptr::null_mut();
+        // SAFETY: the parent is alive (the caller's contract); NCCL writes the new communicator
+        // (or null for NCCL_SPLIT_NOCOLOR) through the pointer; a null config means the parent's.
+        let code = unsafe { split(parent, color, key as c_int, &mut raw, std::ptr::null_mut()) };
+        self.check("ncclCommSplit", code)?;
+        Ok((!raw.is_null()).then_some(Comm { nccl: self, raw }))
     }
 
     /// NCCL's name for a result code.

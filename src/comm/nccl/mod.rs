@@ -7,13 +7,15 @@
 //! mappings, `ncclCommInitRank` failing cleanly, and [`NcclCommunicator::new`] refusing without a
 //! CUDA driver. The collectives of [`NcclCommunicator`] need a GPU (the GPU check).
 
+mod check;
 mod communicator;
 mod error;
 mod id;
 mod library;
 mod types;
 
-pub use communicator::NcclCommunicator;
+pub use check::{CallCheck, CheckMode};
+pub use communicator::{cuda_device_count, NcclCommunicator};
 pub use error::NcclError;
 pub use id::exchange_unique_id;
 pub use library::{candidates, Comm, Nccl, RawComm, RawStream, UniqueId, NCCL_SONAME, UNIQUE_ID_BYTES};
