@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use burnrun::config::{
-    check_report, ConfigError, Origin, Partition, PipelineSchedule, RunConfig, DEFAULT_CONFIG, DEFAULT_CONFIG_NAME,
+    check_report, CommBackend, ConfigError, DeviceSpec, Origin, Partition, PipelineSchedule, RunConfig, DEFAULT_CONFIG,
+    DEFAULT_CONFIG_NAME,
 };
 
 fn sets(overrides: &[&str]) -> Vec<String> {
@@ -602,4 +603,46 @@ fn shared_memory_settings_are_checked_with_their_line() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn comm_backend_auto_picks_nccl_only_for_cuda_devices_and_what_nccl_runs() {
+    let default = parse("").unwrap();
+    assert_eq!(default.comm.backend, CommBackend::Auto);
+    assert_eq!(
+        default.validate(2).unwrap().backend,
+        CommBackend::Host,
+        "cpu: the host engine"
+    );
+    assert_eq!(default.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
+    assert_eq!(default.backend_for(DeviceSpec::Cuda(Some(1))), CommBackend::Nccl);
+    // What the NCCL path does not run yet goes to the host engine under auto.
+    let codec = parse("[compression]\nmethod = \"topk\"\n").unwrap();
+    assert_eq!(codec.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    let pipeline = parse("[parallel]\npipeline = 2\n").unwrap();
+    assert_eq!(pipeline.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    // Chosen by hand, it is kept; "tcp" is the host engine's older name.
+    let host = parse("[comm]\nbackend = \"host\"\n").unwrap();
+    assert_eq!(host.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    let tcp = parse("[comm]\nbackend = \"tcp\"\n").unwrap();
+    assert_eq!(tcp.comm.backend, CommBackend::Host);
+    assert_eq!(tcp.validate(2).unwrap().backend, CommBackend::Host);
+}
+
+#[test]
+fn comm_backend_nccl_with_a_codec_or_a_pipeline_is_refused_saying_what_to_set() {
+    let text = "[comm]\nbackend = \"nccl\"\n[compression]\nmethod = \"fp16\"\n";
+    let message = parse(text).unwrap().validate(2).unwrap_err().to_string();
+    for needle in [
+        "comm.backend = \"nccl\" needs a GPU",
+        "comm.backend = \"nccl\" does not run gradient codecs",
+        "set comm.backend = \"host\"",
+    ] {
+        assert!(message.contains(needle), "missing {needle:?} in:\n{message}");
+    }
+    let bad = parse("[comm]\nbackend = \"gloo\"\n").unwrap_err().to_string();
+    assert!(
+        bad.contains("auto") && bad.contains("host") && bad.contains("nccl"),
+        "{bad}"
+    );
 }

@@ -40,6 +40,9 @@ struct GroupInner {
     global_ranks: Vec<usize>,
     executor: Arc<Executor>,
     worker: Mutex<Option<JoinHandle<()>>>,
+    /// The job's store (scoped to this group), when the group was built through one: what a
+    /// device communicator set up beside it uses for its own rendezvous and checks.
+    store: Option<Arc<dyn crate::rendezvous::Store>>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -111,8 +114,25 @@ impl ProcessGroup {
                 global_ranks,
                 executor,
                 worker: Mutex::new(None),
+                store: None,
             }),
         }
+    }
+
+    /// The group, remembering the store it was built through (see [`ProcessGroup::store`]).
+    pub fn with_store(mut self, store: Arc<dyn crate::rendezvous::Store>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.store = Some(store),
+            // Already shared: a group keeps the store it was made with.
+            None => tracing::debug!("with_store on a shared process group: ignored"),
+        }
+        self
+    }
+
+    /// The store this group was built through, if any (the world group of a launched job has
+    /// one; sub-groups and groups made by hand do not).
+    pub fn store(&self) -> Option<&Arc<dyn crate::rendezvous::Store>> {
+        self.inner.store.as_ref()
     }
 
     /// This rank within the group.

@@ -214,7 +214,7 @@ pub fn init_with_store(
     let mesh = Arc::new(Mesh::new(rank, world_size, pairs).with_shm_spin(options.shm.spin));
     tracing::debug!(rank, world_size, transports = ?mesh.transports(), "data connections established");
     let comm = HostComm::world(mesh, options.timeout, options.tuning);
-    Ok(ProcessGroup::new(Box::new(comm), (0..world_size).collect()))
+    Ok(ProcessGroup::new(Box::new(comm), (0..world_size).collect()).with_store(store))
 }
 
 /// Sets up shared memory with the ranks of this host: returns the links both sides of each pair

@@ -6,6 +6,8 @@
 mod data;
 #[cfg(feature = "train")]
 mod ddp;
+#[cfg(feature = "cuda")]
+mod device_sync;
 #[cfg(feature = "train")]
 pub mod params;
 mod pipeline;
@@ -13,13 +15,15 @@ mod pipeline;
 pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats};
 #[cfg(feature = "train")]
 pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions};
+#[cfg(feature = "cuda")]
+pub use device_sync::{DeviceAllReduce, DeviceSyncError};
 // The mesh is defined by the config layer (it validates it against the world size); the
 // process groups are built from it here.
 pub use crate::config::{MeshCoords, ParallelDims, ParallelDimsError};
 #[cfg(feature = "train")]
 pub use params::{
-    flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, grads_from_flat, load_params,
-    load_params_by_name, ParamError, ParamInfo, ParamLayout,
+    flat_grads_on_device, flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, grads_from_flat,
+    load_params, load_params_by_name, read_flat, ParamError, ParamInfo, ParamLayout,
 };
 pub use pipeline::{
     partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, StageCompute,

@@ -520,6 +520,21 @@ pub fn flatten_selected_grads_via_device<M: Module>(
     out: &mut Vec<f32>,
 ) -> Result<(), ParamError> {
     out.clear();
+    if let Some(flat) = flat_grads_on_device(module, grads, select)? {
+        read_flat(flat, out)?;
+    }
+    Ok(())
+}
+
+/// The gradients of the parameters `select` marks (`None`: all) as one flat tensor on their
+/// device (the inner, non-autodiff one), in layout order, zeros for parameters without a
+/// gradient; `None` when nothing is selected. A fresh, contiguous buffer: a device communicator
+/// may reduce it in place.
+pub fn flat_grads_on_device<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    select: Option<&[bool]>,
+) -> Result<Option<Tensor<1>>, ParamError> {
     let collector = visit_params(
         module,
         DeviceGradCollector {
@@ -529,11 +544,14 @@ pub fn flatten_selected_grads_via_device<M: Module>(
         },
     )?;
     if collector.parts.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let flat = Tensor::cat(collector.parts, 0);
-    append_f32(flat, &PathStack::default(), out)?;
-    Ok(())
+    Ok(Some(Tensor::cat(collector.parts, 0)))
+}
+
+/// Appends a flat tensor's values to `out` as f32 (one read from its device).
+pub fn read_flat(flat: Tensor<1>, out: &mut Vec<f32>) -> Result<usize, ParamError> {
+    append_f32(flat, &PathStack::default(), out)
 }
 
 /// The gradients of `module`'s parameters, concatenated in [`ParamLayout`] order (zeros for

@@ -15,6 +15,7 @@ mod error;
 pub mod lock;
 pub mod memory;
 pub mod metrics;
+mod nccl;
 pub mod optim;
 pub mod progress;
 mod report;

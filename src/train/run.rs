@@ -13,7 +13,7 @@ use burn::tensor::Device;
 
 use crate::comm::ProcessGroup;
 use crate::compress::build_codec;
-use crate::config::{CommBackend, ComputeDtype, Resolved, RunConfig};
+use crate::config::{ComputeDtype, Resolved, RunConfig};
 use crate::data::DistributedSampler;
 use crate::parallel::params::trainable_mask;
 use crate::parallel::{
@@ -24,6 +24,7 @@ use crate::precision::{DynamicLossScaler, LossScalerOptions};
 
 use super::builtin::BuiltIn;
 use super::checkpoint::{self as ckpt, LoadedCheckpoint};
+use super::nccl::NcclGrads;
 use super::optim::FlatOptimizer;
 use super::report::{announce, Reporter};
 use super::resume::{self, SaveExtras};
@@ -97,13 +98,6 @@ fn join(cfg: &RunConfig) -> Result<ProcessGroup, TrainError> {
         source: Box::new(e),
     };
     let mut env = crate::env::DistEnv::from_env().map_err(|e| init_err(e.into()))?;
-    if cfg.comm.backend != CommBackend::Tcp {
-        return Err(TrainError::Unsupported {
-            rank: env.rank,
-            what: format!("comm.backend = \"{}\"", cfg.comm.backend),
-            why: "this build has the CPU engine only (the NCCL backend needs the `cuda` feature and a GPU)".into(),
-        });
-    }
     // The timeout set in the file (or by --set) wins over the launcher's --timeout, its default
     // does not.
     let launcher_default = std::time::Duration::from_secs(crate::env::DEFAULT_TIMEOUT_SECS);
@@ -152,6 +146,8 @@ pub(crate) struct Run<'a, T: Task> {
     pub(crate) overlap: Option<Overlap>,
     /// Per step, this stage's pipeline timers (empty without a pipeline).
     pub(crate) pipeline_times: Vec<StepTimes>,
+    /// The NCCL path: gradients summed and averaged on the GPU (`comm.backend` resolved to nccl).
+    pub(crate) nccl: Option<NcclGrads>,
 }
 
 impl<T: Task> std::fmt::Debug for Run<'_, T> {
@@ -350,6 +346,7 @@ impl<'a, T: Task> Run<'a, T> {
                 why,
             }
         })?;
+        let nccl = NcclGrads::setup(&world, resolved)?;
         let mut run = Self {
             world,
             rank,
@@ -375,6 +372,7 @@ impl<'a, T: Task> Run<'a, T> {
             output_shape: [resolved.micro_batch_size, 0],
             overlap,
             pipeline_times: Vec::new(),
+            nccl,
         };
         run.plan_pipeline()?;
 

@@ -102,7 +102,12 @@ impl Overlap {
             ));
         }
         let wanted = cfg.comm.overlap.unwrap_or(!resolved.device.is_cpu());
-        let used = wanted && place.dims.data > 1 && ddp.codec().is_none() && !loss_scaling;
+        // On NCCL the gradients are averaged as one buffer on the GPU after backward.
+        let used = wanted
+            && place.dims.data > 1
+            && ddp.codec().is_none()
+            && !loss_scaling
+            && resolved.backend != crate::config::CommBackend::Nccl;
         Ok(used.then_some(Self { ranges, select }))
     }
 }
@@ -152,6 +157,12 @@ impl<T: Task> Run<'_, T> {
         let sync = match in_flight {
             Some(in_flight) => self.finish_overlap(in_flight)?,
             None => {
+                // The NCCL path averages on the GPU first (a linear map: scaling and unscaling
+                // after it give the same gradients as before it).
+                let on_device = match &mut self.nccl {
+                    Some(nccl) => Some(nccl.average_into(rank, &mut self.grads)?),
+                    None => None,
+                };
                 // Every stage runs a backward each step, so this only guards the layout.
                 self.grads.resize(self.master.len(), 0.0);
                 if scale != 1.0 {
@@ -177,9 +188,13 @@ impl<T: Task> Run<'_, T> {
                     }
                     scaler.unscale(&mut self.grads);
                 }
-                self.ddp
-                    .sync_flat(&mut self.grads, step)
-                    .map_err(|source| TrainError::Sync { rank, source })?
+                match on_device {
+                    Some(sync) => sync,
+                    None => self
+                        .ddp
+                        .sync_flat(&mut self.grads, step)
+                        .map_err(|source| TrainError::Sync { rank, source })?,
+                }
             }
         };
 
@@ -207,6 +222,9 @@ impl<T: Task> Run<'_, T> {
         stats.comm_ms = sync.comm_ms;
         stats.exposed_ms = sync.wait_ms;
         stats.wire_bytes = self.world.bytes_sent() - bytes_before;
+        if self.nccl.is_some() {
+            stats.wire_bytes += sync.wire_bytes;
+        }
         stats.grad_norm = grad_norm;
         Ok((
             model,
@@ -246,8 +264,11 @@ impl<T: Task> Run<'_, T> {
             stats.loss_sum += loss_value(&loss);
             stats.loss_count += 1;
             let grads = scaled(loss, loss_scale).backward();
-            acc.add(model, grads)
-                .map_err(|source| TrainError::Params { rank, source })?;
+            match &mut self.nccl {
+                Some(nccl) => nccl.add(model, grads),
+                None => acc.add(model, grads),
+            }
+            .map_err(|source| TrainError::Params { rank, source })?;
             stats.compute_ms += started.elapsed().as_secs_f64() * 1e3;
         }
         Ok(())
