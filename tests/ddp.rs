@@ -12,6 +12,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use burnrun::comm::{spawn_ranks, InitOptions};
+use burnrun::parallel::HostFlatReduce;
 use burnrun::parallel::{flatten_params, load_params, ParamLayout};
 use burnrun::{BufferSync, Ddp, DdpError, DdpOptions, ProcessGroup};
 
@@ -91,6 +92,17 @@ fn ranks<R: Send>(n: usize, f: impl Fn(ProcessGroup) -> R + Sync) -> Vec<R> {
     spawn_ranks(n, &options, f).expect("ranks join")
 }
 
+/// `Ddp` over `pg`, on the host path or on the device path (gradients concatenated, summed,
+/// averaged and sliced back on their device; here the CPU device, with the host all-reduce as the
+/// flat reduction NCCL takes on CUDA).
+fn wrap(pg: &ProcessGroup, net: Net, on_device: bool) -> (Net, Ddp) {
+    let (net, ddp) = Ddp::new(pg, net, DdpOptions::default()).unwrap();
+    if !on_device {
+        return (net, ddp);
+    }
+    (net, ddp.on_device(Box::new(HostFlatReduce::new(pg))).unwrap())
+}
+
 /// The gradient of parameter `name` in `grads`, if it has one.
 fn grad_of(net: &Net, grads: &GradientsParams, name: &str) -> Option<Vec<f32>> {
     let layout = ParamLayout::of(net);
@@ -164,9 +176,15 @@ fn a_rank_with_another_model_fails_on_every_rank_naming_the_first_differing_tens
 
 #[test]
 fn gradients_are_averaged_and_a_parameter_unused_on_every_rank_gets_none() {
+    for on_device in [false, true] {
+        averaged_and_unused(on_device);
+    }
+}
+
+fn averaged_and_unused(on_device: bool) {
     let outcomes = ranks(2, |pg| {
         let device = device();
-        let (net, mut ddp) = Ddp::new(&pg, Net::new(4, &device), DdpOptions::default()).unwrap();
+        let (net, mut ddp) = wrap(&pg, Net::new(4, &device), on_device);
         let x = input(3, pg.rank(), &device);
         // Rank 0's loss uses `a` only; rank 1's uses `a` and `b`; nobody uses `bn`'s gamma/beta.
         let loss = if pg.rank() == 0 {
@@ -194,7 +212,7 @@ fn gradients_are_averaged_and_a_parameter_unused_on_every_rank_gets_none() {
     let b1 = b1.as_ref().unwrap();
     for (rank, (_, _, a, b, gamma, frozen, bytes)) in outcomes.iter().enumerate() {
         let mean_a: Vec<f32> = a0.iter().zip(a1).map(|(x, y)| (x + y) / 2.0).collect();
-        assert_close(a, &mean_a, &format!("rank {rank}: a.weight"));
+        assert_close(a, &mean_a, &format!("rank {rank} (device path: {on_device}): a.weight"));
         let b = b
             .as_ref()
             .expect("b had a gradient on some rank, so every rank gets one");
@@ -219,9 +237,15 @@ fn gradients_are_averaged_and_a_parameter_unused_on_every_rank_gets_none() {
 
 #[test]
 fn accumulated_micro_batches_sync_once_as_their_sum() {
+    for on_device in [false, true] {
+        accumulated(on_device);
+    }
+}
+
+fn accumulated(on_device: bool) {
     let outcomes = ranks(2, |pg| {
         let device = device();
-        let (net, mut ddp) = Ddp::new(&pg, Net::new(4, &device), DdpOptions::default()).unwrap();
+        let (net, mut ddp) = wrap(&pg, Net::new(4, &device), on_device);
         let micro = |seed: usize| {
             let loss = net.a.forward(input(2, seed, &device)).sum();
             GradientsParams::from_grads(loss.backward(), &net)
@@ -244,7 +268,11 @@ fn accumulated_micro_batches_sync_once_as_their_sum() {
             .zip(&outcomes[1].0)
             .map(|(x, y)| (x + y) / 2.0)
             .collect();
-        assert_close(synced, &expected, &format!("rank {rank}: a.weight"));
+        assert_close(
+            synced,
+            &expected,
+            &format!("rank {rank} (device path: {on_device}): a.weight"),
+        );
     }
 }
 

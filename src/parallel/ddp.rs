@@ -49,13 +49,14 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
 use sha2::{Digest, Sha256};
 
-use super::params::{flatten_params, ParamError};
 use super::params::{
-    flatten_selected_grads_into, flatten_selected_into, grads_from_selected, load_params, load_selected,
-    selected_numel, trainable_mask, ParamLayout,
+    flat_selected_grads_on_device, flatten_selected_grads_into, flatten_selected_into, grads_from_selected,
+    grads_from_selected_tensor, load_params, load_selected, read_flat, selected_numel, trainable_mask, ParamLayout,
 };
+use super::params::{flatten_params, ParamError};
 use crate::comm::{CommError, ProcessGroup, ReduceOp};
 use crate::compress::{build_codec, CodecOptions, CompressError, CompressionMethod};
 
@@ -144,6 +145,12 @@ pub enum DdpError {
     /// The gradient codec refused its options or failed.
     #[error(transparent)]
     Codec(#[from] CompressError),
+    /// The device path could not be set up or failed.
+    #[error("{reason}")]
+    Device {
+        /// What happened, naming the rank.
+        reason: String,
+    },
     /// Replicas drifted apart ([`Ddp::check_replicas`]).
     #[error(transparent)]
     Diverged(#[from] DivergenceError),
@@ -182,6 +189,60 @@ pub struct Ddp {
     last: SyncStats,
     /// Wall time of the last [`Ddp::sync`], read-back and write-back of the gradients included.
     last_sync_ms: f64,
+    /// The device path ([`Ddp::on_device`]): gradients summed, averaged and handed back on their
+    /// device.
+    device: Option<Box<dyn FlatReduce>>,
+    /// The device path's sum of the micro-batches so far.
+    device_sum: Option<Tensor<1>>,
+}
+
+/// Averages one flat f32 gradient tensor over the replicas, on its device: what [`Ddp`]'s device
+/// path ([`Ddp::on_device`]) hands its gradients to. NCCL's implementation (feature `cuda`)
+/// reduces the buffer in place through its device pointer; [`HostFlatReduce`] reads it back,
+/// all-reduces it on the host group and puts it back on the device.
+pub trait FlatReduce: Send + std::fmt::Debug {
+    /// The average over the replicas of `flat`, on `flat`'s device.
+    fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError>;
+}
+
+/// [`FlatReduce`] through the host: one read from the device, the host engine's all-reduce, one
+/// write back. For any burn device; on a GPU without NCCL, one transfer each way per step.
+#[derive(Debug, Clone)]
+pub struct HostFlatReduce {
+    group: ProcessGroup,
+}
+
+impl HostFlatReduce {
+    /// Averages over `group`.
+    pub fn new(group: &ProcessGroup) -> Self {
+        Self { group: group.clone() }
+    }
+}
+
+impl FlatReduce for HostFlatReduce {
+    fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError> {
+        let rank = self.group.global_ranks()[self.group.rank()];
+        let device = flat.device();
+        let mut values = Vec::with_capacity(flat.dims()[0]);
+        read_flat(flat, &mut values).map_err(|source| DdpError::Model { rank, source })?;
+        self.group.all_reduce(&mut values, ReduceOp::Avg)?;
+        let n = values.len();
+        Ok(Tensor::from_data(TensorData::new(values, [n]), &device))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FlatReduce for super::DeviceAllReduce {
+    fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError> {
+        super::DeviceAllReduce::average(self, flat)
+            .map(|(averaged, _)| averaged)
+            .map_err(|e| match e {
+                super::DeviceSyncError::Comm(e) => DdpError::Comm(e),
+                other => DdpError::Device {
+                    reason: other.to_string(),
+                },
+            })
+    }
 }
 
 impl Ddp {
@@ -242,8 +303,37 @@ impl Ddp {
                 syncs: 0,
                 last: SyncStats::default(),
                 last_sync_ms: 0.0,
+                device: None,
+                device_sum: None,
             },
         ))
+    }
+
+    /// Keeps the gradients on their device: each backward's are concatenated there into one
+    /// flat tensor (summed over [`Ddp::accumulate`]d micro-batches on the device), `reduce`
+    /// averages it (NCCL by device pointer on CUDA), and [`Ddp::sync`] hands back slices of the
+    /// result as the gradients; only one byte per parameter (which had a gradient) crosses to
+    /// the host. Not with a gradient codec (the codecs run on the host engine).
+    pub fn on_device(mut self, reduce: Box<dyn FlatReduce>) -> Result<Self, DdpError> {
+        if self.data.codec().is_some() {
+            return Err(DdpError::Device {
+                reason: format!(
+                    "rank {}: the device path has no gradient codec yet: set compression off, or keep the host path",
+                    self.rank()
+                ),
+            });
+        }
+        self.device = Some(reduce);
+        Ok(self)
+    }
+
+    /// [`Ddp::on_device`] with NCCL on CUDA device `ordinal` beside this group (feature `cuda`;
+    /// the group must come from a launched job, whose store carries NCCL's id).
+    #[cfg(feature = "cuda")]
+    pub fn on_nccl(self, ordinal: usize, timeout: std::time::Duration) -> Result<Self, DdpError> {
+        let reduce = super::DeviceAllReduce::new(&self.group, ordinal, timeout)
+            .map_err(|e| DdpError::Device { reason: e.to_string() })?;
+        self.on_device(Box::new(reduce))
     }
 
     /// Adds this micro-batch's gradients to the ones kept for the next [`Ddp::sync`], with no
@@ -263,10 +353,35 @@ impl Ddp {
         let rank = self.rank();
         // Which parameters had a gradient on some rank: those get one, the rest none.
         self.group.all_reduce(&mut self.present, ReduceOp::Max)?;
-        let stats = self.data.sync_flat(&mut self.flat, self.syncs)?;
         let select: Vec<bool> = self.present.iter().map(|&p| p != 0).collect();
-        let out = grads_from_selected(model, &self.trainable, &select, &self.flat)
-            .map_err(|source| DdpError::Model { rank, source })?;
+        let (out, stats) = match &self.device {
+            Some(reduce) => {
+                let started = Instant::now();
+                let sum = self.device_sum.take().ok_or_else(|| DdpError::Device {
+                    reason: format!("rank {rank}: no trainable parameter got a gradient to sync"),
+                })?;
+                let bytes = sum.dims()[0] * 4;
+                let averaged = reduce.average(sum)?;
+                let comm_ms = started.elapsed().as_secs_f64() * 1e3;
+                let out = grads_from_selected_tensor(model, &self.trainable, &select, averaged)
+                    .map_err(|source| DdpError::Model { rank, source })?;
+                let stats = SyncStats {
+                    buckets: 1,
+                    bytes,
+                    comm_ms,
+                    wait_ms: comm_ms,
+                    wire_bytes: if self.group.world_size() == 1 { 0 } else { bytes as u64 },
+                    compression_error: Vec::new(),
+                };
+                (out, stats)
+            }
+            None => {
+                let stats = self.data.sync_flat(&mut self.flat, self.syncs)?;
+                let out = grads_from_selected(model, &self.trainable, &select, &self.flat)
+                    .map_err(|source| DdpError::Model { rank, source })?;
+                (out, stats)
+            }
+        };
         self.pending = 0;
         self.flat.clear();
         self.present.clear();
@@ -360,6 +475,25 @@ impl Ddp {
     fn read<M: Module>(&mut self, model: &M, grads: &GradientsParams) -> Result<(), DdpError> {
         let rank = self.rank();
         let model_err = |source| DdpError::Model { rank, source };
+        if self.device.is_some() {
+            let present = if self.pending == 0 {
+                &mut self.present
+            } else {
+                &mut self.scratch_present
+            };
+            let flat =
+                flat_selected_grads_on_device(model, grads, Some(&self.trainable), present).map_err(model_err)?;
+            if self.pending > 0 {
+                for (any, p) in self.present.iter_mut().zip(&self.scratch_present) {
+                    *any |= p;
+                }
+            }
+            self.device_sum = match (self.device_sum.take(), flat) {
+                (Some(sum), Some(flat)) => Some(sum + flat),
+                (sum, flat) => sum.or(flat),
+            };
+            return Ok(());
+        }
         if self.pending == 0 {
             flatten_selected_grads_into(model, grads, &self.trainable, &mut self.flat, &mut self.present)
                 .map_err(model_err)?;

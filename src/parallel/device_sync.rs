@@ -21,8 +21,9 @@ use crate::comm::{BufMut, CommError, Communicator, DType, DevicePtr, MemoryMut, 
 
 use burn::cubecl;
 
-/// The CUDA server type of cubecl, whose storage hands out raw device pointers.
-type CudaServer = cubecl::cuda::CudaServer;
+/// The CUDA server type of cubecl, whose storage hands out raw device pointers (not exported by
+/// name: reached through the runtime).
+type CudaServer = <cubecl::cuda::CudaRuntime as cubecl_runtime::runtime::Runtime>::Server;
 
 /// Why the device all-reduce could not run.
 #[derive(Debug, thiserror::Error)]

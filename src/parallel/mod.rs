@@ -14,7 +14,7 @@ mod pipeline;
 
 pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats};
 #[cfg(feature = "train")]
-pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions};
+pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions, FlatReduce, HostFlatReduce};
 #[cfg(feature = "cuda")]
 pub use device_sync::{DeviceAllReduce, DeviceSyncError};
 // The mesh is defined by the config layer (it validates it against the world size); the
@@ -22,8 +22,9 @@ pub use device_sync::{DeviceAllReduce, DeviceSyncError};
 pub use crate::config::{MeshCoords, ParallelDims, ParallelDimsError};
 #[cfg(feature = "train")]
 pub use params::{
-    flat_grads_on_device, flatten_grads, flatten_grads_into, flatten_params, flatten_params_into, grads_from_flat,
-    load_params, load_params_by_name, read_flat, ParamError, ParamInfo, ParamLayout,
+    flat_grads_on_device, flat_selected_grads_on_device, flatten_grads, flatten_grads_into, flatten_params,
+    flatten_params_into, grads_from_flat, load_params, load_params_by_name, read_flat, ParamError, ParamInfo,
+    ParamLayout,
 };
 pub use pipeline::{
     partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, StageCompute,

@@ -479,17 +479,22 @@ struct DeviceGradCollector<'a> {
     /// Per parameter, whether it is read (`None`: all of them).
     select: Option<std::slice::Iter<'a, bool>>,
     parts: Vec<Tensor<1>>,
+    /// Per parameter (layout order), 1 when it was read and had a gradient.
+    present: Vec<u8>,
 }
 
 impl ParamVisit for DeviceGradCollector<'_> {
     fn visit<const D: usize>(&mut self, _path: &PathStack, param: &Param<Tensor<D>>) -> Result<(), ParamError> {
         if let Some(select) = self.select.as_mut() {
             if !select.next().copied().unwrap_or(false) {
+                self.present.push(0);
                 return Ok(());
             }
         }
         let numel = param.lazy_shape().num_elements();
-        let part = match self.grads.get::<D>(param.id) {
+        let grad = self.grads.get::<D>(param.id);
+        self.present.push(u8::from(grad.is_some()));
+        let part = match grad {
             Some(grad) => grad.reshape([numel]),
             // Gradients live on the inner (non-autodiff) device.
             None => Tensor::zeros([numel], &param.lazy_device().without_autodiff()),
@@ -535,14 +540,32 @@ pub fn flat_grads_on_device<M: Module>(
     grads: &GradientsParams,
     select: Option<&[bool]>,
 ) -> Result<Option<Tensor<1>>, ParamError> {
+    let mut present = Vec::new();
+    flat_selected_grads_on_device(module, grads, select, &mut present)
+}
+
+/// [`flat_grads_on_device`], also saying in `present` (cleared first; one entry per layout
+/// entry, zero for unselected ones) which parameters had a gradient, as
+/// [`flatten_selected_grads_into`] does on the host.
+pub fn flat_selected_grads_on_device<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    select: Option<&[bool]>,
+    present: &mut Vec<u8>,
+) -> Result<Option<Tensor<1>>, ParamError> {
     let collector = visit_params(
         module,
         DeviceGradCollector {
             grads,
             select: select.map(|s| s.iter()),
             parts: Vec::new(),
+            present: {
+                present.clear();
+                std::mem::take(present)
+            },
         },
     )?;
+    *present = collector.present;
     if collector.parts.is_empty() {
         return Ok(None);
     }
@@ -586,10 +609,19 @@ struct GradWriter<'a> {
     eligible: Option<std::slice::Iter<'a, bool>>,
     /// Per parameter, whether it gets a gradient (`None`: all of them); implies `eligible`.
     select: Option<std::slice::Iter<'a, bool>>,
-    values: &'a [f32],
+    values: GradValues<'a>,
     /// Next unread index of `values`.
     offset: usize,
     grads: GradientsParams,
+}
+
+/// Where [`GradWriter`] takes the values from.
+#[derive(Debug)]
+enum GradValues<'a> {
+    /// A host buffer.
+    Host(&'a [f32]),
+    /// A flat tensor on the gradients' device (boxed: a tensor handle is large).
+    Device(Box<Tensor<1>>),
 }
 
 impl ModuleVisitor for GradWriter<'_> {
@@ -606,17 +638,26 @@ impl ModuleVisitor for GradWriter<'_> {
         if !holds {
             return;
         }
-        let values = &self.values[self.offset..self.offset + info.numel];
+        let range = self.offset..self.offset + info.numel;
         self.offset += info.numel;
         if !gets {
             return;
         }
-        // Gradients live on the inner (non-autodiff) device, in the parameter's dtype.
-        let device = param.lazy_device().without_autodiff();
         let dtype = param.val().dtype();
-        let data = TensorData::new(values.to_vec(), info.shape.clone());
-        self.grads
-            .register::<D>(param.id, Tensor::from_data(data, (&device, dtype)));
+        let grad = match &self.values {
+            GradValues::Host(values) => {
+                // Gradients live on the inner (non-autodiff) device, in the parameter's dtype.
+                let device = param.lazy_device().without_autodiff();
+                let data = TensorData::new(values[range].to_vec(), info.shape.clone());
+                Tensor::from_data(data, (&device, dtype))
+            }
+            // A slice of the flat buffer, on its device: nothing crosses to the host.
+            GradValues::Device(flat) => {
+                let shape: [usize; D] = std::array::from_fn(|i| info.shape[i]);
+                (**flat).clone().slice(range).reshape(shape).cast(dtype)
+            }
+        };
+        self.grads.register::<D>(param.id, grad);
     }
 }
 
@@ -636,7 +677,7 @@ pub fn grads_from_flat<M: Module>(module: &M, values: &[f32]) -> Result<Gradient
         layout: layout.params.iter(),
         eligible: None,
         select: None,
-        values,
+        values: GradValues::Host(values),
         offset: 0,
         grads: GradientsParams::new(),
     };
@@ -667,7 +708,38 @@ pub fn grads_from_selected<M: Module>(
         layout: layout.params.iter(),
         eligible: Some(eligible.iter()),
         select: Some(select.iter()),
-        values,
+        values: GradValues::Host(values),
+        offset: 0,
+        grads: GradientsParams::new(),
+    };
+    module.visit(&mut writer);
+    Ok(writer.grads)
+}
+
+/// [`grads_from_selected`] from a flat tensor on the gradients' device (e.g. the output of
+/// [`flat_selected_grads_on_device`] after an all-reduce): each gradient is a slice of it, on the
+/// device; nothing crosses to the host.
+pub fn grads_from_selected_tensor<M: Module>(
+    module: &M,
+    eligible: &[bool],
+    select: &[bool],
+    flat: Tensor<1>,
+) -> Result<GradientsParams, ParamError> {
+    let layout = ParamLayout::of(module);
+    let expected = selected_numel(&layout, eligible);
+    let got = flat.dims()[0];
+    if got != expected || eligible.len() != layout.len() || select.len() != layout.len() {
+        return Err(ParamError::BadBufferLength {
+            what: "gradients",
+            expected,
+            got,
+        });
+    }
+    let mut writer = GradWriter {
+        layout: layout.params.iter(),
+        eligible: Some(eligible.iter()),
+        select: Some(select.iter()),
+        values: GradValues::Device(Box::new(flat)),
         offset: 0,
         grads: GradientsParams::new(),
     };
