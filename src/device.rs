@@ -118,7 +118,7 @@ fn check_cuda(spec: DeviceSpec, ordinal: usize, local_rank: usize) -> Result<(),
         ordinal,
         found,
     };
-    let count = crate::comm::nccl::cuda_device_count().map_err(no_device)?;
+    let count = crate::env::cuda_device_count().map_err(no_device)?;
     if ordinal < count {
         return Ok(());
     }

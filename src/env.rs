@@ -321,3 +321,15 @@ impl DistEnv {
         self.master_port != 0
     }
 }
+
+#[cfg(feature = "nccl")]
+/// How many CUDA devices this process sees, or why none (no driver library, a driver error).
+pub fn cuda_device_count() -> Result<usize, String> {
+    // SAFETY: only checks whether the driver library loads; calls nothing in it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("libcuda.so (the NVIDIA driver) is not on this machine".into());
+    }
+    cudarc::driver::CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| format!("the CUDA driver cannot count its devices: {e}"))
+}

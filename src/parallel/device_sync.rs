@@ -10,7 +10,6 @@
 //! This machine's CI has no GPU: the module type-checks there (`DOCS_RS=1 cargo check --features
 //! cuda`); it runs only where burn's CUDA backend links and a GPU is present.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Tensor};
@@ -78,8 +77,7 @@ impl DeviceAllReduce {
     /// fingerprint checks go through `world`'s store.
     pub fn new(world: &ProcessGroup, ordinal: usize, timeout: Duration) -> Result<Self, DeviceSyncError> {
         let rank = world.rank();
-        let store: Arc<dyn crate::rendezvous::Store> =
-            world.store().cloned().ok_or(DeviceSyncError::NoStore { rank })?;
+        let store = world.store().cloned().ok_or(DeviceSyncError::NoStore { rank })?;
         let mode = CheckMode::from_env().map_err(|reason| DeviceSyncError::Check { rank, reason })?;
         let comm = NcclCommunicator::new(&*store, "nccl/world/id", rank, world.world_size(), ordinal, timeout)
             .map_err(|source| DeviceSyncError::Nccl { rank, ordinal, source })?

@@ -30,17 +30,6 @@ use super::types::{nccl_dtype, nccl_op};
 /// Pause between two polls of a running collective.
 const POLL_INTERVAL: Duration = Duration::from_micros(20);
 
-/// How many CUDA devices this process sees, or why none (no driver library, a driver error).
-pub fn cuda_device_count() -> Result<usize, String> {
-    // SAFETY: only checks whether the driver library loads; calls nothing in it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("libcuda.so (the NVIDIA driver) is not on this machine".into());
-    }
-    CudaContext::device_count()
-        .map(|n| n.max(0) as usize)
-        .map_err(|e| format!("the CUDA driver cannot count its devices: {e}"))
-}
-
 /// A rank of an NCCL communicator on one CUDA device.
 pub struct NcclCommunicator {
     nccl: &'static Nccl,
@@ -84,7 +73,8 @@ impl NcclCommunicator {
     ) -> Result<Self, NcclError> {
         let nccl = Nccl::get()?;
         let cuda = |call: &'static str, why: String| NcclError::Cuda { call, why };
-        cuda_device_count().map_err(|why| cuda("loading the driver", format!("{why}: NCCL needs a GPU")))?;
+        crate::env::cuda_device_count()
+            .map_err(|why| cuda("loading the driver", format!("{why}: NCCL needs a GPU")))?;
         let context =
             CudaContext::new(ordinal).map_err(|e| cuda("opening the device", format!("device {ordinal}: {e}")))?;
         let stream = context

@@ -15,7 +15,7 @@ mod library;
 mod types;
 
 pub use check::{CallCheck, CheckMode};
-pub use communicator::{cuda_device_count, NcclCommunicator};
+pub use communicator::NcclCommunicator;
 pub use error::NcclError;
 pub use id::exchange_unique_id;
 pub use library::{candidates, Comm, Nccl, RawComm, RawStream, UniqueId, NCCL_SONAME, UNIQUE_ID_BYTES};
