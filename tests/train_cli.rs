@@ -318,7 +318,12 @@ fn check_with(config: &Path, extra: &[&str]) -> Finished {
 fn a_gpu_device_is_refused_by_check_and_by_train_naming_it_and_the_devices_this_build_supports() {
     let finished = check_with(&config("mlp_synthetic.toml"), &["train.device=cuda:0"]);
     assert!(!finished.status.success(), "cuda:0 was accepted\n{}", finished.output());
-    for needle in ["\"cuda:0\"", "\"cpu\"", "\"flex\"", "no GPU backend"] {
+    for needle in [
+        "\"cuda:0\"",
+        "\"cpu\"",
+        "\"flex\"",
+        "no CUDA backend (rebuild with `--features cuda`)",
+    ] {
         assert!(finished.stderr.contains(needle), "no {needle}:\n{}", finished.output());
     }
     let dir = out_dir("cli-cuda");
