@@ -38,7 +38,6 @@ pub mod device;
 #[doc(hidden)]
 pub mod env;
 pub mod error;
-#[cfg(feature = "nccl")]
 #[doc(hidden)]
 pub mod kernels;
 #[doc(hidden)]
