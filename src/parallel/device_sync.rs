@@ -2,7 +2,10 @@
 //! built on the device is handed to NCCL by its device pointer, reduced in place, and only then
 //! read back (once) for the host-side optimizer.
 //!
-//! burn's CUDA stream is not exposed, so the order is kept by synchronisation: the device is
+//! burn's CUDA backend (cubecl) and burnrun's NCCL communicator both work in the device's primary
+//! context (cubecl retains it, and so does cudarc's `CudaContext::new`), so the pointer burn's
+//! allocator hands out is valid on NCCL's stream. burn's CUDA stream is not exposed, so the order
+//! is kept by synchronisation: the device is
 //! synchronised before NCCL reads the buffer on its own stream, and NCCL's stream is finished
 //! (the communicator waits for every call, against its deadline) before burn touches the buffer
 //! again.
