@@ -102,6 +102,14 @@ fn world_f32(kernel: &'static str, world: usize) -> Result<f32, KernelError> {
     Ok(world as f32)
 }
 
+/// Pushes `residual` as a kernel argument, or a null pointer (no error feedback).
+fn arg_or_null<'a>(args: &mut cudarc::driver::LaunchArgs<'a>, residual: Option<&'a CudaSlice<f32>>) {
+    match residual {
+        Some(r) => args.arg(r),
+        None => args.arg(&NULL),
+    };
+}
+
 fn half_kernel(format: HalfFormat, f16: &'static str, bf16: &'static str) -> &'static str {
     match format {
         HalfFormat::F16 => f16,
@@ -235,10 +243,7 @@ impl Kernels {
         let function = self.function(kernel)?;
         let mut args = self.stream.launch_builder(function);
         args.arg(grad);
-        match residual {
-            Some(r) => args.arg(r),
-            None => args.arg(&NULL),
-        };
+        arg_or_null(&mut args, residual);
         args.arg(out).arg(&n64).arg(&world);
         self.launch(kernel, n, &mut args)
     }
@@ -347,10 +352,7 @@ impl Kernels {
         let function = self.function(kernel)?;
         let mut args = self.stream.launch_builder(function);
         args.arg(grad);
-        match residual {
-            Some(r) => args.arg(r),
-            None => args.arg(&NULL),
-        };
+        arg_or_null(&mut args, residual);
         args.arg(&n64)
             .arg(&threshold.magnitude)
             .arg(&threshold.last_tie)
@@ -496,10 +498,7 @@ impl Kernels {
         let function = self.function(kernel)?;
         let mut args = self.stream.launch_builder(function);
         args.arg(grad);
-        match residual {
-            Some(r) => args.arg(r),
-            None => args.arg(&NULL),
-        };
+        arg_or_null(&mut args, residual);
         args.arg(&n64)
             .arg(&threshold.magnitude)
             .arg(&threshold.last_tie)

@@ -109,6 +109,19 @@ impl NcclCommunicator {
         self
     }
 
+    /// The communicator, locked for call `seq`, with the device bound to this thread; the error
+    /// of a call after an abort when it is gone.
+    fn live(&self, op: &'static str, seq: u64) -> Result<std::sync::MutexGuard<'_, Option<Comm>>, CommError> {
+        let guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(self.poisoned());
+        }
+        self.context
+            .bind_to_thread()
+            .map_err(|e| self.device_err(op, seq, e.to_string()))?;
+        Ok(guard)
+    }
+
     /// The error of a call after the communicator was aborted.
     fn poisoned(&self) -> CommError {
         let first = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -144,13 +157,10 @@ impl NcclCommunicator {
         if let (Some(check), Some(fp)) = (&self.check, fp) {
             check.before(op, seq, fp)?;
         }
-        let mut guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.live(op, seq)?;
         let Some(comm) = guard.as_ref() else {
             return Err(self.poisoned());
         };
-        self.context
-            .bind_to_thread()
-            .map_err(|e| self.device_err(op, seq, e.to_string()))?;
         let code = enqueue(self.nccl, comm.raw(), self.stream.cu_stream() as RawStream);
         self.nccl
             .check(op, code)
@@ -469,13 +479,10 @@ impl Communicator for NcclCommunicator {
         }
         let member = ranks.iter().position(|&r| r == self.rank);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.live(op, seq)?;
         let Some(parent) = guard.as_ref() else {
             return Err(self.poisoned());
         };
-        self.context
-            .bind_to_thread()
-            .map_err(|e| self.device_err(op, seq, e.to_string()))?;
         // ncclCommSplit blocks until every rank of this communicator calls it: run it on its own
         // thread and wait for it no longer than the deadline.
         let (done, outcome) = std::sync::mpsc::channel();
