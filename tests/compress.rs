@@ -28,12 +28,10 @@ fn options() -> InitOptions {
 
 /// Deterministic values in ±[0.001, 1), never zero, different per (seed, index).
 fn gradient(seed: u64, len: usize) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut rng = burnrun::rng::SplitMix64::new(seed);
     (0..len)
         .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = rng.next_u64();
             let unit = (state >> 11) as f64 / (1u64 << 53) as f64;
             let magnitude = 0.001 + 0.999 * unit;
             (if state & 1 == 0 { magnitude } else { -magnitude }) as f32

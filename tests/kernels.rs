@@ -19,12 +19,10 @@ use burnrun::kernels::reference::{self, HalfFormat};
 /// range, inf and NaN. Without specials, still -0, subnormals and midpoints (all finite after
 /// the casts).
 fn values(seed: u64, len: usize, specials: bool) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut rng = burnrun::rng::SplitMix64::new(seed);
     (0..len)
         .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = rng.next_u64();
             let sign = if state & 1 == 0 { 1.0f32 } else { -1.0 };
             let unit = (state >> 11) as f64 / (1u64 << 53) as f64;
             let odd = ((state >> 20) & 0x3F) as f32 * 2.0 + 1.0;
