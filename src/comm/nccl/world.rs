@@ -40,20 +40,7 @@ pub fn cuda_device_count() -> Result<usize, NcclError> {
 /// launcher, needs none). Refuses, naming the numbers, when this node runs more ranks than it has
 /// visible devices.
 pub fn init_world(env: &DistEnv) -> Result<NcclCommunicator, Error> {
-    let devices = cuda_device_count()?;
-    if env.local_world_size > devices || env.local_rank >= devices {
-        let visible = crate::env::cuda_visible_devices()
-            .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
-            .unwrap_or_default();
-        return Err(NcclError::TooFewDevices {
-            rank: env.rank,
-            local_rank: env.local_rank,
-            local_world_size: env.local_world_size.max(env.local_rank + 1),
-            devices,
-            visible,
-        }
-        .into());
-    }
+    check_local_ranks(env, cuda_device_count()?, crate::env::cuda_visible_devices())?;
     let store: Arc<dyn Store> = if env.launched() && env.world_size > 1 {
         let secret = job_secret(env)?;
         let store = connect_job_store(env, &secret)?;
@@ -72,4 +59,60 @@ pub fn init_world(env: &DistEnv) -> Result<NcclCommunicator, Error> {
         env.local_rank,
         env.timeout,
     )?)
+}
+
+/// One CUDA device per local rank: an error naming the ranks of this node, the devices it sees and
+/// `CUDA_VISIBLE_DEVICES` (`visible`) when there are fewer devices than ranks.
+fn check_local_ranks(env: &DistEnv, devices: usize, visible: Option<String>) -> Result<(), NcclError> {
+    if env.local_world_size <= devices && env.local_rank < devices {
+        return Ok(());
+    }
+    Err(NcclError::TooFewDevices {
+        rank: env.rank,
+        local_rank: env.local_rank,
+        local_world_size: env.local_world_size.max(env.local_rank + 1),
+        devices,
+        visible: visible
+            .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
+            .unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(rank: usize, local_rank: usize, local_world_size: usize) -> DistEnv {
+        DistEnv {
+            rank,
+            local_rank,
+            local_world_size,
+            world_size: local_world_size * 2,
+            ..DistEnv::from_env().expect("the test environment parses")
+        }
+    }
+
+    #[test]
+    fn more_local_ranks_than_visible_devices_is_refused_naming_both_numbers() {
+        let err = check_local_ranks(&env(5, 1, 4), 2, Some("0,1".into()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "rank 5 (local rank 1): 4 rank(s) on this node but 2 CUDA device(s) visible (CUDA_VISIBLE_DEVICES=0,1): \
+             NCCL needs one GPU per rank (two ranks on one GPU are refused); start at most 2 rank(s) per node \
+             (--nproc-per-node 2)"
+        );
+        let err = check_local_ranks(&env(0, 0, 1), 0, None).unwrap_err().to_string();
+        assert!(
+            err.contains("1 rank(s) on this node but 0 CUDA device(s) visible: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn one_rank_per_device_or_fewer_is_accepted() {
+        assert!(check_local_ranks(&env(3, 3, 4), 4, None).is_ok());
+        assert!(check_local_ranks(&env(0, 0, 2), 8, Some("0,1,2,3,4,5,6,7".into())).is_ok());
+    }
 }
