@@ -122,8 +122,8 @@ def main():
         header += " torch time, each call waited | ratio to it |"
         rule += "---:|---:|"
     if nproc == 1:
-        print("One rank: busbw = algbw x 2(n-1)/n is 0 by definition, and NCCL's in-place all-reduce on one "
-              "rank moves no data, so the times are what a call costs; the ratio is of algbw.\n")
+        print("One rank: busbw = algbw x 2(n-1)/n is 0 by definition, and an in-place all-reduce on one rank "
+              "has nothing to move, so the times are what a call costs; the ratio is of algbw.\n")
     print(header)
     print(rule)
 
