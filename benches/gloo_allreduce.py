@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""torch.distributed gloo all-reduce, measured the way `burnrun bench allreduce` measures.
+"""torch.distributed gloo (or NCCL) all-reduce, measured the way `burnrun bench allreduce` measures.
 
 Spawns N processes (no torchrun), each joins a gloo process group over loopback with one
 intra-op thread, and for every size (min..max, times --step-factor) runs --warmup untimed and
@@ -7,12 +7,18 @@ intra-op thread, and for every size (min..max, times --step-factor) runs --warmu
 its timed iterations; the reported time is the slowest rank's (a MAX all-reduce, as nccl-tests
 and burnrun do). busbw = algbw * 2(n-1)/n. Results are checked once per size on fresh data.
 
+With --backend nccl every rank uses GPU `rank` (torch.cuda.set_device) and CUDA buffers. The
+timed calls are queued back to back and the device synchronised once at the end (nccl-tests'
+way, and how torch code runs), or, with --sync-each, after every call (as `burnrun bench --device
+cuda` waits for each call).
+
 Prints the same JSON lines as `burnrun bench allreduce --json`:
   {"op","bytes","dtype","ranks","time_us","algbw_gbps","busbw_gbps","wrong","cpu_us"}
 where cpu_us is the CPU time of one all-reduce summed over ranks (every thread of each process).
 
 Usage: python3 benches/gloo_allreduce.py --nproc 2 --min-bytes 4K --max-bytes 64M
-Needs torch (pip install torch); nothing in the Rust tests depends on this script.
+       python3 benches/gloo_allreduce.py --backend nccl --nproc 1 --max-bytes 256M
+Needs torch (pip install torch; CUDA for nccl); nothing in the Rust tests depends on this script.
 """
 import argparse
 import json
@@ -55,32 +61,47 @@ def rank_main(rank, args, port, queue):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=args.nproc)
+    gpu = args.backend == "nccl"
+    if gpu:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if gpu else torch.device("cpu")
+    dist.init_process_group(args.backend, rank=rank, world_size=args.nproc)
     n = args.nproc
     dtype = getattr(torch, DTYPES[args.dtype])
     elem = torch.tensor([], dtype=dtype).element_size()
+
+    def wait():
+        """Returns once the device has finished what was queued (nothing to wait for on the CPU)."""
+        if gpu:
+            torch.cuda.synchronize()
+
     try:
         for size in sizes(args):
             count = max(size // elem, 1)
-            buf = torch.full((count,), 1, dtype=dtype)
+            buf = torch.full((count,), 1, dtype=dtype, device=device)
             for _ in range(args.warmup):
                 dist.all_reduce(buf)
             dist.barrier()
+            wait()
             cpu_start = time.process_time()
             start = time.perf_counter()
             for _ in range(args.iters):
                 dist.all_reduce(buf)
+                if args.sync_each:
+                    wait()
+            wait()
             local = (time.perf_counter() - start) / args.iters
-            cpu = torch.tensor([(time.process_time() - cpu_start) / args.iters], dtype=torch.float64)
-            slowest = torch.tensor([local], dtype=torch.float64)
+            cpu = torch.tensor([(time.process_time() - cpu_start) / args.iters], dtype=torch.float64, device=device)
+            slowest = torch.tensor([local], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             dist.all_reduce(cpu)
             # Check on fresh data: rank r contributes (r % 3) + 1, small enough to be exact.
             buf.fill_((rank % 3) + 1)
             dist.all_reduce(buf)
             expected = sum((r % 3) + 1 for r in range(n))
-            wrong = torch.tensor([int((buf != expected).sum())], dtype=torch.int64)
+            wrong = torch.tensor([int((buf != expected).sum())], dtype=torch.int64, device=device)
             dist.all_reduce(wrong)
+            del buf
             if rank == 0:
                 t = slowest.item()
                 algbw = count * elem / t / 1e9
@@ -103,6 +124,10 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                   help="gloo on the CPU, or nccl with rank r on GPU r")
+    p.add_argument("--sync-each", action="store_true",
+                   help="nccl: wait for every timed call (as burnrun does) instead of once after all of them")
     p.add_argument("--timeout", type=float, default=600, help="seconds before the run is abandoned")
     args = p.parse_args()
 

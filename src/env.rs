@@ -127,6 +127,12 @@ pub fn device_name() -> Option<String> {
     var("BURNRUN_DEVICE")
 }
 
+/// `CUDA_VISIBLE_DEVICES`, if set: which GPUs CUDA shows this process (the launcher passes it
+/// through untouched; each rank picks device `LOCAL_RANK` among them, as under torchrun).
+pub fn cuda_visible_devices() -> Option<String> {
+    var("CUDA_VISIBLE_DEVICES")
+}
+
 /// Set by the launcher to `1` for every rank it starts: the rank's output goes to a launcher that
 /// reads control lines ([`crate::names::ControlLine`]), so rank 0 sends its progress that way and a
 /// rank may ask for its stdout to be copied unprefixed. Anything but `1` (or unset) means no launcher.

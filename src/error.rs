@@ -17,6 +17,10 @@ pub enum Error {
     /// A collective failed.
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// NCCL failed: the library, the CUDA driver or devices, or a call.
+    #[cfg(feature = "nccl")]
+    #[error(transparent)]
+    Nccl(#[from] crate::comm::nccl::NcclError),
     /// This build cannot give the device asked for.
     #[cfg(feature = "train")]
     #[error(transparent)]

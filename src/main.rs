@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use burnrun::bench::CollectiveBenchOptions;
+use burnrun::bench::{BenchDevice, CollectiveBenchOptions};
 use burnrun::config::{check_report, RunConfig};
 use burnrun::env::DistEnv;
 use burnrun::launcher::{self, LaunchOptions, RankCommand};
@@ -38,6 +38,7 @@ struct Cli {
 const EXAMPLES: &str = "\
 Examples:
   burnrun --nproc-per-node 4 bench allreduce --max-bytes 64M
+  burnrun --nproc-per-node 8 bench allreduce --device cuda --max-bytes 1G     (feature nccl; one GPU per rank)
   burnrun --nproc-per-node 2 train configs/mlp_synthetic.toml --set optim.lr=3e-4
   burnrun --nnodes 2 --node-rank 0 --master-addr node0 --master-port 29500 --secret-file job.key -- ./my_program
   burnrun check configs/mlp_synthetic.toml";
@@ -215,7 +216,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(Command::Train(args)) => {
                 load_train_config(args)?.validate(cli.launch.world_size())?;
             }
-            Some(Command::Bench(options)) => options.validate(cli.launch.world_size())?,
+            Some(Command::Bench(options)) => {
+                options.validate(cli.launch.world_size())?;
+                check_bench_device(options)?;
+            }
             _ => {}
         }
         let command = match cli.program.split_first() {
@@ -301,9 +305,45 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
 }
 
 fn bench(options: &CollectiveBenchOptions) -> anyhow::Result<()> {
-    let group = burnrun::init().context("joining the job's process group")?;
-    burnrun::bench::run_collective(&group, options)?;
+    match options.device {
+        BenchDevice::Cpu => {
+            let group = burnrun::init().context("joining the job's process group")?;
+            burnrun::bench::run_collective(&group, options)?;
+        }
+        BenchDevice::Cuda => bench_cuda(options)?,
+    }
     Ok(())
+}
+
+/// `bench --device cuda` needs NCCL in the binary: refused before any rank starts otherwise.
+fn check_bench_device(options: &CollectiveBenchOptions) -> anyhow::Result<()> {
+    if options.device == BenchDevice::Cuda && !cfg!(feature = "nccl") {
+        bail!(
+            "bench {} --device cuda: this burnrun was built without NCCL (feature `nccl`); build it with `cargo build \
+             --release --no-default-features --features nccl` (or `--features nccl` to keep the trainer)",
+            options.op
+        );
+    }
+    Ok(())
+}
+
+#[cfg(feature = "nccl")]
+fn bench_cuda(options: &CollectiveBenchOptions) -> anyhow::Result<()> {
+    let env = DistEnv::from_env()?;
+    let comm = burnrun::comm::nccl::init_world(&env).with_context(|| {
+        format!(
+            "rank {}: bench {} --device cuda: joining the NCCL communicator of {} rank(s) on CUDA device {} \
+             (LOCAL_RANK)",
+            env.rank, options.op, env.world_size, env.local_rank
+        )
+    })?;
+    burnrun::bench::run_collective_cuda(&comm, options)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "nccl"))]
+fn bench_cuda(options: &CollectiveBenchOptions) -> anyhow::Result<()> {
+    check_bench_device(options)
 }
 
 fn check(args: &CheckArgs, world_size: usize, local_ranks: usize) -> anyhow::Result<()> {

@@ -215,3 +215,81 @@ fn json_lines_reach_the_launchers_stdout_unprefixed_so_every_line_parses() {
     assert_eq!(rows.len(), 3, "{stdout}");
     assert!(!stderr.contains('\u{1e}'), "a control line leaked: {stderr:?}");
 }
+
+/// `bench --device cuda` must end quickly with the reason where it cannot run: no NCCL in this
+/// build, or no CUDA driver or device on this machine.
+const NO_GPU_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What `--device cuda` must say on a machine without a GPU: the build's missing feature, or the
+/// missing driver or device.
+fn assert_names_why_cuda_cannot_run(stderr: &str) {
+    if cfg!(feature = "nccl") {
+        assert!(
+            stderr.contains("--device cuda")
+                && stderr.contains("CUDA")
+                && ["libcuda.so", "device", "NCCL not found"]
+                    .iter()
+                    .any(|why| stderr.contains(why)),
+            "{stderr}"
+        );
+    } else {
+        assert!(
+            stderr.contains("built without NCCL") && stderr.contains("--features nccl"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_cuda_benchmark_without_a_gpu_fails_at_once_naming_the_reason() {
+    let started = Instant::now();
+    let out = burnrun(&[
+        "bench",
+        "allreduce",
+        "--device",
+        "cuda",
+        "--max-bytes",
+        "8K",
+        "--iters",
+        "2",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        // A GPU (and a build with NCCL): the benchmark ran for real; its rows must be clean.
+        let rows = json_lines(&out.stdout);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.iter().all(|r| r["wrong"] == 0), "{rows:?}");
+        eprintln!("GPU: bench --device cuda ran: {rows:?}");
+        return;
+    }
+    assert_names_why_cuda_cannot_run(&stderr);
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(started.elapsed() < NO_GPU_DEADLINE, "took {:?}", started.elapsed());
+}
+
+#[test]
+fn the_cuda_benchmark_on_two_ranks_without_a_gpu_fails_through_the_launcher_naming_the_reason() {
+    let started = Instant::now();
+    let out = burnrun(&[
+        "--nproc-per-node",
+        "2",
+        "bench",
+        "allreduce",
+        "--device",
+        "cuda",
+        "--max-bytes",
+        "8K",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("two GPUs: bench --device cuda ran on 2 ranks");
+        return;
+    }
+    assert_names_why_cuda_cannot_run(&stderr);
+    if !cfg!(feature = "nccl") {
+        // Refused by the launcher itself: no rank started.
+        assert!(!stderr.contains("[rank"), "{stderr}");
+    }
+    assert!(started.elapsed() < NO_GPU_DEADLINE, "took {:?}", started.elapsed());
+}

@@ -70,17 +70,26 @@ impl Launcher {
     }
 
     fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(BURNRUN);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_remove("BURNRUN_SECRET")
-            .env("RUST_LOG", "warn");
+        let mut command = Self::command(args);
         for (key, value) in env {
             command.env(key, value);
         }
+        Self::start_with_command(command)
+    }
+
+    /// The binary with `args`, no job secret inherited, quiet logs.
+    fn command(args: &[&str]) -> Command {
+        let mut command = Command::new(BURNRUN);
+        command.args(args).env_remove("BURNRUN_SECRET").env("RUST_LOG", "warn");
+        command
+    }
+
+    /// Starts `command` (from [`Launcher::command`], maybe with more environment) with piped output.
+    fn start_with_command(mut command: Command) -> Self {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("burnrun starts");
         let (stdout, stderr) = (Lines::default(), Lines::default());
         stdout.collect(child.stdout.take().unwrap());
@@ -226,6 +235,44 @@ fn every_rank_gets_its_rank_the_world_and_the_job_in_its_environment() {
         let expected = format!("{rank} {rank} 2 2 0 127.0.0.1 {port} envtest 64 42 17");
         assert_eq!(fields[1..].join(" "), expected);
     }
+}
+
+#[test]
+fn nccl_and_cuda_variables_reach_every_rank_unchanged_and_cuda_visible_devices_is_never_set() {
+    // NCCL reads its settings (interface, HCAs, debug) from the environment of each rank; like
+    // torchrun, the launcher passes its own environment through and does not pick GPUs: each rank
+    // uses device LOCAL_RANK among those CUDA_VISIBLE_DEVICES shows.
+    let program = "echo $RANK nccl=$NCCL_SOCKET_IFNAME,$NCCL_IB_HCA,$NCCL_DEBUG,$NCCL_ANY_OTHER \
+                   cuda=${CUDA_VISIBLE_DEVICES-unset}";
+    let mut with_env = Launcher::start_with_env(
+        &["--nproc-per-node", "2", "--", "sh", "-c", program],
+        &[
+            ("NCCL_SOCKET_IFNAME", "eth0"),
+            ("NCCL_IB_HCA", "mlx5_0,mlx5_1"),
+            ("NCCL_DEBUG", "INFO"),
+            ("NCCL_ANY_OTHER", "x y"),
+            ("CUDA_VISIBLE_DEVICES", "2,3"),
+        ],
+    );
+    assert!(with_env.wait(JOB_DEADLINE).success(), "{}", with_env.output());
+    let mut lines = with_env.stdout.all();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "[rank0]: 0 nccl=eth0,mlx5_0,mlx5_1,INFO,x y cuda=2,3",
+            "[rank1]: 1 nccl=eth0,mlx5_0,mlx5_1,INFO,x y cuda=2,3"
+        ],
+        "{}",
+        with_env.output()
+    );
+    let mut command = Launcher::command(&["--nproc-per-node", "2", "--", "sh", "-c", program]);
+    command.env_remove("CUDA_VISIBLE_DEVICES");
+    let mut without = Launcher::start_with_command(command);
+    assert!(without.wait(JOB_DEADLINE).success(), "{}", without.output());
+    let lines = without.stdout.all();
+    assert_eq!(lines.len(), 2, "{}", without.output());
+    assert!(lines.iter().all(|l| l.ends_with("cuda=unset")), "{lines:?}");
 }
 
 #[test]

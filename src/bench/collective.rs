@@ -10,17 +10,15 @@
 use std::io::Write;
 use std::time::Instant;
 
-use half::{bf16, f16};
-
-use crate::comm::{CommError, DType, ProcessGroup, ReduceOp, Tuning};
+use crate::comm::{BufMut, CommError, Communicator, ProcessGroup, ReduceOp, Tuning};
 use crate::env::DistEnv;
 use crate::names::ControlLine;
 
-use super::buffers::OpBuffers;
+use super::buffers::{OpBuffers, Workload};
 use super::error::BenchError;
-use super::options::{BenchOp, CollectiveBenchOptions};
+use super::options::{BenchDevice, BenchOp, CollectiveBenchOptions};
 use super::report::{write_footer, write_header, BenchRow, RunInfo};
-use super::values::BenchValue;
+use super::values::with_bench_value;
 
 /// Runs the benchmark on every rank of `pg` and prints the table (or JSON lines) on rank 0's
 /// stdout. Every rank returns the same rows. Fails if a collective fails or, when results are
@@ -39,15 +37,29 @@ pub fn run_collective_to(
     out: &mut dyn Write,
 ) -> Result<Vec<BenchRow>, BenchError> {
     opts.validate(pg.world_size())?;
-    match opts.dtype {
-        DType::F32 => run_typed::<f32>(pg, opts, tuning, out),
-        DType::F64 => run_typed::<f64>(pg, opts, tuning, out),
-        DType::F16 => run_typed::<f16>(pg, opts, tuning, out),
-        DType::BF16 => run_typed::<bf16>(pg, opts, tuning, out),
-        DType::I32 => run_typed::<i32>(pg, opts, tuning, out),
-        DType::I64 => run_typed::<i64>(pg, opts, tuning, out),
-        DType::U8 => run_typed::<u8>(pg, opts, tuning, out),
+    if opts.device != BenchDevice::Cpu {
+        return Err(BenchError::InvalidOptions {
+            op: opts.op,
+            reason: format!(
+                "--device {} does not run on a process group of the CPU engine (the binary sends it to NCCL)",
+                opts.device
+            ),
+        });
     }
+    let info = RunInfo {
+        opts,
+        ranks: pg.world_size(),
+        engine: format!(
+            "{}, ring threshold {} B (all-reduce: recursive doubling below, ring from there), segment {} B",
+            pg.communicator().backend(),
+            tuning.ring_threshold_bytes,
+            tuning.segment_bytes
+        ),
+        links: pg.communicator().links(),
+    };
+    with_bench_value!(opts.dtype, T => run_sweep(pg.communicator(), &info, out, |count| {
+        Ok(OpBuffers::<T>::new(pg, opts.op, opts.root, count))
+    }))
 }
 
 /// The CPU engine's tuning as `burnrun::init()` sets it: the defaults, overridden by
@@ -84,24 +96,21 @@ fn element_counts(opts: &CollectiveBenchOptions, world_size: usize) -> Vec<usize
     counts
 }
 
-fn run_typed<T: BenchValue>(
-    pg: &ProcessGroup,
-    opts: &CollectiveBenchOptions,
-    tuning: &Tuning,
+/// The sweep over sizes, whatever memory the buffers live in: `make(count)` builds one size's
+/// buffers; `control` (the same group) carries the barrier and the reductions of times and
+/// wrong counts. Rank 0 writes the header, a row per size as it is measured, and the footer.
+pub(crate) fn run_sweep<W: Workload>(
+    control: &dyn Communicator,
+    info: &RunInfo<'_>,
     out: &mut dyn Write,
+    mut make: impl FnMut(usize) -> Result<W, CommError>,
 ) -> Result<Vec<BenchRow>, BenchError> {
-    let ranks = pg.world_size();
-    let printer = pg.rank() == 0;
+    let opts = info.opts;
+    let ranks = control.world_size();
+    let printer = control.rank() == 0;
     let io = |source| BenchError::Output { op: opts.op, source };
     if printer && !opts.json {
-        let info = RunInfo {
-            opts,
-            ranks,
-            backend: pg.communicator().backend(),
-            links: pg.communicator().links(),
-            tuning: *tuning,
-        };
-        write_header(out, &info).map_err(io)?;
+        write_header(out, info).map_err(io)?;
     }
     if printer && opts.json && crate::env::control_lines() {
         // Under a launcher: the JSON lines must reach its stdout as written, without `[rank0]: `.
@@ -109,7 +118,16 @@ fn run_typed<T: BenchValue>(
     }
     let mut rows = Vec::new();
     for count in element_counts(opts, ranks) {
-        let row = measure::<T>(pg, opts, count)?;
+        let bytes = count * opts.dtype.size_bytes();
+        let mut workload = make(count).map_err(|source| BenchError::Comm {
+            op: opts.op,
+            bytes,
+            phase: "allocating the buffers",
+            source,
+        })?;
+        let row = measure(control, opts, count, &mut workload)?;
+        // The buffers go before the next size's are made: on a device both may not fit.
+        drop(workload);
         if printer {
             let line = if opts.json { row.to_json() } else { row.to_table_line() };
             writeln!(out, "{line}").and_then(|()| out.flush()).map_err(io)?;
@@ -136,10 +154,11 @@ fn run_typed<T: BenchValue>(
 }
 
 /// Times and checks one size.
-fn measure<T: BenchValue>(
-    pg: &ProcessGroup,
+fn measure<W: Workload>(
+    control: &dyn Communicator,
     opts: &CollectiveBenchOptions,
     count: usize,
+    buffers: &mut W,
 ) -> Result<BenchRow, BenchError> {
     let bytes = count * opts.dtype.size_bytes();
     let fail = |phase: &'static str| {
@@ -150,32 +169,35 @@ fn measure<T: BenchValue>(
             source,
         }
     };
-    let mut buffers = OpBuffers::<T>::new(pg, opts.op, opts.root, count);
+    let world_size = control.world_size();
 
     for _ in 0..opts.warmup {
-        buffers.step(pg).map_err(fail("warm-up"))?;
+        buffers.step().map_err(fail("warm-up"))?;
     }
-    pg.barrier().map_err(fail("barrier before timing"))?;
+    control.barrier().map_err(fail("barrier before timing"))?;
     let cpu_start = process_cpu_us();
     let start = Instant::now();
     for _ in 0..opts.iters {
-        buffers.step(pg).map_err(fail("timing"))?;
+        buffers.step().map_err(fail("timing"))?;
     }
     let local_us = start.elapsed().as_secs_f64() * 1e6 / opts.iters as f64;
     let local_cpu_us = (process_cpu_us() - cpu_start) / opts.iters as f64;
     let mut slowest_us = [local_us];
-    pg.all_reduce(&mut slowest_us, ReduceOp::Max)
+    control
+        .all_reduce(BufMut::host(&mut slowest_us), ReduceOp::Max)
         .map_err(fail("reducing the times"))?;
     let time_us = slowest_us[0];
     let mut total_cpu_us = [local_cpu_us];
-    pg.all_reduce(&mut total_cpu_us, ReduceOp::Sum)
+    control
+        .all_reduce(BufMut::host(&mut total_cpu_us), ReduceOp::Sum)
         .map_err(fail("summing the CPU times"))?;
 
     let wrong = if opts.check {
-        buffers.fill();
-        buffers.step(pg).map_err(fail("check"))?;
-        let mut wrong = [buffers.count_wrong() as i64];
-        pg.all_reduce(&mut wrong, ReduceOp::Sum)
+        buffers.fill().map_err(fail("filling the buffers"))?;
+        buffers.step().map_err(fail("check"))?;
+        let mut wrong = [buffers.count_wrong().map_err(fail("reading the result"))? as i64];
+        control
+            .all_reduce(BufMut::host(&mut wrong), ReduceOp::Sum)
             .map_err(fail("summing the wrong counts"))?;
         Some(wrong[0] as u64)
     } else {
@@ -193,12 +215,12 @@ fn measure<T: BenchValue>(
         bytes,
         count,
         dtype: opts.dtype,
-        ranks: pg.world_size(),
+        ranks: world_size,
         redop: reducing.then_some(ReduceOp::Sum),
         root: (opts.op == BenchOp::Broadcast).then_some(opts.root),
         time_us,
         algbw_gbps,
-        busbw_gbps: algbw_gbps * opts.op.bus_factor(pg.world_size()),
+        busbw_gbps: algbw_gbps * opts.op.bus_factor(world_size),
         wrong,
         cpu_us: total_cpu_us[0],
     })
@@ -220,7 +242,7 @@ fn process_cpu_us() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::{spawn_ranks, InitOptions};
+    use crate::comm::{spawn_ranks, DType, InitOptions};
 
     #[test]
     fn counts_of_chunked_operations_are_whole_chunks_per_rank() {

@@ -77,6 +77,35 @@ impl std::fmt::Display for BenchOp {
     }
 }
 
+/// Where the benchmark's buffers live and what moves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum BenchDevice {
+    /// Host memory, burnrun's own engine (shared memory between ranks of a host, TCP between
+    /// hosts).
+    #[default]
+    #[value(name = "cpu", alias = "host")]
+    Cpu,
+    /// CUDA device memory, NCCL (feature `nccl`): each rank on device `LOCAL_RANK`.
+    #[value(name = "cuda")]
+    Cuda,
+}
+
+impl BenchDevice {
+    /// The name used on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BenchDevice::Cpu => "cpu",
+            BenchDevice::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for BenchDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Default smallest size: 4 KiB.
 pub const DEFAULT_MIN_BYTES: usize = 4 << 10;
 /// Default largest size: 64 MiB.
@@ -122,11 +151,15 @@ pub struct CollectiveBenchOptions {
     /// Root rank of broadcast.
     #[arg(long, default_value_t = 0)]
     pub root: usize,
+    /// Where the buffers live: `cpu` (burnrun's engine) or `cuda` (NCCL on device LOCAL_RANK;
+    /// needs a build with the `nccl` feature and one GPU per rank).
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    pub device: BenchDevice,
 }
 
 impl CollectiveBenchOptions {
     /// The defaults for `op`: 4 KiB to 64 MiB, doubling, 20 iterations after 5 warm-ups, f32,
-    /// checked, root 0.
+    /// checked, root 0, on the CPU.
     pub fn new(op: BenchOp) -> Self {
         Self {
             op,
@@ -139,6 +172,7 @@ impl CollectiveBenchOptions {
             json: false,
             check: true,
             root: 0,
+            device: BenchDevice::Cpu,
         }
     }
 

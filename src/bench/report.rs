@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use crate::comm::{DType, ReduceOp, Tuning};
+use crate::comm::{DType, ReduceOp};
 
 use super::options::{BenchOp, CollectiveBenchOptions};
 
@@ -101,10 +101,10 @@ fn round3(x: f64) -> f64 {
 pub(crate) struct RunInfo<'a> {
     pub(crate) opts: &'a CollectiveBenchOptions,
     pub(crate) ranks: usize,
-    pub(crate) backend: &'static str,
+    /// What runs the collectives and how it is tuned, for the `# engine:` line.
+    pub(crate) engine: String,
     /// This rank's links (e.g. `shared memory to 1 peer(s)`).
     pub(crate) links: String,
-    pub(crate) tuning: Tuning,
 }
 
 /// The table's header: what was measured and how, then the column names.
@@ -120,11 +120,7 @@ pub(crate) fn write_header(out: &mut dyn Write, info: &RunInfo<'_>) -> std::io::
         opts.warmup,
         if opts.check { "on" } else { "off" }
     )?;
-    writeln!(
-        out,
-        "# engine: {}, ring threshold {} B (all-reduce: recursive doubling below, ring from there), segment {} B",
-        info.backend, info.tuning.ring_threshold_bytes, info.tuning.segment_bytes
-    )?;
+    writeln!(out, "# engine: {}", info.engine)?;
     if !info.links.is_empty() {
         writeln!(out, "# rank 0 links: {}", info.links)?;
     }
@@ -207,9 +203,8 @@ mod tests {
         let info = RunInfo {
             opts: &opts,
             ranks: 2,
-            backend: "tcp",
+            engine: "tcp".into(),
             links: String::new(),
-            tuning: Tuning::default(),
         };
         let mut header = Vec::new();
         write_header(&mut header, &info).unwrap();

@@ -58,6 +58,44 @@ bench_value!(
     u8 => |v| v as u8,
 );
 
+/// Evaluates `$body` with the type alias `$t` naming the Rust type of the run-time `$dtype`
+/// (a [`crate::comm::DType`]): the one place the benchmark turns a dtype into a type.
+macro_rules! with_bench_value {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            $crate::comm::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::comm::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            $crate::comm::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            $crate::comm::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            $crate::comm::DType::I32 => {
+                type $t = i32;
+                $body
+            }
+            $crate::comm::DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            $crate::comm::DType::U8 => {
+                type $t = u8;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_bench_value;
+
 #[cfg(test)]
 mod tests {
     use super::*;

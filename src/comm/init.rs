@@ -119,19 +119,8 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
             vec![0],
         ));
     }
-    let secret = match &env.secret_hex {
-        Some(hex) => JobSecret::from_hex(hex).map_err(|e| crate::env::EnvError::Invalid {
-            name: "BURNRUN_SECRET",
-            value: "<redacted>".into(),
-            reason: e.to_string(),
-        })?,
-        None => {
-            tracing::warn!("BURNRUN_SECRET is not set: authenticating with a secret derived from the run id");
-            JobSecret::derive_from(&env.run_id)
-        }
-    };
-    let addr = format!("{}:{}", env.master_addr, env.master_port);
-    let store = TcpStore::connect(&addr, &secret, env.rdzv_timeout)?;
+    let secret = job_secret(env)?;
+    let store = connect_job_store(env, &secret)?;
     options.listen_ip = match &env.node_addr {
         Some(ip) => ip
             .parse()
@@ -147,6 +136,28 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
         Arc::new(store),
     ));
     init_with_store(store, env.rank, env.world_size, &secret, &options)
+}
+
+/// The job's secret: `BURNRUN_SECRET`, or (with a warning) one derived from the run id.
+pub(crate) fn job_secret(env: &DistEnv) -> Result<JobSecret, Error> {
+    match &env.secret_hex {
+        Some(hex) => Ok(JobSecret::from_hex(hex).map_err(|e| crate::env::EnvError::Invalid {
+            name: "BURNRUN_SECRET",
+            value: "<redacted>".into(),
+            reason: e.to_string(),
+        })?),
+        None => {
+            tracing::warn!("BURNRUN_SECRET is not set: authenticating with a secret derived from the run id");
+            Ok(JobSecret::derive_from(&env.run_id))
+        }
+    }
+}
+
+/// A connection to the job's store on node 0 (`MASTER_ADDR:MASTER_PORT`), authenticated with
+/// `secret`, within the rendezvous deadline.
+pub(crate) fn connect_job_store(env: &DistEnv, secret: &JobSecret) -> Result<TcpStore, Error> {
+    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    Ok(TcpStore::connect(&addr, secret, env.rdzv_timeout)?)
 }
 
 /// Builds the world group of `world_size` ranks that rendezvous through `store` (keys

@@ -27,8 +27,12 @@ use super::id::exchange_unique_id;
 use super::library::{Comm, Nccl, RawComm, RawStream};
 use super::types::{nccl_dtype, nccl_op};
 
-/// Pause between two polls of a running collective.
+/// Pause between two polls of a running collective, once it has run past [`SPIN_WINDOW`].
 const POLL_INTERVAL: Duration = Duration::from_micros(20);
+/// How long a collective is polled without sleeping. A sleep costs 50-80 us on Linux (the timer
+/// slack), more than a small collective takes on a GPU; a longer one is then polled every
+/// [`POLL_INTERVAL`] so that a waiting rank does not hold a core.
+const SPIN_WINDOW: Duration = Duration::from_micros(500);
 
 /// A rank of an NCCL communicator on one CUDA device.
 pub struct NcclCommunicator {
@@ -73,8 +77,7 @@ impl NcclCommunicator {
     ) -> Result<Self, NcclError> {
         let nccl = Nccl::get()?;
         let cuda = |call: &'static str, why: String| NcclError::Cuda { call, why };
-        crate::env::cuda_device_count()
-            .map_err(|why| cuda("loading the driver", format!("{why}: NCCL needs a GPU")))?;
+        super::world::cuda_device_count()?;
         let context =
             CudaContext::new(ordinal).map_err(|e| cuda("opening the device", format!("device {ordinal}: {e}")))?;
         let stream = context
@@ -131,6 +134,66 @@ impl NcclCommunicator {
         }
     }
 
+    /// The CUDA stream every call of this communicator runs on. Device buffers allocated,
+    /// filled and read on it are ordered with the collectives without further synchronisation.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA device ordinal this rank runs on.
+    pub fn ordinal(&self) -> usize {
+        self.context.ordinal()
+    }
+
+    /// The device's name (e.g. `NVIDIA H200`), or why the driver could not say.
+    pub fn device_name(&self) -> String {
+        self.context.name().unwrap_or_else(|e| format!("unnamed device ({e})"))
+    }
+
+    /// NCCL's version number (`23007` is 2.30.7).
+    pub fn nccl_version(&self) -> Result<i32, NcclError> {
+        self.nccl.version()
+    }
+
+    /// Sends `send` to rank `to` while receiving `recv` from rank `from`, as one NCCL group, so
+    /// both directions of a link are busy at once (nccl-tests' sendrecv). A `send` followed by a
+    /// `recv` would deadlock around a ring: every rank's send waits for a receive not yet posted.
+    pub fn send_recv(&self, send: BufRef<'_>, to: usize, recv: BufMut<'_>, from: usize) -> Result<(), CommError> {
+        for peer in [to, from] {
+            if peer >= self.world_size {
+                return Err(CommError::InvalidArgument {
+                    rank: self.rank,
+                    op: "send_recv",
+                    reason: format!("peer {peer} is not below the world size {}", self.world_size),
+                });
+            }
+        }
+        let (send_dtype, send_count, size) = (nccl_dtype(send.dtype), send.numel, send.size_bytes());
+        let (recv_dtype, recv_count) = (nccl_dtype(recv.dtype), recv.numel);
+        let (send_address, _staged) = device_ref(self, "send_recv", &send)?;
+        self.with_device_mut("send_recv", recv, |recv_address| {
+            self.run("send_recv", None, size, |nccl, comm, stream| {
+                // SAFETY: `send_count` elements at `send_address` and room for `recv_count` at
+                // `recv_address`, both live device buffers for the whole call.
+                unsafe {
+                    let mut code = (nccl.group_start)();
+                    if code == 0 {
+                        code = (nccl.send)(ptr(send_address), send_count, send_dtype, to as c_int, comm, stream);
+                    }
+                    if code == 0 {
+                        code = (nccl.recv)(ptr(recv_address), recv_count, recv_dtype, from as c_int, comm, stream);
+                    }
+                    let end = (nccl.group_end)();
+                    if code != 0 {
+                        code
+                    } else {
+                        end
+                    }
+                }
+            })
+        })
+    }
+
     fn device_err(&self, op: &'static str, seq: u64, reason: String) -> CommError {
         CommError::Device {
             rank: self.rank,
@@ -165,7 +228,8 @@ impl NcclCommunicator {
         self.nccl
             .check(op, code)
             .map_err(|e| self.device_err(op, seq, e.to_string()))?;
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let outcome = loop {
             // SAFETY: the stream is alive (owned by self) and the context is bound.
             let state = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
@@ -177,13 +241,18 @@ impl NcclCommunicator {
             if let Err(e) = comm.async_error() {
                 break Err(e.to_string());
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 break Err(format!(
                     "timed out after {:?} (a peer is gone or stuck; NCCL cannot say which)",
                     self.timeout
                 ));
             }
-            std::thread::sleep(POLL_INTERVAL);
+            if now - started < SPIN_WINDOW {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(POLL_INTERVAL);
+            }
         };
         match outcome {
             Ok(()) => {

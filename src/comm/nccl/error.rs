@@ -51,6 +51,24 @@ pub enum NcclError {
         /// Why it failed.
         why: String,
     },
+    /// More ranks on this node than CUDA devices it can see: NCCL runs one rank per device.
+    #[error(
+        "rank {rank} (local rank {local_rank}): {local_world_size} rank(s) on this node but {devices} CUDA \
+         device(s) visible{visible}: NCCL needs one GPU per rank (two ranks on one GPU are refused); start at most \
+         {devices} rank(s) per node (--nproc-per-node {devices})"
+    )]
+    TooFewDevices {
+        /// This rank.
+        rank: usize,
+        /// Its rank on this node, which picks the device.
+        local_rank: usize,
+        /// Ranks on this node.
+        local_world_size: usize,
+        /// CUDA devices this process sees.
+        devices: usize,
+        /// `CUDA_VISIBLE_DEVICES`, when set, as ` (CUDA_VISIBLE_DEVICES=...)`.
+        visible: String,
+    },
     /// The unique id read from the store has the wrong size.
     #[error("the NCCL unique id from the store has {len} bytes, not 128: another program wrote the key")]
     BadUniqueId {

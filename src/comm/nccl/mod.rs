@@ -13,6 +13,7 @@ mod error;
 mod id;
 mod library;
 mod types;
+mod world;
 
 pub use check::{CallCheck, CheckMode};
 pub use communicator::NcclCommunicator;
@@ -20,3 +21,4 @@ pub use error::NcclError;
 pub use id::exchange_unique_id;
 pub use library::{candidates, Comm, Nccl, RawComm, RawStream, UniqueId, NCCL_SONAME, UNIQUE_ID_BYTES};
 pub use types::{nccl_dtype, nccl_op};
+pub use world::{cuda_device_count, init_world};
