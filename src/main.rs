@@ -293,6 +293,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let config = load_train_config(args)?;
     let options = burnrun::train::TrainOptions {
         resume: args.resume.clone(),
+        ..Default::default()
     };
     burnrun::train::train(config, &options)?;
     Ok(())

@@ -31,6 +31,13 @@ const SAME_ARITHMETIC_TOL: f32 = 0.0;
 /// whatever the bucket boundaries, so the runs agree bit for bit.
 const OVERLAP_TOL: f32 = 0.0;
 
+/// The gradients' device path (summed as one flat tensor on the device, averaged as one buffer,
+/// read back once: the path NCCL takes on CUDA) against the host path (read back per backward,
+/// averaged in buckets): the same f32 additions in the same order (two ranks: one addition per
+/// value; accumulation: the same two micro-batch sums; the scale by 1/accum is a power of two),
+/// so the runs agree bit for bit.
+const DEVICE_PATH_TOL: f32 = 0.0;
+
 /// A resumed run replays the same arithmetic on the same ranks from exactly saved f32 state.
 const RESUME_TOL: f32 = 0.0;
 
@@ -236,4 +243,51 @@ fn a_run_stopped_after_step_10_and_resumed_with_the_flag_ends_where_the_uninterr
 fn a_run_stopped_after_step_10_and_resumed_by_config_ends_where_the_uninterrupted_run_does() {
     // Adam's moments and step count (bias correction) must all come back.
     assert_resume_matches("resume-adam", &["optim.kind=adam", "optim.lr=1e-3"], false);
+}
+
+/// Trains the MLP on `ranks` threads of this process (no launcher) with `options`, into `out`.
+fn train_in_process(ranks: usize, out: &Path, accum: usize, options: &burnrun::train::TrainOptions) {
+    let mut overrides = mlp(B, accum, &["log.progress=off"]);
+    overrides.push(format!("train.out_dir={}", out.display()));
+    let init = burnrun::comm::InitOptions {
+        timeout: std::time::Duration::from_secs(60),
+        ..Default::default()
+    };
+    let results = burnrun::comm::spawn_ranks(ranks, &init, |pg| {
+        let cfg = burnrun::config::RunConfig::load(config("mlp_synthetic.toml"), &overrides).expect("config");
+        burnrun::train::train_on(pg, cfg, options).map(|s| s.steps)
+    })
+    .expect("ranks join");
+    for (rank, result) in results.into_iter().enumerate() {
+        assert_eq!(
+            result.unwrap_or_else(|e| panic!("rank {rank}: {e}")),
+            STEPS,
+            "rank {rank}"
+        );
+    }
+}
+
+#[test]
+fn the_device_path_of_the_gradients_ends_where_the_host_path_does_also_when_accumulating() {
+    let via_device = burnrun::train::TrainOptions {
+        device_path_via_host: true,
+        ..Default::default()
+    };
+    for accum in [1, 2] {
+        let device = out_dir(&format!("device-path-{accum}"));
+        let host = out_dir(&format!("host-path-{accum}"));
+        train_in_process(2, &device, accum, &via_device);
+        train_in_process(2, &host, accum, &Default::default());
+        assert_params_close(
+            &final_params(&device),
+            &final_params(&host),
+            DEVICE_PATH_TOL,
+            &format!("device path vs host path, accum {accum}"),
+        );
+        // The device path's all-reduce is timed like the host one.
+        for m in common::metrics(&device) {
+            assert!(m["comm_ms"].as_f64().unwrap() > 0.0, "{m}");
+        }
+        cleanup(&[&device, &host]);
+    }
 }

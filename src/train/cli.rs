@@ -118,6 +118,7 @@ where
     let task = make(&cfg)?;
     let options = TrainOptions {
         resume: args.resume.map(Into::into),
+        ..TrainOptions::default()
     };
     train_task(&task, cfg, &options)?;
     Ok(())

@@ -24,7 +24,7 @@ use crate::precision::{DynamicLossScaler, LossScalerOptions};
 
 use super::builtin::BuiltIn;
 use super::checkpoint::{self as ckpt, LoadedCheckpoint};
-use super::nccl::NcclGrads;
+use super::device_grads::DeviceGrads;
 use super::optim::FlatOptimizer;
 use super::report::{announce, Reporter};
 use super::resume::{self, SaveExtras};
@@ -38,6 +38,11 @@ use super::TrainError;
 pub struct TrainOptions {
     /// Resume from this checkpoint folder (or the latest complete one under it).
     pub resume: Option<PathBuf>,
+    /// Runs the gradients through the device path (summed as one flat tensor on the device,
+    /// averaged by the host group's all-reduce, read back once) on a device that would not take
+    /// it: the path NCCL takes on CUDA, testable on any device. For tests.
+    #[doc(hidden)]
+    pub device_path_via_host: bool,
 }
 
 /// What a finished run reports.
@@ -146,8 +151,9 @@ pub(crate) struct Run<'a, T: Task> {
     pub(crate) overlap: Option<Overlap>,
     /// Per step, this stage's pipeline timers (empty without a pipeline).
     pub(crate) pipeline_times: Vec<StepTimes>,
-    /// The NCCL path: gradients summed and averaged on the GPU (`comm.backend` resolved to nccl).
-    pub(crate) nccl: Option<NcclGrads>,
+    /// The device path: gradients summed and averaged on the device (NCCL when `comm.backend`
+    /// resolves to nccl).
+    pub(crate) device_grads: Option<DeviceGrads>,
 }
 
 impl<T: Task> std::fmt::Debug for Run<'_, T> {
@@ -208,6 +214,11 @@ fn run<T: Task>(
     }
     .map_err(|e| task_err("building the model", e))?;
     let (mut run, model, start_step) = Run::new(world, resolved, task, chain, place, device, model, resume)?;
+    run.device_grads = DeviceGrads::setup(&run.world, resolved, options)?;
+    if run.device_grads.is_some() {
+        // The device path averages the whole gradient after backward, not block by block.
+        run.overlap = None;
+    }
     let mut report = Reporter::new(resolved, rank, start_step)?;
     let global_batch = resolved.global_batch as f64;
     let mut model = model;
@@ -346,7 +357,6 @@ impl<'a, T: Task> Run<'a, T> {
                 why,
             }
         })?;
-        let nccl = NcclGrads::setup(&world, resolved)?;
         let mut run = Self {
             world,
             rank,
@@ -372,7 +382,7 @@ impl<'a, T: Task> Run<'a, T> {
             output_shape: [resolved.micro_batch_size, 0],
             overlap,
             pipeline_times: Vec::new(),
-            nccl,
+            device_grads: None,
         };
         run.plan_pipeline()?;
 

@@ -159,8 +159,8 @@ impl<T: Task> Run<'_, T> {
             None => {
                 // The NCCL path averages on the GPU first (a linear map: scaling and unscaling
                 // after it give the same gradients as before it).
-                let on_device = match &mut self.nccl {
-                    Some(nccl) => Some(nccl.average_into(rank, &mut self.grads)?),
+                let on_device = match &mut self.device_grads {
+                    Some(device) => Some(device.average_into(rank, &mut self.grads)?),
                     None => None,
                 };
                 // Every stage runs a backward each step, so this only guards the layout.
@@ -222,7 +222,11 @@ impl<T: Task> Run<'_, T> {
         stats.comm_ms = sync.comm_ms;
         stats.exposed_ms = sync.wait_ms;
         stats.wire_bytes = self.world.bytes_sent() - bytes_before;
-        if self.nccl.is_some() {
+        if self
+            .device_grads
+            .as_ref()
+            .is_some_and(|d| d.counts_own_bytes(self.resolved))
+        {
             stats.wire_bytes += sync.wire_bytes;
         }
         stats.grad_norm = grad_norm;
@@ -264,8 +268,8 @@ impl<T: Task> Run<'_, T> {
             stats.loss_sum += loss_value(&loss);
             stats.loss_count += 1;
             let grads = scaled(loss, loss_scale).backward();
-            match &mut self.nccl {
-                Some(nccl) => nccl.add(model, grads),
+            match &mut self.device_grads {
+                Some(device) => device.add(model, grads),
                 None => acc.add(model, grads),
             }
             .map_err(|source| TrainError::Params { rank, source })?;
