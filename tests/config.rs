@@ -619,6 +619,11 @@ fn comm_backend_auto_picks_nccl_only_for_cuda_devices_and_what_nccl_runs() {
     // What the NCCL path does not run yet goes to the host engine under auto.
     let codec = parse("[compression]\nmethod = \"topk\"\n").unwrap();
     assert_eq!(codec.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    // fp16 and bf16 on the wire run on the GPU (the kernels of kernels/half_cast.cu).
+    let half = parse("[compression]\nmethod = \"bf16\"\n").unwrap();
+    assert_eq!(half.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
+    let late = parse("[compression]\nmethod = \"fp16\"\nstart_step = 10\n").unwrap();
+    assert_eq!(late.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
     let pipeline = parse("[parallel]\npipeline = 2\n").unwrap();
     assert_eq!(pipeline.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
     // Chosen by hand, it is kept; "tcp" is the host engine's older name.
@@ -631,11 +636,11 @@ fn comm_backend_auto_picks_nccl_only_for_cuda_devices_and_what_nccl_runs() {
 
 #[test]
 fn comm_backend_nccl_with_a_codec_or_a_pipeline_is_refused_saying_what_to_set() {
-    let text = "[comm]\nbackend = \"nccl\"\n[compression]\nmethod = \"fp16\"\n";
+    let text = "[comm]\nbackend = \"nccl\"\n[compression]\nmethod = \"topk\"\n";
     let message = parse(text).unwrap().validate(2).unwrap_err().to_string();
     for needle in [
         "comm.backend = \"nccl\" needs a GPU",
-        "comm.backend = \"nccl\" does not run gradient codecs",
+        "comm.backend = \"nccl\" does not run top-k and PowerSGD",
         "set comm.backend = \"host\"",
     ] {
         assert!(message.contains(needle), "missing {needle:?} in:\n{message}");

@@ -42,7 +42,11 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     // Parallelisms over a model and groups: comm's trait and ProcessGroup, never a transport.
-    ("parallel", &["comm", "device", "compress", "precision", "config"]),
+    // `kernels` for the codecs on the GPU (feature cuda).
+    (
+        "parallel",
+        &["comm", "device", "compress", "precision", "config", "kernels"],
+    ),
     // Codecs and the loss scaler: comm hooks, like torch's.
     ("compress", &["comm", "config"]),
     ("precision", &["comm", "config"]),

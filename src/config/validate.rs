@@ -544,8 +544,13 @@ impl RunConfig {
     fn nccl_unsupported(&self) -> Option<&'static str> {
         if self.parallel.pipeline > 1 {
             Some("pipeline parallelism (activations between stages)")
-        } else if self.compression.method != CompressionMethod::None {
-            Some("gradient codecs (they run on the host engine)")
+        } else if matches!(
+            self.compression.method,
+            CompressionMethod::TopK | CompressionMethod::PowerSgd
+        ) {
+            Some("top-k and PowerSGD (they run on the host engine; fp16 and bf16 run on the GPU)")
+        } else if self.compression.method != CompressionMethod::None && self.compression.start_step > 0 {
+            Some("a codec that starts after step 0 (compression.start_step)")
         } else {
             None
         }

@@ -561,6 +561,12 @@ impl Kernels {
             .map_err(driver("launching", kernel))
     }
 
+    /// Waits for everything queued on the stream (launches, copies, and NCCL calls when the
+    /// stream is a communicator's), polling it until the timeout.
+    pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.wait("synchronize")
+    }
+
     /// Waits for the work queued on the stream, polling it until `timeout`.
     fn wait(&self, kernel: &'static str) -> Result<(), KernelError> {
         self.stream

@@ -232,16 +232,28 @@ impl FlatReduce for HostFlatReduce {
 }
 
 #[cfg(feature = "cuda")]
+impl From<super::DeviceSyncError> for DdpError {
+    fn from(e: super::DeviceSyncError) -> Self {
+        match e {
+            super::DeviceSyncError::Comm(e) => DdpError::Comm(e),
+            other => DdpError::Device {
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
 impl FlatReduce for super::DeviceAllReduce {
     fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError> {
-        super::DeviceAllReduce::average(self, flat)
-            .map(|(averaged, _)| averaged)
-            .map_err(|e| match e {
-                super::DeviceSyncError::Comm(e) => DdpError::Comm(e),
-                other => DdpError::Device {
-                    reason: other.to_string(),
-                },
-            })
+        Ok(super::DeviceAllReduce::average(self, flat)?.0)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FlatReduce for super::DeviceHalfWire {
+    fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError> {
+        Ok(super::DeviceHalfWire::average(self, flat)?.0)
     }
 }
 

@@ -13,13 +13,17 @@
 //! This machine's CI has no GPU: the module type-checks there (`DOCS_RS=1 cargo check --features
 //! cuda`); it runs only where burn's CUDA backend links and a GPU is present.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Tensor};
 use cubecl::server::ServerStorage;
 
+use cudarc::driver::{CudaSlice, DevicePtr as CudaDevicePtr};
+
 use crate::comm::nccl::{CallCheck, CheckMode, NcclCommunicator};
 use crate::comm::{BufMut, CommError, Communicator, DType, DevicePtr, MemoryMut, ProcessGroup, ReduceOp};
+use crate::kernels::{HalfFormat, Kernels};
 
 use burn::cubecl;
 
@@ -104,6 +108,32 @@ impl DeviceAllReduce {
     /// [`super::params::flat_grads_on_device`]) over the ranks, in place on the device, and
     /// returns it with the time NCCL took.
     pub fn average(&self, flat: Tensor<1>) -> Result<(Tensor<1>, f64), DeviceSyncError> {
+        let started = Instant::now();
+        let averaged = self.with_buffer(flat, |address, numel| {
+            self.comm.all_reduce(
+                BufMut {
+                    dtype: DType::F32,
+                    numel,
+                    memory: MemoryMut::Device(DevicePtr {
+                        address,
+                        ordinal: self.ordinal,
+                    }),
+                },
+                ReduceOp::Avg,
+            )?;
+            Ok(())
+        })?;
+        Ok((averaged, started.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Runs `work` on the device address and length of `flat`'s buffer (a contiguous f32 CUDA
+    /// buffer of its own, which `work` may rewrite in place), after burn's work on it is done;
+    /// returns the tensor over the same buffer.
+    fn with_buffer(
+        &self,
+        flat: Tensor<1>,
+        work: impl FnOnce(u64, usize) -> Result<(), DeviceSyncError>,
+    ) -> Result<Tensor<1>, DeviceSyncError> {
         let buffer = |reason: String| DeviceSyncError::Buffer {
             rank: self.rank,
             reason,
@@ -126,29 +156,159 @@ impl DeviceAllReduce {
             ));
         }
         let numel = prim.meta.num_elements();
-        let started = Instant::now();
         {
             // The guard keeps the allocation in place while NCCL writes it.
             let resource = prim
                 .client
                 .get_resource::<CudaServer>(prim.handle.clone())
                 .map_err(|e| buffer(format!("its device pointer: {e:?}")))?;
-            let address = resource.resource().ptr;
-            self.comm.all_reduce(
-                BufMut {
-                    dtype: DType::F32,
-                    numel,
-                    memory: MemoryMut::Device(DevicePtr {
-                        address,
-                        ordinal: self.ordinal,
-                    }),
-                },
-                ReduceOp::Avg,
-            )?;
+            work(resource.resource().ptr, numel)?;
         }
-        let comm_ms = started.elapsed().as_secs_f64() * 1e3;
-        Ok((Tensor::<1>::from_primitive::<burn::backend::Cuda>(prim), comm_ms))
+        Ok(Tensor::<1>::from_primitive::<burn::backend::Cuda>(prim))
     }
+}
+
+/// fp16 or bf16 on the wire, on the GPU (`compression.method = "fp16" | "bf16"` on NCCL): each
+/// rank casts `(grad + residual) / world` to 16 bits with the kernels of `kernels/half_cast.cu`,
+/// NCCL sums the 16-bit buffers, the sum is widened back into the gradient buffer, and, when the
+/// sum is finite, the residual keeps what the rounding lost (error feedback, as the host codec:
+/// the kernels' CPU references match it bit for bit). The kernels run on the NCCL communicator's
+/// stream, so cast, all-reduce and widening are ordered without a synchronisation between them.
+#[derive(Debug)]
+pub struct DeviceHalfWire {
+    reduce: DeviceAllReduce,
+    kernels: Kernels,
+    format: HalfFormat,
+    feedback: bool,
+    /// The residual and the two 16-bit buffers, sized at the first step.
+    state: Mutex<Option<HalfState>>,
+}
+
+#[derive(Debug)]
+struct HalfState {
+    residual: CudaSlice<f32>,
+    /// This rank's cast values (for the residual).
+    sent: CudaSlice<u16>,
+    /// The buffer NCCL sums in place.
+    wire: CudaSlice<u16>,
+}
+
+impl DeviceHalfWire {
+    /// `format` on the wire over `reduce`'s communicator, with error feedback when `feedback`.
+    pub fn new(reduce: DeviceAllReduce, format: HalfFormat, feedback: bool) -> Result<Self, DeviceSyncError> {
+        let rank = reduce.rank;
+        let timeout = reduce.comm.timeout();
+        let kernels = Kernels::new(reduce.comm.stream().clone(), timeout).map_err(|e| DeviceSyncError::Buffer {
+            rank,
+            reason: format!("the codec kernels: {e}"),
+        })?;
+        Ok(Self {
+            reduce,
+            kernels,
+            format,
+            feedback,
+            state: Mutex::new(None),
+        })
+    }
+
+    /// The average of `flat` over the ranks, sent as 16-bit values, written back into `flat`.
+    pub fn average(&self, flat: Tensor<1>) -> Result<(Tensor<1>, f64), DeviceSyncError> {
+        let started = Instant::now();
+        let rank = self.reduce.rank;
+        let kernel_err = |e: crate::kernels::KernelError| DeviceSyncError::Buffer {
+            rank,
+            reason: e.to_string(),
+        };
+        let averaged = self.reduce.with_buffer(flat, |address, numel| {
+            let stream = self.kernels.stream();
+            let world = self.reduce.comm.world_size();
+            let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.as_ref().is_none_or(|s| s.wire.len() != numel) {
+                *guard = Some(HalfState {
+                    residual: self.kernels.zeros(numel).map_err(kernel_err)?,
+                    sent: self.kernels.zeros(numel).map_err(kernel_err)?,
+                    wire: self.kernels.zeros(numel).map_err(kernel_err)?,
+                });
+            }
+            let state = guard.as_mut().expect("set above");
+            // SAFETY: burn's buffer of `numel` f32 values, alive while `with_buffer` holds its
+            // resource guard; the view is leaked below, never freed by cudarc.
+            let mut grad = unsafe { stream.upgrade_device_ptr::<f32>(address, numel) };
+            let outcome = (|| {
+                let residual = self.feedback.then_some(&state.residual);
+                self.kernels
+                    .cast(self.format, &grad, residual, &mut state.sent, world)
+                    .map_err(kernel_err)?;
+                stream
+                    .memcpy_dtod(&state.sent, &mut state.wire)
+                    .map_err(|e| DeviceSyncError::Buffer {
+                        rank,
+                        reason: format!("copying the cast values: {e}"),
+                    })?;
+                let wire_address = {
+                    let (address, _sync) = CudaDevicePtr::device_ptr(&state.wire, stream);
+                    address
+                };
+                self.reduce.comm.all_reduce(
+                    BufMut {
+                        dtype: match self.format {
+                            HalfFormat::F16 => DType::F16,
+                            HalfFormat::Bf16 => DType::BF16,
+                        },
+                        numel,
+                        memory: MemoryMut::Device(DevicePtr {
+                            address: wire_address,
+                            ordinal: self.reduce.ordinal,
+                        }),
+                    },
+                    ReduceOp::Sum,
+                )?;
+                // The residual keeps the rounding only of a step whose sum is finite (an
+                // overflowed step is skipped by the loss scaler, its residual untouched).
+                let nonfinite = self
+                    .kernels
+                    .count_nonfinite_half(self.format, &state.wire)
+                    .map_err(kernel_err)?;
+                if nonfinite == 0 && self.feedback {
+                    self.kernels
+                        .half_residual(self.format, &grad, &mut state.residual, &state.sent, world)
+                        .map_err(kernel_err)?;
+                }
+                self.kernels
+                    .widen(self.format, &state.wire, &mut grad)
+                    .map_err(kernel_err)?;
+                // burn reads the buffer next, on its own stream.
+                self.kernels.synchronize().map_err(kernel_err)
+            })();
+            grad.leak();
+            outcome
+        })?;
+        Ok((averaged, started.elapsed().as_secs_f64() * 1e3))
+    }
+}
+
+/// The gradients' reduction on NCCL for `compression`: fp16 or bf16 on the wire through the GPU
+/// kernels ([`DeviceHalfWire`]), otherwise the f32 average ([`DeviceAllReduce`]); on CUDA device
+/// `ordinal` beside `world`. Top-k and PowerSGD run on the host engine (validation keeps them off
+/// this path).
+pub fn nccl_flat_reduce(
+    world: &ProcessGroup,
+    ordinal: usize,
+    timeout: Duration,
+    compression: &crate::config::CompressionConfig,
+) -> Result<Box<dyn super::FlatReduce>, DeviceSyncError> {
+    use crate::config::CompressionMethod;
+    let reduce = DeviceAllReduce::new(world, ordinal, timeout)?;
+    let format = match compression.method {
+        CompressionMethod::Fp16 => HalfFormat::F16,
+        CompressionMethod::Bf16 => HalfFormat::Bf16,
+        _ => return Ok(Box::new(reduce)),
+    };
+    Ok(Box::new(DeviceHalfWire::new(
+        reduce,
+        format,
+        compression.error_feedback,
+    )?))
 }
 
 // The server type must be the one whose storage gives raw CUDA pointers.

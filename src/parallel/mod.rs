@@ -16,7 +16,7 @@ pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats
 #[cfg(feature = "train")]
 pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions, FlatReduce, HostFlatReduce};
 #[cfg(feature = "cuda")]
-pub use device_sync::{DeviceAllReduce, DeviceSyncError};
+pub use device_sync::{nccl_flat_reduce, DeviceAllReduce, DeviceHalfWire, DeviceSyncError};
 // The mesh is defined by the config layer (it validates it against the world size); the
 // process groups are built from it here.
 pub use crate::config::{MeshCoords, ParallelDims, ParallelDimsError};

@@ -112,13 +112,13 @@ fn nccl_reduce(world: &ProcessGroup, resolved: &Resolved) -> Result<Box<dyn Flat
         _ => local_rank,
     };
     let timeout = std::time::Duration::from_secs(resolved.config.comm.timeout_secs);
-    let reduce =
-        crate::parallel::DeviceAllReduce::new(world, ordinal, timeout).map_err(|e| TrainError::Unsupported {
+    crate::parallel::nccl_flat_reduce(world, ordinal, timeout, &resolved.config.compression).map_err(|e| {
+        TrainError::Unsupported {
             rank,
             what: "comm.backend = \"nccl\"".into(),
             why: e.to_string(),
-        })?;
-    Ok(Box::new(reduce))
+        }
+    })
 }
 
 /// Without the `cuda` feature validation refuses a CUDA device, so `nccl` is never resolved.
