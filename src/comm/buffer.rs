@@ -208,3 +208,15 @@ impl HostBuffer {
         }
     }
 }
+
+/// Why a buffer named `name` of `whole` (dtype, elements) cannot hold `n` blocks of `part`'s
+/// shape (all-gather's output, reduce-scatter's input); `None` when it can. Every engine's check.
+pub(crate) fn blocks_mismatch(name: &str, whole: (DType, usize), part: (DType, usize), n: usize) -> Option<String> {
+    let ((dtype, numel), (part_dtype, part_numel)) = (whole, part);
+    (dtype != part_dtype || numel != part_numel * n).then(|| {
+        format!(
+            "{name} is {dtype} x {numel}, expected {part_dtype} x {} ({n} ranks x {part_numel})",
+            part_numel * n
+        )
+    })
+}

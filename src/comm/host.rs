@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::transport::{Mesh, TransportError};
 
 use super::algorithms::{self as alg, Ctx};
-use super::buffer::{BufMut, BufRef, HostBuffer, Memory, MemoryMut};
+use super::buffer::{blocks_mismatch, BufMut, BufRef, HostBuffer, Memory, MemoryMut};
 use super::communicator::{CommError, Communicator};
 use super::dtype::{DType, ReduceOp};
 use super::fingerprint::{collective_key, collective_seq, describe, describe_key, fingerprint, p2p_key, OpKind};
@@ -416,16 +416,8 @@ impl Communicator for HostComm {
     fn all_gather(&self, input: BufRef<'_>, output: BufMut<'_>) -> Result<(), CommError> {
         let n = self.members.len();
         let (dtype, numel) = (input.dtype, input.numel);
-        if output.dtype != dtype || output.numel != numel * n {
-            return Err(self.invalid(
-                OpKind::AllGather,
-                format!(
-                    "output is {} x {}, expected {dtype} x {} ({n} ranks x {numel})",
-                    output.dtype,
-                    output.numel,
-                    numel * n
-                ),
-            ));
+        if let Some(reason) = blocks_mismatch("output", (output.dtype, output.numel), (dtype, numel), n) {
+            return Err(self.invalid(OpKind::AllGather, reason));
         }
         let input = self.host_ref(OpKind::AllGather, input.memory)?;
         let output = self.host(OpKind::AllGather, output.memory)?;
@@ -443,16 +435,8 @@ impl Communicator for HostComm {
     fn reduce_scatter(&self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
         let n = self.members.len();
         let (dtype, numel) = (output.dtype, output.numel);
-        if input.dtype != dtype || input.numel != numel * n {
-            return Err(self.invalid(
-                OpKind::ReduceScatter,
-                format!(
-                    "input is {} x {}, expected {dtype} x {} ({n} ranks x {numel})",
-                    input.dtype,
-                    input.numel,
-                    numel * n
-                ),
-            ));
+        if let Some(reason) = blocks_mismatch("input", (input.dtype, input.numel), (dtype, numel), n) {
+            return Err(self.invalid(OpKind::ReduceScatter, reason));
         }
         let input = self.host_ref(OpKind::ReduceScatter, input.memory)?;
         let output = self.host(OpKind::ReduceScatter, output.memory)?;

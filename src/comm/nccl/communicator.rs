@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 
+use crate::comm::buffer::blocks_mismatch;
 use crate::comm::{fingerprint, BufMut, BufRef, CommError, Communicator, Memory, MemoryMut, OpKind, ReduceOp};
 use crate::rendezvous::Store;
 
@@ -417,14 +418,12 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_gather(&self, input: BufRef<'_>, output: BufMut<'_>) -> Result<(), CommError> {
-        if output.numel != input.numel * self.world_size || output.dtype != input.dtype {
+        let whole = (output.dtype, output.numel);
+        if let Some(reason) = blocks_mismatch("output", whole, (input.dtype, input.numel), self.world_size) {
             return Err(CommError::InvalidArgument {
                 rank: self.rank,
                 op: "all_gather",
-                reason: format!(
-                    "output holds {} {:?}, input {} {:?}: the output must be world_size({}) times the input",
-                    output.numel, output.dtype, input.numel, input.dtype, self.world_size
-                ),
+                reason,
             });
         }
         let fp = fingerprint(OpKind::AllGather, input.dtype, input.numel, None, None);
@@ -439,14 +438,12 @@ impl Communicator for NcclCommunicator {
     }
 
     fn reduce_scatter(&self, input: BufRef<'_>, output: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
-        if input.numel != output.numel * self.world_size || output.dtype != input.dtype {
+        let whole = (input.dtype, input.numel);
+        if let Some(reason) = blocks_mismatch("input", whole, (output.dtype, output.numel), self.world_size) {
             return Err(CommError::InvalidArgument {
                 rank: self.rank,
                 op: "reduce_scatter",
-                reason: format!(
-                    "input holds {} {:?}, output {} {:?}: the input must be world_size({}) times the output",
-                    input.numel, input.dtype, output.numel, output.dtype, self.world_size
-                ),
+                reason,
             });
         }
         let fp = fingerprint(OpKind::ReduceScatter, input.dtype, input.numel, None, Some(op));
