@@ -617,15 +617,19 @@ fn comm_backend_auto_picks_nccl_only_for_cuda_devices_and_what_nccl_runs() {
     assert_eq!(default.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
     assert_eq!(default.backend_for(DeviceSpec::Cuda(Some(1))), CommBackend::Nccl);
     // What the NCCL path does not run yet goes to the host engine under auto.
-    let codec = parse("[compression]\nmethod = \"topk\"\n").unwrap();
+    let codec = parse("[compression]\nmethod = \"powersgd\"\n").unwrap();
     assert_eq!(codec.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    // Top-k runs on the GPU (the kernels of kernels/topk.cu).
+    let topk = parse("[compression]\nmethod = \"topk\"\n").unwrap();
+    assert_eq!(topk.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
     // fp16 and bf16 on the wire run on the GPU (the kernels of kernels/half_cast.cu).
     let half = parse("[compression]\nmethod = \"bf16\"\n").unwrap();
     assert_eq!(half.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
     let late = parse("[compression]\nmethod = \"fp16\"\nstart_step = 10\n").unwrap();
     assert_eq!(late.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    // Pipeline stages pass activations on NCCL too (two-rank communicators per link).
     let pipeline = parse("[parallel]\npipeline = 2\n").unwrap();
-    assert_eq!(pipeline.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    assert_eq!(pipeline.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
     // Chosen by hand, it is kept; "tcp" is the host engine's older name.
     let host = parse("[comm]\nbackend = \"host\"\n").unwrap();
     assert_eq!(host.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
@@ -635,12 +639,12 @@ fn comm_backend_auto_picks_nccl_only_for_cuda_devices_and_what_nccl_runs() {
 }
 
 #[test]
-fn comm_backend_nccl_with_a_codec_or_a_pipeline_is_refused_saying_what_to_set() {
-    let text = "[comm]\nbackend = \"nccl\"\n[compression]\nmethod = \"topk\"\n";
+fn comm_backend_nccl_with_a_codec_it_does_not_run_is_refused_saying_what_to_set() {
+    let text = "[comm]\nbackend = \"nccl\"\n[compression]\nmethod = \"powersgd\"\n";
     let message = parse(text).unwrap().validate(2).unwrap_err().to_string();
     for needle in [
         "comm.backend = \"nccl\" needs a GPU",
-        "comm.backend = \"nccl\" does not run top-k and PowerSGD",
+        "comm.backend = \"nccl\" does not run PowerSGD",
         "set comm.backend = \"host\"",
     ] {
         assert!(message.contains(needle), "missing {needle:?} in:\n{message}");

@@ -367,3 +367,41 @@ fn a_stage_that_dies_takes_the_job_down_with_a_summary_naming_its_rank() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn the_device_path_of_the_gradients_with_two_replicas_of_two_stages_ends_at_the_single_rank_parameters() {
+    // The path NCCL takes (each stage's gradients summed on its device and averaged over its
+    // replicas as one flat tensor), with the host group's all-reduce standing in for NCCL.
+    let out = out_dir("dp2-pp2-device-path");
+    let mut overrides = mlp(B, &pipeline_sets(2, "1f1b"));
+    overrides.push("parallel.data=2".into());
+    overrides.push("log.progress=off".into());
+    overrides.push(format!("train.out_dir={}", out.display()));
+    let init = burnrun::comm::InitOptions {
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let options = burnrun::train::TrainOptions {
+        device_path_via_host: true,
+        ..Default::default()
+    };
+    let results = burnrun::comm::spawn_ranks(4, &init, |pg| {
+        let cfg = burnrun::config::RunConfig::load(config("mlp_synthetic.toml"), &overrides).expect("config");
+        burnrun::train::train_on(pg, cfg, &options).map(|s| s.steps)
+    })
+    .expect("ranks join");
+    for (rank, result) in results.into_iter().enumerate() {
+        assert_eq!(
+            result.unwrap_or_else(|e| panic!("rank {rank}: {e}")),
+            STEPS,
+            "rank {rank}"
+        );
+    }
+    assert_params_close(
+        &final_params(&out),
+        single_rank(2 * B),
+        PIPELINE_TOL,
+        "dp2-pp2 device path",
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -22,7 +22,7 @@ pub use codec::{build_codec, CodecOptions, CodecStats, GradCodec};
 pub use error::CompressError;
 pub use half_cast::{HalfCast, WireHalf};
 pub use powersgd::{PowerSgd, DEFAULT_MIN_COMPRESSION_RATE};
-pub use state::StateTensor;
+pub use state::{residual_name, StateTensor};
 pub use topk::TopK;
 pub use uncompressed::Uncompressed;
 pub use warmup::WarmUp;

@@ -89,7 +89,7 @@ impl StateTensors {
 }
 
 /// `residual.bucket<b>`.
-pub(crate) fn residual_name(bucket: usize) -> String {
+pub fn residual_name(bucket: usize) -> String {
     format!("residual.bucket{bucket}")
 }
 

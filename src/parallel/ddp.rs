@@ -203,6 +203,19 @@ pub struct Ddp {
 pub trait FlatReduce: Send + std::fmt::Debug {
     /// The average over the replicas of `flat`, on `flat`'s device.
     fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError>;
+
+    /// A codec's error-feedback residual over the whole flat gradient (its buckets one after
+    /// another), read back for a checkpoint; `None` when there is none (no codec, or no step
+    /// made yet).
+    fn residual(&self) -> Result<Option<Vec<f32>>, DdpError> {
+        Ok(None)
+    }
+
+    /// Replaces the residual by `flat` (one value per gradient element), from a checkpoint.
+    fn load_residual(&self, flat: &[f32]) -> Result<(), DdpError> {
+        let _ = flat;
+        Ok(())
+    }
 }
 
 /// [`FlatReduce`] through the host: one read from the device, the host engine's all-reduce, one
@@ -254,6 +267,29 @@ impl FlatReduce for super::DeviceAllReduce {
 impl FlatReduce for super::DeviceHalfWire {
     fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError> {
         Ok(super::DeviceHalfWire::average(self, flat)?.0)
+    }
+
+    fn residual(&self) -> Result<Option<Vec<f32>>, DdpError> {
+        Ok(super::DeviceHalfWire::residual(self)?)
+    }
+
+    fn load_residual(&self, flat: &[f32]) -> Result<(), DdpError> {
+        Ok(super::DeviceHalfWire::load_residual(self, flat)?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FlatReduce for super::DeviceTopK {
+    fn average(&self, flat: Tensor<1>) -> Result<Tensor<1>, DdpError> {
+        Ok(super::DeviceTopK::average(self, flat)?.0)
+    }
+
+    fn residual(&self) -> Result<Option<Vec<f32>>, DdpError> {
+        Ok(super::DeviceTopK::residual(self)?)
+    }
+
+    fn load_residual(&self, flat: &[f32]) -> Result<(), DdpError> {
+        Ok(super::DeviceTopK::load_residual(self, flat)?)
     }
 }
 

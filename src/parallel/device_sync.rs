@@ -13,7 +13,7 @@
 //! This machine's CI has no GPU: the module type-checks there (`DOCS_RS=1 cargo check --features
 //! cuda`); it runs only where burn's CUDA backend links and a GPU is present.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, Tensor};
@@ -24,6 +24,7 @@ use cudarc::driver::{CudaSlice, DevicePtr as CudaDevicePtr};
 use crate::comm::nccl::{CallCheck, CheckMode, NcclCommunicator};
 use crate::comm::{BufMut, CommError, Communicator, DType, DevicePtr, MemoryMut, ProcessGroup, ReduceOp};
 use crate::kernels::{HalfFormat, Kernels};
+use crate::rendezvous::Store;
 
 use burn::cubecl;
 
@@ -80,23 +81,49 @@ pub struct DeviceAllReduce {
 }
 
 impl DeviceAllReduce {
-    /// Joins NCCL beside `world` (same ranks) on CUDA device `ordinal`; the unique id and the
-    /// fingerprint checks go through `world`'s store.
-    pub fn new(world: &ProcessGroup, ordinal: usize, timeout: Duration) -> Result<Self, DeviceSyncError> {
-        let rank = world.rank();
-        let store = world.store().cloned().ok_or(DeviceSyncError::NoStore { rank })?;
+    /// Joins NCCL beside `group` (same ranks) on CUDA device `ordinal`; the unique id and the
+    /// fingerprint checks go through the group's store (a launched job's world group has it).
+    pub fn new(group: &ProcessGroup, ordinal: usize, timeout: Duration) -> Result<Self, DeviceSyncError> {
+        let rank = group.global_ranks()[group.rank()];
+        let store = group.store().cloned().ok_or(DeviceSyncError::NoStore { rank })?;
+        Self::new_in(group, store, ordinal, timeout)
+    }
+
+    /// [`DeviceAllReduce::new`] for any group (a sub-group has no store of its own) through the
+    /// job's `store`, under keys naming the group's global ranks, so that every group of a mesh
+    /// gets its own communicator.
+    pub fn new_in(
+        group: &ProcessGroup,
+        store: Arc<dyn Store>,
+        ordinal: usize,
+        timeout: Duration,
+    ) -> Result<Self, DeviceSyncError> {
+        let rank = group.global_ranks()[group.rank()];
+        let members: Vec<String> = group.global_ranks().iter().map(|r| r.to_string()).collect();
+        let prefix = format!("nccl/grads/{}", members.join("-"));
         let mode = CheckMode::from_env().map_err(|reason| DeviceSyncError::Check { rank, reason })?;
-        let comm = NcclCommunicator::new(&*store, "nccl/world/id", rank, world.world_size(), ordinal, timeout)
+        let (member, size) = (group.rank(), group.world_size());
+        let comm = NcclCommunicator::new(&*store, &format!("{prefix}/id"), member, size, ordinal, timeout)
             .map_err(|source| DeviceSyncError::Nccl { rank, ordinal, source })?
             .with_check(CallCheck::new(
                 store,
-                "nccl/world/check",
-                rank,
-                world.world_size(),
+                format!("{prefix}/check"),
+                member,
+                size,
                 mode,
                 timeout,
             ));
         Ok(Self { comm, ordinal, rank })
+    }
+
+    /// This rank (global).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The CUDA device.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
     }
 
     /// The communicator (for the bytes it moved, its links).
@@ -129,43 +156,71 @@ impl DeviceAllReduce {
     /// Runs `work` on the device address and length of `flat`'s buffer (a contiguous f32 CUDA
     /// buffer of its own, which `work` may rewrite in place), after burn's work on it is done;
     /// returns the tensor over the same buffer.
-    fn with_buffer(
+    pub(crate) fn with_buffer(
         &self,
         flat: Tensor<1>,
         work: impl FnOnce(u64, usize) -> Result<(), DeviceSyncError>,
     ) -> Result<Tensor<1>, DeviceSyncError> {
-        let buffer = |reason: String| DeviceSyncError::Buffer {
-            rank: self.rank,
-            reason,
-        };
-        let device: Device = flat.device();
-        // burn's stream must have finished writing the buffer before NCCL's stream reads it.
-        device
-            .sync()
-            .map_err(|e| buffer(format!("synchronising the device: {e:?}")))?;
-        let prim = flat
-            .without_autodiff()
-            .try_into_primitive::<burn::backend::Cuda>()
-            .map_err(|e| buffer(format!("not a CUDA tensor: {e:?}")))?;
-        if prim.dtype != burn::tensor::DType::F32 {
-            return Err(buffer(format!("dtype {:?}, expected f32", prim.dtype)));
-        }
-        if !prim.is_contiguous() || !prim.can_mut() {
-            return Err(buffer(
-                "not a contiguous buffer of its own (a view or a shared one)".into(),
-            ));
-        }
-        let numel = prim.meta.num_elements();
-        {
-            // The guard keeps the allocation in place while NCCL writes it.
-            let resource = prim
-                .client
-                .get_resource::<CudaServer>(prim.handle.clone())
-                .map_err(|e| buffer(format!("its device pointer: {e:?}")))?;
-            work(resource.resource().ptr, numel)?;
-        }
-        Ok(Tensor::<1>::from_primitive::<burn::backend::Cuda>(prim))
+        let rank = self.rank;
+        let buffer = |reason| DeviceSyncError::Buffer { rank, reason };
+        with_cuda_buffer(
+            flat,
+            true,
+            |address, numel, dtype| match dtype {
+                DType::F32 => work(address, numel),
+                other => Err(buffer(format!("dtype {other:?}, expected f32"))),
+            },
+            buffer,
+        )
     }
+}
+
+/// Runs `work` on the device address, element count and element type of `tensor`'s buffer
+/// (contiguous f32, f16 or bf16 on a CUDA device; with `writable`, a buffer of its own that `work` may rewrite in place), once
+/// burn's queued work is done (burn's stream is not exposed: the device is synchronised), and
+/// returns the tensor over the same buffer, on the inner (non-autodiff) backend. The allocation
+/// stays in place while `work` runs. `buffer_err` turns a reason into the caller's error.
+pub(crate) fn with_cuda_buffer<const D: usize, E>(
+    tensor: Tensor<D>,
+    writable: bool,
+    work: impl FnOnce(u64, usize, DType) -> Result<(), E>,
+    buffer_err: impl Fn(String) -> E,
+) -> Result<Tensor<D>, E> {
+    let device: Device = tensor.device();
+    // burn's stream must have finished writing the buffer (or, for a fresh one, every kernel
+    // that used its memory before) before NCCL's stream touches it.
+    device
+        .sync()
+        .map_err(|e| buffer_err(format!("synchronising the device: {e:?}")))?;
+    let prim = tensor
+        .without_autodiff()
+        .try_into_primitive::<burn::backend::Cuda>()
+        .map_err(|e| buffer_err(format!("not a CUDA tensor: {e:?}")))?;
+    let dtype = match prim.dtype {
+        burn::tensor::DType::F32 => DType::F32,
+        burn::tensor::DType::F16 => DType::F16,
+        burn::tensor::DType::BF16 => DType::BF16,
+        other => {
+            return Err(buffer_err(format!(
+                "dtype {other:?}: only f32, f16 and bf16 go to NCCL"
+            )))
+        }
+    };
+    if !prim.is_contiguous() || (writable && !prim.can_mut()) {
+        return Err(buffer_err(
+            "not a contiguous buffer of its own (a view or a shared one)".into(),
+        ));
+    }
+    let numel = prim.meta.num_elements();
+    {
+        // The guard keeps the allocation in place while NCCL uses it.
+        let resource = prim
+            .client
+            .get_resource::<CudaServer>(prim.handle.clone())
+            .map_err(|e| buffer_err(format!("its device pointer: {e:?}")))?;
+        work(resource.resource().ptr, numel, dtype)?;
+    }
+    Ok(Tensor::<D>::from_primitive::<burn::backend::Cuda>(prim))
 }
 
 /// fp16 or bf16 on the wire, on the GPU (`compression.method = "fp16" | "bf16"` on NCCL): each
@@ -209,6 +264,41 @@ impl DeviceHalfWire {
             feedback,
             state: Mutex::new(None),
         })
+    }
+
+    /// The residual (one value per gradient element), `None` before the first step or without
+    /// error feedback.
+    pub fn residual(&self) -> Result<Option<Vec<f32>>, DeviceSyncError> {
+        let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(state) if self.feedback => {
+                let values = self
+                    .kernels
+                    .download(&state.residual)
+                    .map_err(|e| DeviceSyncError::Buffer {
+                        rank: self.reduce.rank,
+                        reason: format!("reading the residual: {e}"),
+                    })?;
+                Ok(Some(values))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Starts from the residual `flat` (from a checkpoint) instead of zeros.
+    pub fn load_residual(&self, flat: &[f32]) -> Result<(), DeviceSyncError> {
+        let rank = self.reduce.rank;
+        let kernel_err = |e: crate::kernels::KernelError| DeviceSyncError::Buffer {
+            rank,
+            reason: format!("loading the residual: {e}"),
+        };
+        let n = flat.len();
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(HalfState {
+            residual: self.kernels.upload(flat).map_err(kernel_err)?,
+            sent: self.kernels.zeros(n).map_err(kernel_err)?,
+            wire: self.kernels.zeros(n).map_err(kernel_err)?,
+        });
+        Ok(())
     }
 
     /// The average of `flat` over the ranks, sent as 16-bit values, written back into `flat`.
@@ -288,20 +378,31 @@ impl DeviceHalfWire {
 }
 
 /// The gradients' reduction on NCCL for `compression`: fp16 or bf16 on the wire through the GPU
-/// kernels ([`DeviceHalfWire`]), otherwise the f32 average ([`DeviceAllReduce`]); on CUDA device
-/// `ordinal` beside `world`. Top-k and PowerSGD run on the host engine (validation keeps them off
-/// this path).
+/// kernels ([`DeviceHalfWire`]), top-k through them bucket by bucket over `buckets` (ranges of
+/// the flat gradient: the host engine's buckets, [`super::DeviceTopK`]), otherwise the f32
+/// average ([`DeviceAllReduce`]); on CUDA device `ordinal` beside `group` (its NCCL id through
+/// the job's `store`). PowerSGD runs on the host engine (validation keeps it off this path).
 pub fn nccl_flat_reduce(
-    world: &ProcessGroup,
+    group: &ProcessGroup,
+    store: Arc<dyn Store>,
     ordinal: usize,
     timeout: Duration,
     compression: &crate::config::CompressionConfig,
+    buckets: &[std::ops::Range<usize>],
 ) -> Result<Box<dyn super::FlatReduce>, DeviceSyncError> {
     use crate::config::CompressionMethod;
-    let reduce = DeviceAllReduce::new(world, ordinal, timeout)?;
+    let reduce = DeviceAllReduce::new_in(group, store, ordinal, timeout)?;
     let format = match compression.method {
         CompressionMethod::Fp16 => HalfFormat::F16,
         CompressionMethod::Bf16 => HalfFormat::Bf16,
+        CompressionMethod::TopK => {
+            return Ok(Box::new(super::DeviceTopK::new(
+                reduce,
+                compression.topk_ratio as f32,
+                compression.error_feedback,
+                buckets.to_vec(),
+            )?))
+        }
         _ => return Ok(Box::new(reduce)),
     };
     Ok(Box::new(DeviceHalfWire::new(

@@ -7,7 +7,11 @@ mod data;
 #[cfg(feature = "train")]
 mod ddp;
 #[cfg(feature = "cuda")]
+mod device_pipe;
+#[cfg(feature = "cuda")]
 mod device_sync;
+#[cfg(feature = "cuda")]
+mod device_topk;
 #[cfg(feature = "train")]
 pub mod params;
 mod pipeline;
@@ -16,7 +20,11 @@ pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats
 #[cfg(feature = "train")]
 pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions, FlatReduce, HostFlatReduce};
 #[cfg(feature = "cuda")]
+pub use device_pipe::NcclStageLink;
+#[cfg(feature = "cuda")]
 pub use device_sync::{nccl_flat_reduce, DeviceAllReduce, DeviceHalfWire, DeviceSyncError};
+#[cfg(feature = "cuda")]
+pub use device_topk::DeviceTopK;
 // The mesh is defined by the config layer (it validates it against the world size); the
 // process groups are built from it here.
 pub use crate::config::{MeshCoords, ParallelDims, ParallelDimsError};
@@ -27,8 +35,8 @@ pub use params::{
     ParamLayout,
 };
 pub use pipeline::{
-    partition_balanced, peak_in_flight, schedule, Action, Activation, PipelineError, PipelineStage, StageCompute,
-    StepTimes,
+    partition_balanced, peak_in_flight, schedule, Action, Activation, HostLink, PipelineError, PipelineStage,
+    StageCompute, StageLink, StepTimes,
 };
 // `schedule` takes the config's choice of schedule.
 pub use crate::config::PipelineSchedule;

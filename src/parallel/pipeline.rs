@@ -65,13 +65,58 @@ pub fn peak_in_flight(actions: &[Action]) -> usize {
     peak
 }
 
-/// A flat activation (or activation gradient) with its shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Activation {
-    /// Shape, e.g. `[micro_batch, features]`.
-    pub shape: Vec<usize>,
-    /// Values, row-major.
-    pub data: Vec<f32>,
+/// An activation (or an activation's gradient) between two stages.
+#[derive(Debug, Clone)]
+pub enum Activation {
+    /// Values on the host, row-major, with their shape: what the host engine carries.
+    Host {
+        /// Shape, e.g. `[micro_batch, features]`.
+        shape: Vec<usize>,
+        /// Values, row-major.
+        data: Vec<f32>,
+    },
+    /// A tensor where the stage computed it: what a device link (NCCL) carries without a host
+    /// copy, and what a stage hands over before the link decides.
+    #[cfg(feature = "train")]
+    Tensor(Box<burn::tensor::Tensor<2>>),
+}
+
+impl Activation {
+    /// Its shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::Host { shape, .. } => shape.clone(),
+            #[cfg(feature = "train")]
+            Self::Tensor(t) => t.dims().to_vec(),
+        }
+    }
+
+    /// Its values on the host, row-major (read from the device when it is a tensor).
+    pub fn into_host(self) -> Result<Vec<f32>, String> {
+        match self {
+            Self::Host { data, .. } => Ok(data),
+            #[cfg(feature = "train")]
+            Self::Tensor(t) => t
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| format!("reading the activation: {e:?}")),
+        }
+    }
+
+    /// As a tensor on `device` (uploaded when it is on the host).
+    #[cfg(feature = "train")]
+    pub fn into_tensor(self, device: &burn::tensor::Device) -> burn::tensor::Tensor<2> {
+        match self {
+            Self::Host { shape, data } => {
+                burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(data, shape), device)
+            }
+            // A tensor a device link received is on the inner backend: it joins the stage's
+            // autodiff graph here.
+            Self::Tensor(t) if device.is_autodiff() => t.autodiff(),
+            Self::Tensor(t) => *t,
+        }
+    }
 }
 
 /// Errors of the pipeline.
@@ -123,6 +168,73 @@ pub trait StageCompute {
     fn backward(&mut self, micro: usize, grad_output: Option<Activation>) -> Result<Option<Activation>, PipelineError>;
 }
 
+/// How a stage's activations and gradients travel to its neighbours. Sends must not wait for
+/// the receiver (a stage in 1F1B sends an activation and then waits for a gradient from the
+/// same neighbour, who is sending one too); receives block until the value is there, and that
+/// time is the bubble. Between one pair of stages and in one direction, values arrive in the
+/// order they were sent.
+pub trait StageLink: std::fmt::Debug {
+    /// Starts sending `value` to stage `to`, under `tag` (`2m`: micro-batch m's activation,
+    /// `2m + 1`: its gradient). The step's [`StageLink::finish`] waits for it.
+    fn send(&mut self, value: Activation, to: usize, tag: u32) -> Result<(), CommError>;
+    /// Receives the value of `shape` that stage `from` sent under `tag`.
+    fn recv(&mut self, shape: &[usize], from: usize, tag: u32) -> Result<Activation, CommError>;
+    /// Waits for every send started since the last call.
+    fn finish(&mut self) -> Result<(), CommError>;
+}
+
+/// The host engine's link: values read to the host and sent on the pipeline group
+/// asynchronously (its queue holds them until the receiver posts).
+#[derive(Debug)]
+pub struct HostLink {
+    group: ProcessGroup,
+    sends: Vec<Work<Vec<f32>>>,
+}
+
+impl HostLink {
+    /// A link over `group` (rank i of the group is stage i).
+    pub fn new(group: ProcessGroup) -> Self {
+        Self {
+            group,
+            sends: Vec::new(),
+        }
+    }
+}
+
+impl StageLink for HostLink {
+    fn send(&mut self, value: Activation, to: usize, tag: u32) -> Result<(), CommError> {
+        let data = value.into_host().map_err(|reason| CommError::InvalidArgument {
+            rank: self.group.rank(),
+            op: "send",
+            reason,
+        })?;
+        self.sends.push(self.group.send_async(data, to, tag));
+        Ok(())
+    }
+
+    fn recv(&mut self, shape: &[usize], from: usize, tag: u32) -> Result<Activation, CommError> {
+        let mut data = vec![0f32; shape.iter().product()];
+        self.group.recv(&mut data, from, tag)?;
+        Ok(Activation::Host {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    fn finish(&mut self) -> Result<(), CommError> {
+        // Every send is waited for, even after a failure: none is left running past the step.
+        let mut first = Ok(());
+        for send in self.sends.drain(..) {
+            if let Err(e) = send.wait() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+}
+
 /// The executor's timers for one step.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepTimes {
@@ -153,6 +265,8 @@ pub struct PipelineStage {
     stages: usize,
     /// Shape of the activation this stage receives (none on stage 0).
     input_shape: Option<Vec<usize>>,
+    /// How activations and gradients travel ([`HostLink`] unless [`PipelineStage::with_link`]).
+    link: Box<dyn StageLink>,
 }
 
 impl PipelineStage {
@@ -160,11 +274,24 @@ impl PipelineStage {
     pub fn new(group: ProcessGroup) -> Self {
         let (stage, stages) = (group.rank(), group.world_size());
         Self {
+            link: Box::new(HostLink::new(group.clone())),
             group,
             stage,
             stages,
             input_shape: None,
         }
+    }
+
+    /// The same stage with activations and gradients on `link` (e.g. NCCL between GPUs); the
+    /// shapes are still agreed on the group.
+    pub fn with_link(mut self, link: Box<dyn StageLink>) -> Self {
+        self.link = link;
+        self
+    }
+
+    /// The link's description, for the log.
+    pub fn link(&self) -> &dyn StageLink {
+        &*self.link
     }
 
     /// This stage's index.
@@ -229,14 +356,32 @@ impl PipelineStage {
     /// Runs one step's actions. Sends go out asynchronously so a stage never waits for its
     /// neighbour to post a receive; receives block, and that blocked time is the measured bubble.
     pub fn run(
-        &self,
+        &mut self,
         actions: &[Action],
         output_shape: Option<&[usize]>,
         compute: &mut dyn StageCompute,
     ) -> Result<StepTimes, PipelineError> {
         let start = Instant::now();
+        let outcome = self.run_actions(actions, output_shape, compute);
+        // The step's sends are waited for even when it failed, so none outlives it.
+        let finished = self.link.finish().map_err(|e| self.comm(e));
+        let idle = outcome?;
+        finished?;
+        Ok(StepTimes {
+            step_ms: start.elapsed().as_secs_f64() * 1e3,
+            idle_ms: idle * 1e3,
+            peak_held: peak_in_flight(actions),
+        })
+    }
+
+    /// The actions of [`PipelineStage::run`]; returns the seconds spent waiting on receives.
+    fn run_actions(
+        &mut self,
+        actions: &[Action],
+        output_shape: Option<&[usize]>,
+        compute: &mut dyn StageCompute,
+    ) -> Result<f64, PipelineError> {
         let mut idle = 0.0f64;
-        let mut sends: Vec<Work<Vec<f32>>> = Vec::new();
         let (first, last) = (self.stage == 0, self.stage + 1 == self.stages);
         for &action in actions {
             match action {
@@ -246,13 +391,13 @@ impl PipelineStage {
                     } else {
                         // Invariant: agree_shapes ran before the first step on every stage but 0.
                         let shape = self.input_shape.clone().expect("agree_shapes before run");
-                        let mut data = vec![0f32; shape.iter().product()];
                         let waited = Instant::now();
-                        self.group
-                            .recv(&mut data, self.stage - 1, 2 * m as u32)
+                        let value = self
+                            .link
+                            .recv(&shape, self.stage - 1, 2 * m as u32)
                             .map_err(|e| self.comm(e))?;
                         idle += waited.elapsed().as_secs_f64();
-                        Some(Activation { shape, data })
+                        Some(value)
                     };
                     let out = compute.forward(m, input)?;
                     if !last {
@@ -260,7 +405,9 @@ impl PipelineStage {
                             stage: self.stage,
                             reason: format!("forward of micro-batch {m} produced no activation"),
                         })?;
-                        sends.push(self.group.send_async(out.data, self.stage + 1, 2 * m as u32));
+                        self.link
+                            .send(out, self.stage + 1, 2 * m as u32)
+                            .map_err(|e| self.comm(e))?;
                     }
                 }
                 Action::Backward(m) => {
@@ -268,13 +415,13 @@ impl PipelineStage {
                         None
                     } else {
                         let shape = output_shape.unwrap_or(&[]).to_vec();
-                        let mut data = vec![0f32; shape.iter().product()];
                         let waited = Instant::now();
-                        self.group
-                            .recv(&mut data, self.stage + 1, 2 * m as u32 + 1)
+                        let value = self
+                            .link
+                            .recv(&shape, self.stage + 1, 2 * m as u32 + 1)
                             .map_err(|e| self.comm(e))?;
                         idle += waited.elapsed().as_secs_f64();
-                        Some(Activation { shape, data })
+                        Some(value)
                     };
                     let grad_input = compute.backward(m, grad_output)?;
                     if !first {
@@ -282,19 +429,14 @@ impl PipelineStage {
                             stage: self.stage,
                             reason: format!("backward of micro-batch {m} produced no input gradient"),
                         })?;
-                        sends.push(self.group.send_async(g.data, self.stage - 1, 2 * m as u32 + 1));
+                        self.link
+                            .send(g, self.stage - 1, 2 * m as u32 + 1)
+                            .map_err(|e| self.comm(e))?;
                     }
                 }
             }
         }
-        for send in sends {
-            send.wait().map_err(|e| self.comm(e))?;
-        }
-        Ok(StepTimes {
-            step_ms: start.elapsed().as_secs_f64() * 1e3,
-            idle_ms: idle * 1e3,
-            peak_held: peak_in_flight(actions),
-        })
+        Ok(idle)
     }
 }
 

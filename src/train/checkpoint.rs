@@ -483,7 +483,12 @@ impl CodecCheckpoint {
     /// Writes this rank's codec state into the checkpoint folder `dir`, atomically. Call it on
     /// every rank before `state.json` is written.
     pub fn save(&self, dir: &Path, codec: &dyn GradCodec) -> Result<(), CheckpointError> {
-        let state = codec.state();
+        self.save_state(dir, &codec.describe(), &codec.state())
+    }
+
+    /// [`CodecCheckpoint::save`] of `state`, a codec's tensors as `GradCodec::state` gives them,
+    /// for the codec `describe` names (a codec on the device saves its residual this way).
+    pub fn save_state(&self, dir: &Path, describe: &str, state: &[StateTensor]) -> Result<(), CheckpointError> {
         let tensors: Vec<NamedTensor<'_>> = state
             .iter()
             .map(|t| NamedTensor {
@@ -493,7 +498,7 @@ impl CodecCheckpoint {
             })
             .collect();
         let metadata = HashMap::from([
-            (META_CODEC.to_string(), codec.describe()),
+            (META_CODEC.to_string(), describe.to_string()),
             (META_RANK.to_string(), self.slot.rank.to_string()),
             (META_DATA_REPLICAS.to_string(), self.slot.data_replicas.to_string()),
             (META_PIPELINE_STAGES.to_string(), self.slot.pipeline_stages.to_string()),
@@ -664,6 +669,45 @@ mod tests {
                 data: data.to_vec()
             }
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_residual_saved_from_the_device_resumes_into_the_host_codec_bucket_by_bucket() {
+        // The NCCL path saves its device residual with `save_state` under the host codec's
+        // description and names; the host codec (or the device one, through it) must take it.
+        let dir = std::env::temp_dir().join(format!("burnrun-codec-ckpt-{}", std::process::id()));
+        let slot = CodecSlot {
+            rank: 0,
+            data_replicas: 2,
+            pipeline_stages: 1,
+        };
+        let shapes = vec![vec![2, 3], vec![3], vec![4]];
+        let ckpt = CodecCheckpoint::new(slot, &[0..2, 2..3], &shapes);
+        let mut codec = crate::compress::TopK::new(0.25, true);
+        let flat: Vec<f32> = (0..13).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let state: Vec<StateTensor> = [0..9, 9..13]
+            .iter()
+            .enumerate()
+            .map(|(b, r)| StateTensor {
+                name: crate::compress::residual_name(b),
+                shape: vec![r.len()],
+                data: flat[r.clone()].to_vec(),
+            })
+            .collect();
+        ckpt.save_state(&dir, &codec.describe(), &state).unwrap();
+        assert!(matches!(
+            ckpt.load(&dir, &mut codec).unwrap(),
+            CodecResume::Loaded { tensors: 2 }
+        ));
+        assert_eq!(codec.residual(0), Some(&flat[..9]));
+        assert_eq!(codec.residual(1), Some(&flat[9..]));
+        // Saved by another codec, it is dropped, not misread.
+        let mut other = crate::compress::TopK::new(0.5, true);
+        assert!(matches!(
+            ckpt.load(&dir, &mut other).unwrap(),
+            CodecResume::Dropped { .. }
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 

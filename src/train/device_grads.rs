@@ -28,25 +28,29 @@ pub(crate) struct DeviceGrads {
 
 impl DeviceGrads {
     /// The device path when `resolved` runs its collectives on NCCL (or the options ask for it),
-    /// `None` otherwise.
+    /// `None` otherwise: gradients are averaged over `data` (the ranks holding the same blocks:
+    /// the world, or a pipeline stage's replicas), NCCL's id going through `world`'s store.
+    /// `buckets` are the host engine's buckets (ranges of the flat gradient), which a codec on
+    /// the device keeps.
     pub(crate) fn setup(
         world: &ProcessGroup,
+        data: &ProcessGroup,
+        buckets: &[std::ops::Range<usize>],
         resolved: &Resolved,
         options: &TrainOptions,
     ) -> Result<Option<Self>, TrainError> {
         let rank = world.rank();
-        let wanted = resolved.backend == CommBackend::Nccl || options.device_path_via_host;
-        if wanted && resolved.config.parallel.pipeline > 1 {
-            return Err(TrainError::Unsupported {
-                rank,
-                what: "the gradients' device path with parallel.pipeline > 1".into(),
-                why: "pipeline stages exchange activations through the host group".into(),
-            });
-        }
         let reduce: Box<dyn FlatReduce> = if resolved.backend == CommBackend::Nccl {
-            nccl_reduce(world, resolved)?
+            nccl_reduce(world, data, buckets, resolved)?
         } else if options.device_path_via_host {
-            Box::new(HostFlatReduce::new(world))
+            if resolved.config.compression.method != crate::config::CompressionMethod::None {
+                return Err(TrainError::Unsupported {
+                    rank,
+                    what: "the device path through the host with a gradient codec".into(),
+                    why: "its stand-in for NCCL averages uncompressed (the codecs on the device need NCCL)".into(),
+                });
+            }
+            Box::new(HostFlatReduce::new(data))
         } else {
             return Ok(None);
         };
@@ -76,14 +80,10 @@ impl DeviceGrads {
             return Ok(SyncStats::default());
         };
         let started = Instant::now();
-        let averaged = self.reduce.average(sum).map_err(|e| match e {
-            DdpError::Comm(source) => TrainError::Comm { rank, source },
-            other => TrainError::Unsupported {
-                rank,
-                what: "the gradient all-reduce on the device".into(),
-                why: other.to_string(),
-            },
-        })?;
+        let averaged = self
+            .reduce
+            .average(sum)
+            .map_err(|e| device_err(rank, "the gradient all-reduce on the device", e))?;
         let comm_ms = started.elapsed().as_secs_f64() * 1e3;
         crate::parallel::read_flat(averaged, out).map_err(|source| TrainError::Params { rank, source })?;
         Ok(SyncStats {
@@ -96,34 +96,150 @@ impl DeviceGrads {
         })
     }
 
+    /// A device codec's residual in the checkpoint's form: `residual.bucket<b>` tensors over
+    /// the host engine's `buckets`, the names the host codec saves (so either path resumes the
+    /// other's checkpoint); `None` when the reduction keeps none.
+    pub(crate) fn codec_state(
+        &self,
+        rank: usize,
+        buckets: &[std::ops::Range<usize>],
+    ) -> Result<Option<Vec<crate::compress::StateTensor>>, TrainError> {
+        let flat = self
+            .reduce
+            .residual()
+            .map_err(|e| device_err(rank, "reading the codec residual", e))?;
+        Ok(flat.map(|flat| {
+            buckets
+                .iter()
+                .enumerate()
+                .map(|(b, range)| crate::compress::StateTensor {
+                    name: crate::compress::residual_name(b),
+                    shape: vec![range.len()],
+                    data: flat[range.clone()].to_vec(),
+                })
+                .collect()
+        }))
+    }
+
+    /// Hands the host codec's residuals (as resumed from a checkpoint) to the device codec, when
+    /// every bucket has one.
+    pub(crate) fn resume_codec(
+        &self,
+        rank: usize,
+        codec: &dyn crate::compress::GradCodec,
+        buckets: usize,
+    ) -> Result<(), TrainError> {
+        let mut flat = Vec::new();
+        for b in 0..buckets {
+            match codec.residual(b) {
+                Some(r) => flat.extend_from_slice(r),
+                None => return Ok(()),
+            }
+        }
+        self.reduce
+            .load_residual(&flat)
+            .map_err(|e| device_err(rank, "loading the codec residual", e))
+    }
+
     /// Whether the reduction's bytes travel outside the host group's counters (NCCL's do).
     pub(crate) fn counts_own_bytes(&self, resolved: &Resolved) -> bool {
         resolved.backend == CommBackend::Nccl
     }
 }
 
+/// The trainer's error for a failure of the device reduction.
+fn device_err(rank: usize, what: &str, e: DdpError) -> TrainError {
+    match e {
+        DdpError::Comm(source) => TrainError::Comm { rank, source },
+        other => TrainError::Unsupported {
+            rank,
+            what: what.into(),
+            why: other.to_string(),
+        },
+    }
+}
+
 /// NCCL on this rank's CUDA device (feature `cuda`).
 #[cfg(feature = "cuda")]
-fn nccl_reduce(world: &ProcessGroup, resolved: &Resolved) -> Result<Box<dyn FlatReduce>, TrainError> {
+fn nccl_reduce(
+    world: &ProcessGroup,
+    data: &ProcessGroup,
+    buckets: &[std::ops::Range<usize>],
+    resolved: &Resolved,
+) -> Result<Box<dyn FlatReduce>, TrainError> {
     let rank = world.rank();
+    let unsupported = |why: String| TrainError::Unsupported {
+        rank,
+        what: "comm.backend = \"nccl\"".into(),
+        why,
+    };
+    let store = world
+        .store()
+        .cloned()
+        .ok_or_else(|| unsupported("the job has no store for NCCL's id (start it with burnrun)".into()))?;
+    let timeout = std::time::Duration::from_secs(resolved.config.comm.timeout_secs);
+    let compression = &resolved.config.compression;
+    crate::parallel::nccl_flat_reduce(data, store, cuda_ordinal(resolved), timeout, compression, buckets)
+        .map_err(|e| unsupported(e.to_string()))
+}
+
+/// The CUDA device this rank runs on: the configured one, else its local rank's.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_ordinal(resolved: &Resolved) -> usize {
     let local_rank = crate::env::DistEnv::from_env().map(|e| e.local_rank).unwrap_or(0);
-    let ordinal = match resolved.device {
+    match resolved.device {
         crate::config::DeviceSpec::Cuda(Some(n)) => n,
         _ => local_rank,
+    }
+}
+
+/// The link that carries a pipeline stage's activations and gradients on NCCL when `resolved`
+/// runs on it (`None`: the host group's link).
+#[cfg(feature = "cuda")]
+pub(crate) fn nccl_stage_link(
+    world: &ProcessGroup,
+    pipe: &ProcessGroup,
+    resolved: &Resolved,
+    device: &burn::tensor::Device,
+) -> Result<Option<Box<dyn crate::parallel::StageLink>>, TrainError> {
+    if resolved.backend != CommBackend::Nccl {
+        return Ok(None);
+    }
+    let rank = world.rank();
+    let unsupported = |why: String| TrainError::Unsupported {
+        rank,
+        what: "pipeline stages on NCCL".into(),
+        why,
     };
+    let store = world
+        .store()
+        .cloned()
+        .ok_or_else(|| unsupported("the job has no store for NCCL's ids (start it with burnrun)".into()))?;
     let timeout = std::time::Duration::from_secs(resolved.config.comm.timeout_secs);
-    crate::parallel::nccl_flat_reduce(world, ordinal, timeout, &resolved.config.compression).map_err(|e| {
-        TrainError::Unsupported {
-            rank,
-            what: "comm.backend = \"nccl\"".into(),
-            why: e.to_string(),
-        }
-    })
+    let link = crate::parallel::NcclStageLink::new(pipe, store, cuda_ordinal(resolved), device.clone(), timeout)
+        .map_err(|e| unsupported(e.to_string()))?;
+    Ok(Some(Box::new(link)))
+}
+
+/// Without the `cuda` feature `nccl` is never resolved: the host group's link.
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn nccl_stage_link(
+    _world: &ProcessGroup,
+    _pipe: &ProcessGroup,
+    _resolved: &Resolved,
+    _device: &burn::tensor::Device,
+) -> Result<Option<Box<dyn crate::parallel::StageLink>>, TrainError> {
+    Ok(None)
 }
 
 /// Without the `cuda` feature validation refuses a CUDA device, so `nccl` is never resolved.
 #[cfg(not(feature = "cuda"))]
-fn nccl_reduce(world: &ProcessGroup, _resolved: &Resolved) -> Result<Box<dyn FlatReduce>, TrainError> {
+fn nccl_reduce(
+    world: &ProcessGroup,
+    _data: &ProcessGroup,
+    _buckets: &[std::ops::Range<usize>],
+    _resolved: &Resolved,
+) -> Result<Box<dyn FlatReduce>, TrainError> {
     Err(TrainError::Unsupported {
         rank: world.rank(),
         what: "comm.backend = \"nccl\"".into(),

@@ -97,6 +97,8 @@ pub(crate) struct SaveExtras<'a> {
     pub(crate) scale: (f32, u64),
     /// The codec's state slot and the codec, when gradients are compressed.
     pub(crate) codec: Option<(&'a ckpt::CodecCheckpoint, &'a dyn crate::compress::GradCodec)>,
+    /// The state of a codec running on the device, saved in place of the host codec's.
+    pub(crate) device_codec_state: Option<Vec<crate::compress::StateTensor>>,
 }
 
 /// Writes a checkpoint: replica 0 of every stage writes its tensors; rank 0 writes `state.json`
@@ -151,8 +153,10 @@ pub(crate) fn save(
             ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
         }
         // Every rank's own codec state (residuals differ between ranks), before state.json.
-        if let Some((slot, codec)) = extras.codec {
-            slot.save(&dir, codec).map_err(ck)?;
+        match (extras.codec, &extras.device_codec_state) {
+            (Some((slot, codec)), Some(state)) => slot.save_state(&dir, &codec.describe(), state).map_err(ck)?,
+            (Some((slot, codec)), None) => slot.save(&dir, codec).map_err(ck)?,
+            (None, _) => {}
         }
         world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
         if rank == 0 {

@@ -214,7 +214,12 @@ fn run<T: Task>(
     }
     .map_err(|e| task_err("building the model", e))?;
     let (mut run, model, start_step) = Run::new(world, resolved, task, chain, place, device, model, resume)?;
-    run.device_grads = DeviceGrads::setup(&run.world, resolved, options)?;
+    let buckets = run.ddp.layout().elements.clone();
+    run.device_grads = DeviceGrads::setup(&run.world, &run.place.data_group, &buckets, resolved, options)?;
+    if let (Some(device), Some(codec)) = (&run.device_grads, run.ddp.codec()) {
+        // A resumed codec state went into the host codec: the device codec takes it over.
+        device.resume_codec(rank, codec, buckets.len())?;
+    }
     if run.device_grads.is_some() {
         // The device path averages the whole gradient after backward, not block by block.
         run.overlap = None;
@@ -439,6 +444,12 @@ impl<'a, T: Task> Run<'a, T> {
             cfg.parallel.micro_batches.max(1),
         );
         self.output_shape = produces;
+        if let Some(link) = super::device_grads::nccl_stage_link(&self.world, group, self.resolved, &self.device)? {
+            if rank == 0 {
+                tracing::info!("pipeline: activations and their gradients between stages on NCCL ({link:?})");
+            }
+            stage = stage.with_link(link);
+        }
         self.pipeline = Some(stage);
         Ok(())
     }
@@ -460,6 +471,11 @@ impl<'a, T: Task> Run<'a, T> {
         let extras = SaveExtras {
             scale: self.scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps)),
             codec: self.codec_ckpt.as_ref().zip(self.ddp.codec()),
+            // A codec on the device keeps its own residual: that one is saved.
+            device_codec_state: match &self.device_grads {
+                Some(device) => device.codec_state(self.rank, &self.ddp.layout().elements)?,
+                None => None,
+            },
         };
         resume::save(
             &self.world,

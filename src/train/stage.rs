@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Gradients, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, Tensor};
 
 use crate::parallel::params::flatten_grads_via_device;
 use crate::parallel::{flatten_grads_into, Activation, PipelineError, StageCompute};
 
+use super::device_grads::DeviceGrads;
 use super::task::{BlockChain, Task};
 
 /// What a forward keeps until its backward.
@@ -37,8 +38,8 @@ pub(crate) struct StageRunner<'a, T: Task> {
     pub(crate) micro_indices: Vec<&'a [usize]>,
     pub(crate) first: bool,
     pub(crate) last: bool,
-    /// The step's gradient accumulator (see [`Accumulator`]).
-    pub(crate) grads: Accumulator<'a>,
+    /// Where each backward's gradients go.
+    pub(crate) grads: GradSink<'a>,
     /// Sum of micro-batch losses (last stage only).
     pub(crate) loss_sum: f64,
     /// Number of losses summed.
@@ -60,7 +61,7 @@ impl<'a, T: Task> StageRunner<'a, T> {
         device: Device,
         micro_indices: Vec<&'a [usize]>,
         (first, last): (bool, bool),
-        grads: Accumulator<'a>,
+        grads: GradSink<'a>,
     ) -> Self {
         Self {
             task,
@@ -87,19 +88,8 @@ impl<'a, T: Task> StageRunner<'a, T> {
         }
     }
 
-    fn to_activation(&self, t: &Tensor<2>) -> Result<Activation, PipelineError> {
-        let shape = t.dims().to_vec();
-        let data = t
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| self.err(format!("{e:?}")))?;
-        Ok(Activation { shape, data })
-    }
-
     fn activation_tensor(&self, a: Activation) -> Tensor<2> {
-        Tensor::from_data(TensorData::new(a.data, a.shape), &self.device)
+        a.into_tensor(&self.device)
     }
 
     fn micro_batch(&self, micro: usize) -> Result<T::Batch, PipelineError> {
@@ -136,7 +126,10 @@ impl<T: Task> StageCompute for StageRunner<'_, T> {
                 self.loss_count += 1;
                 (None, HeldOutput::Loss(loss))
             }
-            _ => (Some(self.to_activation(&out)?), HeldOutput::Activation(out)),
+            _ => (
+                Some(Activation::Tensor(Box::new(out.clone()))),
+                HeldOutput::Activation(out),
+            ),
         };
         self.held.insert(micro, Held { input: leaf, output });
         self.compute_secs += started.elapsed().as_secs_f64();
@@ -164,7 +157,7 @@ impl<T: Task> StageCompute for StageRunner<'_, T> {
                 let g = leaf
                     .grad(&grads)
                     .ok_or_else(|| self.err(format!("micro-batch {micro}: the received activation got no gradient")))?;
-                Some(self.to_activation(&g)?)
+                Some(Activation::Tensor(Box::new(g)))
             }
             None => None,
         };
@@ -190,6 +183,29 @@ pub(crate) fn loss_value(loss: &Tensor<1>) -> f64 {
         .convert::<f32>()
         .as_slice::<f32>()
         .map_or(f64::NAN, |v| v[0] as f64)
+}
+
+/// Where a stage's gradients are summed over a step's backwards.
+#[derive(Debug)]
+pub(crate) enum GradSink<'a> {
+    /// Read to the host after each backward.
+    Host(Accumulator<'a>),
+    /// Kept on the device until the step's reduction (the NCCL path).
+    Device(&'a mut DeviceGrads),
+}
+
+impl GradSink<'_> {
+    /// Adds the gradients of one backward of `model`.
+    pub(crate) fn add<M: burn::module::Module>(
+        &mut self,
+        model: &M,
+        grads: Gradients,
+    ) -> Result<(), crate::parallel::ParamError> {
+        match self {
+            Self::Host(acc) => acc.add(model, grads),
+            Self::Device(device) => device.add(model, grads),
+        }
+    }
 }
 
 /// Sums the gradients of every backward of a step into one flat buffer, in the model's layout

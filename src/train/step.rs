@@ -28,7 +28,7 @@ use super::optim::{clip_by_global_norm, learning_rate, sum_of_squares};
 use super::report::StepStats;
 use super::run::Run;
 use super::setup::Placement;
-use super::stage::{loss_value, scaled, Accumulator, StageRunner};
+use super::stage::{loss_value, scaled, Accumulator, GradSink, StageRunner};
 use super::task::{BlockChain, Task};
 use super::TrainError;
 
@@ -287,7 +287,7 @@ impl<T: Task> Run<'_, T> {
     ) -> Result<(), TrainError> {
         let rank = self.rank;
         let pipe_err = |source| TrainError::Pipeline { rank, source };
-        let (Some(stage), Some(chain)) = (&self.pipeline, self.chain) else {
+        let (Some(stage), Some(chain)) = (self.pipeline.as_mut(), self.chain) else {
             return Ok(());
         };
         let mut runner = StageRunner::new(
@@ -298,10 +298,13 @@ impl<T: Task> Run<'_, T> {
             self.device.clone(),
             slices.to_vec(),
             (self.place.first(), self.place.last()),
-            Accumulator {
-                sum: &mut self.grads,
-                scratch: &mut self.scratch,
-                via_device: !self.resolved.device.is_cpu(),
+            match &mut self.device_grads {
+                Some(device) => GradSink::Device(device),
+                None => GradSink::Host(Accumulator {
+                    sum: &mut self.grads,
+                    scratch: &mut self.scratch,
+                    via_device: !self.resolved.device.is_cpu(),
+                }),
             },
         );
         runner.loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);

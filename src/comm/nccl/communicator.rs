@@ -85,10 +85,27 @@ impl NcclCommunicator {
             .new_stream()
             .map_err(|e| cuda("creating a stream", e.to_string()))?;
         let id = exchange_unique_id(nccl, store, key, rank, timeout)?;
-        context
-            .bind_to_thread()
-            .map_err(|e| cuda("binding the device", e.to_string()))?;
-        let comm = nccl.init_rank(id, rank, world_size)?;
+        // ncclCommInitRank blocks until every rank of the communicator calls it: it runs on a
+        // thread of its own, waited for no longer than the deadline (a rank that died after the
+        // id exchange would otherwise hold this one forever).
+        let (done, outcome) = std::sync::mpsc::channel();
+        let bound = context.clone();
+        std::thread::Builder::new()
+            .name("nccl-init".into())
+            .spawn(move || {
+                let comm = bound
+                    .bind_to_thread()
+                    .map_err(|e| cuda("binding the device", e.to_string()))
+                    .and_then(|()| nccl.init_rank(id, rank, world_size));
+                // A late communicator (the caller gave up) is destroyed here.
+                let _ = done.send(comm);
+            })
+            .map_err(|e| cuda("starting the init thread", e.to_string()))?;
+        let comm = outcome.recv_timeout(timeout).map_err(|_| NcclError::InitTimedOut {
+            rank,
+            world_size,
+            timeout,
+        })??;
         Ok(Self {
             nccl,
             comm: Mutex::new(Some(comm)),

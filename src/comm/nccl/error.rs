@@ -69,6 +69,19 @@ pub enum NcclError {
         /// `CUDA_VISIBLE_DEVICES`, when set, as ` (CUDA_VISIBLE_DEVICES=...)`.
         visible: String,
     },
+    /// `ncclCommInitRank` waits for every rank of the communicator; not all came in time.
+    #[error(
+        "rank {rank}: ncclCommInitRank did not finish within {timeout:?}: not all {world_size} ranks of the \
+         communicator joined (one died or is stuck before its NCCL setup); the setup was abandoned"
+    )]
+    InitTimedOut {
+        /// This rank (in the communicator).
+        rank: usize,
+        /// Ranks of the communicator.
+        world_size: usize,
+        /// The deadline.
+        timeout: std::time::Duration,
+    },
     /// The unique id read from the store has the wrong size.
     #[error("the NCCL unique id from the store has {len} bytes, not 128: another program wrote the key")]
     BadUniqueId {
