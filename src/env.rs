@@ -18,6 +18,8 @@
 //! | `BURNRUN_SHM_SPIN_US` | microseconds a rank busy-polls shared memory before it sleeps |
 //! | `BURNRUN_DEVICE` | the device `burnrun::device()` gives a hand-written loop (`cpu`, `wgpu`, ...) |
 //! | `BURNRUN_CONTROL_LINES` | `1`: the launcher reads control lines (`crate::names::ControlLine`) from this rank |
+//! | `BURNRUN_RESTART_COUNT` | the job's generation: how many times it was restarted (`--max-restarts`); also `TORCHELASTIC_RESTART_COUNT` |
+//! | `BURNRUN_FAULT` | faults to inject, for tests (see `crate::fault`) |
 
 use std::time::Duration;
 
@@ -120,6 +122,8 @@ pub struct DistEnv {
     pub shm_ring_bytes: Option<usize>,
     /// Override of the shared-memory spin before sleeping, in microseconds.
     pub shm_spin_us: Option<u64>,
+    /// The job's generation (`BURNRUN_RESTART_COUNT`): 0 until the launcher restarts it.
+    pub restart_count: u32,
 }
 
 /// `BURNRUN_DEVICE`: the device a hand-written training loop asked for, if set.
@@ -137,6 +141,23 @@ pub fn cuda_visible_devices() -> Option<String> {
 /// reads control lines ([`crate::names::ControlLine`]), so rank 0 sends its progress that way and a
 /// rank may ask for its stdout to be copied unprefixed. Anything but `1` (or unset) means no launcher.
 pub const CONTROL_LINES_VAR: &str = "BURNRUN_CONTROL_LINES";
+
+/// The variable the launcher sets to the job's generation (0 until the first restart).
+pub const RESTART_COUNT_VAR: &str = "BURNRUN_RESTART_COUNT";
+
+/// How many times the launcher restarted this job (`BURNRUN_RESTART_COUNT`, or torchrun's
+/// `TORCHELASTIC_RESTART_COUNT`); 0 without a launcher or an unreadable value.
+pub fn restart_count() -> u32 {
+    var(RESTART_COUNT_VAR)
+        .or_else(|| var("TORCHELASTIC_RESTART_COUNT"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `BURNRUN_FAULT`: the faults a test asks this rank to inject (see `crate::fault`).
+pub fn fault_spec() -> Option<String> {
+    var("BURNRUN_FAULT")
+}
 
 /// True when this process's output is read by a burnrun launcher that understands control lines.
 pub fn control_lines() -> bool {
@@ -295,6 +316,7 @@ impl DistEnv {
             master_port: required("MASTER_PORT")?,
             run_id: var("BURNRUN_RUN_ID").unwrap_or_else(|| "none".into()),
             secret_hex: var("BURNRUN_SECRET"),
+            restart_count: restart_count(),
             ..single
         })
     }
@@ -319,6 +341,16 @@ impl DistEnv {
             shm: None,
             shm_ring_bytes: None,
             shm_spin_us: None,
+            restart_count: 0,
+        }
+    }
+
+    /// The prefix of the ranks' keys in the job's store: the run id, and the generation after a
+    /// restart, so that a restarted job never reads what the failed attempt wrote.
+    pub fn store_prefix(&self) -> String {
+        match self.restart_count {
+            0 => format!("burnrun/{}/world", self.run_id),
+            n => format!("burnrun/{}/g{n}/world", self.run_id),
         }
     }
 

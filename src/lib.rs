@@ -38,6 +38,7 @@ pub mod device;
 #[doc(hidden)]
 pub mod env;
 pub mod error;
+pub mod fault;
 #[doc(hidden)]
 pub mod kernels;
 #[doc(hidden)]

@@ -84,6 +84,13 @@ struct LaunchArgs {
     /// who knows it can join).
     #[arg(long, value_name = "PATH")]
     secret_file: Option<PathBuf>,
+    /// Restart the whole job up to K times after a failure: every node stops its ranks, all meet
+    /// again and start them anew (the trainer resumes from its latest checkpoint) [default: 0].
+    #[arg(long, alias = "max_restarts", value_name = "K")]
+    max_restarts: Option<u32>,
+    /// Seconds between two looks at the other nodes' state in the store [default: 0.15].
+    #[arg(long, alias = "monitor_interval", value_name = "SECS")]
+    monitor_interval: Option<f64>,
 }
 
 impl LaunchArgs {
@@ -100,6 +107,8 @@ impl LaunchArgs {
             log_dir,
             run_id,
             secret_file,
+            max_restarts,
+            monitor_interval,
         } = self;
         nproc_per_node.is_some()
             || nnodes.is_some()
@@ -112,6 +121,8 @@ impl LaunchArgs {
             || log_dir.is_some()
             || run_id.is_some()
             || secret_file.is_some()
+            || max_restarts.is_some()
+            || monitor_interval.is_some()
     }
 
     fn options(&self) -> anyhow::Result<LaunchOptions> {
@@ -119,6 +130,13 @@ impl LaunchArgs {
         let grace_period = match self.grace_period {
             Some(secs) => Duration::try_from_secs_f64(secs).context("--grace-period must be a non-negative number")?,
             None => defaults.grace_period,
+        };
+        let monitor_interval = match self.monitor_interval {
+            Some(secs) if secs > 0.0 => {
+                Duration::try_from_secs_f64(secs).context("--monitor-interval must be a positive number of seconds")?
+            }
+            Some(_) => anyhow::bail!("--monitor-interval must be a positive number of seconds"),
+            None => defaults.monitor_interval,
         };
         Ok(LaunchOptions {
             nproc_per_node: self.nproc_per_node.unwrap_or(defaults.nproc_per_node),
@@ -132,6 +150,8 @@ impl LaunchArgs {
             log_dir: self.log_dir.clone(),
             run_id: self.run_id.clone(),
             secret_file: self.secret_file.clone(),
+            max_restarts: self.max_restarts.unwrap_or(defaults.max_restarts),
+            monitor_interval,
         })
     }
 

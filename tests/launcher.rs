@@ -1132,3 +1132,137 @@ fn a_rank_stopped_with_sigstop_is_named_as_the_cause_when_the_others_time_out_wa
         "a timeout is not a lost connection: {also}"
     );
 }
+
+#[test]
+fn with_max_restarts_a_failed_job_starts_again_and_its_ranks_see_the_restart_count() {
+    // Generation 0 fails on rank 1; generation 1 succeeds. Both of torchrun's names are set.
+    let program = r#"echo "gen=$BURNRUN_RESTART_COUNT te=$TORCHELASTIC_RESTART_COUNT max=$TORCHELASTIC_MAX_RESTARTS rank=$RANK"; if [ "$BURNRUN_RESTART_COUNT" = 0 ] && [ "$RANK" = 1 ]; then exit 3; fi; sleep 0.2"#;
+    let (status, launcher) = run(&[
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        program,
+    ]);
+    assert!(status.success(), "{}", launcher.output());
+    let mut lines = launcher.stdout.all();
+    lines.retain(|l| l.contains("gen=1"));
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["[rank0]: gen=1 te=1 max=2 rank=0", "[rank1]: gen=1 te=1 max=2 rank=1"],
+        "{}",
+        launcher.output()
+    );
+    let stderr = launcher.stderr.text();
+    assert!(
+        stderr.contains("job failed: rank 1") && stderr.contains("exited with code 3"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("restarting the job: restart 1 of 2"), "{stderr}");
+    assert!(!stderr.contains("restart 2 of 2"), "{stderr}");
+}
+
+#[test]
+fn the_restart_budget_is_spent_then_the_job_fails_with_the_last_root_cause() {
+    let (status, launcher) = run(&[
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        r#"if [ "$RANK" = 0 ]; then echo "attempt $BURNRUN_RESTART_COUNT fails" >&2; exit 4; fi; exec sleep 30"#,
+    ]);
+    assert_eq!(status.code(), Some(1), "{}", launcher.output());
+    let stderr = launcher.stderr.text();
+    assert_eq!(stderr.matches("restarting the job").count(), 2, "{stderr}");
+    assert!(
+        stderr.contains("the job failed after 2 restart(s): --max-restarts 2 is spent"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("[rank0]: attempt 2 fails"), "{stderr}");
+}
+
+#[test]
+fn sigterm_to_a_launcher_with_restarts_left_stops_the_job_without_restarting() {
+    let mut launcher = Launcher::start(&[
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        "echo pid=$$; exec sleep 60",
+    ]);
+    launcher.stdout.wait_for(2, JOB_DEADLINE, |l| l.contains("pid="));
+    signal(launcher.pid(), nix::sys::signal::SIGTERM);
+    let status = launcher.wait(TEARDOWN_DEADLINE);
+    assert_eq!(status.code(), Some(143), "{}", launcher.output());
+    assert!(
+        !launcher.stderr.text().contains("restarting the job"),
+        "{}",
+        launcher.output()
+    );
+}
+
+#[test]
+fn both_nodes_restart_after_a_rank_of_node_1_fails_and_the_second_generation_succeeds() {
+    let port = free_port();
+    let program = r#"if [ "$BURNRUN_RESTART_COUNT" = 0 ] && [ "$RANK" = 3 ]; then sleep 0.3; exit 3; fi; echo "gen=$BURNRUN_RESTART_COUNT"; [ "$BURNRUN_RESTART_COUNT" = 1 ] || exec sleep 60"#;
+    let env = [("BURNRUN_SECRET", "cd".repeat(32))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut node0 = start_node(&node_args(0, port, &["--max-restarts", "1"], program), &env);
+    let mut node1 = start_node(&node_args(1, port, &["--max-restarts", "1"], program), &env);
+    let (s0, s1) = (node0.wait(JOB_DEADLINE), node1.wait(JOB_DEADLINE));
+    assert!(s0.success(), "{}", node0.output());
+    assert!(s1.success(), "{}", node1.output());
+    for node in [&node0, &node1] {
+        let stderr = node.stderr.text();
+        assert!(stderr.contains("job failed: rank 3 (node 1, local rank 1"), "{stderr}");
+        assert!(stderr.contains("restarting the job: restart 1 of 1"), "{stderr}");
+        let gen1 = node.stdout.all().iter().filter(|l| l.contains("gen=1")).count();
+        assert_eq!(gen1, 2, "{}", node.output());
+    }
+}
+
+#[test]
+fn a_node_whose_launcher_was_killed_is_started_again_and_the_job_goes_on_in_the_next_generation() {
+    let port = free_port();
+    let program = r#"echo "gen=$BURNRUN_RESTART_COUNT pid=$$"; [ "$BURNRUN_RESTART_COUNT" = 1 ] || exec sleep 60"#;
+    let env = [("BURNRUN_SECRET", "ef".repeat(32))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let extra = ["--max-restarts", "1", "--rdzv-timeout", "60"];
+    let mut node0 = start_node(&node_args(0, port, &extra, program), &env);
+    let mut node1 = start_node(&node_args(1, port, &extra, program), &env);
+    node0.stdout.wait_for(2, JOB_DEADLINE, |l| l.contains("gen=0"));
+    node1.stdout.wait_for(2, JOB_DEADLINE, |l| l.contains("gen=0"));
+    signal(node1.pid(), nix::sys::signal::SIGKILL);
+    node1.wait(GONE_DEADLINE);
+    // A new launcher for node 1: its node is taken in generation 0, so it waits for generation 1,
+    // which node 0 opens once node 1's silence (10 s) failed generation 0.
+    let mut again = start_node(&node_args(1, port, &extra, program), &env);
+    let deadline = Duration::from_secs(60);
+    let (s0, s1) = (node0.wait(deadline), again.wait(deadline));
+    assert!(s0.success(), "{}", node0.output());
+    assert!(s1.success(), "{}", again.output());
+    assert!(
+        again.stderr.text().contains("joining generation 1"),
+        "{}",
+        again.output()
+    );
+    assert!(node0.stderr.text().contains("stopped reporting"), "{}", node0.output());
+    let gen1 = |l: &Launcher| l.stdout.all().iter().filter(|l| l.contains("gen=1")).count();
+    assert_eq!(
+        (gen1(&node0), gen1(&again)),
+        (2, 2),
+        "{}\n{}",
+        node0.output(),
+        again.output()
+    );
+}

@@ -39,6 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "names",
             "rng",
             "error",
+            "fault",
         ],
     ),
     // Parallelisms over a model and groups: comm's trait and ProcessGroup, never a transport.
@@ -55,9 +56,19 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["config", "rng"]),
     // The one place that knows burn's backends.
     ("device", &["config", "env", "error"]),
+    // `fault` for the injected faults at a collective (tests of the launcher's failure handling).
     (
         "comm",
-        &["transport", "rendezvous", "auth", "env", "names", "kernels", "error"],
+        &[
+            "transport",
+            "rendezvous",
+            "auth",
+            "env",
+            "names",
+            "kernels",
+            "error",
+            "fault",
+        ],
     ),
     ("transport", &["auth", "names"]),
     ("rendezvous", &["auth", "names"]),
@@ -66,6 +77,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("names", &[]),
     ("rng", &[]),
     ("env", &[]),
+    // Fault injection reads its plan from the environment.
+    ("fault", &["env"]),
     // Checks values against the limits other layers set, which live in `names`.
     ("config", &["names"]),
     ("telemetry", &[]),

@@ -204,6 +204,9 @@ impl HostComm {
     ) -> Result<(), CommError> {
         self.usable()?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if self.group_id == 0 {
+            crate::fault::at_collective(seq);
+        }
         let fp = fingerprint(op, dtype, numel, root, reduce);
         let ctx = self.ctx(collective_key(self.group_id, seq), fp, dtype);
         tracing::trace!(rank = self.global_rank(), seq, call = %describe(fp), "collective");

@@ -88,8 +88,16 @@ pub fn init() -> Result<ProcessGroup, Error> {
     init_from(&DistEnv::from_env()?)
 }
 
-/// Joins the job described by `env`.
+/// Joins the job described by `env`. A launched rank also arms the faults a test asked of it
+/// (`BURNRUN_FAULT`, see [`crate::fault`]; off by default).
 pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
+    if env.launched() {
+        crate::fault::install(env.rank).map_err(|e| crate::env::EnvError::Invalid {
+            name: "BURNRUN_FAULT",
+            value: e.value,
+            reason: e.reason,
+        })?;
+    }
     let mut tuning = Tuning::default();
     if let Some(bytes) = env.ring_threshold_bytes {
         tuning.ring_threshold_bytes = bytes;
@@ -131,10 +139,7 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
             })?,
         None => store.local_addr().ip(),
     };
-    let store: Arc<dyn Store> = Arc::new(PrefixStore::new(
-        format!("burnrun/{}/world", env.run_id),
-        Arc::new(store),
-    ));
+    let store: Arc<dyn Store> = Arc::new(PrefixStore::new(env.store_prefix(), Arc::new(store)));
     init_with_store(store, env.rank, env.world_size, &secret, &options)
 }
 

@@ -2,10 +2,13 @@
 //!
 //! Keys, all under `burnrun/launcher/`:
 //! - `run_id`: set by node 0; the other nodes adopt it (or check theirs against it).
-//! - `node/<r>`: node r's registration (JSON [`NodeRecord`]), written once with `compare_set`, so
+//! - `generation`: the job's current generation, 0 at the start, raised by node 0 when the job is
+//!   restarted (`--max-restarts`). The keys below marked *per generation* live under
+//!   `g<N>/`, so a restarted job reads nothing of a failed attempt.
+//! - `node/<r>` (per generation): node r's registration (JSON [`NodeRecord`]), written once with `compare_set`, so
 //!   two launchers given the same `--node-rank` are caught. Every node waits for all records and
 //!   checks they agree on `--nnodes`, `--nproc-per-node` and the command.
-//! - `failed`: the job's root cause (JSON [`Failure`]), written with `compare_set` so the first
+//! - `failed` (per generation): the job's root cause (JSON [`Failure`]), written with `compare_set` so the first
 //!   writer wins, unless a later rank failure is preferred to it by the root-cause rule of
 //!   [`Failure::replaces`] (a rank killed by a signal over a rank on another node that exited
 //!   because it lost its connection to it), which then replaces it; every launcher polls it and
@@ -13,7 +16,7 @@
 //! - `heartbeat/<r>`: bumped by nodes r > 0 every [`HEARTBEAT_INTERVAL`]; node 0 declares a node
 //!   lost when its counter stalls for [`NODE_SILENCE_LIMIT`]. Nodes > 0 notice a lost node 0
 //!   because the store goes with it.
-//! - `done/<r>`: written when node r's ranks have all ended; node 0 keeps the store up until every
+//! - `done/<r>` (per generation): written when node r's ranks have all ended; node 0 keeps the store up until every
 //!   node wrote it (bounded), so late nodes can still read `failed`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -58,6 +61,9 @@ pub(crate) struct NodeRecord {
     pub(crate) command: String,
     /// Distinguishes this launcher from another one that registered the same node rank.
     pub(crate) nonce: u64,
+    /// `--max-restarts` (compared across nodes: the budget is the job's).
+    #[serde(default)]
+    pub(crate) max_restarts: u32,
 }
 
 /// Why a rendezvous wait stopped early.
@@ -82,6 +88,8 @@ pub(crate) struct Coordinator {
     /// Node 0: per node, the last heartbeat value seen and when it last changed; `None` once done.
     heartbeats: Vec<Option<(i64, Instant)>>,
     next_heartbeat: Instant,
+    /// The generation this launcher's keys are scoped by.
+    generation: u32,
 }
 
 impl Coordinator {
@@ -165,6 +173,64 @@ impl Coordinator {
             records: Vec::new(),
             heartbeats: vec![None; options.nnodes],
             next_heartbeat: Instant::now(),
+            generation: 0,
+        }
+    }
+
+    /// A key of the current generation.
+    fn gkey(&self, suffix: impl std::fmt::Display) -> String {
+        key(format_args!("g{}/{suffix}", self.generation))
+    }
+
+    /// The generation this launcher works in.
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Moves this launcher to `generation` (its registration, failure and done keys).
+    pub(crate) fn set_generation(&mut self, generation: u32) {
+        self.generation = generation;
+    }
+
+    /// The job's current generation as the store holds it (0 before node 0 wrote one).
+    pub(crate) fn current_generation(&self) -> Result<u32, StoreError> {
+        Ok(self
+            .store
+            .try_get(&key("generation"))?
+            .and_then(|b| String::from_utf8_lossy(&b).parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Node 0: makes `generation` the job's current one (the others wait for it, see
+    /// [`Coordinator::wait_for_generation`]).
+    pub(crate) fn publish_generation(&self, generation: u32) -> Result<(), LaunchError> {
+        self.store
+            .set(&key("generation"), generation.to_string().as_bytes())
+            .map_err(|e| self.error("publishing the next generation", e))
+    }
+
+    /// Nodes > 0: waits until node 0 made `generation` (or a later one) current, until
+    /// `deadline`; `None` when the deadline passed first. `interrupted` is asked between waits.
+    pub(crate) fn wait_for_generation(
+        &self,
+        generation: u32,
+        deadline: Instant,
+        mut interrupted: impl FnMut() -> Option<Signal>,
+    ) -> Result<Result<Option<u32>, Signal>, LaunchError> {
+        loop {
+            let current = self
+                .current_generation()
+                .map_err(|e| self.error("reading the job's generation", e))?;
+            if current >= generation {
+                return Ok(Ok(Some(current)));
+            }
+            if let Some(signal) = interrupted() {
+                return Ok(Err(signal));
+            }
+            if Instant::now() >= deadline {
+                return Ok(Ok(None));
+            }
+            std::thread::sleep(WAIT_SLICE.min(deadline.saturating_duration_since(Instant::now())));
         }
     }
 
@@ -238,7 +304,7 @@ impl Coordinator {
         let own = serde_json::to_vec(record).expect("a node record always serializes");
         let registered = self
             .store
-            .compare_set(&key(format_args!("node/{}", self.node_rank)), None, &own)
+            .compare_set(&self.gkey(format_args!("node/{}", self.node_rank)), None, &own)
             .map_err(|e| self.error("registering this node", e))?;
         if registered != own {
             let other = parse_record(&registered)
@@ -249,7 +315,7 @@ impl Coordinator {
                 other,
             });
         }
-        let keys: Vec<String> = (0..self.nnodes).map(|r| key(format_args!("node/{r}"))).collect();
+        let keys: Vec<String> = (0..self.nnodes).map(|r| self.gkey(format_args!("node/{r}"))).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -302,14 +368,14 @@ impl Coordinator {
     pub(crate) fn failure(&self) -> Result<Option<Failure>, StoreError> {
         Ok(self
             .store
-            .try_get(&key("failed"))?
+            .try_get(&self.gkey("failed"))?
             .map(|bytes| Failure::from_json(&bytes, "the store")))
     }
 
     /// Publishes `failure` as the job's root cause unless another one is there already and
     /// `failure` does not replace it ([`Failure::replaces`]); returns the one the store then holds.
     pub(crate) fn publish_failure(&self, failure: &Failure) -> Result<Failure, StoreError> {
-        let key = key("failed");
+        let key = self.gkey("failed");
         let ours = failure.to_json();
         let mut expected: Option<Vec<u8>> = None;
         for _ in 0..MAX_FAILURE_SWAPS {
@@ -345,7 +411,7 @@ impl Coordinator {
             let Some((last, since)) = self.heartbeats[r] else {
                 continue;
             };
-            if self.store.try_get(&key(format_args!("done/{r}")))?.is_some() {
+            if self.store.try_get(&self.gkey(format_args!("done/{r}")))?.is_some() {
                 self.heartbeats[r] = None;
                 continue;
             }
@@ -374,14 +440,15 @@ impl Coordinator {
     /// Records that this node's ranks have all ended.
     pub(crate) fn report_done(&self, succeeded: bool) -> Result<(), StoreError> {
         let value: &[u8] = if succeeded { b"ok" } else { b"failed" };
-        self.store.set(&key(format_args!("done/{}", self.node_rank)), value)
+        self.store
+            .set(&self.gkey(format_args!("done/{}", self.node_rank)), value)
     }
 
     /// The nodes that have not reported done yet.
     pub(crate) fn nodes_not_done(&self) -> Result<Vec<usize>, StoreError> {
         let mut pending = Vec::new();
         for r in 0..self.nnodes {
-            if self.store.try_get(&key(format_args!("done/{r}")))?.is_none() {
+            if self.store.try_get(&self.gkey(format_args!("done/{r}")))?.is_none() {
                 pending.push(r);
             }
         }
@@ -417,6 +484,13 @@ fn check_alike(records: &[NodeRecord]) -> Result<(), LaunchError> {
                 "--nproc-per-node",
                 first.nproc_per_node.to_string(),
                 other.nproc_per_node.to_string(),
+            ));
+        }
+        if other.max_restarts != first.max_restarts {
+            return Err(differ(
+                "--max-restarts",
+                first.max_restarts.to_string(),
+                other.max_restarts.to_string(),
             ));
         }
         if other.command != first.command {
@@ -474,6 +548,7 @@ mod tests {
             pid: 1,
             command: command.into(),
             nonce: 0,
+            max_restarts: 0,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::coordination::{Coordinator, Interrupt, NodeRecord};
 use super::output::{self, say};
-use super::report::Failure;
+use super::report::{Failure, LAUNCHER_SIGNALLED};
 use super::spawn::{self, JobEnv, Placement};
 use super::supervise::{self, NodeJob, RankState, Supervisor};
 use super::watchdog::Watchdog;
@@ -71,65 +71,187 @@ pub fn launch(options: &LaunchOptions, command: &RankCommand) -> Result<LaunchOu
         Ok(run_id) => run_id,
         Err(signal) => return Ok(stopped_before_start(signal, proposed)),
     };
-    let record = NodeRecord {
-        node_rank,
-        nnodes: options.nnodes,
-        nproc_per_node: options.nproc_per_node,
-        host: host.clone(),
-        pid: std::process::id(),
-        command: command.display(),
-        nonce: random_u64(),
-    };
     let node_failure = |reason: String| Failure::Node {
         node_rank,
         host: host.clone(),
         reason,
     };
-    match coordinator.rendezvous(&record, deadline, rdzv_timeout, signals::take) {
-        Ok(Ok(())) => {}
-        Ok(Err(Interrupt::Signal(signal))) => {
-            let _ = coordinator.publish_failure(&node_failure(format!("its launcher received {signal}")));
-            return Ok(stopped_before_start(signal, run_id));
-        }
-        Ok(Err(Interrupt::Failed(failure))) => {
-            return Err(LaunchError::RendezvousAborted {
-                node_rank,
-                reason: failure.summary_lines().join("; "),
-            })
-        }
-        Err(e) => {
-            // Tell the other nodes, so they stop waiting now rather than at their deadline.
-            let _ = coordinator.publish_failure(&node_failure(e.to_string()));
-            return Err(e);
-        }
-    }
-
-    if let Some(dir) = &options.log_dir {
-        std::fs::create_dir_all(dir).map_err(|source| LaunchError::LogFile {
-            path: dir.clone(),
+    // A fresh job starts at generation 0. A launcher started again for a node of a running job
+    // (its predecessor died) joins the generation after the current one, which the job reaches
+    // when it restarts after losing that node's ranks.
+    let mut generation = if node_rank == 0 {
+        coordinator.publish_generation(0)?;
+        0
+    } else {
+        coordinator.current_generation().map_err(|source| LaunchError::Store {
+            node_rank,
+            addr: coordinator.addr().to_owned(),
+            what: "reading the job's generation",
             source,
-        })?;
+        })?
+    };
+    let mut rdzv_deadline = deadline;
+    let mut watchdog = watchdog;
+    loop {
+        coordinator.set_generation(generation);
+        let record = NodeRecord {
+            node_rank,
+            nnodes: options.nnodes,
+            nproc_per_node: options.nproc_per_node,
+            host: host.clone(),
+            pid: std::process::id(),
+            command: command.display(),
+            nonce: random_u64(),
+            max_restarts: options.max_restarts,
+        };
+        match coordinator.rendezvous(&record, rdzv_deadline, rdzv_timeout, signals::take) {
+            Ok(Ok(())) => {}
+            Ok(Err(Interrupt::Signal(signal))) => {
+                let _ = coordinator.publish_failure(&node_failure(format!("{LAUNCHER_SIGNALLED} {signal}")));
+                watchdog.disarm();
+                return Ok(stopped_before_start(signal, run_id));
+            }
+            Ok(Err(Interrupt::Failed(failure))) => {
+                watchdog.disarm();
+                return Err(LaunchError::RendezvousAborted {
+                    node_rank,
+                    reason: failure.summary_lines().join("; "),
+                });
+            }
+            // This node's rank is taken in the current generation: a launcher started again for a
+            // node whose previous launcher died. It waits for the job's next generation.
+            Err(LaunchError::NodeRankTaken { .. }) if node_rank != 0 && generation < options.max_restarts => {
+                say(format_args!(
+                    "node {node_rank} is registered in generation {generation} by a launcher that is gone; joining \
+                     generation {} when the job restarts",
+                    generation + 1
+                ));
+                generation += 1;
+                continue;
+            }
+            Err(e) => {
+                // Tell the other nodes, so they stop waiting now rather than at their deadline.
+                let _ = coordinator.publish_failure(&node_failure(e.to_string()));
+                watchdog.disarm();
+                return Err(e);
+            }
+        }
+        let job = JobEnv {
+            master_addr: options.master_addr.clone(),
+            master_port: coordinator.port(),
+            run_id: run_id.clone(),
+            secret_hex: secret.to_hex(),
+            timeout_secs: timeout.as_secs().max(1),
+            rdzv_timeout_secs: rdzv_timeout.as_secs().max(1),
+            restart_count: generation,
+            max_restarts: options.max_restarts,
+        };
+        let ended = run_generation(options, command, &host, &job, &mut coordinator, watchdog)?;
+        watchdog = ended.watchdog;
+        let failure = match (ended.signal, ended.failure) {
+            (Some(signal), failure) => {
+                watchdog.disarm();
+                return Ok(LaunchOutcome {
+                    exit_code: 128 + signal as i32,
+                    failure,
+                    run_id,
+                });
+            }
+            (None, None) => {
+                watchdog.disarm();
+                return Ok(LaunchOutcome {
+                    exit_code: 0,
+                    failure: None,
+                    run_id,
+                });
+            }
+            (None, Some(failure)) => failure,
+        };
+        if generation >= options.max_restarts || failure.stopped_on_purpose() {
+            if options.max_restarts > 0 {
+                say(format_args!(
+                    "the job failed after {generation} restart(s): --max-restarts {} is spent",
+                    options.max_restarts
+                ));
+            }
+            watchdog.disarm();
+            return Ok(LaunchOutcome {
+                exit_code: 1,
+                failure: Some(failure),
+                run_id,
+            });
+        }
+        // Restart: node 0 opens the next generation (every node has ended this one's ranks and
+        // reported it, or was given up on); the others wait for it.
+        let next = generation + 1;
+        rdzv_deadline = Instant::now() + rdzv_timeout;
+        if node_rank == 0 {
+            coordinator.publish_generation(next)?;
+        } else {
+            match coordinator.wait_for_generation(next, rdzv_deadline, signals::take)? {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    say(format_args!(
+                        "node 0 did not restart the job within {rdzv_timeout:?}; giving up"
+                    ));
+                    watchdog.disarm();
+                    return Ok(LaunchOutcome {
+                        exit_code: 1,
+                        failure: Some(failure),
+                        run_id,
+                    });
+                }
+                Err(signal) => {
+                    watchdog.disarm();
+                    return Ok(stopped_before_start(signal, run_id));
+                }
+            }
+        }
+        say(format_args!(
+            "restarting the job: restart {next} of {} (generation {next}); ranks resume from their latest checkpoint",
+            options.max_restarts
+        ));
+        generation = next;
     }
+}
+
+/// Starts this node's ranks for the coordinator's current generation and supervises them until
+/// they have all ended.
+fn run_generation(
+    options: &LaunchOptions,
+    command: &RankCommand,
+    host: &str,
+    job: &JobEnv,
+    coordinator: &mut Coordinator,
+    mut watchdog: Watchdog,
+) -> Result<supervise::Ended, LaunchError> {
+    let run_id = job.run_id.as_str();
+    let node_rank = options.node_rank;
+    let generation = coordinator.generation();
     let world_size = options.nnodes * options.nproc_per_node;
     let first_rank = node_rank * options.nproc_per_node;
-    say(format_args!(
-        "run {run_id}: {world_size} rank(s) = {} node(s) x {}; node {node_rank} ({host}) runs ranks {first_rank}..={}; store at {}:{}",
-        options.nnodes,
-        options.nproc_per_node,
-        first_rank + options.nproc_per_node - 1,
-        options.master_addr,
-        coordinator.port()
-    ));
-    let job = JobEnv {
-        master_addr: options.master_addr.clone(),
-        master_port: coordinator.port(),
-        run_id: run_id.clone(),
-        secret_hex: secret.to_hex(),
-        timeout_secs: timeout.as_secs().max(1),
-        rdzv_timeout_secs: rdzv_timeout.as_secs().max(1),
+    if generation == 0 {
+        if let Some(dir) = &options.log_dir {
+            std::fs::create_dir_all(dir).map_err(|source| LaunchError::LogFile {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        say(format_args!(
+            "run {run_id}: {world_size} rank(s) = {} node(s) x {}; node {node_rank} ({host}) runs ranks {first_rank}..={}; store at {}:{}",
+            options.nnodes,
+            options.nproc_per_node,
+            first_rank + options.nproc_per_node - 1,
+            options.master_addr,
+            coordinator.port()
+        ));
+    }
+    let node_failure = |reason: String| Failure::Node {
+        node_rank,
+        host: host.to_owned(),
+        reason,
     };
     let (events_tx, events) = mpsc::channel();
-    let mut watchdog = watchdog;
     let mut ranks = Vec::with_capacity(options.nproc_per_node);
     for local_rank in 0..options.nproc_per_node {
         let placement = Placement {
@@ -139,13 +261,13 @@ pub fn launch(options: &LaunchOptions, command: &RankCommand) -> Result<LaunchOu
             local_world_size: options.nproc_per_node,
             node_rank,
         };
-        let started = start_rank(command, &placement, &job, options, &mut watchdog, &events_tx);
+        let started = start_rank(command, &placement, job, options, &mut watchdog, &events_tx);
         match started {
             Ok(rank) => ranks.push(rank),
             Err(e) => {
                 let _ = coordinator.publish_failure(&node_failure(e.to_string()));
                 abort_started(&ranks, &events, options.grace_period);
-                shm_sweep::sweep_run(&run_id, first_rank..first_rank + options.nproc_per_node);
+                shm_sweep::sweep_run(run_id, first_rank..first_rank + options.nproc_per_node);
                 watchdog.disarm();
                 return Err(e);
             }
@@ -156,22 +278,12 @@ pub fn launch(options: &LaunchOptions, command: &RankCommand) -> Result<LaunchOu
 
     let node = NodeJob {
         node_rank,
-        host,
-        run_id: run_id.clone(),
+        host: host.to_owned(),
+        run_id: run_id.to_owned(),
         grace_period: options.grace_period,
+        monitor_interval: options.monitor_interval,
     };
-    let ended = Supervisor::new(node, &mut coordinator, ranks, events, watchdog).run();
-    let exit_code = match (ended.signal, &ended.failure) {
-        (Some(signal), _) => 128 + signal as i32,
-        (None, Some(_)) => 1,
-        (None, None) => 0,
-    };
-    drop(coordinator);
-    Ok(LaunchOutcome {
-        exit_code,
-        failure: ended.failure,
-        run_id,
-    })
+    Ok(Supervisor::new(node, coordinator, ranks, events, watchdog).run())
 }
 
 fn validate(options: &LaunchOptions) -> Result<(), LaunchError> {

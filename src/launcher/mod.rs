@@ -14,6 +14,12 @@
 //!
 //! No rank outlives its launcher: each runs in its own process group with `PR_SET_PDEATHSIG`,
 //! and a forked watchdog kills those groups if the launcher is killed.
+//!
+//! With `--max-restarts K` a failed job is restarted, up to K times in all: every node tears its
+//! ranks down, the launchers meet again under the next *generation* (every key of the launchers
+//! and of the ranks is scoped by it, so nothing of the failed attempt is read), and the ranks
+//! start again with `BURNRUN_RESTART_COUNT` (and torchrun's `TORCHELASTIC_RESTART_COUNT`) set to
+//! the generation. A node whose launcher died can be started again: it joins the next generation.
 
 mod coordination;
 mod error;
@@ -30,7 +36,6 @@ mod watchdog;
 
 pub use error::LaunchError;
 pub use launch::{launch, LaunchOutcome};
-pub use options::{LaunchOptions, RankCommand, DEFAULT_GRACE_PERIOD, DEFAULT_MASTER_ADDR};
+pub use options::{LaunchOptions, RankCommand, DEFAULT_GRACE_PERIOD, DEFAULT_MASTER_ADDR, DEFAULT_MONITOR_INTERVAL};
 pub use output::STDERR_TAIL_LINES;
 pub use report::{signal_name, ExitCause, Failure, RankFailure};
-pub use supervise::POLL_INTERVAL;

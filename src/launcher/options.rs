@@ -8,6 +8,9 @@ use std::time::Duration;
 pub const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
 /// Default `--grace-period`: how long ranks get between SIGTERM and SIGKILL.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
+/// Default `--monitor-interval`: how often a launcher looks at the store for the other nodes'
+/// failures and heartbeats (its own ranks' exits are seen at once, whatever this is).
+pub const DEFAULT_MONITOR_INTERVAL: Duration = Duration::from_millis(150);
 
 /// The launch options of one node (one launcher).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +37,12 @@ pub struct LaunchOptions {
     pub run_id: Option<String>,
     /// File holding the job secret as 64 hex digits (`--secret-file`); node 0 creates it if missing.
     pub secret_file: Option<PathBuf>,
+    /// Times the whole job is restarted after a failure (`--max-restarts`, torchrun's flag): every
+    /// node tears its ranks down, all meet again under the next generation, and the ranks start
+    /// again (the trainer resumes from its latest complete checkpoint). The budget is the job's.
+    pub max_restarts: u32,
+    /// How often the store is polled for the other nodes' failures (`--monitor-interval`).
+    pub monitor_interval: Duration,
 }
 
 impl Default for LaunchOptions {
@@ -50,6 +59,8 @@ impl Default for LaunchOptions {
             log_dir: None,
             run_id: None,
             secret_file: None,
+            max_restarts: 0,
+            monitor_interval: DEFAULT_MONITOR_INTERVAL,
         }
     }
 }

@@ -320,7 +320,16 @@ pub enum Failure {
     },
 }
 
+/// How a [`Failure::Node`]'s reason begins when its launcher received a stop signal.
+pub(crate) const LAUNCHER_SIGNALLED: &str = "its launcher received";
+
 impl Failure {
+    /// Whether a person stopped the job (a launcher received SIGINT or SIGTERM): not a failure
+    /// to restart after.
+    pub fn stopped_on_purpose(&self) -> bool {
+        matches!(self, Failure::Node { reason, .. } if reason.starts_with(LAUNCHER_SIGNALLED))
+    }
+
     /// The summary printed by every launcher, one line per entry, without the `burnrun: ` prefix.
     pub fn summary_lines(&self) -> Vec<String> {
         match self {

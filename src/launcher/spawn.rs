@@ -24,6 +24,10 @@ pub(crate) struct JobEnv {
     pub(crate) secret_hex: String,
     pub(crate) timeout_secs: u64,
     pub(crate) rdzv_timeout_secs: u64,
+    /// The job's generation: 0, then 1 after the first restart, ...
+    pub(crate) restart_count: u32,
+    /// `--max-restarts`.
+    pub(crate) max_restarts: u32,
 }
 
 impl Placement {
@@ -41,6 +45,10 @@ impl Placement {
             ("BURNRUN_SECRET", job.secret_hex.clone()),
             ("BURNRUN_TIMEOUT_SECS", job.timeout_secs.to_string()),
             ("BURNRUN_RDZV_TIMEOUT_SECS", job.rdzv_timeout_secs.to_string()),
+            (crate::env::RESTART_COUNT_VAR, job.restart_count.to_string()),
+            // torchrun's names, for programs written against torchelastic.
+            ("TORCHELASTIC_RESTART_COUNT", job.restart_count.to_string()),
+            ("TORCHELASTIC_MAX_RESTARTS", job.max_restarts.to_string()),
             // The launcher reads every rank's control lines (see `crate::names::ControlLine`).
             (crate::env::CONTROL_LINES_VAR, "1".into()),
         ]

@@ -13,15 +13,14 @@ use nix::unistd::Pid;
 use super::coordination::Coordinator;
 use super::output::{say, RankOutput};
 use super::report::{
-    root_cause, unresponsive_peer, ExitCause, Failure, RankFailure, Unresponsive, UnresponsiveProcess, STUCK_STATES,
+    root_cause, unresponsive_peer, ExitCause, Failure, RankFailure, Unresponsive, UnresponsiveProcess,
+    LAUNCHER_SIGNALLED, STUCK_STATES,
 };
 use super::shm_sweep;
 use super::signals;
 use super::spawn::Placement;
 use super::watchdog::Watchdog;
 
-/// How often the store is polled for another node's failure.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(150);
 /// Longest sleep of the supervision loop between two looks at signals and deadlines.
 const TICK: Duration = Duration::from_millis(50);
 /// How long a failed rank's stderr may take to drain, from its exit, before its summary is published.
@@ -104,6 +103,8 @@ pub(crate) struct NodeJob {
     pub(crate) run_id: String,
     /// Time between the teardown signal and SIGKILL.
     pub(crate) grace_period: Duration,
+    /// How often the store is polled (`--monitor-interval`).
+    pub(crate) monitor_interval: Duration,
 }
 
 /// Starts the thread that waits for `child` and reports its exit on `events`.
@@ -157,6 +158,9 @@ pub(crate) struct Ended {
     pub(crate) failure: Option<Failure>,
     /// The stop signal this launcher received.
     pub(crate) signal: Option<Signal>,
+    /// The orphan watchdog, no longer guarding this generation's ranks (they have all ended):
+    /// disarmed when the launcher ends, kept for the ranks of a restart.
+    pub(crate) watchdog: Watchdog,
 }
 
 /// Supervises the ranks of one node.
@@ -166,6 +170,7 @@ pub(crate) struct Supervisor<'a> {
     host: String,
     run_id: String,
     grace_period: Duration,
+    monitor_interval: Duration,
     coordinator: &'a mut Coordinator,
     ranks: Vec<RankState>,
     events: mpsc::Receiver<ExitEvent>,
@@ -194,6 +199,7 @@ impl<'a> Supervisor<'a> {
             host: node.host,
             run_id: node.run_id,
             grace_period: node.grace_period,
+            monitor_interval: node.monitor_interval,
             coordinator,
             ranks,
             events,
@@ -233,7 +239,7 @@ impl<'a> Supervisor<'a> {
                 self.on_signal(signal);
             }
             if !self.store_lost && Instant::now() >= next_poll {
-                next_poll = Instant::now() + POLL_INTERVAL;
+                next_poll = Instant::now() + self.monitor_interval;
                 self.poll_store();
             }
             if self.collecting.as_ref().is_some_and(|c| Instant::now() >= c.until) {
@@ -416,7 +422,7 @@ impl<'a> Supervisor<'a> {
         self.record_failure(Failure::Node {
             node_rank: self.node_rank,
             host: self.host.clone(),
-            reason: format!("its launcher received {signal}"),
+            reason: format!("{LAUNCHER_SIGNALLED} {signal}"),
         });
     }
 
@@ -554,12 +560,14 @@ impl<'a> Supervisor<'a> {
         let Self {
             failure,
             signal,
-            watchdog,
+            mut watchdog,
             ranks,
             local_failures,
             ..
         } = self;
-        watchdog.disarm();
+        for rank in &ranks {
+            watchdog.unguard(rank.pgid().as_raw());
+        }
         if let Some(failure) = &failure {
             for line in failure.summary_lines() {
                 say(line);
@@ -583,7 +591,11 @@ impl<'a> Supervisor<'a> {
                 say(format_args!("{stopped} other rank(s) on this node were stopped"));
             }
         }
-        Ended { failure, signal }
+        Ended {
+            failure,
+            signal,
+            watchdog,
+        }
     }
 
     /// Takes the job's failure from the store once more before the summary: a slower node may have
@@ -640,7 +652,7 @@ impl<'a> Supervisor<'a> {
                     Err(e) => say(format_args!("store poll failed: {e}")),
                 }
             }
-            std::thread::sleep(POLL_INTERVAL);
+            std::thread::sleep(self.monitor_interval);
         }
     }
 }

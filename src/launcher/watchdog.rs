@@ -58,6 +58,14 @@ impl Watchdog {
         self.send(pgid);
     }
 
+    /// Forgets a process group whose processes have all ended (a restarted job's earlier ranks),
+    /// so that a later reuse of its number by another program is never killed.
+    pub(crate) fn unguard(&mut self, pgid: i32) {
+        if pgid > 0 {
+            self.send(-pgid);
+        }
+    }
+
     fn send(&mut self, word: i32) {
         let Some(pipe) = self.pipe.as_mut() else { return };
         // Four bytes are below PIPE_BUF, so the write is atomic.
@@ -144,6 +152,17 @@ fn watch(read_fd: RawFd, write_fd: RawFd) -> ! {
             if pgid > 0 && count < MAX_GROUPS {
                 groups[count] = pgid;
                 count += 1;
+            } else if pgid < 0 {
+                // Forget it: swap the last one into its place.
+                let mut i = 0;
+                while i < count {
+                    if groups[i] == -pgid {
+                        count -= 1;
+                        groups[i] = groups[count];
+                        break;
+                    }
+                    i += 1;
+                }
             }
         }
         for &pgid in &groups[..count] {

@@ -119,11 +119,19 @@ impl OutDirLock {
             Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
         };
         if let Some(previous) = read_owner(&mut lock) {
-            tracing::warn!(
-                "train.out_dir {}: the job that held it before ({previous}) ended without releasing it (it was \
+            // The failed attempt of this same job, which the launcher restarted: expected.
+            if previous.run_id == owner.run_id && crate::env::restart_count() > 0 {
+                tracing::info!(
+                    "train.out_dir {}: taking the lock over from this job's failed attempt ({previous})",
+                    dir.display()
+                );
+            } else {
+                tracing::warn!(
+                    "train.out_dir {}: the job that held it before ({previous}) ended without releasing it (it was \
                  killed or crashed); taking it over",
-                dir.display()
-            );
+                    dir.display()
+                );
+            }
         }
         let record = serde_json::to_vec(owner).map_err(|e| io(std::io::Error::other(e)))?;
         lock.set_len(0).map_err(io)?;

@@ -24,6 +24,20 @@ pub(crate) fn find_resume(
     rank: usize,
 ) -> Result<Option<LoadedCheckpoint>, TrainError> {
     let ck = |source| TrainError::Checkpoint { rank, source };
+    // A job the launcher restarted (`--max-restarts`) goes on from its own latest checkpoint,
+    // whatever it was started from: that is where the failed attempt got to.
+    let restart = crate::env::restart_count();
+    if restart > 0 && !ckpt::complete_checkpoints(root).is_empty() {
+        let loaded = ckpt::load_latest(root, rank).map_err(ck)?;
+        if rank == 0 {
+            tracing::info!(
+                "restart {restart}: resuming from the latest checkpoint, {} (step {})",
+                loaded.dir.display(),
+                loaded.state.step
+            );
+        }
+        return Ok(Some(loaded));
+    }
     let explicit: Option<PathBuf> = options.resume.clone().or_else(|| {
         cfg.checkpoint
             .path

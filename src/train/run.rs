@@ -229,6 +229,7 @@ fn run<T: Task>(
     let mut model = model;
     let mut last_ckpt = None;
     for step in start_step..cfg.train.steps {
+        crate::fault::at_step(step);
         report.step_started(step, start_step);
         let (next, outcome) = run.step(model, step)?;
         model = next;

@@ -106,9 +106,15 @@ impl Finished {
 impl Job {
     /// Starts `burnrun ARGS` in the repository root.
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Job::start`] with `env` added to its environment (e.g. `BURNRUN_FAULT`).
+    pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(BURNRUN);
         command
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(repo())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -36,10 +36,7 @@ pub fn init_world(env: &DistEnv) -> Result<NcclCommunicator, Error> {
     let store: Arc<dyn Store> = if env.launched() && env.world_size > 1 {
         let secret = job_secret(env)?;
         let store = connect_job_store(env, &secret)?;
-        Arc::new(PrefixStore::new(
-            format!("burnrun/{}/world", env.run_id),
-            Arc::new(store),
-        ))
+        Arc::new(PrefixStore::new(env.store_prefix(), Arc::new(store)))
     } else {
         Arc::new(MemoryStore::new())
     };

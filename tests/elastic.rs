@@ -1,0 +1,90 @@
+//! Elastic restarts of the trainer (`--max-restarts`, issue 12): a job whose rank dies or hangs
+//! mid-training is torn down, started again by the launcher, resumes from its latest complete
+//! checkpoint by itself, and ends at the parameters of a run that was never interrupted. The
+//! failures are injected at a chosen step with `BURNRUN_FAULT` (see `burnrun::fault`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_params_close, config, final_params, out_dir, sets, train, train_args, Job};
+
+/// A restarted job replays the steps after its last checkpoint from the state saved there
+/// (parameters, optimizer moments, data position, RNG), with the same arithmetic as the first
+/// time: the run is deterministic, so it ends bit for bit where an uninterrupted one does.
+const RESTART_TOL: f32 = 0.0;
+
+/// Long enough for two attempts and a teardown on a loaded machine.
+const RESTART_DEADLINE: Duration = Duration::from_secs(120);
+
+fn mlp(extra: &[&str]) -> Vec<String> {
+    let mut out = sets(&[
+        "data.synthetic.features=16",
+        "data.synthetic.samples=1024",
+        "model.mlp.hidden=[32, 32]",
+        "train.steps=20",
+        "train.batch_size=16",
+        "train.threads=1",
+        "checkpoint.every_steps=5",
+        "log.progress=plain",
+        "log.every_steps=5",
+    ]);
+    out.extend(extra.iter().map(|s| s.to_string()));
+    out
+}
+
+fn restarted_run(test: &str, fault: &str, extra: &[&str]) -> (std::path::PathBuf, common::Finished) {
+    let out = out_dir(test);
+    let mut args = vec!["--max-restarts".to_string(), "1".to_string()];
+    args.extend(train_args(2, &config("mlp_synthetic.toml"), &out, &mlp(extra)));
+    let finished = Job::start_with_env(&args, &[("BURNRUN_FAULT", fault)]).wait(RESTART_DEADLINE);
+    finished.assert_success(test);
+    (out, finished)
+}
+
+#[test]
+fn a_rank_killed_mid_training_restarts_the_job_which_ends_at_the_uninterrupted_parameters() {
+    let reference = out_dir("elastic-reference");
+    train(2, &config("mlp_synthetic.toml"), &reference, &mlp(&[]));
+    let (out, finished) = restarted_run("elastic-kill", "kill,rank=1,step=7", &[]);
+    let stderr = &finished.stderr;
+    assert!(stderr.contains("rank 1 (node 0, local rank 1"), "{}", finished.output());
+    assert!(stderr.contains("was killed by signal SIGKILL"), "{}", finished.output());
+    assert!(
+        stderr.contains("restarting the job: restart 1 of 1"),
+        "{}",
+        finished.output()
+    );
+    let all = finished.output();
+    assert!(all.contains("restart 1: resuming from the latest checkpoint"), "{all}");
+    assert!(all.contains("(step 5)"), "{all}");
+    assert_params_close(
+        &final_params(&out),
+        &final_params(&reference),
+        RESTART_TOL,
+        "restarted after a kill at step 7 vs uninterrupted",
+    );
+    // metrics.jsonl holds each logged step once: the failed attempt's lines after the checkpoint
+    // were dropped when the restart resumed.
+    let steps: Vec<u64> = common::metrics(&out)
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![5, 10, 15, 20], "{all}");
+    for dir in [&out, &reference] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn a_rank_that_hangs_is_reported_as_unresponsive_and_the_restarted_job_finishes() {
+    // SIGSTOP at step 7: rank 0 waits in its collective until the deadline, then the launcher
+    // names the stopped rank and restarts the job.
+    let (out, finished) = restarted_run("elastic-stop", "stop,rank=1,step=7", &["comm.timeout_secs=3"]);
+    let all = finished.output();
+    assert!(finished.stderr.contains("rank 1"), "{all}");
+    assert!(finished.stderr.contains("stopped"), "{all}");
+    assert!(finished.stderr.contains("restarting the job: restart 1 of 1"), "{all}");
+    assert!(all.contains("trained 20 steps (resumed at step 5)"), "{all}");
+    let _ = std::fs::remove_dir_all(&out);
+}
