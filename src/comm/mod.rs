@@ -15,6 +15,9 @@ mod init;
 pub mod nccl;
 mod reduce;
 
+/// The job's key-value store, as a group holds it ([`ProcessGroup::store`]): what a device
+/// communicator (NCCL) exchanges its ids through.
+pub use crate::rendezvous::Store;
 pub use buffer::{BufMut, BufRef, DevicePtr, HostBuffer, Memory, MemoryMut};
 pub use communicator::{CommError, Communicator};
 pub use dtype::{DType, Element, ReduceOp};

@@ -25,8 +25,8 @@ use std::time::Duration;
 use burn::tensor::{Device, Tensor};
 
 use crate::comm::nccl::NcclCommunicator;
+use crate::comm::Store;
 use crate::comm::{BufMut, BufRef, CommError, Communicator, DevicePtr, Memory, MemoryMut, ProcessGroup};
-use crate::rendezvous::Store;
 
 use super::device_sync::{with_cuda_buffer, DeviceSyncError};
 use super::pipeline::{Activation, StageLink};

@@ -22,9 +22,9 @@ use cubecl::server::ServerStorage;
 use cudarc::driver::{CudaSlice, DevicePtr as CudaDevicePtr};
 
 use crate::comm::nccl::{CallCheck, CheckMode, NcclCommunicator};
+use crate::comm::Store;
 use crate::comm::{BufMut, CommError, Communicator, DType, DevicePtr, MemoryMut, ProcessGroup, ReduceOp};
 use crate::kernels::{HalfFormat, Kernels};
-use crate::rendezvous::Store;
 
 use burn::cubecl;
 
