@@ -40,6 +40,8 @@ pub mod env;
 pub mod error;
 pub mod fault;
 #[doc(hidden)]
+pub mod flight;
+#[doc(hidden)]
 pub mod kernels;
 #[doc(hidden)]
 pub mod launcher;

@@ -91,6 +91,10 @@ struct LaunchArgs {
     /// Seconds between two looks at the other nodes' state in the store [default: 0.15].
     #[arg(long, alias = "monitor_interval", value_name = "SECS")]
     monitor_interval: Option<f64>,
+    /// Stop the job with a hang report when a rank makes no progress (no collective finishes, no
+    /// training step or phase begins) for SECS [default: off: only --timeout finds hangs].
+    #[arg(long, value_name = "SECS")]
+    stall_timeout: Option<f64>,
 }
 
 impl LaunchArgs {
@@ -109,6 +113,7 @@ impl LaunchArgs {
             secret_file,
             max_restarts,
             monitor_interval,
+            stall_timeout,
         } = self;
         nproc_per_node.is_some()
             || nnodes.is_some()
@@ -123,6 +128,7 @@ impl LaunchArgs {
             || secret_file.is_some()
             || max_restarts.is_some()
             || monitor_interval.is_some()
+            || stall_timeout.is_some()
     }
 
     fn options(&self) -> anyhow::Result<LaunchOptions> {
@@ -138,6 +144,13 @@ impl LaunchArgs {
             Some(_) => anyhow::bail!("--monitor-interval must be a positive number of seconds"),
             None => defaults.monitor_interval,
         };
+        let stall_timeout = match self.stall_timeout {
+            Some(secs) if secs > 0.0 => Some(
+                Duration::try_from_secs_f64(secs).context("--stall-timeout must be a positive number of seconds")?,
+            ),
+            Some(_) => anyhow::bail!("--stall-timeout must be a positive number of seconds"),
+            None => None,
+        };
         Ok(LaunchOptions {
             nproc_per_node: self.nproc_per_node.unwrap_or(defaults.nproc_per_node),
             nnodes: self.nnodes.unwrap_or(defaults.nnodes),
@@ -152,6 +165,7 @@ impl LaunchArgs {
             secret_file: self.secret_file.clone(),
             max_restarts: self.max_restarts.unwrap_or(defaults.max_restarts),
             monitor_interval,
+            stall_timeout,
         })
     }
 

@@ -88,3 +88,118 @@ fn a_rank_that_hangs_is_reported_as_unresponsive_and_the_restarted_job_finishes(
     assert!(all.contains("trained 20 steps (resumed at step 5)"), "{all}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+fn read_report(dir: &std::path::Path) -> String {
+    let path = dir.join("flight_report_g0.txt");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+#[test]
+fn a_rank_stopped_with_sigstop_is_named_by_the_flight_recorder_within_the_stall_timeout() {
+    // The collectives' deadline is a minute: the stall timeout (2 s) must find the hang first.
+    let out = out_dir("flight-stop");
+    let logs = out_dir("flight-stop-logs");
+    let mut args: Vec<String> = ["--stall-timeout", "2", "--log-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(logs.display().to_string());
+    args.extend(train_args(
+        2,
+        &config("mlp_synthetic.toml"),
+        &out,
+        &mlp(&["comm.timeout_secs=60"]),
+    ));
+    let finished = Job::start_with_env(&args, &[("BURNRUN_FAULT", "stop,rank=1,step=7")]).wait(RESTART_DEADLINE);
+    let all = finished.output();
+    assert_eq!(finished.status.code(), Some(1), "{all}");
+    assert!(finished.elapsed < Duration::from_secs(30), "{all}");
+    let stderr = &finished.stderr;
+    assert!(
+        stderr.contains("job failed: rank 1 (node 0, local rank 1") && stderr.contains("was stopped (SIGSTOP)"),
+        "{all}"
+    );
+    assert!(stderr.contains("rank 0 waited for it"), "{all}");
+    let verdict = "rank 1 never entered all_reduce #";
+    assert!(stderr.contains(&format!("flight recorder: {verdict}")), "{all}");
+    assert!(
+        stderr.contains("(step 7, data; its last collective: all_reduce #"),
+        "{all}"
+    );
+    assert!(stderr.contains("rank(s) 0 waits in it for"), "{all}");
+    let report = read_report(&logs);
+    assert!(report.starts_with(&format!("verdict: {verdict}")), "{report}");
+    assert!(
+        report.contains("\nrank 0 (pid ") && report.contains("\nrank 1 (pid "),
+        "{report}"
+    );
+    assert!(report.contains(": running for "), "rank 0's call in flight:\n{report}");
+    for dir in [&out, &logs] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn across_two_nodes_the_report_of_node_0_holds_every_rank_and_names_the_stopped_rank_on_node_1() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "5a".repeat(32);
+    let logs = out_dir("flight-2nodes-logs");
+    // One folder: rank 0 (node 0) writes it; both nodes must run the same command.
+    let out = out_dir("flight-2nodes");
+    let start = |node: usize| {
+        let mut args: Vec<String> = [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            &node.to_string(),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port.to_string(),
+            "--stall-timeout",
+            "2",
+            "--log-dir",
+            &logs.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(train_args(
+            1,
+            &config("mlp_synthetic.toml"),
+            &out,
+            &mlp(&["comm.timeout_secs=60"]),
+        ));
+        Job::start_with_env(
+            &args,
+            &[("BURNRUN_SECRET", &secret), ("BURNRUN_FAULT", "stop,rank=1,step=7")],
+        )
+    };
+    let (node0, node1) = (start(0), start(1));
+    let (f0, f1) = (node0.wait(RESTART_DEADLINE), node1.wait(RESTART_DEADLINE));
+    assert_eq!(f0.status.code(), Some(1), "{}", f0.output());
+    assert_eq!(f1.status.code(), Some(1), "{}", f1.output());
+    // Node 1 runs the stopped rank and names it; node 0 prints the verdict of both nodes' records.
+    assert!(
+        f1.stderr.contains("job failed: rank 1 (node 1, local rank 0"),
+        "{}",
+        f1.output()
+    );
+    assert!(
+        f0.stderr.contains("flight recorder: rank 1 never entered all_reduce #"),
+        "{}",
+        f0.output()
+    );
+    let report = read_report(&logs);
+    assert!(
+        report.contains("\nrank 0 (pid ") && report.contains("\nrank 1 (pid "),
+        "{report}"
+    );
+    for dir in [&out, &logs] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

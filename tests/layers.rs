@@ -17,7 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // prefixes it shares with the ranks.
     (
         "launcher",
-        &["rendezvous", "auth", "env", "config", "telemetry", "names"],
+        &["rendezvous", "auth", "env", "config", "telemetry", "names", "flight"],
     ),
     // The collective benchmark: a client of comm, reporting through control lines.
     ("bench", &["comm", "env", "names"]),
@@ -40,6 +40,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "rng",
             "error",
             "fault",
+            "flight",
         ],
     ),
     // Parallelisms over a model and groups: comm's trait and ProcessGroup, never a transport.
@@ -56,7 +57,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["config", "rng"]),
     // The one place that knows burn's backends.
     ("device", &["config", "env", "error"]),
-    // `fault` for the injected faults at a collective (tests of the launcher's failure handling).
+    // `fault` for the injected faults at a collective (tests of the launcher's failure handling);
+    // `flight` records every collective for the launcher's hang report.
     (
         "comm",
         &[
@@ -68,6 +70,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "kernels",
             "error",
             "fault",
+            "flight",
         ],
     ),
     ("transport", &["auth", "names"]),
@@ -79,6 +82,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("env", &[]),
     // Fault injection reads its plan from the environment.
     ("fault", &["env"]),
+    // The flight recorder: written by the ranks (comm, train), read by the launcher.
+    ("flight", &["names"]),
     // Checks values against the limits other layers set, which live in `names`.
     ("config", &["names"]),
     ("telemetry", &[]),

@@ -215,7 +215,9 @@ impl HostComm {
             fingerprint: fp,
             running: true,
         });
+        let slot = crate::flight::begin(self.group_id, seq, op.name(), dtype.name(), numel as u64, root);
         let result = body(&ctx);
+        crate::flight::end(slot, result.is_ok());
         self.note_call(Call {
             seq,
             fingerprint: fp,

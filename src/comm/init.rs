@@ -97,6 +97,11 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
             value: e.value,
             reason: e.reason,
         })?;
+        // The flight recorder the launcher reads when the job hangs or fails (`crate::flight`).
+        let path = crate::flight::path(&crate::names::shm_rank_file_prefix(&env.run_id, env.rank));
+        if let Err(e) = crate::flight::install(&path, env.rank) {
+            tracing::warn!("rank {}: no flight recorder at {}: {e}", env.rank, path.display());
+        }
     }
     let mut tuning = Tuning::default();
     if let Some(bytes) = env.ring_threshold_bytes {

@@ -437,6 +437,26 @@ impl Coordinator {
         Ok(None)
     }
 
+    /// Publishes the flight records of this node's ranks (after a failure), for node 0's report.
+    pub(crate) fn publish_flight(&self, records: &[crate::flight::Record]) -> Result<(), StoreError> {
+        // Invariant: records hold only numbers, strings and enums, which always serialize.
+        let json = serde_json::to_vec(records).expect("flight records serialize");
+        self.store
+            .set(&self.gkey(format_args!("flight/{}", self.node_rank)), &json)
+    }
+
+    /// Every node's published flight records (nodes that published none are left out).
+    pub(crate) fn flight_records(&self) -> Result<Vec<crate::flight::Record>, StoreError> {
+        let mut all = Vec::new();
+        for r in 0..self.nnodes {
+            if let Some(bytes) = self.store.try_get(&self.gkey(format_args!("flight/{r}")))? {
+                all.extend(serde_json::from_slice::<Vec<crate::flight::Record>>(&bytes).unwrap_or_default());
+            }
+        }
+        all.sort_by_key(|r| r.rank);
+        Ok(all)
+    }
+
     /// Records that this node's ranks have all ended.
     pub(crate) fn report_done(&self, succeeded: bool) -> Result<(), StoreError> {
         let value: &[u8] = if succeeded { b"ok" } else { b"failed" };

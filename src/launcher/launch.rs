@@ -282,6 +282,8 @@ fn run_generation(
         run_id: run_id.to_owned(),
         grace_period: options.grace_period,
         monitor_interval: options.monitor_interval,
+        stall_timeout: options.stall_timeout,
+        log_dir: options.log_dir.clone(),
     };
     Ok(Supervisor::new(node, coordinator, ranks, events, watchdog).run())
 }

@@ -43,6 +43,10 @@ pub struct LaunchOptions {
     pub max_restarts: u32,
     /// How often the store is polled for the other nodes' failures (`--monitor-interval`).
     pub monitor_interval: Duration,
+    /// A rank that makes no progress (no collective finished, no training step or phase begun)
+    /// for this long stops the job with a hang report (`--stall-timeout`); `None`: only the
+    /// collectives' own deadline (`--timeout`) finds a hang.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for LaunchOptions {
@@ -61,6 +65,7 @@ impl Default for LaunchOptions {
             secret_file: None,
             max_restarts: 0,
             monitor_interval: DEFAULT_MONITOR_INTERVAL,
+            stall_timeout: None,
         }
     }
 }

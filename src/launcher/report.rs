@@ -237,8 +237,11 @@ pub struct Unresponsive {
     pub waiters: Vec<usize>,
     /// Its process, when it runs on the node that saw the timeouts.
     pub process: Option<UnresponsiveProcess>,
-    /// A line of a waiter's stderr that says what it waited for.
+    /// A line of a waiter's stderr that says what it waited for, or the flight recorder's verdict.
     pub evidence: Option<String>,
+    /// Found by `--stall-timeout` (the waiters were still waiting), not by their timeouts.
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 /// Where an unresponsive rank ran, and in what state it was found.
@@ -320,6 +323,10 @@ pub enum Failure {
     },
 }
 
+/// How a [`Failure::Node`]'s reason begins when `--stall-timeout` stopped the job on a node that
+/// does not run the rank behind.
+pub(crate) const STALL_STOP: &str = "no progress for";
+
 /// How a [`Failure::Node`]'s reason begins when its launcher received a stop signal.
 pub(crate) const LAUNCHER_SIGNALLED: &str = "its launcher received";
 
@@ -380,8 +387,13 @@ impl Failure {
                     ),
                     None => String::new(),
                 };
+                let waited = if stall.stalled {
+                    "waited for it"
+                } else {
+                    "timed out waiting for it"
+                };
                 let mut lines = vec![format!(
-                    "job failed: rank {}{place} {}: {ranks} {waiters} timed out waiting for it",
+                    "job failed: rank {}{place} {}: {ranks} {waiters} {waited}",
                     stall.rank,
                     stall.what_happened()
                 )];
@@ -417,6 +429,15 @@ impl Failure {
             // The rank that timed out explains less than the rank it waited for.
             (Failure::Unresponsive(stall), Failure::Rank(theirs)) => {
                 stall.waiters.contains(&theirs.rank) || theirs.waited_peers().contains(&stall.rank)
+            }
+            // The same rank blamed, now by the node that runs it: with its process and state.
+            (Failure::Unresponsive(ours), Failure::Unresponsive(theirs)) => {
+                ours.rank == theirs.rank && ours.process.is_some() && theirs.process.is_none()
+            }
+            // A node whose own ranks all waited stopped the job first; the node that runs the rank
+            // they waited for names it.
+            (Failure::Unresponsive(stall), Failure::Node { reason, .. }) => {
+                stall.stalled && reason.starts_with(STALL_STOP)
             }
             _ => false,
         }
@@ -608,6 +629,7 @@ mod tests {
                 state: Some('T'),
             }),
             evidence: Some("[rank0]: all_reduce #9 timed out after 5s waiting for peer 1".into()),
+            stalled: false,
         });
         let head = &stall.summary_lines()[0];
         assert_eq!(

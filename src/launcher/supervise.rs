@@ -14,12 +14,13 @@ use super::coordination::Coordinator;
 use super::output::{say, RankOutput};
 use super::report::{
     root_cause, unresponsive_peer, ExitCause, Failure, RankFailure, Unresponsive, UnresponsiveProcess,
-    LAUNCHER_SIGNALLED, STUCK_STATES,
+    LAUNCHER_SIGNALLED, STALL_STOP, STUCK_STATES,
 };
 use super::shm_sweep;
 use super::signals;
 use super::spawn::Placement;
 use super::watchdog::Watchdog;
+use crate::names::shm_rank_file_prefix;
 
 /// Longest sleep of the supervision loop between two looks at signals and deadlines.
 const TICK: Duration = Duration::from_millis(50);
@@ -105,6 +106,10 @@ pub(crate) struct NodeJob {
     pub(crate) grace_period: Duration,
     /// How often the store is polled (`--monitor-interval`).
     pub(crate) monitor_interval: Duration,
+    /// `--stall-timeout`.
+    pub(crate) stall_timeout: Option<Duration>,
+    /// `--log-dir`, where node 0 writes the flight report of a failed generation.
+    pub(crate) log_dir: Option<std::path::PathBuf>,
 }
 
 /// Starts the thread that waits for `child` and reports its exit on `events`.
@@ -171,6 +176,10 @@ pub(crate) struct Supervisor<'a> {
     run_id: String,
     grace_period: Duration,
     monitor_interval: Duration,
+    stall_timeout: Option<Duration>,
+    log_dir: Option<std::path::PathBuf>,
+    /// When this node last published its ranks' flight records while they looked stalled.
+    suspect_published: Option<Instant>,
     coordinator: &'a mut Coordinator,
     ranks: Vec<RankState>,
     events: mpsc::Receiver<ExitEvent>,
@@ -200,6 +209,9 @@ impl<'a> Supervisor<'a> {
             run_id: node.run_id,
             grace_period: node.grace_period,
             monitor_interval: node.monitor_interval,
+            stall_timeout: node.stall_timeout,
+            log_dir: node.log_dir,
+            suspect_published: None,
             coordinator,
             ranks,
             events,
@@ -241,6 +253,9 @@ impl<'a> Supervisor<'a> {
             if !self.store_lost && Instant::now() >= next_poll {
                 next_poll = Instant::now() + self.monitor_interval;
                 self.poll_store();
+                if self.teardown.is_none() {
+                    self.check_stall();
+                }
             }
             if self.collecting.as_ref().is_some_and(|c| Instant::now() >= c.until) {
                 self.choose_root_cause();
@@ -370,6 +385,7 @@ impl<'a> Supervisor<'a> {
                 waiters,
                 process,
                 evidence,
+                stalled: false,
             });
             self.local_failures = failures;
             self.record_failure(stall);
@@ -455,6 +471,140 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    /// The flight record of every local rank that has one (see `crate::flight`).
+    fn local_records(&self) -> Vec<(usize, crate::flight::Record)> {
+        self.ranks
+            .iter()
+            .enumerate()
+            .filter_map(|(local, r)| {
+                let path = crate::flight::path(&shm_rank_file_prefix(&self.run_id, r.placement.rank));
+                Some((local, crate::flight::read(&path)?))
+            })
+            .collect()
+    }
+
+    /// `--stall-timeout`: a local rank whose record shows no progress for that long stops the
+    /// job. The failure names the rank the flight records show behind (when it runs here), with
+    /// the verdict as evidence; otherwise this node stops the job saying which of its ranks stalled.
+    fn check_stall(&mut self) {
+        let Some(limit) = self.stall_timeout else { return };
+        let now = crate::flight::now_ns();
+        let records = self.local_records();
+        let quiet_for = |r: &crate::flight::Record| Duration::from_nanos(now.saturating_sub(r.progress_ns));
+        let running = |local: usize| self.ranks[local].exit.is_none();
+        // Half way to the limit, the records go to the store, so that the node that reaches the
+        // limit first sees every node's ranks, not only its own.
+        let suspect = records.iter().any(|(l, r)| running(*l) && quiet_for(r) >= limit / 2);
+        if suspect && self.suspect_published.is_none_or(|t| t.elapsed() >= limit / 2) {
+            let plain: Vec<crate::flight::Record> = records.iter().map(|(_, r)| r.clone()).collect();
+            if let Err(e) = self.coordinator.publish_flight(&plain) {
+                tracing::debug!("cannot publish the flight records: {e}");
+            }
+            self.suspect_published = Some(Instant::now());
+        }
+        let stalled: Vec<u64> = records
+            .iter()
+            .filter(|(l, r)| running(*l) && quiet_for(r) >= limit)
+            .map(|(_, r)| r.rank)
+            .collect();
+        if stalled.is_empty() {
+            return;
+        }
+        // Every node's records: the others' as published, this node's fresh.
+        let mut plain: Vec<crate::flight::Record> = self
+            .coordinator
+            .flight_records()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| !records.iter().any(|(_, own)| own.rank == r.rank))
+            .collect();
+        plain.extend(records.iter().map(|(_, r)| r.clone()));
+        plain.sort_by_key(|r| r.rank);
+        let verdict = crate::flight::verdict(&plain, now);
+        let states: Vec<(usize, char)> = self
+            .running()
+            .filter_map(|r| Some((r.placement.local_rank, process_state(r.pid)?)))
+            .collect();
+        let why = format!(
+            "{STALL_STOP} {limit:?} on rank(s) {} (--stall-timeout)",
+            crate::flight::ranks_text(&stalled)
+        );
+        let evidence = format!(
+            "{why}; flight recorder: {}",
+            verdict.unwrap_or_else(|| "no collective recorded".into())
+        );
+        // The rank behind the others (its process described when it runs here); when every rank
+        // reached the same call, no rank is to blame: this node stops the job with the verdict.
+        let behind = crate::flight::behind(&plain);
+        let failure = match behind.first() {
+            Some(&culprit) => {
+                let local = records.iter().find(|(_, r)| r.rank == culprit).map(|(l, _)| *l);
+                Failure::Unresponsive(Unresponsive {
+                    rank: culprit as usize,
+                    waiters: plain
+                        .iter()
+                        .filter(|r| !behind.contains(&r.rank))
+                        .map(|r| r.rank as usize)
+                        .collect(),
+                    process: local.map(|local| {
+                        let rank = &self.ranks[local];
+                        UnresponsiveProcess {
+                            node_rank: rank.placement.node_rank,
+                            local_rank: rank.placement.local_rank,
+                            pid: rank.pid,
+                            host: self.host.clone(),
+                            state: states.iter().find(|(l, _)| *l == local).map(|(_, s)| *s),
+                        }
+                    }),
+                    evidence: Some(evidence),
+                    stalled: true,
+                })
+            }
+            None => Failure::Node {
+                node_rank: self.node_rank,
+                host: self.host.clone(),
+                reason: evidence,
+            },
+        };
+        self.begin_teardown(Signal::SIGTERM, &why);
+        self.record_failure(failure);
+    }
+
+    /// After a failure: publishes this node's flight records; node 0 then gathers every node's,
+    /// prints the verdict and writes the report under `--log-dir`.
+    fn report_flight(&mut self, records: Vec<crate::flight::Record>) {
+        if records.is_empty() && !self.coordinator.hosts_store() {
+            return;
+        }
+        if let Err(e) = self.coordinator.publish_flight(&records) {
+            say(format_args!("cannot publish this node's flight records: {e}"));
+        }
+    }
+
+    /// Node 0, once every node reported: the job's flight report.
+    fn write_flight_report(&self) {
+        let records = match self.coordinator.flight_records() {
+            Ok(records) if !records.is_empty() => records,
+            Ok(_) => return,
+            Err(e) => {
+                say(format_args!("cannot read the nodes' flight records: {e}"));
+                return;
+            }
+        };
+        let now = crate::flight::now_ns();
+        let verdict = crate::flight::verdict(&records, now);
+        if let Some(verdict) = &verdict {
+            say(format_args!("flight recorder: {verdict}"));
+        }
+        let Some(dir) = &self.log_dir else { return };
+        let path = dir.join(format!("flight_report_g{}.txt", self.coordinator.generation()));
+        let text = crate::flight::report(&records, verdict.as_deref(), now);
+        match std::fs::write(&path, text) {
+            Ok(()) => say(format_args!("flight report of every rank: {}", path.display())),
+            Err(e) => say(format_args!("cannot write the flight report {}: {e}", path.display())),
+        }
+    }
+
     fn begin_teardown(&mut self, signal: Signal, why: &str) {
         if self.teardown.is_some() {
             return;
@@ -532,6 +682,8 @@ impl<'a> Supervisor<'a> {
                 tracing::debug!(rank = rank.placement.rank, "killed processes the rank left behind");
             }
         }
+        // The flight records live in shared memory: read them before it is swept.
+        let records: Vec<crate::flight::Record> = self.local_records().into_iter().map(|(_, r)| r).collect();
         let first = self.ranks.iter().map(|r| r.placement.rank).min().unwrap_or(0);
         shm_sweep::sweep_run(&self.run_id, first..first + self.ranks.len());
         let drain_deadline = Instant::now() + DRAIN_WAIT;
@@ -548,12 +700,18 @@ impl<'a> Supervisor<'a> {
                 .ranks
                 .iter()
                 .all(|r| r.exit.as_ref().is_some_and(ExitCause::success));
+        if !self.store_lost && self.failure.is_some() {
+            self.report_flight(records);
+        }
         if !self.store_lost {
             if let Err(e) = self.coordinator.report_done(succeeded) {
                 say(format_args!("cannot report this node's end to the store: {e}"));
             }
             if self.coordinator.hosts_store() {
                 self.wait_for_other_nodes(succeeded);
+                if self.failure.is_some() {
+                    self.write_flight_report();
+                }
             }
             self.reread_failure();
         }

@@ -229,6 +229,7 @@ fn run<T: Task>(
     let mut model = model;
     let mut last_ckpt = None;
     for step in start_step..cfg.train.steps {
+        crate::flight::step(step);
         crate::fault::at_step(step);
         report.step_started(step, start_step);
         let (next, outcome) = run.step(model, step)?;
@@ -469,6 +470,7 @@ impl<'a, T: Task> Run<'a, T> {
 
     /// Writes the checkpoint of step `step` under `root`.
     fn save(&self, root: &Path, step: u64) -> Result<PathBuf, TrainError> {
+        crate::flight::phase(crate::flight::Phase::Checkpoint);
         let extras = SaveExtras {
             scale: self.scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps)),
             codec: self.codec_ckpt.as_ref().zip(self.ddp.codec()),

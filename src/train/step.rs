@@ -154,6 +154,7 @@ impl<T: Task> Run<'_, T> {
             });
         }
 
+        crate::flight::phase(crate::flight::Phase::GradientSync);
         let sync = match in_flight {
             Some(in_flight) => self.finish_overlap(in_flight)?,
             None => {
@@ -215,6 +216,7 @@ impl<T: Task> Run<'_, T> {
             cfg.train.steps,
             cfg.optim.schedule == crate::config::LrSchedule::Cosine,
         );
+        crate::flight::phase(crate::flight::Phase::Optimizer);
         self.optimizer.step(lr, &mut self.master, &self.grads);
         self.keep_buffers(&model)?;
         let model = load_params(model, &self.master).map_err(|source| TrainError::Params { rank, source })?;
@@ -257,16 +259,19 @@ impl<T: Task> Run<'_, T> {
         };
         for indices in slices {
             let started = Instant::now();
+            crate::flight::phase(crate::flight::Phase::Data);
             let batch = self
                 .task
                 .batch(indices, &self.device)
                 .map_err(|e| task_err("reading a batch", e))?;
+            crate::flight::phase(crate::flight::Phase::Forward);
             let loss = self
                 .task
                 .loss(model, &batch)
                 .map_err(|e| task_err("computing the loss", e))?;
             stats.loss_sum += loss_value(&loss);
             stats.loss_count += 1;
+            crate::flight::phase(crate::flight::Phase::Backward);
             let grads = scaled(loss, loss_scale).backward();
             match &mut self.device_grads {
                 Some(device) => device.add(model, grads),

@@ -114,7 +114,6 @@ impl Job {
         let mut command = Command::new(BURNRUN);
         command
             .args(args)
-            .envs(env.iter().copied())
             .current_dir(repo())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -133,6 +132,7 @@ impl Job {
         ] {
             command.env_remove(key);
         }
+        command.envs(env.iter().copied());
         let mut child = command.spawn().expect("burnrun starts");
         let (stdout, stderr) = (Captured::default(), Captured::default());
         let readers = vec![
