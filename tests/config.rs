@@ -616,17 +616,20 @@ fn comm_backend_auto_picks_nccl_only_for_cuda_devices_and_what_nccl_runs() {
     );
     assert_eq!(default.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
     assert_eq!(default.backend_for(DeviceSpec::Cuda(Some(1))), CommBackend::Nccl);
-    // What the NCCL path does not run yet goes to the host engine under auto.
-    let codec = parse("[compression]\nmethod = \"powersgd\"\n").unwrap();
-    assert_eq!(codec.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    // PowerSGD runs on the GPU (burn's matmuls on the device, its factors summed by NCCL).
+    let powersgd = parse("[compression]\nmethod = \"powersgd\"\n").unwrap();
+    assert_eq!(powersgd.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
     // Top-k runs on the GPU (the kernels of kernels/topk.cu).
     let topk = parse("[compression]\nmethod = \"topk\"\n").unwrap();
     assert_eq!(topk.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
     // fp16 and bf16 on the wire run on the GPU (the kernels of kernels/half_cast.cu).
     let half = parse("[compression]\nmethod = \"bf16\"\n").unwrap();
     assert_eq!(half.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
+    // What the NCCL path does not run yet (a codec's warm-up) goes to the host engine under auto.
     let late = parse("[compression]\nmethod = \"fp16\"\nstart_step = 10\n").unwrap();
     assert_eq!(late.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
+    let late_powersgd = parse("[compression]\nmethod = \"powersgd\"\nstart_step = 10\n").unwrap();
+    assert_eq!(late_powersgd.backend_for(DeviceSpec::Cuda(None)), CommBackend::Host);
     // Pipeline stages pass activations on NCCL too (two-rank communicators per link).
     let pipeline = parse("[parallel]\npipeline = 2\n").unwrap();
     assert_eq!(pipeline.backend_for(DeviceSpec::Cuda(None)), CommBackend::Nccl);
@@ -640,11 +643,11 @@ fn comm_backend_auto_picks_nccl_only_for_cuda_devices_and_what_nccl_runs() {
 
 #[test]
 fn comm_backend_nccl_with_a_codec_it_does_not_run_is_refused_saying_what_to_set() {
-    let text = "[comm]\nbackend = \"nccl\"\n[compression]\nmethod = \"powersgd\"\n";
+    let text = "[comm]\nbackend = \"nccl\"\n[compression]\nmethod = \"powersgd\"\nstart_step = 10\n";
     let message = parse(text).unwrap().validate(2).unwrap_err().to_string();
     for needle in [
         "comm.backend = \"nccl\" needs a GPU",
-        "comm.backend = \"nccl\" does not run PowerSGD",
+        "comm.backend = \"nccl\" does not run a codec that starts after step 0 (compression.start_step)",
         "set comm.backend = \"host\"",
     ] {
         assert!(message.contains(needle), "missing {needle:?} in:\n{message}");

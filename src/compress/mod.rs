@@ -27,5 +27,9 @@ pub use topk::TopK;
 pub use uncompressed::Uncompressed;
 pub use warmup::WarmUp;
 
+// The device codec (`parallel::DevicePowerSgd`) runs the host codec's plan and draws.
+pub(crate) use powersgd::{fresh_column, BucketPlan, LowRank, DEPENDENT_COLUMN_RATIO};
+pub(crate) use state::q_name;
+
 // The methods are the config's choice (`compression.method`); codecs are built from it directly.
 pub use crate::config::CompressionMethod;

@@ -29,8 +29,9 @@ pub const DEFAULT_MIN_COMPRESSION_RATE: f64 = 2.0;
 
 /// A column of `P` whose norm after removing the earlier columns falls below this fraction of its
 /// norm before is linearly dependent on them (f32 round-off is about 1e-7 per operation); it is
-/// dropped rather than normalised into noise, and its share of `M` stays in the residual.
-const DEPENDENT_COLUMN_RATIO: f64 = 1e-5;
+/// dropped rather than normalised into noise, and its share of `M` stays in the residual. The
+/// device codec (`parallel::DevicePowerSgd`) takes the same decision with it.
+pub(crate) const DEPENDENT_COLUMN_RATIO: f64 = 1e-5;
 
 /// Low-rank gradient compression with error feedback and warm-started factors.
 #[derive(Debug)]
@@ -44,38 +45,40 @@ pub struct PowerSgd {
 }
 
 /// How one bucket is cut into factored matrices and dense tensors, and its warm-start Q factors.
+/// The device codec (`parallel::DevicePowerSgd`) plans its buckets with the same rules.
 #[derive(Debug)]
-struct BucketPlan {
-    shapes: Vec<Vec<usize>>,
-    pieces: Vec<Piece>,
+pub(crate) struct BucketPlan {
+    pub(crate) shapes: Vec<Vec<usize>>,
+    pub(crate) pieces: Vec<Piece>,
     /// Elements of the P all-reduce: every P factor, then every dense tensor.
-    p_len: usize,
+    pub(crate) p_len: usize,
     /// Elements of the Q all-reduce: every Q factor.
-    q_len: usize,
+    pub(crate) q_len: usize,
     /// The current Q factors, concatenated (identical on every rank).
-    q: Vec<f32>,
+    pub(crate) q: Vec<f32>,
 }
 
 /// One parameter of a bucket.
 #[derive(Debug, Clone, Copy)]
-struct Piece {
+pub(crate) struct Piece {
     /// First element in the bucket.
-    start: usize,
+    pub(crate) start: usize,
     /// Elements.
-    numel: usize,
+    pub(crate) numel: usize,
     /// Offset of its P factor (or its dense copy) in the P buffer.
-    p_offset: usize,
+    pub(crate) p_offset: usize,
     /// `Some` when factored.
-    low_rank: Option<LowRank>,
+    pub(crate) low_rank: Option<LowRank>,
 }
 
+/// A factored parameter: its matrix view and where its Q factor sits.
 #[derive(Debug, Clone, Copy)]
-struct LowRank {
-    rows: usize,
-    cols: usize,
-    rank: usize,
+pub(crate) struct LowRank {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) rank: usize,
     /// Offset of its Q factor in the Q buffer.
-    q_offset: usize,
+    pub(crate) q_offset: usize,
 }
 
 impl PowerSgd {
@@ -103,8 +106,18 @@ impl PowerSgd {
         self.rank
     }
 
+    /// Whether what is not sent is carried into the next step.
+    pub(crate) fn error_feedback(&self) -> bool {
+        self.feedback.enabled()
+    }
+
+    /// The seed of the Q factors.
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// Builds the plan for a bucket of these shapes, with freshly seeded Q factors.
-    fn plan(&self, bucket: usize, shapes: &[Vec<usize>]) -> BucketPlan {
+    pub(crate) fn plan(&self, bucket: usize, shapes: &[Vec<usize>]) -> BucketPlan {
         let (mut pieces, mut start, mut p_len, mut q_len) = (Vec::new(), 0, 0, 0);
         for shape in shapes {
             let numel: usize = shape.iter().product();
@@ -288,7 +301,7 @@ impl GradCodec for PowerSgd {
             for (index, piece) in plan.pieces.iter().enumerate() {
                 if let Some(low) = piece.low_rank {
                     let q = &mut q_sum[low.q_offset..low.q_offset + low.cols * low.rank];
-                    reseed_zero_columns(q, low, self.seed ^ step.rotate_left(32), bucket, index);
+                    reseed_zero_columns(q, low, self.seed, step, bucket, index);
                 }
             }
             plan.q = q_sum;
@@ -453,15 +466,23 @@ fn column_dot(p: &[f32], rows: usize, r: usize, a: usize, b: usize) -> f64 {
         .sum()
 }
 
-/// Redraws every all-zero column of `q` (`[cols, r]`) from the seeded generator.
-fn reseed_zero_columns(q: &mut [f32], low: LowRank, seed: u64, bucket: usize, index: usize) {
+/// Redraws every all-zero column of `q` (`[cols, r]`) at `step` ([`fresh_column`]).
+fn reseed_zero_columns(q: &mut [f32], low: LowRank, seed: u64, step: u64, bucket: usize, index: usize) {
     let r = low.rank;
     for c in 0..r {
         if (0..low.cols).all(|k| q[k * r + c] == 0.0) {
-            let mut rng = SplitMix64::for_factor(seed ^ c as u64, bucket, index);
-            (0..low.cols).for_each(|k| q[k * r + c] = rng.normal());
+            let fresh = fresh_column(seed, step, bucket, index, c, low.cols);
+            (0..low.cols).for_each(|k| q[k * r + c] = fresh[k]);
         }
     }
+}
+
+/// The `rows` values that replace column `column` of the Q factor of parameter `index` of
+/// `bucket` when it vanished at `step`: drawn from `seed` and the step, so every rank (and the
+/// device codec) draws the same ones without sending them.
+pub(crate) fn fresh_column(seed: u64, step: u64, bucket: usize, index: usize, column: usize, rows: usize) -> Vec<f32> {
+    let mut rng = SplitMix64::for_factor(seed ^ step.rotate_left(32) ^ column as u64, bucket, index);
+    (0..rows).map(|_| rng.normal()).collect()
 }
 
 /// SplitMix64 (Steele, Lea and Flood, 2014): a tiny seeded generator, so every rank draws the same

@@ -542,9 +542,8 @@ impl RunConfig {
 
     /// What of this config the NCCL path of the trainer cannot run yet (`None`: all of it).
     fn nccl_unsupported(&self) -> Option<&'static str> {
-        if self.compression.method == CompressionMethod::PowerSgd {
-            Some("PowerSGD (it runs on the host engine; fp16, bf16 and top-k run on the GPU)")
-        } else if self.compression.method != CompressionMethod::None && self.compression.start_step > 0 {
+        // fp16, bf16, top-k and PowerSGD all run on the GPU, but none has the warm-up yet.
+        if self.compression.method != CompressionMethod::None && self.compression.start_step > 0 {
             Some("a codec that starts after step 0 (compression.start_step)")
         } else {
             None

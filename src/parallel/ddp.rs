@@ -58,7 +58,7 @@ use super::params::{
 };
 use super::params::{flatten_params, ParamError};
 use crate::comm::{CommError, ProcessGroup, ReduceOp};
-use crate::compress::{build_codec, CodecOptions, CompressError, CompressionMethod};
+use crate::compress::{build_codec, CodecOptions, CompressError, CompressionMethod, StateTensor};
 
 use super::data::{DataParallel, DivergenceError, SyncError, SyncStats};
 
@@ -215,6 +215,28 @@ pub trait FlatReduce: Send + std::fmt::Debug {
     fn load_residual(&self, flat: &[f32]) -> Result<(), DdpError> {
         let _ = flat;
         Ok(())
+    }
+
+    /// A codec's state besides its residual, read back for a checkpoint as named tensors under
+    /// the host codec's names (PowerSGD's warm-started factors, `q.bucket<b>.param<i>`), so
+    /// either path resumes the other's checkpoint; empty when there is none.
+    fn factors(&self) -> Result<Vec<StateTensor>, DdpError> {
+        Ok(Vec::new())
+    }
+
+    /// Takes the factors this codec keeps out of `tensors` (a host codec's state, as resumed from
+    /// a checkpoint, names as [`FlatReduce::factors`] gives them); the other tensors (residuals)
+    /// are left alone.
+    fn load_factors(&self, tensors: &[StateTensor]) -> Result<(), DdpError> {
+        let _ = tensors;
+        Ok(())
+    }
+
+    /// The optimizer step the next [`FlatReduce::average`] belongs to (0-based): PowerSGD draws
+    /// a factor column that vanished afresh from it, as the host codec does. Ignored by the
+    /// others.
+    fn set_step(&self, step: u64) {
+        let _ = step;
     }
 }
 

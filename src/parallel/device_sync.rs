@@ -153,6 +153,26 @@ impl DeviceAllReduce {
         Ok((averaged, started.elapsed().as_secs_f64() * 1e3))
     }
 
+    /// Sums `values` (a flat f32 tensor of its own on this rank's CUDA device) over the ranks, in
+    /// place on the device: the collective of a codec on the GPU (PowerSGD's factors,
+    /// [`super::DevicePowerSgd`]).
+    pub fn sum(&self, values: Tensor<1>) -> Result<Tensor<1>, DeviceSyncError> {
+        self.with_buffer(values, |address, numel| {
+            self.comm.all_reduce(
+                BufMut {
+                    dtype: DType::F32,
+                    numel,
+                    memory: MemoryMut::Device(DevicePtr {
+                        address,
+                        ordinal: self.ordinal,
+                    }),
+                },
+                ReduceOp::Sum,
+            )?;
+            Ok(())
+        })
+    }
+
     /// Runs `work` on the device address and length of `flat`'s buffer (a contiguous f32 CUDA
     /// buffer of its own, which `work` may rewrite in place), after burn's work on it is done;
     /// returns the tensor over the same buffer.
@@ -377,39 +397,50 @@ impl DeviceHalfWire {
     }
 }
 
-/// The gradients' reduction on NCCL for `compression`: fp16 or bf16 on the wire through the GPU
+/// The gradients' reduction on NCCL for `codec`: fp16 or bf16 on the wire through the GPU
 /// kernels ([`DeviceHalfWire`]), top-k through them bucket by bucket over `buckets` (ranges of
-/// the flat gradient: the host engine's buckets, [`super::DeviceTopK`]), otherwise the f32
-/// average ([`DeviceAllReduce`]); on CUDA device `ordinal` beside `group` (its NCCL id through
-/// the job's `store`). PowerSGD runs on the host engine (validation keeps it off this path).
+/// the flat gradient: the host engine's buckets, [`super::DeviceTopK`]), PowerSGD with burn's
+/// tensor ops bucket by bucket over `buckets` and their parameters' `shapes`, its factors summed
+/// by NCCL ([`super::DevicePowerSgd`]), otherwise the f32 average ([`DeviceAllReduce`]); on CUDA
+/// device `ordinal` beside `group` (its NCCL id through the job's `store`). Validation keeps a
+/// codec with `start_step > 0` off this path.
+#[allow(clippy::too_many_arguments)]
 pub fn nccl_flat_reduce(
     group: &ProcessGroup,
     store: Arc<dyn Store>,
     ordinal: usize,
     timeout: Duration,
-    compression: &crate::config::CompressionConfig,
+    codec: &crate::compress::CodecOptions,
     buckets: &[std::ops::Range<usize>],
+    shapes: &[Vec<Vec<usize>>],
 ) -> Result<Box<dyn super::FlatReduce>, DeviceSyncError> {
     use crate::config::CompressionMethod;
     let reduce = DeviceAllReduce::new_in(group, store, ordinal, timeout)?;
-    let format = match compression.method {
+    let format = match codec.method {
         CompressionMethod::Fp16 => HalfFormat::F16,
         CompressionMethod::Bf16 => HalfFormat::Bf16,
         CompressionMethod::TopK => {
             return Ok(Box::new(super::DeviceTopK::new(
                 reduce,
-                compression.topk_ratio as f32,
-                compression.error_feedback,
+                codec.topk_ratio,
+                codec.error_feedback,
                 buckets.to_vec(),
             )?))
         }
-        _ => return Ok(Box::new(reduce)),
+        CompressionMethod::PowerSgd => {
+            let rank = reduce.rank();
+            let powersgd = crate::compress::PowerSgd::new(codec.powersgd_rank, codec.error_feedback, codec.seed);
+            let device = super::DevicePowerSgd::new(Box::new(reduce), powersgd, buckets, shapes).map_err(|e| {
+                DeviceSyncError::Buffer {
+                    rank,
+                    reason: e.to_string(),
+                }
+            })?;
+            return Ok(Box::new(device));
+        }
+        CompressionMethod::None => return Ok(Box::new(reduce)),
     };
-    Ok(Box::new(DeviceHalfWire::new(
-        reduce,
-        format,
-        compression.error_feedback,
-    )?))
+    Ok(Box::new(DeviceHalfWire::new(reduce, format, codec.error_feedback)?))
 }
 
 // The server type must be the one whose storage gives raw CUDA pointers.

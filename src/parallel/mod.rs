@@ -8,6 +8,8 @@ mod data;
 mod ddp;
 #[cfg(feature = "cuda")]
 mod device_pipe;
+#[cfg(feature = "train")]
+mod device_powersgd;
 #[cfg(feature = "cuda")]
 mod device_sync;
 #[cfg(feature = "cuda")]
@@ -21,6 +23,8 @@ pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats
 pub use ddp::{BufferSync, Ddp, DdpError, DdpOptions, FlatReduce, HostFlatReduce};
 #[cfg(feature = "cuda")]
 pub use device_pipe::NcclStageLink;
+#[cfg(feature = "train")]
+pub use device_powersgd::{DevicePowerSgd, DeviceSum, HostDeviceSum};
 #[cfg(feature = "cuda")]
 pub use device_sync::{nccl_flat_reduce, DeviceAllReduce, DeviceHalfWire, DeviceSyncError};
 #[cfg(feature = "cuda")]

@@ -13,8 +13,11 @@ use burn::module::Module;
 use burn::tensor::{Gradients, Tensor};
 
 use crate::comm::ProcessGroup;
-use crate::config::{CommBackend, Resolved};
-use crate::parallel::{DdpError, FlatReduce, HostFlatReduce, ParamError, SyncStats};
+use crate::compress::PowerSgd;
+use crate::config::{CommBackend, CompressionMethod, Resolved};
+use crate::parallel::{
+    BucketLayout, DdpError, DevicePowerSgd, FlatReduce, HostDeviceSum, HostFlatReduce, ParamError, SyncError, SyncStats,
+};
 
 use super::{TrainError, TrainOptions};
 
@@ -30,27 +33,53 @@ impl DeviceGrads {
     /// The device path when `resolved` runs its collectives on NCCL (or the options ask for it),
     /// `None` otherwise: gradients are averaged over `data` (the ranks holding the same blocks:
     /// the world, or a pipeline stage's replicas), NCCL's id going through `world`'s store.
-    /// `buckets` are the host engine's buckets (ranges of the flat gradient), which a codec on
-    /// the device keeps.
+    /// `buckets` are the host engine's buckets (which parameters, which elements of the flat
+    /// gradient) and `shapes` the parameters' shapes (layout order): a codec on the device keeps
+    /// them.
     pub(crate) fn setup(
         world: &ProcessGroup,
         data: &ProcessGroup,
-        buckets: &[std::ops::Range<usize>],
+        buckets: &BucketLayout,
+        shapes: &[Vec<usize>],
         resolved: &Resolved,
         options: &TrainOptions,
     ) -> Result<Option<Self>, TrainError> {
         let rank = world.rank();
+        let bucket_shapes: Vec<Vec<Vec<usize>>> = buckets.params.iter().map(|r| shapes[r.clone()].to_vec()).collect();
         let reduce: Box<dyn FlatReduce> = if resolved.backend == CommBackend::Nccl {
-            nccl_reduce(world, data, buckets, resolved)?
+            nccl_reduce(world, data, &buckets.elements, &bucket_shapes, resolved)?
         } else if options.device_path_via_host {
-            if resolved.config.compression.method != crate::config::CompressionMethod::None {
-                return Err(TrainError::Unsupported {
-                    rank,
-                    what: "the device path through the host with a gradient codec".into(),
-                    why: "its stand-in for NCCL averages uncompressed (the codecs on the device need NCCL)".into(),
-                });
+            let codec = super::build::codec_options(&resolved.config);
+            let unsupported = |why: &str| TrainError::Unsupported {
+                rank,
+                what: format!(
+                    "the device path through the host with compression.method = \"{}\"",
+                    codec.method
+                ),
+                why: why.into(),
+            };
+            match codec.method {
+                CompressionMethod::None => Box::new(HostFlatReduce::new(data)),
+                _ if codec.start_step > 0 => {
+                    return Err(unsupported(
+                        "a codec on the device starts at step 0 (compression.start_step must be 0, as on NCCL)",
+                    ))
+                }
+                // PowerSGD's matmuls on the device, its factors summed by the host group.
+                CompressionMethod::PowerSgd => {
+                    let powersgd = PowerSgd::new(codec.powersgd_rank, codec.error_feedback, codec.seed);
+                    let sum = Box::new(HostDeviceSum::new(data));
+                    let device = DevicePowerSgd::new(sum, powersgd, &buckets.elements, &bucket_shapes)
+                        .map_err(|e| device_err(rank, "PowerSGD on the device", e))?;
+                    Box::new(device)
+                }
+                _ => {
+                    return Err(unsupported(
+                        "its stand-in for NCCL runs PowerSGD or no codec (fp16, bf16 and top-k on the device need \
+                         NCCL and the GPU kernels)",
+                    ))
+                }
             }
-            Box::new(HostFlatReduce::new(data))
         } else {
             return Ok(None);
         };
@@ -72,14 +101,24 @@ impl DeviceGrads {
         Ok(())
     }
 
-    /// Averages the step's sum over the ranks on the device and reads it into `out` (layout
-    /// order); the sum is reset for the next step.
-    pub(crate) fn average_into(&mut self, rank: usize, out: &mut Vec<f32>) -> Result<SyncStats, TrainError> {
+    /// Scales the step's sum by `factor` on the device (to the mean over its micro-batches, out
+    /// of the loss scale: what the host codec is given), averages it over the ranks there and
+    /// reads it into `out` (layout order); the sum is reset for the next step. `step` is the
+    /// optimizer step (0-based).
+    pub(crate) fn average_into(
+        &mut self,
+        rank: usize,
+        step: u64,
+        factor: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<SyncStats, TrainError> {
         out.clear();
         let Some(sum) = self.sum.take() else {
             return Ok(SyncStats::default());
         };
+        let sum = if factor == 1.0 { sum } else { sum.mul_scalar(factor) };
         let started = Instant::now();
+        self.reduce.set_step(step);
         let averaged = self
             .reduce
             .average(sum)
@@ -96,9 +135,10 @@ impl DeviceGrads {
         })
     }
 
-    /// A device codec's residual in the checkpoint's form: `residual.bucket<b>` tensors over
-    /// the host engine's `buckets`, the names the host codec saves (so either path resumes the
-    /// other's checkpoint); `None` when the reduction keeps none.
+    /// A device codec's state in the checkpoint's form, under the names the host codec saves (so
+    /// either path resumes the other's checkpoint): its residual as `residual.bucket<b>` tensors
+    /// over the host engine's `buckets`, then its factors (PowerSGD's `q.bucket<b>.param<i>`);
+    /// `None` when the reduction keeps neither.
     pub(crate) fn codec_state(
         &self,
         rank: usize,
@@ -108,27 +148,41 @@ impl DeviceGrads {
             .reduce
             .residual()
             .map_err(|e| device_err(rank, "reading the codec residual", e))?;
-        Ok(flat.map(|flat| {
-            buckets
-                .iter()
-                .enumerate()
-                .map(|(b, range)| crate::compress::StateTensor {
-                    name: crate::compress::residual_name(b),
-                    shape: vec![range.len()],
-                    data: flat[range.clone()].to_vec(),
-                })
-                .collect()
-        }))
+        let factors = self
+            .reduce
+            .factors()
+            .map_err(|e| device_err(rank, "reading the codec factors", e))?;
+        if flat.is_none() && factors.is_empty() {
+            return Ok(None);
+        }
+        let mut state: Vec<_> = flat
+            .map(|flat| {
+                buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(b, range)| crate::compress::StateTensor {
+                        name: crate::compress::residual_name(b),
+                        shape: vec![range.len()],
+                        data: flat[range.clone()].to_vec(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        state.extend(factors);
+        Ok(Some(state))
     }
 
-    /// Hands the host codec's residuals (as resumed from a checkpoint) to the device codec, when
-    /// every bucket has one.
+    /// Hands the host codec's state (as resumed from a checkpoint) to the device codec: its
+    /// factors (PowerSGD's Q), and its residuals when every bucket has one.
     pub(crate) fn resume_codec(
         &self,
         rank: usize,
         codec: &dyn crate::compress::GradCodec,
         buckets: usize,
     ) -> Result<(), TrainError> {
+        self.reduce
+            .load_factors(&codec.state())
+            .map_err(|e| device_err(rank, "loading the codec factors", e))?;
         let mut flat = Vec::new();
         for b in 0..buckets {
             match codec.residual(b) {
@@ -151,6 +205,10 @@ impl DeviceGrads {
 fn device_err(rank: usize, what: &str, e: DdpError) -> TrainError {
     match e {
         DdpError::Comm(source) => TrainError::Comm { rank, source },
+        DdpError::Codec(source) => TrainError::Sync {
+            rank,
+            source: SyncError::Codec(source),
+        },
         other => TrainError::Unsupported {
             rank,
             what: what.into(),
@@ -165,6 +223,7 @@ fn nccl_reduce(
     world: &ProcessGroup,
     data: &ProcessGroup,
     buckets: &[std::ops::Range<usize>],
+    shapes: &[Vec<Vec<usize>>],
     resolved: &Resolved,
 ) -> Result<Box<dyn FlatReduce>, TrainError> {
     let rank = world.rank();
@@ -178,8 +237,8 @@ fn nccl_reduce(
         .cloned()
         .ok_or_else(|| unsupported("the job has no store for NCCL's id (start it with burnrun)".into()))?;
     let timeout = std::time::Duration::from_secs(resolved.config.comm.timeout_secs);
-    let compression = &resolved.config.compression;
-    crate::parallel::nccl_flat_reduce(data, store, cuda_ordinal(resolved), timeout, compression, buckets)
+    let codec = super::build::codec_options(&resolved.config);
+    crate::parallel::nccl_flat_reduce(data, store, cuda_ordinal(resolved), timeout, &codec, buckets, shapes)
         .map_err(|e| unsupported(e.to_string()))
 }
 
@@ -238,6 +297,7 @@ fn nccl_reduce(
     world: &ProcessGroup,
     _data: &ProcessGroup,
     _buckets: &[std::ops::Range<usize>],
+    _shapes: &[Vec<Vec<usize>>],
     _resolved: &Resolved,
 ) -> Result<Box<dyn FlatReduce>, TrainError> {
     Err(TrainError::Unsupported {

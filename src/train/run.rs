@@ -215,7 +215,15 @@ fn run<T: Task>(
     .map_err(|e| task_err("building the model", e))?;
     let (mut run, model, start_step) = Run::new(world, resolved, task, chain, place, device, model, resume)?;
     let buckets = run.ddp.layout().elements.clone();
-    run.device_grads = DeviceGrads::setup(&run.world, &run.place.data_group, &buckets, resolved, options)?;
+    let shapes: Vec<Vec<usize>> = run.layout.params.iter().map(|p| p.shape.clone()).collect();
+    run.device_grads = DeviceGrads::setup(
+        &run.world,
+        &run.place.data_group,
+        run.ddp.layout(),
+        &shapes,
+        resolved,
+        options,
+    )?;
     if let (Some(device), Some(codec)) = (&run.device_grads, run.ddp.codec()) {
         // A resumed codec state went into the host codec: the device codec takes it over.
         device.resume_codec(rank, codec, buckets.len())?;

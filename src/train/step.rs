@@ -158,15 +158,22 @@ impl<T: Task> Run<'_, T> {
         let sync = match in_flight {
             Some(in_flight) => self.finish_overlap(in_flight)?,
             None => {
-                // The NCCL path averages on the GPU first (a linear map: scaling and unscaling
-                // after it give the same gradients as before it).
+                // The NCCL path averages on the GPU first, after scaling the summed gradients to
+                // the step's mean and out of the loss scale there: a codec on the device then
+                // sees what the host codec sees (its residual and factors in the same units, so
+                // checkpoints cross between the paths, and a changing loss scale does not mix
+                // units in a residual); for a plain average the factor (a power of two, unless
+                // grad_accum_steps x micro_batches is not) commutes with it.
+                let inverse_loss_scale = 1.0 / self.scaler.as_ref().map_or(1.0, |s| s.scale);
                 let on_device = match &mut self.device_grads {
-                    Some(device) => Some(device.average_into(rank, &mut self.grads)?),
+                    Some(device) => {
+                        Some(device.average_into(rank, step, scale * inverse_loss_scale, &mut self.grads)?)
+                    }
                     None => None,
                 };
                 // Every stage runs a backward each step, so this only guards the layout.
                 self.grads.resize(self.master.len(), 0.0);
-                if scale != 1.0 {
+                if on_device.is_none() && scale != 1.0 {
                     self.grads.iter_mut().for_each(|g| *g *= scale);
                 }
                 // Dynamic loss scaling: every rank agrees whether any gradient overflowed, and all skip.
@@ -187,7 +194,9 @@ impl<T: Task> Run<'_, T> {
                         }
                         return Ok((model, None));
                     }
-                    scaler.unscale(&mut self.grads);
+                    if on_device.is_none() {
+                        scaler.unscale(&mut self.grads);
+                    }
                 }
                 match on_device {
                     Some(sync) => sync,
