@@ -15,9 +15,10 @@ mod init;
 pub mod nccl;
 mod reduce;
 
-/// The job's key-value store, as a group holds it ([`ProcessGroup::store`]): what a device
-/// communicator (NCCL) exchanges its ids through.
-pub use crate::rendezvous::Store;
+/// The job's key-value store that [`ProcessGroup::store`] hands out and its error, named here so the layers
+/// above, which see only `comm`, can hold one (the trainer's asynchronous checkpoints publish
+/// each rank's part through it, beside the group's collectives, never through them).
+pub use crate::rendezvous::{Store, StoreError};
 pub use buffer::{BufMut, BufRef, DevicePtr, HostBuffer, Memory, MemoryMut};
 pub use communicator::{CommError, Communicator};
 pub use dtype::{DType, Element, ReduceOp};

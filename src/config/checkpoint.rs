@@ -19,6 +19,16 @@ pub struct CheckpointConfig {
     pub resume: bool,
     /// An explicit checkpoint folder to resume from (needs `resume = true`). Default: not set.
     pub path: Option<String>,
+    /// `async`: write checkpoints in the background while training goes on. The step copies what
+    /// the checkpoint holds (master weights, optimizer state, codec state) into host buffers and a
+    /// writer thread writes and renames the files; at most one write is in flight (a checkpoint due
+    /// while the previous one is still being written waits for it), an error of the write fails
+    /// the run at the next step, and the final checkpoint is waited for before the run ends.
+    /// `state.json` is still written last, once every rank's files are on disk, so a folder
+    /// without it is still never resumed from. Costs one more host copy of the master weights and
+    /// optimizer state. Default `false`.
+    #[serde(rename = "async")]
+    pub async_write: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -28,6 +38,7 @@ impl Default for CheckpointConfig {
             keep_last: 3,
             resume: false,
             path: None,
+            async_write: false,
         }
     }
 }

@@ -568,6 +568,13 @@ impl RunConfig {
                 );
             }
         }
+        if self.checkpoint.async_write && self.checkpoint.every_steps == 0 {
+            c.note(
+                "checkpoint.async = true with checkpoint.every_steps = 0: the only checkpoint is the final one, \
+                 which the run always waits for, so nothing is written in the background"
+                    .to_string(),
+            );
+        }
         c.require(self.log.every_steps > 0, "log.every_steps", || {
             "log.every_steps = 0: must be at least 1".into()
         });

@@ -11,6 +11,10 @@
 //! - `state.json`: step, data position, seeds, loss scale, the config; written LAST, so a folder
 //!   without it is an incomplete checkpoint and is never resumed from.
 //!
+//! With `checkpoint.async = true` a writer thread writes the same files from a copy of the
+//! training buffers while training goes on, and `state.json` still comes last, once every rank's
+//! files are durable (`checkpoint_writer.rs`).
+//!
 //! Every file is written to a temporary name, fsynced, and renamed; the folder is fsynced after.
 //! A write that fails (a full disk) removes its temporary file, and the trainer then removes the
 //! incomplete `step_N` folder, so a failed checkpoint leaves no space taken behind.
@@ -216,7 +220,12 @@ pub fn checksum_files(dir: &Path) -> Result<BTreeMap<String, String>, Checkpoint
 
 fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(sha256_hex(&bytes))
+}
+
+/// The sha256 of `bytes` in hex, as [`TrainState::checksums`] records it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks every file `state` records a checksum for (a missing file is an error too).
@@ -311,8 +320,9 @@ fn serialize(tensors: &[NamedTensor<'_>], mut metadata: HashMap<String, String>)
     })
 }
 
-/// Writes tensors to `path` atomically.
-pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<(), CheckpointError> {
+/// Writes tensors to `path` atomically; returns the sha256 (hex) of the bytes written, what
+/// `state.json` records for the file, so a writer need not read the file back to hash it.
+pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<String, CheckpointError> {
     write_tensors_with(path, tensors, HashMap::new())
 }
 
@@ -321,7 +331,7 @@ fn write_tensors_with(
     path: &Path,
     tensors: &[NamedTensor<'_>],
     metadata: HashMap<String, String>,
-) -> Result<(), CheckpointError> {
+) -> Result<String, CheckpointError> {
     let bytes = serialize(tensors, metadata).map_err(|e| match e {
         CheckpointError::Format { reason, .. } => CheckpointError::Format {
             path: path.to_path_buf(),
@@ -329,7 +339,8 @@ fn write_tensors_with(
         },
         other => other,
     })?;
-    atomic_write(path, &bytes)
+    atomic_write(path, &bytes)?;
+    Ok(sha256_hex(&bytes))
 }
 
 /// A loaded tensor.
@@ -480,15 +491,20 @@ impl CodecCheckpoint {
         Self { slot, buckets }
     }
 
-    /// Writes this rank's codec state into the checkpoint folder `dir`, atomically. Call it on
-    /// every rank before `state.json` is written.
-    pub fn save(&self, dir: &Path, codec: &dyn GradCodec) -> Result<(), CheckpointError> {
+    /// The file of this rank's codec state in the checkpoint folder `dir`.
+    pub fn file(&self, dir: &Path) -> PathBuf {
+        codec_state_path(dir, self.slot.rank)
+    }
+
+    /// Writes this rank's codec state into the checkpoint folder `dir`, atomically, and returns
+    /// the file's sha256 (hex). Call it on every rank before `state.json` is written.
+    pub fn save(&self, dir: &Path, codec: &dyn GradCodec) -> Result<String, CheckpointError> {
         self.save_state(dir, &codec.describe(), &codec.state())
     }
 
     /// [`CodecCheckpoint::save`] of `state`, a codec's tensors as `GradCodec::state` gives them,
     /// for the codec `describe` names (a codec on the device saves its residual this way).
-    pub fn save_state(&self, dir: &Path, describe: &str, state: &[StateTensor]) -> Result<(), CheckpointError> {
+    pub fn save_state(&self, dir: &Path, describe: &str, state: &[StateTensor]) -> Result<String, CheckpointError> {
         let tensors: Vec<NamedTensor<'_>> = state
             .iter()
             .map(|t| NamedTensor {

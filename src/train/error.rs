@@ -8,6 +8,7 @@ use crate::parallel::{DivergenceError, PipelineError, SyncError};
 use crate::precision::PrecisionError;
 
 use super::checkpoint::CheckpointError;
+use super::checkpoint_writer::AsyncCheckpointError;
 use super::lock::LockError;
 use super::memory::{MemoryAvailable, MemoryEstimate};
 
@@ -106,6 +107,25 @@ pub enum TrainError {
         rank: usize,
         /// The error.
         source: CheckpointError,
+    },
+    /// An asynchronous checkpoint (`checkpoint.async = true`) failed in the background: noticed at
+    /// the first step boundary after it did, or when the next checkpoint or the run's end waited
+    /// for it.
+    #[error(
+        "rank {rank}: the asynchronous checkpoint of step {step} ({dir}) failed, noticed after step \
+         {noticed_after}: {source}"
+    )]
+    CheckpointAsync {
+        /// This rank.
+        rank: usize,
+        /// The checkpoint's step.
+        step: u64,
+        /// Its folder.
+        dir: String,
+        /// Steps completed when the failure was noticed.
+        noticed_after: u64,
+        /// What failed (a file's error names the file).
+        source: AsyncCheckpointError,
     },
     /// The loss became NaN or infinite.
     #[error("rank {rank}: loss is {loss} at step {step}; lower optim.lr or enable gradient clipping")]

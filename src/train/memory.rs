@@ -9,7 +9,9 @@
 //! - f32 master weights and the flat f32 gradient buffer the trainer reduces and steps with;
 //! - optimizer state: Adam and AdamW 2 values per parameter, SGD 1 (its momentum buffer);
 //! - activations kept for backward, for the samples of one micro step (all the micro-batches of a
-//!   pipeline step with GPipe, the worst case).
+//!   pipeline step with GPipe, the worst case);
+//! - with `checkpoint.async`, the copy of the master weights and optimizer state the background
+//!   writer writes from (kept between checkpoints and refilled).
 //!
 //! Available is `MemAvailable` of `/proc/meminfo`, bounded by the cgroup's `memory.max` minus its
 //! `memory.current`, shared by the node's ranks.
@@ -37,6 +39,9 @@ pub struct MemoryEstimate {
     pub optim_what: String,
     /// Activations kept for backward.
     pub activation_bytes: u64,
+    /// The copy an asynchronous checkpoint is written from (master weights and optimizer state;
+    /// 0 without `checkpoint.async`).
+    pub checkpoint_copy_bytes: u64,
     /// Samples whose activations are held at once.
     pub samples: u64,
 }
@@ -63,6 +68,11 @@ impl MemoryEstimate {
             optim_bytes: params.saturating_mul(4 * optim_values),
             optim_what,
             activation_bytes: activation_values.saturating_mul(samples).saturating_mul(compute_bytes),
+            checkpoint_copy_bytes: if cfg.checkpoint.async_write {
+                params.saturating_mul(4 * (1 + optim_values))
+            } else {
+                0
+            },
             samples,
         }
     }
@@ -75,6 +85,7 @@ impl MemoryEstimate {
             self.master_bytes,
             self.optim_bytes,
             self.activation_bytes,
+            self.checkpoint_copy_bytes,
         ]
         .into_iter()
         .fold(0, u64::saturating_add)
@@ -96,7 +107,15 @@ impl fmt::Display for MemoryEstimate {
             self.optim_what,
             Bytes(self.activation_bytes),
             self.samples,
-        )
+        )?;
+        if self.checkpoint_copy_bytes > 0 {
+            write!(
+                f,
+                ", asynchronous checkpoint copy {}",
+                Bytes(self.checkpoint_copy_bytes)
+            )?;
+        }
+        Ok(())
     }
 }
 

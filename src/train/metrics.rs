@@ -48,6 +48,12 @@ pub struct StepMetrics {
     /// Relative compression error per bucket (norm of what was lost / norm of the gradient).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub compression_error: Vec<f64>,
+    /// Time a checkpoint held the training thread, per checkpoint of the window (max over
+    /// ranks), in milliseconds; only in lines whose window holds a checkpoint. The whole write
+    /// without `checkpoint.async`; with it, the wait for the previous write and the copy, and the
+    /// whole write for the final checkpoint (always waited for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_stall_ms: Option<f64>,
 }
 
 /// Appends metrics lines to a file.

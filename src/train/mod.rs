@@ -1,7 +1,7 @@
 //! The trainer: a [`Task`] (a model, its data and its loss; the built-in models are one) trained
 //! as a [`RunConfig`](crate::config::RunConfig) says: data and pipeline parallel, gradient
-//! compression, mixed precision, accumulation, clipping, LR schedules, checkpoints with resume
-//! and reshard, metrics and a progress bar.
+//! compression, mixed precision, accumulation, clipping, LR schedules, checkpoints (written in
+//! the background with `checkpoint.async`) with resume and reshard, metrics and a progress bar.
 //!
 //! - [`train_task`] trains a user's [`Task`] in a process the launcher started ([`main`] is a
 //!   whole command line: a config file, `--set`, `--resume`, `--check`);
@@ -10,6 +10,7 @@
 pub mod build;
 mod builtin;
 pub mod checkpoint;
+mod checkpoint_writer;
 mod cli;
 mod device_grads;
 mod error;
@@ -27,6 +28,7 @@ mod step;
 mod task;
 
 pub use builtin::BuiltIn;
+pub use checkpoint_writer::AsyncCheckpointError;
 pub use cli::main;
 pub use error::TrainError;
 pub use run::{train, train_on, train_task, train_task_on, TrainOptions, TrainSummary};

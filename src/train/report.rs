@@ -34,12 +34,15 @@ pub(crate) struct StepStats {
     pub(crate) idle_ms: f64,
 }
 
-/// Number of values of a rank's window exchanged at each log step: the fields of [`StepStats`]
-/// and the rank's peak resident memory.
-const STAT_FIELDS: usize = 9;
+/// Number of values of a rank's window exchanged at each log step: the fields of [`StepStats`],
+/// the rank's peak resident memory and its checkpoint stall.
+const STAT_FIELDS: usize = 10;
 
 /// Index of the peak resident memory in a window (not summed: the latest value is kept).
 const PEAK_RSS: usize = 8;
+
+/// Index of the time the window's checkpoints held the training thread, ms (summed).
+const CHECKPOINT_STALL: usize = 9;
 
 /// This process's peak resident set size in bytes (`VmHWM` of `/proc/self/status`; 0 where it
 /// cannot be read).
@@ -73,6 +76,12 @@ pub(crate) struct Reporter {
     metrics: Option<MetricsWriter>,
     window: [f64; STAT_FIELDS],
     window_steps: u64,
+    /// Checkpoints taken in the window (the same on every rank: all checkpoint at the same steps).
+    window_checkpoints: u64,
+    /// This rank's stall per checkpoint before the final one, ms.
+    stalls_ms: Vec<f64>,
+    /// The final checkpoint's stall, ms.
+    final_stall_ms: Option<f64>,
     window_start: Instant,
     pub(crate) first_loss: f64,
     pub(crate) final_loss: f64,
@@ -116,6 +125,9 @@ impl Reporter {
             metrics,
             window: [0.0; STAT_FIELDS],
             window_steps: 0,
+            window_checkpoints: 0,
+            stalls_ms: Vec::new(),
+            final_stall_ms: None,
             window_start: Instant::now(),
             first_loss: f64::NAN,
             final_loss: f64::NAN,
@@ -141,6 +153,22 @@ impl Reporter {
         self.window_steps += 1;
     }
 
+    /// Adds a checkpoint that held the training thread `stall_ms` (`last`: the final one).
+    pub(crate) fn add_checkpoint(&mut self, stall_ms: f64, last: bool) {
+        self.window[CHECKPOINT_STALL] += stall_ms;
+        self.window_checkpoints += 1;
+        if last {
+            self.final_stall_ms = Some(stall_ms);
+        } else {
+            self.stalls_ms.push(stall_ms);
+        }
+    }
+
+    /// This rank's stall per checkpoint, in order, ms.
+    pub(crate) fn checkpoint_stalls(&self) -> Vec<f64> {
+        self.stalls_ms.iter().copied().chain(self.final_stall_ms).collect()
+    }
+
     /// Gathers the window from every rank, writes the metrics line and starts a new window.
     /// Every rank calls it at the same steps (it is a collective).
     pub(crate) fn log(
@@ -152,16 +180,14 @@ impl Reporter {
         extra: impl FnOnce(&mut StepMetrics),
     ) -> Result<(), TrainError> {
         let rank = world.rank();
-        let mut m = gather_metrics(
-            world,
-            &self.window,
-            self.window_steps,
-            self.window_start,
-            global_batch,
-            step,
-            lr,
-        )
-        .map_err(|source| TrainError::Comm { rank, source })?;
+        let window = Window {
+            values: &self.window,
+            steps: self.window_steps,
+            checkpoints: self.window_checkpoints,
+            start: self.window_start,
+        };
+        let mut m = gather_metrics(world, &window, global_batch, step, lr)
+            .map_err(|source| TrainError::Comm { rank, source })?;
         extra(&mut m);
         if self.first_loss.is_nan() {
             self.first_loss = m.loss;
@@ -177,6 +203,7 @@ impl Reporter {
         self.progress.log(&m);
         self.window = [0.0; STAT_FIELDS];
         self.window_steps = 0;
+        self.window_checkpoints = 0;
         self.window_start = Instant::now();
         Ok(())
     }
@@ -191,6 +218,35 @@ impl Reporter {
             }
             _ => (0.0, self.run_start.elapsed().as_secs_f64() * 1e3),
         }
+    }
+
+    /// The closing line about checkpoints: how long they held rank 0's training thread.
+    fn checkpoint_line(&self, async_write: bool) -> Option<String> {
+        let mode = if async_write { "async" } else { "sync" };
+        let count = self.stalls_ms.len() + usize::from(self.final_stall_ms.is_some());
+        if count == 0 {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if !self.stalls_ms.is_empty() {
+            let mut sorted = self.stalls_ms.clone();
+            sorted.sort_by(f64::total_cmp);
+            parts.push(format!(
+                "training stalled {:.1} ms per checkpoint before the final one (median; max {:.1} ms)",
+                sorted[sorted.len() / 2],
+                sorted[sorted.len() - 1]
+            ));
+        }
+        if let Some(last) = self.final_stall_ms {
+            parts.push(format!(
+                "{last:.1} ms for the final one{}",
+                if async_write { ", always waited for" } else { "" }
+            ));
+        }
+        Some(format!(
+            "burnrun: {count} checkpoint(s), {mode}: {} (rank 0)",
+            parts.join(", ")
+        ))
     }
 
     /// The closing line on rank 0, and each pipeline stage's timers.
@@ -245,6 +301,9 @@ impl Reporter {
                 cfg.train.steps,
                 peak_rss_bytes() as f64 / (1024.0 * 1024.0)
             ));
+            if let Some(line) = self.checkpoint_line(cfg.checkpoint.async_write) {
+                self.progress.println(&line);
+            }
         }
     }
 }
@@ -280,19 +339,26 @@ pub(crate) fn announce(resolved: &Resolved, what: &str, place: &Placement, block
     }
 }
 
+/// A rank's logging window: its summed values, its steps and checkpoints, and when it began.
+struct Window<'a> {
+    values: &'a [f64],
+    steps: u64,
+    checkpoints: u64,
+    start: Instant,
+}
+
 /// Gathers every rank's window numbers and turns them into one metrics line (on every rank).
 fn gather_metrics(
     world: &ProcessGroup,
-    window: &[f64],
-    steps: u64,
-    window_start: Instant,
+    window: &Window<'_>,
     global_batch: f64,
     step: u64,
     lr: f32,
 ) -> Result<StepMetrics, CommError> {
+    let (steps, window_start) = (window.steps, window.start);
     let n = world.world_size();
     let mut all = vec![0f64; STAT_FIELDS * n];
-    world.all_gather(window, &mut all)?;
+    world.all_gather(window.values, &mut all)?;
     let per_rank: Vec<&[f64]> = all.chunks(STAT_FIELDS).collect();
     let steps_f = steps.max(1) as f64;
     let loss_sum: f64 = per_rank.iter().map(|r| r[0]).sum();
@@ -322,6 +388,7 @@ fn gather_metrics(
         bubble_fraction: per_rank.iter().map(|r| r[7] / steps_f).sum::<f64>() / n as f64 / (secs * 1e3 / steps_f),
         wire_bytes: (per_rank.iter().map(|r| r[5]).sum::<f64>() / steps_f / n as f64) as u64,
         peak_rss_mb: max(PEAK_RSS) / (1024.0 * 1024.0),
+        checkpoint_stall_ms: (window.checkpoints > 0).then(|| max(CHECKPOINT_STALL) / window.checkpoints as f64),
         ..Default::default()
     })
 }

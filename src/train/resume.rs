@@ -1,13 +1,16 @@
 //! Checkpoints of a run: finding the one to resume from, loading it into the model, the master
 //! weights, the optimizer, the codec and the loss scaler, and writing one.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::comm::ProcessGroup;
+use crate::compress::StateTensor;
 use crate::config::RunConfig;
 use crate::parallel::ParamLayout;
 
-use super::checkpoint::{self as ckpt, LoadedCheckpoint, NamedTensor, TrainState};
+use super::checkpoint::{self as ckpt, CheckpointError, LoadedCheckpoint, NamedTensor, TrainState};
 use super::optim::FlatOptimizer;
 use super::setup::Placement;
 use super::{TrainError, TrainOptions};
@@ -112,7 +115,106 @@ pub(crate) struct SaveExtras<'a> {
     /// The codec's state slot and the codec, when gradients are compressed.
     pub(crate) codec: Option<(&'a ckpt::CodecCheckpoint, &'a dyn crate::compress::GradCodec)>,
     /// The state of a codec running on the device, saved in place of the host codec's.
-    pub(crate) device_codec_state: Option<Vec<crate::compress::StateTensor>>,
+    pub(crate) device_codec_state: Option<Vec<StateTensor>>,
+}
+
+/// What one rank writes into a checkpoint folder: replica 0 of each pipeline stage writes its
+/// stage's parameters and optimizer state, every rank its own codec state. Borrowed from the live
+/// buffers (a synchronous save) or from a copy of them (an asynchronous one).
+pub(crate) struct RankPart<'a> {
+    /// Whether this rank writes its stage's model and optimizer files (replica 0 does).
+    pub(crate) writes_stage: bool,
+    /// The rank's pipeline stage.
+    pub(crate) stage: usize,
+    /// Where each parameter lies in `master` and in the optimizer's buffers.
+    pub(crate) layout: &'a ParamLayout,
+    /// The f32 master weights, layout order (empty when `writes_stage` is false).
+    pub(crate) master: &'a [f32],
+    /// The optimizer's buffers by name suffix (`exp_avg`, `exp_avg_sq`), layout order.
+    pub(crate) optim: Vec<(&'a str, &'a [f32])>,
+    /// The codec's slot, description and state, when gradients are compressed.
+    pub(crate) codec: Option<CodecPart<'a>>,
+}
+
+/// A rank's gradient-codec state as a checkpoint holds it.
+pub(crate) struct CodecPart<'a> {
+    /// Where this rank's codec state goes and what it must match to load.
+    pub(crate) slot: &'a ckpt::CodecCheckpoint,
+    /// The codec's [`crate::compress::GradCodec::describe`].
+    pub(crate) describe: &'a str,
+    /// Its tensors: the codec's own copy (`GradCodec::state`, a device codec's read-back), or
+    /// borrowed from a snapshot.
+    pub(crate) state: Cow<'a, [StateTensor]>,
+}
+
+/// Writes this rank's `part` of the checkpoint into `dir`, each file atomically; returns the
+/// sha256 (hex) of every file written, by file name.
+pub(crate) fn write_part(dir: &Path, part: &RankPart<'_>) -> Result<BTreeMap<String, String>, CheckpointError> {
+    let mut written = BTreeMap::new();
+    let mut record = |path: PathBuf, digest: String| {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        written.insert(name, digest);
+    };
+    if part.writes_stage {
+        let params: Vec<NamedTensor<'_>> = part
+            .layout
+            .params
+            .iter()
+            .map(|p| NamedTensor {
+                name: &p.name,
+                shape: &p.shape,
+                data: &part.master[p.range()],
+            })
+            .collect();
+        let path = dir.join(format!("model-stage{}.safetensors", part.stage));
+        let digest = ckpt::write_tensors(&path, &params)?;
+        record(path, digest);
+        let state_names: Vec<(String, &[usize], &[f32])> = part
+            .optim
+            .iter()
+            .flat_map(|&(suffix, buf)| {
+                part.layout
+                    .params
+                    .iter()
+                    .map(move |p| (format!("{}.{suffix}", p.name), p.shape.as_slice(), &buf[p.range()]))
+            })
+            .collect();
+        let tensors: Vec<NamedTensor<'_>> = state_names
+            .iter()
+            .map(|(n, s, d)| NamedTensor {
+                name: n,
+                shape: s,
+                data: d,
+            })
+            .collect();
+        let path = dir.join(format!("optim-stage{}.safetensors", part.stage));
+        let digest = ckpt::write_tensors(&path, &tensors)?;
+        record(path, digest);
+    }
+    // Every rank's own codec state (residuals differ between ranks), before state.json.
+    if let Some(codec) = &part.codec {
+        let digest = codec.slot.save_state(dir, codec.describe, &codec.state)?;
+        record(codec.slot.file(dir), digest);
+    }
+    Ok(written)
+}
+
+/// The `state.json` of the checkpoint of step `step` (its checksums still empty).
+pub(crate) fn train_state(cfg: &RunConfig, place: &Placement, step: u64, scale: (f32, u64)) -> TrainState {
+    TrainState {
+        step,
+        micro_batches_seen: step * cfg.train.grad_accum_steps as u64,
+        seed: cfg.train.seed,
+        loss_scale: scale.0,
+        good_steps: scale.1,
+        pipeline_stages: place.dims.pipeline,
+        data_replicas: place.dims.data,
+        config: cfg.to_toml_string(),
+        checksums: BTreeMap::new(),
+    }
 }
 
 /// Writes a checkpoint: replica 0 of every stage writes its tensors; rank 0 writes `state.json`
@@ -135,57 +237,28 @@ pub(crate) fn save(
     let written = (|| -> Result<(), TrainError> {
         let rank = world.rank();
         let ck = |source| TrainError::Checkpoint { rank, source };
-        if place.replica == 0 {
-            let params: Vec<NamedTensor<'_>> = layout
-                .params
-                .iter()
-                .map(|p| NamedTensor {
-                    name: &p.name,
-                    shape: &p.shape,
-                    data: &master[p.range()],
-                })
-                .collect();
-            ckpt::write_tensors(&dir.join(format!("model-stage{}.safetensors", place.stage)), &params).map_err(ck)?;
-            let state_names: Vec<(String, &[usize], &[f32])> = optimizer
-                .state()
-                .into_iter()
-                .flat_map(|(suffix, buf)| {
-                    layout
-                        .params
-                        .iter()
-                        .map(move |p| (format!("{}.{suffix}", p.name), p.shape.as_slice(), &buf[p.range()]))
-                })
-                .collect();
-            let tensors: Vec<NamedTensor<'_>> = state_names
-                .iter()
-                .map(|(n, s, d)| NamedTensor {
-                    name: n,
-                    shape: s,
-                    data: d,
-                })
-                .collect();
-            ckpt::write_tensors(&dir.join(format!("optim-stage{}.safetensors", place.stage)), &tensors).map_err(ck)?;
-        }
-        // Every rank's own codec state (residuals differ between ranks), before state.json.
-        match (extras.codec, &extras.device_codec_state) {
-            (Some((slot, codec)), Some(state)) => slot.save_state(&dir, &codec.describe(), state).map_err(ck)?,
-            (Some((slot, codec)), None) => slot.save(&dir, codec).map_err(ck)?,
-            (None, _) => {}
-        }
+        let codec_state = match (extras.codec, extras.device_codec_state) {
+            (Some((slot, codec)), state) => Some((slot, codec.describe(), state.unwrap_or_else(|| codec.state()))),
+            (None, _) => None,
+        };
+        let part = RankPart {
+            writes_stage: place.replica == 0,
+            stage: place.stage,
+            layout,
+            master,
+            optim: optimizer.state(),
+            codec: codec_state.as_ref().map(|(slot, describe, state)| CodecPart {
+                slot,
+                describe,
+                state: Cow::Borrowed(state.as_slice()),
+            }),
+        };
+        write_part(&dir, &part).map_err(ck)?;
         world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
         if rank == 0 {
-            let state = TrainState {
-                step,
-                micro_batches_seen: step * cfg.train.grad_accum_steps as u64,
-                seed: cfg.train.seed,
-                loss_scale: extras.scale.0,
-                good_steps: extras.scale.1,
-                pipeline_stages: place.dims.pipeline,
-                data_replicas: place.dims.data,
-                config: cfg.to_toml_string(),
-                // Every rank's files are on disk (the barrier above): rank 0 hashes them all.
-                checksums: ckpt::checksum_files(&dir).map_err(ck)?,
-            };
+            let mut state = train_state(cfg, place, step, extras.scale);
+            // Every rank's files are on disk (the barrier above): rank 0 hashes them all.
+            state.checksums = ckpt::checksum_files(&dir).map_err(ck)?;
             ckpt::write_state(&dir, &state).map_err(ck)?;
             ckpt::prune(root, cfg.checkpoint.keep_last).map_err(ck)?;
         }

@@ -6,8 +6,10 @@
 //! flat f32 vector (the master weights), with the optimizer state beside it; burn computes the
 //! gradients, we average them over the replicas and apply the update ourselves.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use burn::tensor::Device;
 
@@ -24,10 +26,11 @@ use crate::precision::{DynamicLossScaler, LossScalerOptions};
 
 use super::builtin::BuiltIn;
 use super::checkpoint::{self as ckpt, LoadedCheckpoint};
+use super::checkpoint_writer::CheckpointWriter;
 use super::device_grads::DeviceGrads;
 use super::optim::FlatOptimizer;
 use super::report::{announce, Reporter};
-use super::resume::{self, SaveExtras};
+use super::resume::{self, CodecPart, RankPart, SaveExtras};
 use super::setup::{self, Placement};
 use super::step::Overlap;
 use super::task::{BlockChain, Task};
@@ -60,6 +63,10 @@ pub struct TrainSummary {
     pub step_ms: f64,
     /// The checkpoint written at the end, if any.
     pub checkpoint: Option<PathBuf>,
+    /// Per checkpoint this run wrote, in order, the time this rank's training thread spent in it
+    /// (ms): the whole write without `checkpoint.async`; with it, the wait for the previous write
+    /// and the copy, and for the final checkpoint the whole write (it is always waited for).
+    pub checkpoint_stall_ms: Vec<f64>,
     /// Per-step pipeline timers of this rank (empty without a pipeline).
     pub pipeline: Vec<StepTimes>,
 }
@@ -154,6 +161,8 @@ pub(crate) struct Run<'a, T: Task> {
     /// The device path: gradients summed and averaged on the device (NCCL when `comm.backend`
     /// resolves to nccl).
     pub(crate) device_grads: Option<DeviceGrads>,
+    /// The background checkpoint writer (`checkpoint.async = true`).
+    pub(crate) writer: Option<CheckpointWriter>,
 }
 
 impl<T: Task> std::fmt::Debug for Run<'_, T> {
@@ -201,6 +210,7 @@ fn run<T: Task>(
                 samples_per_sec: 0.0,
                 step_ms: 0.0,
                 checkpoint: Some(loaded.dir.clone()),
+                checkpoint_stall_ms: Vec::new(),
                 pipeline: Vec::new(),
             });
         }
@@ -232,6 +242,9 @@ fn run<T: Task>(
         // The device path averages the whole gradient after backward, not block by block.
         run.overlap = None;
     }
+    if cfg.checkpoint.async_write {
+        run.writer = Some(CheckpointWriter::new(&run.world, &ckpt_root, cfg, &run.layout));
+    }
     let mut report = Reporter::new(resolved, rank, start_step)?;
     let global_batch = resolved.global_batch as f64;
     let mut model = model;
@@ -239,6 +252,10 @@ fn run<T: Task>(
     for step in start_step..cfg.train.steps {
         crate::flight::step(step);
         crate::fault::at_step(step);
+        if let Some(writer) = &mut run.writer {
+            // A background write that failed fails the run here, at the next step boundary.
+            writer.poll(step)?;
+        }
         report.step_started(step, start_step);
         let (next, outcome) = run.step(model, step)?;
         model = next;
@@ -248,6 +265,17 @@ fn run<T: Task>(
         };
         report.add(&stats.stats);
         let done = step + 1;
+        let check_every = cfg.train.check_replicas_every;
+        if check_every > 0 && done % check_every == 0 {
+            run.check_replicas(done)?;
+        }
+        // Before the log, so the step's metrics line holds the stall the checkpoint caused.
+        let every = cfg.checkpoint.every_steps;
+        if (every > 0 && done % every == 0) || done == cfg.train.steps {
+            let started = Instant::now();
+            last_ckpt = Some(run.save(&ckpt_root, done)?);
+            report.add_checkpoint(started.elapsed().as_secs_f64() * 1e3, done == cfg.train.steps);
+        }
         if done % cfg.log.every_steps.max(1) == 0 || done == cfg.train.steps {
             let scaler = run.scaler.as_ref();
             report.log(&run.world, global_batch, done, stats.lr, |m| {
@@ -258,14 +286,11 @@ fn run<T: Task>(
                 m.compression_error = stats.compression_error;
             })?;
         }
-        let check_every = cfg.train.check_replicas_every;
-        if check_every > 0 && done % check_every == 0 {
-            run.check_replicas(done)?;
-        }
-        let every = cfg.checkpoint.every_steps;
-        if (every > 0 && done % every == 0) || done == cfg.train.steps {
-            last_ckpt = Some(run.save(&ckpt_root, done)?);
-        }
+    }
+    if let Some(writer) = &mut run.writer {
+        // Nothing in flight after a final checkpoint (it was waited for); this covers a run whose
+        // last step the loss scaler skipped.
+        writer.finish(&run.world, cfg.train.steps)?;
     }
     let (samples_per_sec, step_ms) = report.throughput(global_batch, cfg.train.steps);
     report.finish(resolved, &run.place, &run.pipeline_times, start_step, samples_per_sec);
@@ -276,6 +301,7 @@ fn run<T: Task>(
         samples_per_sec,
         step_ms,
         checkpoint: last_ckpt,
+        checkpoint_stall_ms: report.checkpoint_stalls(),
         pipeline: run.pipeline_times,
     })
 }
@@ -398,6 +424,7 @@ impl<'a, T: Task> Run<'a, T> {
             overlap,
             pipeline_times: Vec::new(),
             device_grads: None,
+            writer: None,
         };
         run.plan_pipeline()?;
 
@@ -476,17 +503,39 @@ impl<'a, T: Task> Run<'a, T> {
             })
     }
 
-    /// Writes the checkpoint of step `step` under `root`.
-    fn save(&self, root: &Path, step: u64) -> Result<PathBuf, TrainError> {
+    /// Writes the checkpoint of step `step` under `root`, or with `checkpoint.async` copies it
+    /// and starts writing it in the background.
+    fn save(&mut self, root: &Path, step: u64) -> Result<PathBuf, TrainError> {
         crate::flight::phase(crate::flight::Phase::Checkpoint);
+        let scale = self.scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps));
+        // A codec on the device keeps its own residual: that one is saved (read back here).
+        let device_codec_state = match &self.device_grads {
+            Some(device) => device.codec_state(self.rank, &self.ddp.layout().elements)?,
+            None => None,
+        };
+        if let Some(writer) = &mut self.writer {
+            let cfg = &self.resolved.config;
+            let codec = self.codec_ckpt.as_ref().zip(self.ddp.codec());
+            let describe = codec.map(|(_, codec)| codec.describe()).unwrap_or_default();
+            let part = RankPart {
+                writes_stage: self.place.replica == 0,
+                stage: self.place.stage,
+                layout: &self.layout,
+                master: &self.master,
+                optim: self.optimizer.state(),
+                codec: codec.map(|(slot, codec)| CodecPart {
+                    slot,
+                    describe: &describe,
+                    state: Cow::Owned(device_codec_state.unwrap_or_else(|| codec.state())),
+                }),
+            };
+            let state = resume::train_state(cfg, &self.place, step, scale);
+            return writer.save(&self.world, step, part, state, step == cfg.train.steps);
+        }
         let extras = SaveExtras {
-            scale: self.scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps)),
+            scale,
             codec: self.codec_ckpt.as_ref().zip(self.ddp.codec()),
-            // A codec on the device keeps its own residual: that one is saved.
-            device_codec_state: match &self.device_grads {
-                Some(device) => device.codec_state(self.rank, &self.ddp.layout().elements)?,
-                None => None,
-            },
+            device_codec_state,
         };
         resume::save(
             &self.world,
