@@ -8,7 +8,8 @@
 //!
 //! | field | meaning |
 //! |---|---|
-//! | `kill`, `exit`, `stop`, `sleep` | the action: SIGKILL itself; exit with `code` (default 1); SIGSTOP itself; sleep `secs` |
+//! | `kill`, `exit`, `stop`, `sleep`, `drop` | the action: SIGKILL itself; exit with `code` (default 1); SIGSTOP itself; sleep `secs`; cut the connection to `peer` |
+//! | `peer=P` | for `drop`: the global rank whose connection is cut |
 //! | `rank=R` | only global rank R (default: every rank) |
 //! | `step=S` | when the trainer is about to run step S (0-based; [`at_step`]) |
 //! | `collective=N` | before the world group's collective number N (0-based; [`at_collective`]) |
@@ -33,6 +34,8 @@ pub enum Action {
     Stop,
     /// Sleep that long: a slow rank.
     Sleep(Duration),
+    /// Cut the connection to this peer (global rank), as a network failure would.
+    Drop(usize),
 }
 
 /// When a fault fires.
@@ -78,7 +81,7 @@ pub fn parse(value: &str) -> Result<Vec<Fault>, FaultError> {
         let mut fields = part.split(',').map(str::trim);
         let action_name = fields.next().unwrap_or_default();
         let (mut rank, mut generation, mut trigger) = (None, Some(0), None);
-        let (mut secs, mut code) = (1.0f64, 1i32);
+        let (mut secs, mut code, mut peer) = (1.0f64, 1i32, None);
         for field in fields {
             let (key, val) = field
                 .split_once('=')
@@ -89,6 +92,7 @@ pub fn parse(value: &str) -> Result<Vec<Fault>, FaultError> {
             };
             match key {
                 "rank" => rank = Some(number("a rank")? as usize),
+                "peer" => peer = Some(number("a rank")? as usize),
                 "gen" if val == "any" => generation = None,
                 "gen" => generation = Some(number("a generation")? as u32),
                 "step" | "collective" if trigger.is_some() => {
@@ -110,7 +114,7 @@ pub fn parse(value: &str) -> Result<Vec<Fault>, FaultError> {
                 }
                 other => {
                     return Err(err(format!(
-                        "unknown field `{other}` in `{part}` (rank, step, collective, gen, secs, code)"
+                        "unknown field `{other}` in `{part}` (rank, step, collective, gen, secs, code, peer)"
                     )))
                 }
             }
@@ -120,7 +124,8 @@ pub fn parse(value: &str) -> Result<Vec<Fault>, FaultError> {
             "exit" => Action::Exit(code),
             "stop" => Action::Stop,
             "sleep" => Action::Sleep(Duration::from_secs_f64(secs)),
-            other => return Err(err(format!("unknown action `{other}` (kill, exit, stop, sleep)"))),
+            "drop" => Action::Drop(peer.ok_or_else(|| err(format!("`{part}`: drop needs peer=P")))?),
+            other => return Err(err(format!("unknown action `{other}` (kill, exit, stop, sleep, drop)"))),
         };
         let trigger = trigger.ok_or_else(|| err(format!("`{part}` says neither step=S nor collective=N")))?;
         faults.push(Fault {
@@ -135,6 +140,15 @@ pub fn parse(value: &str) -> Result<Vec<Fault>, FaultError> {
 
 /// This process's faults: those of `BURNRUN_FAULT` for its rank and generation.
 static PLAN: OnceLock<Vec<Fault>> = OnceLock::new();
+
+/// What cuts a connection to a peer (set by the communication layer once it has connections).
+type Severer = Box<dyn Fn(usize) + Send + Sync>;
+static SEVER: OnceLock<Severer> = OnceLock::new();
+
+/// Registers how a `drop` fault cuts the connection to a peer (the first registration stays).
+pub fn on_drop(sever: impl Fn(usize) + Send + Sync + 'static) {
+    let _ = SEVER.set(Box::new(sever));
+}
 
 /// Reads `BURNRUN_FAULT` for global rank `rank` in the job's current generation; the first call
 /// decides (a process is one rank). Called when a rank joins its job.
@@ -181,6 +195,10 @@ fn fire(now: Trigger) {
                 libc::kill(libc::getpid(), libc::SIGSTOP);
             },
             Action::Sleep(d) => std::thread::sleep(d),
+            Action::Drop(peer) => match SEVER.get() {
+                Some(sever) => sever(peer),
+                None => eprintln!("burnrun fault injection: no connections to cut yet"),
+            },
         }
     }
 }
@@ -222,6 +240,7 @@ mod tests {
             ("kill,step=1,collective=2", "both step and collective"),
             ("kill,when=1", "unknown field `when`"),
             ("stop,step", "`step` in `stop,step` is not key=value"),
+            ("drop,step=3", "drop needs peer=P"),
         ] {
             let message = parse(bad).unwrap_err().to_string();
             assert!(message.contains(needle), "{bad}: {message}");

@@ -487,9 +487,20 @@ pub fn verdict(records: &[Record], now_ns: u64) -> Option<String> {
             places.join("; ")
         ));
     }
+    let failed: Vec<u64> = latest
+        .iter()
+        .filter(|(_, c)| c.is_some_and(|c| c.seq == front && c.state == CallState::Failed))
+        .map(|(r, _)| r.rank)
+        .collect();
+    if !failed.is_empty() {
+        return Some(format!(
+            "{name} failed on rank(s) {} (their errors say why){wait}",
+            ranks_text(&failed)
+        ));
+    }
     let done: Vec<u64> = latest
         .iter()
-        .filter(|(_, c)| c.is_some_and(|c| c.seq == front && c.state != CallState::Started))
+        .filter(|(_, c)| c.is_some_and(|c| c.seq == front && c.state == CallState::Done))
         .map(|(r, _)| r.rank)
         .collect();
     Some(format!(
@@ -590,6 +601,14 @@ mod tests {
             .unwrap()
             .starts_with("every rank entered all_reduce #5 and none finished it"));
         assert_eq!(verdict(&[record(0, 0, Phase::Setup, vec![])], 0), None);
+        let failed = vec![
+            record(0, 3, Phase::GradientSync, vec![call(5, CallState::Failed, 0)]),
+            record(1, 3, Phase::GradientSync, vec![call(5, CallState::Failed, 0)]),
+        ];
+        assert_eq!(
+            verdict(&failed, s).unwrap(),
+            "all_reduce #5 failed on rank(s) 0-1 (their errors say why)"
+        );
         assert_eq!(ranks_text(&[5, 0, 1, 2, 7, 8]), "0-2, 5, 7-8");
     }
 

@@ -203,3 +203,16 @@ fn across_two_nodes_the_report_of_node_0_holds_every_rank_and_names_the_stopped_
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[test]
+fn a_connection_cut_between_two_ranks_fails_the_job_naming_it_and_the_restart_recovers() {
+    let (out, finished) = restarted_run("elastic-drop", "drop,rank=1,peer=0,step=7", &[]);
+    let all = finished.output();
+    assert!(
+        finished.stderr.contains("connection to peer 0 lost") && finished.stderr.contains("cut by fault injection"),
+        "{all}"
+    );
+    assert!(finished.stderr.contains("restarting the job: restart 1 of 1"), "{all}");
+    assert!(all.contains("trained 20 steps (resumed at step 5)"), "{all}");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -234,6 +234,13 @@ pub fn init_with_store(
     }
     let mesh = Arc::new(Mesh::new(rank, world_size, pairs).with_shm_spin(options.shm.spin));
     tracing::debug!(rank, world_size, transports = ?mesh.transports(), "data connections established");
+    // A `drop` fault (`BURNRUN_FAULT`, tests only) cuts this rank's connection to a peer.
+    let weak = Arc::downgrade(&mesh);
+    crate::fault::on_drop(move |peer| {
+        if let Some(mesh) = weak.upgrade() {
+            mesh.sever(peer, "cut by fault injection (BURNRUN_FAULT)");
+        }
+    });
     let comm = HostComm::world(mesh, options.timeout, options.tuning);
     Ok(ProcessGroup::new(Box::new(comm), (0..world_size).collect()).with_store(store))
 }

@@ -518,6 +518,14 @@ impl Mesh {
         self.world_size
     }
 
+    /// Cuts the connection to `peer` (both directions, as a network failure would): every later
+    /// transfer with it fails, and so do the peer's with this rank. Fault injection uses it.
+    pub fn sever(&self, peer: usize, reason: &str) {
+        if let Some(pair) = self.pairs.get(peer).and_then(|p| p.as_deref()) {
+            pair.mark_broken(reason.to_owned());
+        }
+    }
+
     /// Tags and fingerprints of the frames from `peer` that arrived and wait unread.
     pub fn stashed_from(&self, peer: usize) -> Vec<(Tag, u64)> {
         match self.pairs.get(peer).and_then(|p| p.as_deref()) {
