@@ -18,6 +18,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+/// The group number NCCL's calls are recorded under (they are numbered by NCCL's communicator,
+/// not by a host group; the verdict judges the host world group, the report shows both).
+pub const NCCL_GROUP: u64 = u64::MAX;
+
 /// Collectives a rank remembers.
 pub const ENTRIES: usize = 64;
 /// File magic and layout version ("BRFLIGHT", version 1 in the low byte).
@@ -114,10 +118,10 @@ pub struct Call {
 impl Call {
     /// `all_reduce #12 (f32 x 4096)`.
     pub fn describe(&self) -> String {
-        let group = if self.group == 0 {
-            String::new()
-        } else {
-            format!(" of group {}", self.group)
+        let group = match self.group {
+            0 => String::new(),
+            NCCL_GROUP => " on NCCL".to_string(),
+            g => format!(" of group {g}"),
         };
         format!("{} #{}{group} ({} x {})", self.op, self.seq, self.dtype, self.count)
     }

@@ -238,6 +238,26 @@ impl NcclCommunicator {
         if let (Some(check), Some(fp)) = (&self.check, fp) {
             check.before(op, seq, fp)?;
         }
+        // The flight recorder (read by the launcher on a hang): NCCL's calls as their own group.
+        let (dtype, count) = fp.map_or(("bytes".to_string(), bytes as u64), |fp| {
+            let dtype = crate::comm::DType::from_code(((fp >> 48) & 0xff) as u8).map_or("?".into(), |d| d.to_string());
+            (dtype, fp & 0xffff_ffff)
+        });
+        let slot = crate::flight::begin(crate::flight::NCCL_GROUP, seq, op, &dtype, count, None);
+        let outcome = self.run_recorded(op, seq, fp, bytes, enqueue);
+        crate::flight::end(slot, outcome.is_ok());
+        outcome
+    }
+
+    /// [`NcclCommunicator::run`] once numbered and checked.
+    fn run_recorded(
+        &self,
+        op: &'static str,
+        seq: u64,
+        fp: Option<u64>,
+        bytes: usize,
+        enqueue: impl FnOnce(&Nccl, RawComm, RawStream) -> c_int,
+    ) -> Result<(), CommError> {
         let mut guard = self.live(op, seq)?;
         let Some(comm) = guard.as_ref() else {
             return Err(self.poisoned());
