@@ -16,7 +16,7 @@ use burnrun::parallel::{DevicePowerSgd, FlatReduce, HostDeviceSum};
 use burnrun::train::checkpoint::{codec_state_path, read_tensors, step_dir};
 use burnrun::train::TrainOptions;
 
-use common::{assert_params_close, config, final_params, max_abs_diff, out_dir, params_at, sets, Params};
+use common::{assert_params_close, final_params, max_abs_diff, out_dir, params_at, sets, Params};
 
 /// The codecs side by side: the device computes in f32 with burn's matmuls and classical
 /// Gram-Schmidt, the host accumulates its column dots and norms in f64 with modified
@@ -387,22 +387,7 @@ impl Run {
             device_path_via_host: self.device_path,
             resume: self.resume,
         };
-        let init = InitOptions {
-            timeout: std::time::Duration::from_secs(60),
-            ..Default::default()
-        };
-        let results = spawn_ranks(2, &init, |pg| {
-            let cfg = burnrun::config::RunConfig::load(config("mlp_synthetic.toml"), &overrides).expect("config");
-            burnrun::train::train_on(pg, cfg, &options).map(|s| s.steps)
-        })
-        .expect("ranks join");
-        for (rank, result) in results.into_iter().enumerate() {
-            assert_eq!(
-                result.unwrap_or_else(|e| panic!("rank {rank}: {e}")),
-                TRAIN_STEPS,
-                "rank {rank}"
-            );
-        }
+        common::train_in_process(2, "mlp_synthetic.toml", &overrides, &options, TRAIN_STEPS);
     }
 }
 

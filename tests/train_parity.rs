@@ -249,22 +249,7 @@ fn a_run_stopped_after_step_10_and_resumed_by_config_ends_where_the_uninterrupte
 fn train_in_process(ranks: usize, out: &Path, accum: usize, options: &burnrun::train::TrainOptions) {
     let mut overrides = mlp(B, accum, &["log.progress=off"]);
     overrides.push(format!("train.out_dir={}", out.display()));
-    let init = burnrun::comm::InitOptions {
-        timeout: std::time::Duration::from_secs(60),
-        ..Default::default()
-    };
-    let results = burnrun::comm::spawn_ranks(ranks, &init, |pg| {
-        let cfg = burnrun::config::RunConfig::load(config("mlp_synthetic.toml"), &overrides).expect("config");
-        burnrun::train::train_on(pg, cfg, options).map(|s| s.steps)
-    })
-    .expect("ranks join");
-    for (rank, result) in results.into_iter().enumerate() {
-        assert_eq!(
-            result.unwrap_or_else(|e| panic!("rank {rank}: {e}")),
-            STEPS,
-            "rank {rank}"
-        );
-    }
+    common::train_in_process(ranks, "mlp_synthetic.toml", &overrides, options, STEPS);
 }
 
 #[test]

@@ -377,26 +377,11 @@ fn the_device_path_of_the_gradients_with_two_replicas_of_two_stages_ends_at_the_
     overrides.push("parallel.data=2".into());
     overrides.push("log.progress=off".into());
     overrides.push(format!("train.out_dir={}", out.display()));
-    let init = burnrun::comm::InitOptions {
-        timeout: Duration::from_secs(60),
-        ..Default::default()
-    };
     let options = burnrun::train::TrainOptions {
         device_path_via_host: true,
         ..Default::default()
     };
-    let results = burnrun::comm::spawn_ranks(4, &init, |pg| {
-        let cfg = burnrun::config::RunConfig::load(config("mlp_synthetic.toml"), &overrides).expect("config");
-        burnrun::train::train_on(pg, cfg, &options).map(|s| s.steps)
-    })
-    .expect("ranks join");
-    for (rank, result) in results.into_iter().enumerate() {
-        assert_eq!(
-            result.unwrap_or_else(|e| panic!("rank {rank}: {e}")),
-            STEPS,
-            "rank {rank}"
-        );
-    }
+    common::train_in_process(4, "mlp_synthetic.toml", &overrides, &options, STEPS);
     assert_params_close(
         &final_params(&out),
         single_rank(2 * B),

@@ -191,42 +191,23 @@ impl DeviceTopK {
         let values = self.kernels.zeros::<f32>(k * world).map_err(kernel_err)?;
         // The indices travel as i32: the same four bytes, and the host codec's wire type.
         let index_address = |slice: &CudaSlice<u32>| CudaDevicePtr::device_ptr(slice, stream).0;
-        comm.all_gather(
-            BufRef {
-                dtype: DType::I32,
-                numel: k,
-                memory: Memory::Device(DevicePtr {
-                    address: index_address(&selection.indices),
-                    ordinal,
-                }),
-            },
-            BufMut {
-                dtype: DType::I32,
-                numel: k * world,
-                memory: MemoryMut::Device(DevicePtr {
-                    address: index_address(&indices),
-                    ordinal,
-                }),
-            },
-        )?;
-        comm.all_gather(
-            BufRef {
-                dtype: DType::F32,
-                numel: k,
-                memory: Memory::Device(DevicePtr {
-                    address: address(&selection.values),
-                    ordinal,
-                }),
-            },
-            BufMut {
-                dtype: DType::F32,
-                numel: k * world,
-                memory: MemoryMut::Device(DevicePtr {
-                    address: address(&values),
-                    ordinal,
-                }),
-            },
-        )?;
+        let gather = |dtype, from: u64, into: u64| {
+            let at = |address| DevicePtr { address, ordinal };
+            comm.all_gather(
+                BufRef {
+                    dtype,
+                    numel: k,
+                    memory: Memory::Device(at(from)),
+                },
+                BufMut {
+                    dtype,
+                    numel: k * world,
+                    memory: MemoryMut::Device(at(into)),
+                },
+            )
+        };
+        gather(DType::I32, index_address(&selection.indices), index_address(&indices))?;
+        gather(DType::F32, address(&selection.values), address(&values))?;
         // Every rank gathered the same pairs, so all agree whether the step is finite: only then
         // does the residual keep this step's input minus what was sent.
         let nonfinite = self.kernels.count_nonfinite(&values).map_err(kernel_err)?;

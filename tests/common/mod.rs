@@ -324,3 +324,31 @@ pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad JSON line {l:?}: {e}", path.display())))
         .collect()
 }
+
+/// Trains `configs/<config_name>` with `overrides` on `ranks` ranks inside this process (threads,
+/// each on the world group `spawn_ranks` gives, over real sockets), with `options`; panics, naming
+/// the rank, unless every rank trained `steps` steps.
+pub fn train_in_process(
+    ranks: usize,
+    config_name: &str,
+    overrides: &[String],
+    options: &burnrun::train::TrainOptions,
+    steps: u64,
+) {
+    let init = burnrun::comm::InitOptions {
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let results = burnrun::comm::spawn_ranks(ranks, &init, |pg| {
+        let cfg = burnrun::config::RunConfig::load(config(config_name), overrides).expect("config");
+        burnrun::train::train_on(pg, cfg, options).map(|s| s.steps)
+    })
+    .expect("ranks join");
+    for (rank, result) in results.into_iter().enumerate() {
+        assert_eq!(
+            result.unwrap_or_else(|e| panic!("rank {rank}: {e}")),
+            steps,
+            "rank {rank}"
+        );
+    }
+}
