@@ -491,26 +491,28 @@ pub fn verdict(records: &[Record], now_ns: u64) -> Option<String> {
             places.join("; ")
         ));
     }
-    let failed: Vec<u64> = latest
-        .iter()
-        .filter(|(_, c)| c.is_some_and(|c| c.seq == front && c.state == CallState::Failed))
-        .map(|(r, _)| r.rank)
-        .collect();
+    // A call that failed (timed out, lost a peer) ended on that rank but was not finished: a rank
+    // whose record is the only one left (its peers' nodes were cut off) must not read as done.
+    let ended_as = |state: CallState| -> Vec<u64> {
+        latest
+            .iter()
+            .filter(|(_, c)| c.is_some_and(|c| c.seq == front && c.state == state))
+            .map(|(r, _)| r.rank)
+            .collect()
+    };
+    let mut parts = Vec::new();
+    let done = ended_as(CallState::Done);
+    if !done.is_empty() {
+        parts.push(format!("rank(s) {} finished {name} and went on", ranks_text(&done)));
+    }
+    let failed = ended_as(CallState::Failed);
     if !failed.is_empty() {
-        return Some(format!(
-            "{name} failed on rank(s) {} (their errors say why){wait}",
+        parts.push(format!(
+            "rank(s) {} failed in {name} (timed out or lost a peer)",
             ranks_text(&failed)
         ));
     }
-    let done: Vec<u64> = latest
-        .iter()
-        .filter(|(_, c)| c.is_some_and(|c| c.seq == front && c.state == CallState::Done))
-        .map(|(r, _)| r.rank)
-        .collect();
-    Some(format!(
-        "rank(s) {} finished {name} and went on{wait}",
-        ranks_text(&done)
-    ))
+    Some(format!("{}{wait}", parts.join("; ")))
 }
 
 /// The report file: the verdict, then every rank's step, phase, time since its last progress and
@@ -605,13 +607,17 @@ mod tests {
             .unwrap()
             .starts_with("every rank entered all_reduce #5 and none finished it"));
         assert_eq!(verdict(&[record(0, 0, Phase::Setup, vec![])], 0), None);
+        // Ranks whose call failed did not finish it (their peers' records may be missing: a node
+        // cut off from the network publishes none).
         let failed = vec![
-            record(0, 3, Phase::GradientSync, vec![call(5, CallState::Failed, 0)]),
-            record(1, 3, Phase::GradientSync, vec![call(5, CallState::Failed, 0)]),
+            record(0, 10, Phase::GradientSync, vec![call(16, CallState::Failed, 0)]),
+            record(1, 10, Phase::GradientSync, vec![call(16, CallState::Failed, 0)]),
+            record(2, 10, Phase::GradientSync, vec![call(16, CallState::Done, 0)]),
         ];
         assert_eq!(
             verdict(&failed, s).unwrap(),
-            "all_reduce #5 failed on rank(s) 0-1 (their errors say why)"
+            "rank(s) 2 finished all_reduce #16 and went on; \
+             rank(s) 0-1 failed in all_reduce #16 (timed out or lost a peer)"
         );
         assert_eq!(ranks_text(&[5, 0, 1, 2, 7, 8]), "0-2, 5, 7-8");
     }

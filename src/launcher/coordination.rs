@@ -373,23 +373,26 @@ impl Coordinator {
     }
 
     /// Publishes `failure` as the job's root cause unless another one is there already and
-    /// `failure` does not replace it ([`Failure::replaces`]); returns the one the store then holds.
+    /// `failure` neither replaces it nor joins it ([`Failure::instead_of`]); returns the one the
+    /// store then holds.
     pub(crate) fn publish_failure(&self, failure: &Failure) -> Result<Failure, StoreError> {
         let key = self.gkey("failed");
-        let ours = failure.to_json();
+        let mut ours = failure.clone();
         let mut expected: Option<Vec<u8>> = None;
         for _ in 0..MAX_FAILURE_SWAPS {
-            let current = self.store.compare_set(&key, expected.as_deref(), &ours)?;
-            if current == ours {
-                return Ok(failure.clone());
+            let json = ours.to_json();
+            let current = self.store.compare_set(&key, expected.as_deref(), &json)?;
+            if current == json {
+                return Ok(ours);
             }
             let published = Failure::from_json(&current, "the store");
-            if !failure.replaces(&published) {
+            let Some(better) = failure.instead_of(&published) else {
                 return Ok(published);
-            }
+            };
+            ours = better;
             expected = Some(current);
         }
-        Ok(self.failure()?.unwrap_or_else(|| failure.clone()))
+        Ok(self.failure()?.unwrap_or(ours))
     }
 
     /// One round of watching the job from this node: the failure key, then (once a

@@ -421,14 +421,19 @@ impl Failure {
 
     /// Whether this failure should replace `published` as the job's root cause: both are rank
     /// failures and [`root_cause`] prefers this one to the one published before it, or this one
-    /// is the unresponsive rank the published one waited for. A launcher's stop
-    /// ([`Failure::Node`]) is never replaced and never replaces.
+    /// is the unresponsive rank the published one waited for (or whose waiter it lost). A
+    /// launcher's stop ([`Failure::Node`]) is never replaced and never replaces.
     pub(crate) fn replaces(&self, published: &Failure) -> bool {
         match (self, published) {
             (Failure::Rank(ours), Failure::Rank(theirs)) => root_cause(&[theirs, ours]) == Some(1),
-            // The rank that timed out explains less than the rank it waited for.
+            // The rank that timed out explains less than the rank it waited for, and so does a rank
+            // that lost one of the ranks that waited for it (on another node, it exited first).
             (Failure::Unresponsive(stall), Failure::Rank(theirs)) => {
-                stall.waiters.contains(&theirs.rank) || theirs.waited_peers().contains(&stall.rank)
+                stall.waiters.contains(&theirs.rank)
+                    || theirs
+                        .lost_peers()
+                        .iter()
+                        .any(|peer| *peer == stall.rank || stall.waiters.contains(peer))
             }
             // The same rank blamed, now by the node that runs it: with its process and state.
             (Failure::Unresponsive(ours), Failure::Unresponsive(theirs)) => {
@@ -441,6 +446,42 @@ impl Failure {
             }
             _ => false,
         }
+    }
+
+    /// What the store should hold instead of `published` once this node knows its own failure:
+    /// this one when it [`replaces`](Failure::replaces) it, the two joined when they blame ranks
+    /// of one chain of waiting ranks, or `None` to keep `published`.
+    ///
+    /// Each node sees only its own ranks' timeouts. When node 2's link is cut, rank 0 (node 0)
+    /// may time out waiting for rank 1 while rank 1 (node 1) times out waiting for rank 2: node 0
+    /// blames rank 1, node 1 blames rank 2. Rank 1 timed out itself, so it is not the cause: the
+    /// blame goes to the end of the chain, and the ranks that waited on both sides are listed.
+    /// Two nodes that blame each other's ranks (a cycle) keep the one published first.
+    pub(crate) fn instead_of(&self, published: &Failure) -> Option<Failure> {
+        let (Failure::Unresponsive(ours), Failure::Unresponsive(theirs)) = (self, published) else {
+            return self.replaces(published).then(|| self.clone());
+        };
+        // `blamed` with the waiters of `other` too, when `other` blamed one of them (or the same rank).
+        let joined = |blamed: &Unresponsive, other: &Unresponsive| {
+            let chain = blamed.rank == other.rank
+                || (blamed.waiters.contains(&other.rank) && !other.waiters.contains(&blamed.rank));
+            chain.then(|| {
+                let mut waiters: Vec<usize> = blamed.waiters.iter().chain(&other.waiters).copied().collect();
+                waiters.retain(|&r| r != blamed.rank);
+                waiters.sort_unstable();
+                waiters.dedup();
+                Unresponsive {
+                    waiters,
+                    ..blamed.clone()
+                }
+            })
+        };
+        let better = if self.replaces(published) || (ours.rank != theirs.rank && ours.waiters.contains(&theirs.rank)) {
+            joined(ours, theirs)
+        } else {
+            joined(theirs, ours)
+        }?;
+        (better != *theirs).then_some(Failure::Unresponsive(better))
     }
 
     /// Serializes for the store.
@@ -645,6 +686,51 @@ mod tests {
             waited(0, 1).brief(),
             "rank 0 (exited with code 1, timed out waiting for peer 1)"
         );
+    }
+
+    fn blamed(rank: usize, waiters: &[usize]) -> Failure {
+        Failure::Unresponsive(Unresponsive {
+            rank,
+            waiters: waiters.to_vec(),
+            process: None,
+            evidence: Some(format!("waiting for peer {rank}")),
+            stalled: false,
+        })
+    }
+
+    #[test]
+    fn nodes_that_blame_ranks_of_one_chain_end_with_the_last_rank_and_every_waiter() {
+        // Node 2 cut off: rank 0 (node 0) timed out waiting for rank 1, rank 1 (node 1) waiting
+        // for rank 2. In either order of publication the store ends blaming rank 2.
+        let (node0, node1) = (blamed(1, &[0]), blamed(2, &[1]));
+        let end = blamed(2, &[0, 1]);
+        assert_eq!(node1.instead_of(&node0), Some(end.clone()));
+        assert_eq!(node0.instead_of(&node1), Some(end.clone()));
+        // Once joined, nothing changes it again (publishing ends).
+        assert_eq!(node0.instead_of(&end), None);
+        assert_eq!(node1.instead_of(&end), None);
+        // Two nodes that blame each other's ranks: the first published stays.
+        assert_eq!(blamed(0, &[1]).instead_of(&blamed(1, &[0])), None);
+        // The same rank blamed by two nodes: the waiters of both.
+        assert_eq!(blamed(3, &[2]).instead_of(&blamed(3, &[0])), Some(blamed(3, &[0, 2])));
+        // Unrelated ranks, or a launcher's own stop: kept.
+        assert_eq!(blamed(3, &[2]).instead_of(&blamed(1, &[0])), None);
+        let node = Failure::Node {
+            node_rank: 1,
+            host: "h".into(),
+            reason: "lost node 0's store".into(),
+        };
+        assert_eq!(blamed(2, &[1]).instead_of(&node), None);
+        // Node 0's rank lost rank 1, which had timed out waiting for rank 2 and exited: published
+        // first, node 0's failure gives way to node 1's.
+        let lost_1 = Failure::Rank(failed(0, ExitCause::Code(1), &[LOST_1]));
+        assert_eq!(node1.instead_of(&lost_1), Some(node1.clone()));
+        assert_eq!(lost_1.instead_of(&node1), None);
+        // A preferred rank failure still replaces as before.
+        let lost = Failure::Rank(failed(0, ExitCause::Code(1), &[LOST_1]));
+        let peer = Failure::Rank(failed(1, ExitCause::Code(3), &[]));
+        assert_eq!(peer.instead_of(&lost), Some(peer.clone()));
+        assert_eq!(lost.instead_of(&peer), None);
     }
 
     #[test]

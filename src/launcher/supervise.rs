@@ -592,7 +592,22 @@ impl<'a> Supervisor<'a> {
             }
         };
         let now = crate::flight::now_ns();
-        let verdict = crate::flight::verdict(&records, now);
+        // A node that could not reach the store (its link was cut) published nothing: say so,
+        // rather than judge from the others' records as if they were all.
+        let world_size = self.ranks.first().map_or(0, |r| r.placement.world_size) as u64;
+        let missing: Vec<u64> = (0..world_size)
+            .filter(|rank| !records.iter().any(|r| r.rank == *rank))
+            .collect();
+        let verdict = crate::flight::verdict(&records, now).map(|verdict| {
+            if missing.is_empty() {
+                verdict
+            } else {
+                format!(
+                    "{verdict}; no record from rank(s) {} (their node did not publish it)",
+                    crate::flight::ranks_text(&missing)
+                )
+            }
+        });
         if let Some(verdict) = &verdict {
             say(format_args!("flight recorder: {verdict}"));
         }

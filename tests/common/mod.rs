@@ -111,7 +111,21 @@ impl Job {
 
     /// [`Job::start`] with `env` added to its environment (e.g. `BURNRUN_FAULT`).
     pub fn start_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(BURNRUN);
+        Self::start_wrapped(&[], args, env)
+    }
+
+    /// [`Job::start_with_env`] through `wrapper`, a command that runs its arguments (e.g.
+    /// `ip netns exec NAME`, which execs `burnrun` in a network namespace: the pid stays the
+    /// launcher's, so the drop still kills it).
+    pub fn start_wrapped<S: AsRef<std::ffi::OsStr>>(wrapper: &[&str], args: &[S], env: &[(&str, &str)]) -> Self {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(BURNRUN);
+                command
+            }
+            None => Command::new(BURNRUN),
+        };
         command
             .args(args)
             .current_dir(repo())
@@ -151,6 +165,11 @@ impl Job {
     /// The launcher's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// When it was started ([`Finished::elapsed`] counts from here).
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// What it printed so far, both streams.
