@@ -446,12 +446,18 @@ impl<'a> Supervisor<'a> {
         match self.coordinator.poll() {
             Ok(None) => {}
             Ok(Some(failure)) => {
+                // Another node blamed a rank of this node without seeing its process: say what
+                // state it is in (read before the teardown signals it), for every node's summary.
+                let described = self.describe_blamed(&failure);
                 if self.failure.is_none() {
                     self.failure = Some(failure.clone());
                 }
                 if self.teardown.is_none() {
                     let what = failure.summary_lines().into_iter().next().unwrap_or_default();
                     self.begin_teardown(Signal::SIGTERM, &what);
+                }
+                if let Some(described) = described {
+                    self.record_failure(described);
                 }
             }
             Err(e) if self.node_rank != 0 => {
@@ -469,6 +475,28 @@ impl<'a> Supervisor<'a> {
             // Node 0's store lives in this process; a failing call is worth a line, not a teardown.
             Err(e) => say(format_args!("store poll failed: {e}")),
         }
+    }
+
+    /// `failure` with the process of the rank it blames, when that rank runs here and the node
+    /// that published it could not describe it; `None` otherwise.
+    fn describe_blamed(&self, failure: &Failure) -> Option<Failure> {
+        let Failure::Unresponsive(stall) = failure else {
+            return None;
+        };
+        if stall.process.is_some() {
+            return None;
+        }
+        let rank = self.ranks.iter().find(|r| r.placement.rank == stall.rank)?;
+        Some(Failure::Unresponsive(Unresponsive {
+            process: Some(UnresponsiveProcess {
+                node_rank: rank.placement.node_rank,
+                local_rank: rank.placement.local_rank,
+                pid: rank.pid,
+                host: self.host.clone(),
+                state: process_state(rank.pid),
+            }),
+            ..stall.clone()
+        }))
     }
 
     /// The flight record of every local rank that has one (see `crate::flight`).
