@@ -150,6 +150,33 @@ impl Deadline {
         stream.set_read_timeout(Some(left))?;
         stream.set_write_timeout(Some(left))
     }
+
+    /// Fills `buf` by the deadline. A read timeout alone would bound each read, not the step: a
+    /// peer sending one byte just before every timeout could stretch a step to one deadline per byte.
+    fn read_exact(&self, stream: &mut TcpStream, mut buf: &mut [u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let left = self.timeout.saturating_sub(self.start.elapsed());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the handshake's deadline passed",
+                ));
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(buf) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection",
+                    ))
+                }
+                Ok(n) => buf = &mut buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn peer_name(stream: &TcpStream) -> String {
@@ -186,8 +213,7 @@ pub fn client_handshake(
     stream.write_all(&hello).map_err(io)?;
 
     let mut reply = [0u8; 8 + NONCE_BYTES + PROOF_BYTES];
-    deadline.arm(stream).map_err(io)?;
-    stream.read_exact(&mut reply).map_err(io)?;
+    deadline.read_exact(stream, &mut reply).map_err(io)?;
     if reply[..8] != MAGIC {
         return Err(AuthError::BadMagic { peer, channel });
     }
@@ -200,8 +226,7 @@ pub fn client_handshake(
     deadline.arm(stream).map_err(io)?;
     stream.write_all(&proof).map_err(io)?;
     let mut status = [0u8; 1];
-    deadline.arm(stream).map_err(io)?;
-    stream.read_exact(&mut status).map_err(io)?;
+    deadline.read_exact(stream, &mut status).map_err(io)?;
     if status[0] != ACCEPTED {
         return Err(AuthError::BadProof { peer });
     }
@@ -229,8 +254,7 @@ pub fn server_handshake(
         source,
     };
     let mut hello = [0u8; 8 + 1 + NONCE_BYTES];
-    deadline.arm(stream).map_err(io)?;
-    stream.read_exact(&mut hello).map_err(io)?;
+    deadline.read_exact(stream, &mut hello).map_err(io)?;
     if hello[..8] != MAGIC || hello[8] != channel as u8 {
         return Err(AuthError::BadMagic { peer, channel });
     }
@@ -243,8 +267,7 @@ pub fn server_handshake(
     deadline.arm(stream).map_err(io)?;
     stream.write_all(&reply).map_err(io)?;
     let mut proof = [0u8; PROOF_BYTES];
-    deadline.arm(stream).map_err(io)?;
-    stream.read_exact(&mut proof).map_err(io)?;
+    deadline.read_exact(stream, &mut proof).map_err(io)?;
     let expected = secret.proof(b"client", channel, &server_nonce, client_nonce);
     if !constant_time_eq(&expected, &proof) {
         return Err(AuthError::BadProof { peer });

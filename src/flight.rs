@@ -403,7 +403,8 @@ pub fn ranks_text(ranks: &[u64]) -> String {
     while i < sorted.len() {
         let start = sorted[i];
         let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+        // `checked_add`: ranks come from record files, and a corrupt one may hold `u64::MAX`.
+        while i + 1 < sorted.len() && end.checked_add(1) == Some(sorted[i + 1]) {
             i += 1;
             end = sorted[i];
         }
@@ -620,6 +621,13 @@ mod tests {
              rank(s) 0-1 failed in all_reduce #16 (timed out or lost a peer)"
         );
         assert_eq!(ranks_text(&[5, 0, 1, 2, 7, 8]), "0-2, 5, 7-8");
+    }
+
+    #[test]
+    fn ranks_at_the_top_of_the_range_from_a_corrupt_record_are_listed_without_overflow() {
+        let max = u64::MAX;
+        assert_eq!(ranks_text(&[max, max]), format!("{max}, {max}"));
+        assert_eq!(ranks_text(&[max, max - 1, 0]), format!("0, {}-{max}", max - 1));
     }
 
     #[test]
