@@ -136,7 +136,13 @@ impl DeviceAllReduce {
     /// returns it with the time NCCL took.
     pub fn average(&self, flat: Tensor<1>) -> Result<(Tensor<1>, f64), DeviceSyncError> {
         let started = Instant::now();
-        let averaged = self.with_buffer(flat, |address, numel| {
+        let averaged = self.all_reduce_in_place(flat, ReduceOp::Avg)?;
+        Ok((averaged, started.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// `op` over the ranks of `flat`'s own f32 buffer, in place on the device.
+    fn all_reduce_in_place(&self, flat: Tensor<1>, op: ReduceOp) -> Result<Tensor<1>, DeviceSyncError> {
+        self.with_buffer(flat, |address, numel| {
             self.comm.all_reduce(
                 BufMut {
                     dtype: DType::F32,
@@ -146,31 +152,25 @@ impl DeviceAllReduce {
                         ordinal: self.ordinal,
                     }),
                 },
-                ReduceOp::Avg,
+                op,
             )?;
             Ok(())
-        })?;
-        Ok((averaged, started.elapsed().as_secs_f64() * 1e3))
+        })
+    }
+
+    /// The codec kernels on this communicator's stream (ordered with its calls).
+    pub(crate) fn kernels(&self) -> Result<Kernels, DeviceSyncError> {
+        Kernels::new(self.comm.stream().clone(), self.comm.timeout()).map_err(|e| DeviceSyncError::Buffer {
+            rank: self.rank,
+            reason: format!("the codec kernels: {e}"),
+        })
     }
 
     /// Sums `values` (a flat f32 tensor of its own on this rank's CUDA device) over the ranks, in
     /// place on the device: the collective of a codec on the GPU (PowerSGD's factors,
     /// [`super::DevicePowerSgd`]).
     pub fn sum(&self, values: Tensor<1>) -> Result<Tensor<1>, DeviceSyncError> {
-        self.with_buffer(values, |address, numel| {
-            self.comm.all_reduce(
-                BufMut {
-                    dtype: DType::F32,
-                    numel,
-                    memory: MemoryMut::Device(DevicePtr {
-                        address,
-                        ordinal: self.ordinal,
-                    }),
-                },
-                ReduceOp::Sum,
-            )?;
-            Ok(())
-        })
+        self.all_reduce_in_place(values, ReduceOp::Sum)
     }
 
     /// Runs `work` on the device address and length of `flat`'s buffer (a contiguous f32 CUDA
@@ -271,12 +271,7 @@ struct HalfState {
 impl DeviceHalfWire {
     /// `format` on the wire over `reduce`'s communicator, with error feedback when `feedback`.
     pub fn new(reduce: DeviceAllReduce, format: HalfFormat, feedback: bool) -> Result<Self, DeviceSyncError> {
-        let rank = reduce.rank;
-        let timeout = reduce.comm.timeout();
-        let kernels = Kernels::new(reduce.comm.stream().clone(), timeout).map_err(|e| DeviceSyncError::Buffer {
-            rank,
-            reason: format!("the codec kernels: {e}"),
-        })?;
+        let kernels = reduce.kernels()?;
         Ok(Self {
             reduce,
             kernels,

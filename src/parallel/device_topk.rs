@@ -53,14 +53,7 @@ impl DeviceTopK {
         feedback: bool,
         buckets: Vec<Range<usize>>,
     ) -> Result<Self, DeviceSyncError> {
-        let rank = reduce.rank();
-        let kernels =
-            Kernels::new(reduce.communicator().stream().clone(), reduce.communicator().timeout()).map_err(|e| {
-                DeviceSyncError::Buffer {
-                    rank,
-                    reason: format!("the codec kernels: {e}"),
-                }
-            })?;
+        let kernels = reduce.kernels()?;
         Ok(Self {
             reduce,
             kernels,
