@@ -320,11 +320,7 @@ fn a_link_cut_mid_training_ends_both_nodes_within_the_deadlines_and_node_0_names
     assert_eq!(node0.status.code(), Some(1), "{hint}\n{}", node0.output());
     assert_eq!(node1.status.code(), Some(1), "{hint}\n{}", node1.output());
     let stderr = &node0.stderr;
-    assert!(
-        stderr.contains("job failed: rank 1 did not respond: rank 0 timed out waiting for it"),
-        "{}",
-        node0.output()
-    );
+    assert!(blames(stderr, 1, 0), "{}", node0.output());
     assert!(
         stderr.contains(&format!("timed out after {CUT_TIMEOUT_SECS}s waiting for peer 1")),
         "{}",
@@ -404,12 +400,7 @@ fn a_link_cut_then_restored_restarts_the_job_which_resumes_from_its_checkpoint_a
         all.contains(&format!("trained {STEPS} steps (resumed at step {CUT_STEP})")),
         "{all}"
     );
-    assert!(
-        node0
-            .stderr
-            .contains("job failed: rank 1 did not respond: rank 0 timed out waiting for it"),
-        "{all}"
-    );
+    assert!(blames(&node0.stderr, 1, 0), "{all}");
     let (params, loss) = reference(STEPS);
     assert_params_close(
         &final_params(&cluster.out()),
@@ -451,13 +442,7 @@ fn with_three_nodes_a_node_cut_off_is_named_by_the_other_two_as_the_rank_they_wa
     }
     let (node0, node1, node2) = (&ended[0].0, &ended[1].0, &ended[2].0);
     for (node, finished) in [(0, node0), (1, node1)] {
-        assert!(
-            finished
-                .stderr
-                .contains("job failed: rank 2 did not respond: rank 1 timed out waiting for it"),
-            "node {node}:\n{}",
-            finished.output()
-        );
+        assert!(blames(&finished.stderr, 2, 1), "node {node}:\n{}", finished.output());
         assert!(
             finished
                 .stderr
@@ -486,4 +471,15 @@ fn with_three_nodes_a_node_cut_off_is_named_by_the_other_two_as_the_rank_they_wa
         ended[1].1.as_secs_f64(),
         ended[2].1.as_secs_f64()
     );
+}
+
+/// Whether `stderr` holds the summary line blaming `rank` for not responding while `waiter`
+/// timed out waiting for it. The node that runs the blamed rank may add its process to the
+/// line (`rank 1 (node 1, local rank 0, pid N on host) did not respond: ...`), when it saw the
+/// report in time: both forms are right.
+fn blames(stderr: &str, rank: usize, waiter: usize) -> bool {
+    stderr.lines().any(|line| {
+        line.contains(&format!("job failed: rank {rank} "))
+            && line.ends_with(&format!("did not respond: rank {waiter} timed out waiting for it"))
+    })
 }
