@@ -77,7 +77,9 @@ fn an_inf_on_one_rank_makes_every_rank_skip_that_step_and_halve_the_scale_then_i
                         skip: false,
                         first_overflow: None,
                         overflow_ranks: vec![],
-                        scale: d.scale
+                        scale: d.scale,
+                        // The scale before this decision: a growth step's gradients carry 512.
+                        scale_used: if step <= overflow_step { 1024.0 } else { 512.0 },
                     }
                 );
             }
@@ -295,4 +297,21 @@ fn a_span_past_the_gradient_is_refused_with_its_name() {
             .contains("`layer2.weight` spans elements 6..10 but the gradient has 8"),
         "{err}"
     );
+}
+
+#[test]
+fn a_growth_step_unscales_by_the_scale_the_gradients_were_computed_with() {
+    // growth_interval 10: the 10th good step grows the scale; its gradients still carry the old one.
+    let mut scaler = scaler(10);
+    let before = scaler.scale;
+    let mut decision = None;
+    for step in 0..10 {
+        decision = Some(scaler.check_and_update(None, step, &[1.0], &[]).unwrap());
+    }
+    let decision = decision.unwrap();
+    assert!(scaler.scale > before, "the 10th good step grew the scale");
+    assert_eq!((decision.scale, decision.scale_used), (scaler.scale, before));
+    let mut grads = vec![before * 3.0];
+    decision.unscale(&mut grads);
+    assert_eq!(grads, vec![3.0]);
 }

@@ -144,6 +144,17 @@ pub struct StepDecision {
     pub overflow_ranks: Vec<usize>,
     /// The scale for the next step.
     pub scale: f32,
+    /// The scale these gradients carry (the one in force at backward, before this decision grew
+    /// or backed it off): divide by it ([`StepDecision::unscale`]).
+    pub scale_used: f32,
+}
+
+impl StepDecision {
+    /// Divides the gradients by the scale they were computed with.
+    pub fn unscale(&self, grads: &mut [f32]) {
+        let inverse = 1.0 / self.scale_used;
+        grads.iter_mut().for_each(|g| *g *= inverse);
+    }
 }
 
 /// Why the scale changed.
@@ -335,10 +346,12 @@ impl DynamicLossScaler {
             first_overflow,
             overflow_ranks,
             scale: self.scale,
+            scale_used: scale_before,
         })
     }
 
-    /// Divides the gradients by the current scale (call after a step that was not skipped).
+    /// Divides the gradients by the current scale. After [`DynamicLossScaler::check_and_update`]
+    /// the scale may already have grown: unscale with [`StepDecision::unscale`] then.
     pub fn unscale(&self, grads: &mut [f32]) {
         let inverse = 1.0 / self.scale;
         grads.iter_mut().for_each(|g| *g *= inverse);

@@ -195,7 +195,8 @@ impl<T: Task> Run<'_, T> {
                         return Ok((model, None));
                     }
                     if on_device.is_none() {
-                        scaler.unscale(&mut self.grads);
+                        // By the scale the gradients carry: a growth step has raised it already.
+                        decision.unscale(&mut self.grads);
                     }
                 }
                 match on_device {
