@@ -7,20 +7,29 @@ intra-op thread, and for every size (min..max, times --step-factor) runs --warmu
 its timed iterations; the reported time is the slowest rank's (a MAX all-reduce, as nccl-tests
 and burnrun do). busbw = algbw * 2(n-1)/n. Results are checked once per size on fresh data.
 
-With --backend nccl every rank uses GPU `rank` (torch.cuda.set_device) and CUDA buffers. The
-timed calls are queued back to back and the device synchronised once at the end (nccl-tests'
-way, and how torch code runs), or, with --sync-each, after every call (as `burnrun bench --device
-cuda` waits for each call).
+With --backend nccl every rank uses the GPU of its local rank (torch.cuda.set_device) and CUDA
+buffers. The timed calls are queued back to back and the device synchronised once at the end
+(nccl-tests' way, and how torch code runs), or, with --sync-each, after every call (as `burnrun
+bench --device cuda` waits for each call).
 
 Prints the same JSON lines as `burnrun bench allreduce --json`:
   {"op","bytes","dtype","ranks","time_us","algbw_gbps","busbw_gbps","wrong","cpu_us"}
 where cpu_us is the CPU time of one all-reduce summed over ranks (every thread of each process).
 
+Several nodes (--nnodes): run the script once per node with the same options and its --node-rank;
+node r's ranks are r*nproc .. r*nproc+nproc-1, they meet at --master-addr:--master-port (node 0
+hosts torch's TCP store there), and gloo's sockets use --ifname (GLOO_SOCKET_IFNAME; loopback on
+one node). Only node 0 prints rows. benches/shaped_allreduce.py runs it that way in two network
+namespaces.
+
 Usage: python3 benches/gloo_allreduce.py --nproc 2 --min-bytes 4K --max-bytes 64M
        python3 benches/gloo_allreduce.py --backend nccl --nproc 1 --max-bytes 256M
+       python3 benches/gloo_allreduce.py --nproc 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 \
+           --master-port 29600 --ifname eth0
 Needs torch (pip install torch; CUDA for nccl); nothing in the Rust tests depends on this script.
 """
 import argparse
+import datetime
 import json
 import os
 import re
@@ -54,19 +63,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rank_main(rank, args, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(args.nproc), GLOO_SOCKET_IFNAME="lo")
+def rank_main(local_rank, args, port, queue):
+    rank = args.node_rank * args.nproc + local_rank
+    n = args.nnodes * args.nproc
+    os.environ.update(MASTER_ADDR=args.master_addr, MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(n), GLOO_SOCKET_IFNAME=args.ifname)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     gpu = args.backend == "nccl"
     if gpu:
-        torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if gpu else torch.device("cpu")
-    dist.init_process_group(args.backend, rank=rank, world_size=args.nproc)
-    n = args.nproc
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    dist.init_process_group(args.backend, rank=rank, world_size=n,
+                            timeout=datetime.timedelta(seconds=args.timeout))
     dtype = getattr(torch, DTYPES[args.dtype])
     elem = torch.tensor([], dtype=dtype).element_size()
 
@@ -117,7 +128,12 @@ def rank_main(rank, args, port, queue):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="ranks on this node")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (several nodes)")
+    p.add_argument("--master-port", type=int, help="torch's store port (default: a free one; several nodes: 29500)")
+    p.add_argument("--ifname", default="lo", help="network interface of gloo's sockets (GLOO_SOCKET_IFNAME)")
     p.add_argument("--min-bytes", type=parse_size, default=parse_size("4K"))
     p.add_argument("--max-bytes", type=parse_size, default=parse_size("64M"))
     p.add_argument("--step-factor", type=int, default=2)
@@ -130,16 +146,22 @@ def main():
                    help="nccl: wait for every timed call (as burnrun does) instead of once after all of them")
     p.add_argument("--timeout", type=float, default=600, help="seconds before the run is abandoned")
     args = p.parse_args()
+    if not 0 <= args.node_rank < args.nnodes:
+        p.error(f"--node-rank {args.node_rank} is not a node of --nnodes {args.nnodes}")
 
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    if args.master_port is not None:
+        port = args.master_port
+    else:
+        port = free_port() if args.nnodes == 1 else 29500
     procs = [ctx.Process(target=rank_main, args=(r, args, port, queue)) for r in range(args.nproc)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + args.timeout
-    expected_rows = len(sizes(args))
+    # Global rank 0 (on node 0) prints the rows; the other nodes only wait for their ranks.
+    expected_rows = len(sizes(args)) if args.node_rank == 0 else 0
     rows = 0
     failed = False
     while rows < expected_rows:
