@@ -34,6 +34,8 @@ const HEADER_WORDS: usize = 8;
 const ENTRY_WORDS: usize = 10;
 const OP_BYTES: usize = 16;
 const DTYPE_BYTES: usize = 8;
+/// The longest text field of an entry.
+const TEXT_BYTES_MAX: usize = OP_BYTES;
 /// Bytes of the file.
 pub const FILE_BYTES: usize = 8 * (HEADER_WORDS + ENTRIES * ENTRY_WORDS);
 
@@ -151,6 +153,20 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Wall-clock nanoseconds since the Unix epoch from the kernel's coarse clock (a few ms of
+/// resolution, no time-stamp-counter read): what the recording side stamps, twice per collective,
+/// so a small collective does not pay for a precise clock. Readers compare with [`now_ns`]
+/// through `saturating_sub`, so being up to a tick behind is harmless.
+fn coarse_now_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid, writable timespec that outlives the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) };
+    if rc != 0 {
+        return now_ns();
+    }
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// The file of `rank`'s record, for the run whose shared-memory files start with `prefix`
 /// (`names::shm_rank_file_prefix`).
 pub fn path(rank_prefix: &str) -> PathBuf {
@@ -211,7 +227,7 @@ impl Recorder {
         };
         recorder.set(1, rank as u64);
         recorder.set(2, u64::from(std::process::id()));
-        recorder.set(6, now_ns());
+        recorder.set(6, coarse_now_ns());
         recorder.set(0, MAGIC);
         Ok(recorder)
     }
@@ -226,7 +242,7 @@ impl Recorder {
         self.set(base, seq);
         self.set(base + 1, group);
         self.set(base + 2, count);
-        self.set(base + 4, now_ns());
+        self.set(base + 4, coarse_now_ns());
         self.set(base + 5, 0);
         self.set(base + 6, peer.map_or(0, |p| p as u64 + 1));
         self.set_text(base + 7, op, OP_BYTES);
@@ -239,7 +255,7 @@ impl Recorder {
     pub fn end(&self, slot: usize, ok: bool) {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let base = HEADER_WORDS + (slot % ENTRIES) * ENTRY_WORDS;
-        self.set(base + 5, now_ns());
+        self.set(base + 5, coarse_now_ns());
         self.set(base + 3, if ok { 2 } else { 3 });
         if ok {
             self.progressed();
@@ -277,17 +293,18 @@ impl Recorder {
     }
 
     fn set_text(&self, first_word: usize, text: &str, bytes: usize) {
-        let mut buf = vec![0u8; bytes];
+        let mut buf = [0u8; TEXT_BYTES_MAX];
+        let bytes = bytes.min(TEXT_BYTES_MAX);
         let n = text.len().min(bytes);
         buf[..n].copy_from_slice(&text.as_bytes()[..n]);
-        for (i, chunk) in buf.chunks_exact(8).enumerate() {
+        for (i, chunk) in buf[..bytes].chunks_exact(8).enumerate() {
             self.set(first_word + i, u64::from_le_bytes(chunk.try_into().expect("8 bytes")));
         }
     }
 
     fn progressed(&self) {
         self.set(5, self.get(5) + 1);
-        self.set(6, now_ns());
+        self.set(6, coarse_now_ns());
     }
 }
 

@@ -171,17 +171,18 @@ fn measure<W: Workload>(
     };
     let world_size = control.world_size();
 
-    for _ in 0..opts.warmup {
+    let (iters, warmup) = opts.iterations(bytes);
+    for _ in 0..warmup {
         buffers.step().map_err(fail("warm-up"))?;
     }
     control.barrier().map_err(fail("barrier before timing"))?;
     let cpu_start = process_cpu_us();
     let start = Instant::now();
-    for _ in 0..opts.iters {
+    for _ in 0..iters {
         buffers.step().map_err(fail("timing"))?;
     }
-    let local_us = start.elapsed().as_secs_f64() * 1e6 / opts.iters as f64;
-    let local_cpu_us = (process_cpu_us() - cpu_start) / opts.iters as f64;
+    let local_us = start.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    let local_cpu_us = (process_cpu_us() - cpu_start) / iters as f64;
     let mut slowest_us = [local_us];
     control
         .all_reduce(BufMut::host(&mut slowest_us), ReduceOp::Max)
@@ -277,8 +278,8 @@ mod tests {
                     min_bytes: 100,
                     max_bytes: 8000,
                     step_factor: 4,
-                    iters: 2,
-                    warmup: 1,
+                    iters: Some(2),
+                    warmup: Some(1),
                     dtype,
                     root: n - 1,
                     ..CollectiveBenchOptions::new(op)
@@ -310,8 +311,8 @@ mod tests {
     fn json_lines_parse_and_a_single_rank_runs_in_process() {
         let opts = CollectiveBenchOptions {
             max_bytes: 16 << 10,
-            iters: 2,
-            warmup: 0,
+            iters: Some(2),
+            warmup: Some(0),
             json: true,
             ..CollectiveBenchOptions::new(BenchOp::AllReduce)
         };

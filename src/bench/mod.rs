@@ -20,7 +20,7 @@ pub use collective::{engine_tuning, run_collective, run_collective_to};
 pub use cuda::{run_collective_cuda, run_collective_cuda_to};
 pub use error::BenchError;
 pub use options::{
-    parse_size, BenchDevice, BenchOp, CollectiveBenchOptions, DEFAULT_ITERS, DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES,
-    DEFAULT_STEP_FACTOR, DEFAULT_WARMUP,
+    auto_iters, auto_warmup, parse_size, BenchDevice, BenchOp, CollectiveBenchOptions, AUTO_ITER_BYTES,
+    DEFAULT_MAX_BYTES, DEFAULT_MIN_BYTES, DEFAULT_STEP_FACTOR, MAX_AUTO_ITERS, MIN_AUTO_ITERS,
 };
 pub use report::BenchRow;

@@ -112,10 +112,27 @@ pub const DEFAULT_MIN_BYTES: usize = 4 << 10;
 pub const DEFAULT_MAX_BYTES: usize = 64 << 20;
 /// Default growth factor between sizes.
 pub const DEFAULT_STEP_FACTOR: usize = 2;
-/// Default number of timed iterations per size.
-pub const DEFAULT_ITERS: usize = 20;
-/// Default number of untimed iterations per size before timing.
-pub const DEFAULT_WARMUP: usize = 5;
+/// Bytes one size's timed iterations move when `--iters` is not given: iterations =
+/// `AUTO_ITER_BYTES / size`, clamped to [`MIN_AUTO_ITERS`, `MAX_AUTO_ITERS`]. A fixed count (20,
+/// the old default) times a 4 KiB all-reduce for a fraction of a millisecond, where one wake-up
+/// of a descheduled rank weighs as much as the whole loop; nccl-tests and OSU run thousands of
+/// small iterations for the same reason. `benches/mpi_allreduce.c` and `benches/gloo_allreduce.py`
+/// use the same rule, so the peers are timed alike.
+pub const AUTO_ITER_BYTES: usize = 1 << 30;
+/// Fewest timed iterations of the automatic rule (the largest sizes).
+pub const MIN_AUTO_ITERS: usize = 10;
+/// Most timed iterations of the automatic rule (the smallest sizes).
+pub const MAX_AUTO_ITERS: usize = 10_000;
+
+/// Timed iterations for a buffer of `bytes` when `--iters` is not given (see [`AUTO_ITER_BYTES`]).
+pub fn auto_iters(bytes: usize) -> usize {
+    (AUTO_ITER_BYTES / bytes.max(1)).clamp(MIN_AUTO_ITERS, MAX_AUTO_ITERS)
+}
+
+/// Untimed iterations before `iters` timed ones when `--warmup` is not given: a tenth, at least 2.
+pub fn auto_warmup(iters: usize) -> usize {
+    (iters / 10).max(2)
+}
 
 /// Options of `burnrun bench <op>` (nccl-tests' flags, with burnrun's names).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -132,12 +149,14 @@ pub struct CollectiveBenchOptions {
     /// Each size is this many times the previous one.
     #[arg(long, short = 'f', default_value_t = DEFAULT_STEP_FACTOR)]
     pub step_factor: usize,
-    /// Timed iterations per size (the reported time is their mean, the slowest rank's).
-    #[arg(long, short = 'n', default_value_t = DEFAULT_ITERS)]
-    pub iters: usize,
-    /// Untimed iterations per size before the timed ones.
-    #[arg(long, short = 'w', default_value_t = DEFAULT_WARMUP)]
-    pub warmup: usize,
+    /// Timed iterations per size (the reported time is their mean, the slowest rank's); default:
+    /// 1 GiB / size, between 10 and 10000.
+    #[arg(long, short = 'n')]
+    pub iters: Option<usize>,
+    /// Untimed iterations per size before the timed ones; default: a tenth of the timed ones, at
+    /// least 2.
+    #[arg(long, short = 'w')]
+    pub warmup: Option<usize>,
     /// Element type (f32, f64, f16, bf16, i32, i64, u8).
     #[arg(long, short = 'd', default_value = "f32", value_parser = parse_dtype)]
     pub dtype: DType,
@@ -158,22 +177,28 @@ pub struct CollectiveBenchOptions {
 }
 
 impl CollectiveBenchOptions {
-    /// The defaults for `op`: 4 KiB to 64 MiB, doubling, 20 iterations after 5 warm-ups, f32,
-    /// checked, root 0, on the CPU.
+    /// The defaults for `op`: 4 KiB to 64 MiB, doubling, iterations by size ([`auto_iters`]),
+    /// f32, checked, root 0, on the CPU.
     pub fn new(op: BenchOp) -> Self {
         Self {
             op,
             min_bytes: DEFAULT_MIN_BYTES,
             max_bytes: DEFAULT_MAX_BYTES,
             step_factor: DEFAULT_STEP_FACTOR,
-            iters: DEFAULT_ITERS,
-            warmup: DEFAULT_WARMUP,
+            iters: None,
+            warmup: None,
             dtype: DType::F32,
             json: false,
             check: true,
             root: 0,
             device: BenchDevice::Cpu,
         }
+    }
+
+    /// Timed and untimed iterations for a buffer of `bytes`.
+    pub fn iterations(&self, bytes: usize) -> (usize, usize) {
+        let iters = self.iters.unwrap_or_else(|| auto_iters(bytes));
+        (iters, self.warmup.unwrap_or_else(|| auto_warmup(iters)))
     }
 
     /// Checks the options against the group size; the error names every offending value.
@@ -191,7 +216,7 @@ impl CollectiveBenchOptions {
         if self.step_factor < 2 {
             problems.push(format!("--step-factor {} must be at least 2", self.step_factor));
         }
-        if self.iters == 0 {
+        if self.iters == Some(0) {
             problems.push("--iters must be at least 1".to_string());
         }
         if self.root >= world_size {
@@ -283,6 +308,18 @@ mod tests {
     }
 
     #[test]
+    fn iterations_scale_with_the_size_unless_given() {
+        let mut opts = CollectiveBenchOptions::new(BenchOp::AllReduce);
+        assert_eq!(opts.iterations(4), (MAX_AUTO_ITERS, MAX_AUTO_ITERS / 10));
+        assert_eq!(opts.iterations(1 << 20), (1024, 102));
+        assert_eq!(opts.iterations(256 << 20), (MIN_AUTO_ITERS, 2));
+        opts.iters = Some(7);
+        assert_eq!(opts.iterations(4), (7, 2));
+        opts.warmup = Some(0);
+        assert_eq!(opts.iterations(1 << 30), (7, 0));
+    }
+
+    #[test]
     fn sizes_double_from_min_to_max_inclusive() {
         let mut opts = CollectiveBenchOptions::new(BenchOp::AllReduce);
         opts.min_bytes = 4 << 10;
@@ -297,7 +334,7 @@ mod tests {
         let mut opts = CollectiveBenchOptions::new(BenchOp::SendRecv);
         opts.min_bytes = 8;
         opts.max_bytes = 4;
-        opts.iters = 0;
+        opts.iters = Some(0);
         opts.root = 3;
         let err = opts.validate(1).unwrap_err().to_string();
         for needle in ["--min-bytes 8", "--iters", "--root 3", "at least 2 ranks"] {

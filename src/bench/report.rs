@@ -116,8 +116,10 @@ pub(crate) fn write_header(out: &mut dyn Write, info: &RunInfo<'_>) -> std::io::
         "# burnrun bench {}: {n} rank(s), dtype {}, {} timed iterations after {} warm-up, check {}",
         opts.op,
         opts.dtype,
-        opts.iters,
-        opts.warmup,
+        opts.iters
+            .map_or_else(|| "1 GiB / size (10 to 10000)".to_string(), |n| n.to_string()),
+        opts.warmup
+            .map_or_else(|| "a tenth as many".to_string(), |n| n.to_string()),
         if opts.check { "on" } else { "off" }
     )?;
     writeln!(out, "# engine: {}", info.engine)?;

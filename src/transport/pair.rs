@@ -197,9 +197,15 @@ impl Pair {
 
     /// Non-blocking read: `Ok(None)` when nothing is available now.
     pub(crate) fn read_some(&self, buf: &mut [u8]) -> Result<Option<usize>, TransportError> {
+        self.read_some_with(buf, false)
+    }
+
+    /// [`Pair::read_some`]; `streaming`: the receive is far larger than the caches, so a
+    /// shared-memory pair copies out with non-temporal stores (`shm::stream_copy`).
+    pub(crate) fn read_some_with(&self, buf: &mut [u8], streaming: bool) -> Result<Option<usize>, TransportError> {
         debug_assert!(!buf.is_empty());
         if let Some(link) = &self.shm {
-            return match link.read_some(buf) {
+            return match link.read_some_with(buf, streaming) {
                 0 => self.shm_idle(),
                 n => Ok(Some(n)),
             };

@@ -6,13 +6,24 @@
 //! data to its odd neighbour and sits out; the odd ones act for both and hand the result back at
 //! the end (MPICH's scheme). Both sides of an exchange compute `a op b` with a commutative `op`,
 //! so all ranks end with identical bits.
+//!
+//! Small buffers (up to [`EAGER_BYTES`]) go eagerly: each exchange first sends (the frame lands
+//! in the peer's ring or socket buffer at once, nobody has to read it yet), then combines what
+//! arrives straight into the buffer (out of the shared-memory ring, without a copy). No scratch
+//! buffer is allocated, zeroed or copied through. Larger ones post the send and the receive
+//! together into a scratch buffer, so neither side's send waits for the other's receive.
 
 use crate::transport::TransportError;
 
 use super::super::buffer::HostBuffer;
 use super::super::dtype::ReduceOp;
 use super::super::reduce::{finish_avg, reduce_into};
-use super::Ctx;
+use super::{reducer, Ctx};
+
+/// Largest buffer exchanged eagerly (send, then combine on arrival). Far below the smallest
+/// socket buffer and the default shared-memory ring, so the send completes without the peer;
+/// with a smaller ring it still completes, through the engine's drain of blocked sends.
+pub(crate) const EAGER_BYTES: usize = 16 * 1024;
 
 const FOLD_STEP: u32 = 0;
 const UNFOLD_STEP: u32 = u32::MAX;
@@ -24,8 +35,10 @@ pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<
     let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
     let rem = n - p;
     let numel = buf.len() / ctx.dtype.size_bytes();
-    let mut scratch = HostBuffer::zeros(ctx.dtype, numel);
+    let eager = buf.len() <= EAGER_BYTES;
+    let mut scratch = HostBuffer::zeros(ctx.dtype, if eager { 0 } else { numel });
     let incoming = scratch.bytes_mut();
+    let combine = reducer(ctx.dtype, op);
 
     // Fold the ranks beyond the power of two onto their odd neighbours.
     let virtual_rank = if rank < 2 * rem {
@@ -33,8 +46,7 @@ pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<
             ctx.run(vec![ctx.send(rank + 1, FOLD_STEP, buf)])?;
             None
         } else {
-            ctx.run(vec![ctx.recv(rank - 1, FOLD_STEP, incoming)])?;
-            reduce_into(ctx.dtype, op, buf, incoming);
+            ctx.run(vec![ctx.recv_reduce(rank - 1, FOLD_STEP, buf, &combine)])?;
             Some(rank / 2)
         }
     } else {
@@ -47,8 +59,13 @@ pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<
         let mut step = 1;
         while mask < p {
             let partner = to_real(v ^ mask);
-            ctx.run(vec![ctx.send(partner, step, buf), ctx.recv(partner, step, incoming)])?;
-            reduce_into(ctx.dtype, op, buf, incoming);
+            if eager {
+                ctx.run(vec![ctx.send(partner, step, buf)])?;
+                ctx.run(vec![ctx.recv_reduce(partner, step, buf, &combine)])?;
+            } else {
+                ctx.run(vec![ctx.send(partner, step, buf), ctx.recv(partner, step, incoming)])?;
+                reduce_into(ctx.dtype, op, buf, incoming);
+            }
             mask <<= 1;
             step += 1;
         }
