@@ -60,7 +60,9 @@ def json_rows(text, label):
     return rows
 
 
-def run(cmd, env_extra, timeout, label):
+def run(cmd, env_extra, timeout, label, stderr_log=None):
+    """Runs one benchmark command; returns its rows by size. Exits on a failure, a timeout or a
+    wrong element. `stderr_log`, a list, receives the command's stderr."""
     env = dict(os.environ, **env_extra)
     started = time.monotonic()
     try:
@@ -75,6 +77,8 @@ def run(cmd, env_extra, timeout, label):
     except subprocess.TimeoutExpired:
         kill_tree(proc)
         sys.exit(f"{label}: no result within {timeout} s: {shlex.join(cmd)}")
+    if stderr_log is not None:
+        stderr_log.append(stderr)
     if proc.returncode != 0:
         sys.exit(f"{label} exited {proc.returncode}: {shlex.join(cmd)}\n{stdout[-2000:]}\n{stderr[-2000:]}")
     rows = json_rows(stdout, label)

@@ -119,7 +119,8 @@ def main():
     p.add_argument("--profiles", default="1gbit,10gbit", help="comma-separated link rates (launch/netns.sh RATE)")
     p.add_argument("--loss", default="", help="LOSS for every profile, e.g. 0.01%% (default none)")
     p.add_argument("--delay", default="", help="DELAY for every profile (needs sch_netem), e.g. 0.2ms")
-    p.add_argument("--burst", default="", help="tbf bucket in bytes (launch/netns.sh BURST; default 1 ms, >= 128 KiB)")
+    p.add_argument("--burst", default="", help="tbf bucket in bytes (launch/netns.sh BURST; default 1 ms of traffic, at least 128 KiB; "
+                        "a smaller one keeps TCP below the rate, see launch/netns.sh)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-bytes", default="4K")
     p.add_argument("--max-bytes", default="64M")
@@ -166,6 +167,7 @@ def main():
     outer = args.timeout + 30
     profiles = [r for r in args.profiles.split(",") if r]
     results = {(rate, impl): [] for rate in profiles for impl in impls}
+    applied = {}  # profile -> netns.sh's lines about the shaping
     with tempfile.TemporaryDirectory(prefix="burnrun-shaped-") as tmp:
         agent = os.path.join(tmp, "agent.sh")
         mpi_runner = os.path.join(tmp, "mpi_runner.sh")
@@ -200,16 +202,24 @@ def main():
                     env = dict(shaping)
                     if impl == "burnrun":
                         env.update(burnrun_env, BURNRUN=burnrun, NPROC=str(NPROC))
-                    rows = run(commands[impl], env, outer, f"{names[impl]} RATE={rate}")
+                    log = []
+                    rows = run(commands[impl], env, outer, f"{names[impl]} RATE={rate}", stderr_log=log)
                     results[(rate, impl)].append(rows)
+                    # launch/netns.sh's own lines: what shaping it applied, and what it could not.
+                    for line in log[0].splitlines():
+                        if line.startswith("netns: ") and line not in applied.setdefault(rate, []):
+                            applied[rate].append(line)
+                            print(f"  {line}", file=sys.stderr, flush=True)
 
-    shaping_note = "".join(f", {k} {v}" for k, v in (("loss", args.loss), ("delay", args.delay),
-                                                      ("burst", args.burst and f"{args.burst} B")) if v)
+    asked = "".join(f", {k} {v}" for k, v in (("LOSS", args.loss), ("DELAY", args.delay),
+                                               ("BURST", args.burst and f"{args.burst} B")) if v)
     for rate in profiles:
         link = rate_gbytes(rate)
         payload = link * PAYLOAD_SHARE
-        print(f"\n### all-reduce across 2 nodes x 2 ranks, link {rate} each way{shaping_note} "
+        print(f"\n### all-reduce across 2 nodes x 2 ranks, RATE {rate}{asked} "
               f"(f32, busbw GB/s, median of {args.rounds} rounds)\n")
+        for line in applied.get(rate, []):
+            print(f"launch/netns.sh: {line.removeprefix('netns: ')}  ")
         burst = int(args.burst) if args.burst else max(int(link * 1e9 / 1000), 128 << 10)
         print(f"Link: {link:.4g} GB/s each way, {payload:.4g} GB/s of TCP payload (B). Link-limited busbw "
               f"bounds for 4 ranks: flat ring B = {payload:.3f}; any algorithm (hierarchical) 1.5 B = "

@@ -20,8 +20,9 @@
 #          (a shorter queue drops packets when several ranks' flows burst at once, and each drop
 #          costs a TCP retransmission timeout of 200 ms or more). A full bucket lets a message up to
 #          the burst through at once, so only larger transfers see RATE.
-#   BURST  the bucket in bytes, instead of the above (e.g. 16384 for small messages that see the
-#          rate more closely; tbf then cuts 64 KiB GSO packets to fit, which costs CPU).
+#   BURST  the bucket in bytes, instead of the above. Below 128 KiB TCP no longer reaches RATE
+#          here (tbf cuts 64 KiB GSO packets to fit): measured at 1gbit, a 64 KiB bucket gave about
+#          half of it and 16 KiB a third, so a smaller bucket models a slower link, not a faithful one.
 #   DELAY  one-way delay, e.g. 0.2ms, 5ms. Needs `sch_netem`. Without it (no netem in this kernel:
 #          it has no fq/etf either, so an eBPF departure-time delay cannot work) DELAY is NOT applied
 #          and a line on stderr says so: a userspace delay line (NFQUEUE, as tests/netem does for its
