@@ -12,6 +12,11 @@ burnrun is faster), and the CPU time of one all-reduce summed over ranks. On a s
 timings swing between runs; only ratios measured side by side mean much, and the CPU time is the
 steadier measure of what an all-reduce costs.
 
+Iterations: unless --iters/--warmup are given, every implementation follows burnrun's rule (1 GiB /
+size timed iterations, 10..10000, a tenth as many warm-ups), except that gloo, at about a
+millisecond per small all-reduce here, is capped so that one size's timed loop takes about
+--gloo-max-seconds (2 s; at least 10 iterations): its means then rest on fewer calls.
+
 MPI on one node runs over OpenMPI's shared-memory BTL (`vader`, with its default single-copy
 mechanism, CMA, left on); `--mpi-args '--mca btl tcp,self'` makes it TCP only, to set against
 `--env BURNRUN_SHM=0`. A peer whose tools are missing (no mpicc/mpirun; no torch) is skipped with
@@ -212,8 +217,10 @@ def main():
     p.add_argument("--min-bytes", default="4K")
     p.add_argument("--max-bytes", default="64M")
     p.add_argument("--step-factor", type=int, default=2)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, help="timed iterations per size (default: burnrun's rule, 1 GiB / size, 10..10000)")
+    p.add_argument("--warmup", type=int, help="untimed iterations per size (default: a tenth of the timed ones, >= 2)")
+    p.add_argument("--gloo-max-seconds", type=float, default=2.0,
+                   help="without --iters: cap gloo's iterations so one size's timed loop takes about this long (0: no cap)")
     p.add_argument("--burnrun-cmd", default="target/release/burnrun --nproc-per-node {n} bench allreduce",
                    help="command that runs burnrun's benchmark on {n} ranks (bench options are appended)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -249,8 +256,10 @@ def main():
             impls.append("gloo")
 
     env_extra = dict(kv.split("=", 1) for kv in args.env)
-    sizes_args = ["--min-bytes", args.min_bytes, "--max-bytes", args.max_bytes,
-                  "--step-factor", str(args.step_factor), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    sizes_args = ["--min-bytes", args.min_bytes, "--max-bytes", args.max_bytes, "--step-factor", str(args.step_factor)]
+    sizes_args += ["--iters", str(args.iters)] if args.iters is not None else []
+    sizes_args += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+    gloo_cap = ["--max-seconds", str(args.gloo_max_seconds)] if args.iters is None and args.gloo_max_seconds else []
     nprocs = [int(x) for x in args.nprocs.split(",")]
     results = {n: {impl: [] for impl in impls} for n in nprocs}
     with tempfile.TemporaryDirectory(prefix="burnrun-mpi-") as build_dir:
@@ -261,7 +270,7 @@ def main():
                     "burnrun": (shlex.split(args.burnrun_cmd.format(n=n)) + ["--json"] + sizes_args, env_extra),
                     "mpi": (mpirun_prefix(n) + shlex.split(args.mpi_args) + [mpi_binary or "-"] + sizes_args, {}),
                     "gloo": ([sys.executable, os.path.join(HERE, "gloo_allreduce.py"), "--nproc", str(n),
-                              "--timeout", str(args.timeout)] + sizes_args, {}),
+                              "--timeout", str(args.timeout)] + gloo_cap + sizes_args, {}),
                 }
                 k = rnd % len(impls)
                 order = impls[k:] + impls[:k]
@@ -276,6 +285,8 @@ def main():
                                 f.write(json.dumps(dict(r, impl=name, round=rnd, env=env)) + "\n")
 
     notes = [f"burnrun: {' '.join(args.env) or 'defaults'}"]
+    if "gloo" in impls and gloo_cap:
+        notes.append(f"gloo: at most ~{args.gloo_max_seconds:g} s of timed calls per size")
     if "mpi" in impls:
         notes.append(f"MPI: OpenMPI {args.mpi_args or 'defaults (vader shared memory on one node)'}")
     note = "; ".join(notes)

@@ -6,6 +6,11 @@ intra-op thread, and for every size (min..max, times --step-factor) runs --warmu
 --iters timed back-to-back in-place sum all-reduces after a barrier. A rank's time is the mean of
 its timed iterations; the reported time is the slowest rank's (a MAX all-reduce, as nccl-tests
 and burnrun do). busbw = algbw * 2(n-1)/n. Results are checked once per size on fresh data.
+Without --iters the iterations follow burnrun's rule (src/bench/options.rs): 1 GiB / size timed
+iterations, between 10 and 10000, after a tenth as many warm-ups (at least 2). gloo takes about a
+millisecond per small all-reduce here, so 10000 of them per size make a sweep last many minutes:
+--max-seconds caps the rule's count so that one size's timed loop takes about that long (the time
+per call estimated from two first warm-up calls, the slowest rank's; at least 10 iterations).
 
 With --backend nccl every rank uses the GPU of its local rank (torch.cuda.set_device) and CUDA
 buffers. The timed calls are queued back to back and the device synchronised once at the end
@@ -37,6 +42,11 @@ import socket
 import sys
 import time
 
+# burnrun's automatic iterations (src/bench/options.rs): AUTO_ITER_BYTES / size, clamped.
+AUTO_ITER_BYTES = 1 << 30
+MIN_AUTO_ITERS = 10
+MAX_AUTO_ITERS = 10_000
+
 DTYPES = {"f32": "float32", "f64": "float64", "f16": "float16", "bf16": "bfloat16",
           "i32": "int32", "i64": "int64", "u8": "uint8"}
 
@@ -55,6 +65,16 @@ def sizes(args):
         out.append(b)
         b *= args.step_factor
     return out
+
+
+def auto_iters(nbytes):
+    """Timed iterations for a buffer of `nbytes` when --iters is not given (burnrun's rule)."""
+    return min(max(AUTO_ITER_BYTES // max(nbytes, 1), MIN_AUTO_ITERS), MAX_AUTO_ITERS)
+
+
+def auto_warmup(iters):
+    """Untimed iterations before `iters` timed ones when --warmup is not given: a tenth, at least 2."""
+    return max(iters // 10, 2)
 
 
 def free_port():
@@ -90,19 +110,33 @@ def rank_main(local_rank, args, port, queue):
         for size in sizes(args):
             count = max(size // elem, 1)
             buf = torch.full((count,), 1, dtype=dtype, device=device)
-            for _ in range(args.warmup):
+            iters = args.iters if args.iters is not None else auto_iters(count * elem)
+            probed = 0
+            if args.iters is None and args.max_seconds:
+                # Two warm-up calls, timed: the slowest rank's time per call caps the count.
+                dist.barrier()
+                probe_start = time.perf_counter()
+                for _ in range(2):
+                    dist.all_reduce(buf)
+                wait()
+                per_call = torch.tensor([(time.perf_counter() - probe_start) / 2], dtype=torch.float64, device=device)
+                dist.all_reduce(per_call, op=dist.ReduceOp.MAX)
+                iters = max(MIN_AUTO_ITERS, min(iters, int(args.max_seconds / max(per_call.item(), 1e-9))))
+                probed = 2
+            warmup = args.warmup if args.warmup is not None else auto_warmup(iters)
+            for _ in range(max(warmup - probed, 0)):
                 dist.all_reduce(buf)
             dist.barrier()
             wait()
             cpu_start = time.process_time()
             start = time.perf_counter()
-            for _ in range(args.iters):
+            for _ in range(iters):
                 dist.all_reduce(buf)
                 if args.sync_each:
                     wait()
             wait()
-            local = (time.perf_counter() - start) / args.iters
-            cpu = torch.tensor([(time.process_time() - cpu_start) / args.iters], dtype=torch.float64, device=device)
+            local = (time.perf_counter() - start) / iters
+            cpu = torch.tensor([(time.process_time() - cpu_start) / iters], dtype=torch.float64, device=device)
             slowest = torch.tensor([local], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             dist.all_reduce(cpu)
@@ -137,8 +171,10 @@ def main():
     p.add_argument("--min-bytes", type=parse_size, default=parse_size("4K"))
     p.add_argument("--max-bytes", type=parse_size, default=parse_size("64M"))
     p.add_argument("--step-factor", type=int, default=2)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, help="timed iterations per size (default: 1 GiB / size, 10..10000)")
+    p.add_argument("--warmup", type=int, help="untimed iterations per size (default: a tenth of --iters, at least 2)")
+    p.add_argument("--max-seconds", type=float,
+                   help="without --iters: fewer iterations where the rule's count would time longer than this")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
                    help="gloo on the CPU, or nccl with rank r on GPU r")

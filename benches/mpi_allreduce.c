@@ -26,10 +26,11 @@
  *   mpicc -O2 -o /tmp/mpi_allreduce benches/mpi_allreduce.c
  *   mpirun --allow-run-as-root --oversubscribe -np 2 /tmp/mpi_allreduce --min-bytes 4 --max-bytes 256M --step-factor 4
  *
- * Options: --min-bytes B (default 4K), --max-bytes B (64M), --step-factor F (2), --iters N (20),
- * --warmup N (5), --dtype f32|f64|i32|i64|u8 (f32), --no-check. Sizes accept 4096, 4K, 1M, 64MiB, 1G
- * (powers of 1024), like burnrun's. The defaults are burnrun's: the iterations do not scale with
- * the size there either.
+ * Options: --min-bytes B (default 4K), --max-bytes B (64M), --step-factor F (2), --iters N,
+ * --warmup N, --dtype f32|f64|i32|i64|u8 (f32), --no-check. Sizes accept 4096, 4K, 1M, 64MiB, 1G
+ * (powers of 1024), like burnrun's. Without --iters, the iterations follow burnrun's rule
+ * (src/bench/options.rs): 1 GiB / size timed iterations, between 10 and 10000, after a tenth as
+ * many warm-ups (at least 2).
  */
 #include <ctype.h>
 #include <limits.h>
@@ -43,6 +44,10 @@
 
 /* Largest sum over ranks that every dtype holds exactly (burnrun's EXACT_SUM_LIMIT). */
 #define EXACT_SUM_LIMIT 255u
+/* burnrun's automatic iterations: AUTO_ITER_BYTES / size, clamped to [MIN, MAX]. */
+#define AUTO_ITER_BYTES ((size_t)1 << 30)
+#define MIN_AUTO_ITERS 10
+#define MAX_AUTO_ITERS 10000
 
 struct dtype {
     const char *name;
@@ -57,7 +62,7 @@ static const struct dtype DTYPES[] = {
 
 struct options {
     size_t min_bytes, max_bytes, step_factor;
-    long iters, warmup;
+    long iters, warmup; /* -1: by size, burnrun's rule */
     const struct dtype *dtype;
     int check;
 };
@@ -104,7 +109,7 @@ static size_t parse_size(const char *text)
 
 static struct options parse_options(int argc, char **argv, int rank)
 {
-    struct options o = {4 << 10, 64 << 20, 2, 20, 5, &DTYPES[0], 1};
+    struct options o = {4 << 10, 64 << 20, 2, -1, -1, &DTYPES[0], 1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -209,6 +214,18 @@ static double round3(double x)
     return (double)llround(x * 1000.0) / 1000.0;
 }
 
+/* Timed and untimed iterations for a buffer of `bytes`: the options', or burnrun's rule. */
+static void iterations(const struct options *o, size_t bytes, long *iters, long *warmup)
+{
+    long auto_iters = (long)(AUTO_ITER_BYTES / (bytes ? bytes : 1));
+    if (auto_iters < MIN_AUTO_ITERS)
+        auto_iters = MIN_AUTO_ITERS;
+    if (auto_iters > MAX_AUTO_ITERS)
+        auto_iters = MAX_AUTO_ITERS;
+    *iters = o->iters >= 0 ? o->iters : auto_iters;
+    *warmup = o->warmup >= 0 ? o->warmup : (*iters / 10 > 2 ? *iters / 10 : 2);
+}
+
 /* Times and checks one size; rank 0 prints its JSON line. Returns the wrong elements summed over
  * ranks (-1 when not checked). */
 static long long measure(const struct options *o, size_t count, int rank, int n)
@@ -219,16 +236,18 @@ static long long measure(const struct options *o, size_t count, int rank, int n)
     if (!buf)
         fail(rank, "out of memory", NULL);
     fill(t, buf, count, rank, max);
+    long iters, warmup;
+    iterations(o, count * t->size, &iters, &warmup);
 
-    for (long i = 0; i < o->warmup; i++)
+    for (long i = 0; i < warmup; i++)
         MPI_Allreduce(MPI_IN_PLACE, buf, (int)count, t->mpi, MPI_SUM, MPI_COMM_WORLD);
     MPI_Barrier(MPI_COMM_WORLD);
     double cpu_start = seconds(CLOCK_PROCESS_CPUTIME_ID);
     double start = seconds(CLOCK_MONOTONIC);
-    for (long i = 0; i < o->iters; i++)
+    for (long i = 0; i < iters; i++)
         MPI_Allreduce(MPI_IN_PLACE, buf, (int)count, t->mpi, MPI_SUM, MPI_COMM_WORLD);
-    double local_us = (seconds(CLOCK_MONOTONIC) - start) * 1e6 / (double)o->iters;
-    double local_cpu_us = (seconds(CLOCK_PROCESS_CPUTIME_ID) - cpu_start) * 1e6 / (double)o->iters;
+    double local_us = (seconds(CLOCK_MONOTONIC) - start) * 1e6 / (double)iters;
+    double local_cpu_us = (seconds(CLOCK_PROCESS_CPUTIME_ID) - cpu_start) * 1e6 / (double)iters;
     double time_us, cpu_us;
     MPI_Allreduce(&local_us, &time_us, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     MPI_Allreduce(&local_cpu_us, &cpu_us, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);

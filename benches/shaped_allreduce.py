@@ -18,6 +18,8 @@ host name, so OpenMPI sees two hosts and its shared memory stays inside a node. 
 2 slots for its 2 ranks, so OpenMPI does not know the 4 ranks share the machine's 2 cores and would
 spin while it waits (4 KiB then takes ~13 ms instead of ~0.1 ms); `--mca mpi_yield_when_idle 1`
 is what it sets by itself when it knows it is oversubscribed (one node, -np 4 on 2 cores).
+Every implementation runs the same fixed iterations (--iters 5 after --warmup 1 by default), not
+burnrun's default rule (1 GiB of buffers per size), which would take ~9 s per size at 1 Gbit/s.
 The script prints, per profile, a markdown table: the median over rounds of each one's busbw and
 the link-limited bounds, and the median per-round ratio of each peer's time to burnrun's.
 
@@ -125,7 +127,8 @@ def main():
     p.add_argument("--min-bytes", default="4K")
     p.add_argument("--max-bytes", default="64M")
     p.add_argument("--step-factor", type=int, default=4)
-    p.add_argument("--iters", type=int, default=5, help="timed iterations per size (64 MiB at 1 Gbit/s: ~1 s each)")
+    p.add_argument("--iters", type=int, default=5,
+                   help="timed iterations per size, every implementation (64 MiB at 1 Gbit/s: ~1 s each)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--burnrun", default="target/release/burnrun")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for burnrun")
