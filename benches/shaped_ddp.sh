@@ -45,9 +45,10 @@ run() {
   fi
   local rate_s comm
   rate_s=$(sed -n 's/.*trained [0-9]* steps: .*, \([0-9.]*\) samples\/s.*/\1/p' "$out" | tail -1)
-  # comm_ms of every logged window after the first, median.
+  # comm_ms of every logged window after the first (it holds the warm-up), median.
   comm=$(find "$dir" -name metrics.jsonl -exec cat {} + 2>/dev/null \
-    | sed -n 's/.*"comm_ms":\([0-9.]*\).*/\1/p' | tail -n +2 | sort -n | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "?")}')
+    | sed -n 's/.*"comm_ms":\([0-9.]*\).*/\1/p' | awk 'NR > 1 || 0' | sort -n \
+    | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "?")}')
   echo "${rate_s:-?} ${comm:-?}"
 }
 

@@ -719,7 +719,7 @@ fn progress_pass(
 /// and skipping the read-for-ownership of its lines cuts the copy's memory traffic by a third.
 /// Measured with `burnrun bench allreduce` (README); smaller receives stay in the cache for the
 /// reduction or the caller that reads them next.
-pub const STREAMING_RECV_BYTES: usize = 16 << 20;
+pub(crate) const STREAMING_RECV_BYTES: usize = 16 << 20;
 
 /// How long a rank whose batch involves shared-memory pairs polls them in a busy loop before it
 /// sleeps on its doorbell. Ring transfers on one host take microseconds; sleeping costs a

@@ -540,13 +540,9 @@ impl ShmLink {
         written
     }
 
-    /// Copies up to `buf.len()` published bytes out of the ring; 0 when it is empty.
-    /// Only one thread at a time may read (the pair's receive lock).
-    pub(crate) fn read_some(&self, buf: &mut [u8]) -> usize {
-        self.read_some_with(buf, false)
-    }
-
-    /// [`ShmLink::read_some`], with non-temporal stores when `streaming` (see [`stream_copy`]).
+    /// Copies up to `buf.len()` published bytes out of the ring; 0 when it is empty. `streaming`:
+    /// with non-temporal stores (see [`stream_copy`]). Only one thread at a time may read (the
+    /// pair's receive lock).
     pub(crate) fn read_some_with(&self, buf: &mut [u8], streaming: bool) -> usize {
         let tail = self.rx.tail().load(Ordering::Relaxed);
         let head = self.rx.head().load(Ordering::Acquire);
@@ -683,7 +679,7 @@ mod tests {
         let (mut sent, mut received) = (0, 0);
         while received < data.len() {
             sent += ab.write_some(&[IoSlice::new(&data[sent..(sent + 1000).min(data.len())])]);
-            received += ba.read_some(&mut got[received..(received + 777).min(data.len())]);
+            received += ba.read_some_with(&mut got[received..(received + 777).min(data.len())], false);
         }
         assert_eq!(got, data);
     }
@@ -716,10 +712,14 @@ mod tests {
         assert_eq!(ab.write_some(&[IoSlice::new(&big)]), MIN_SHM_RING_BYTES);
         assert_eq!(ab.write_some(&[IoSlice::new(&big)]), 0);
         let mut out = vec![0u8; 100];
-        assert_eq!(ba.read_some(&mut out), 100);
+        assert_eq!(ba.read_some_with(&mut out, false), 100);
         assert_eq!(ab.write_some(&[IoSlice::new(&big), IoSlice::new(&big)]), 100);
         let mut empty = vec![0u8; 8];
-        assert_eq!(ab.read_some(&mut empty), 0, "nothing was sent the other way");
+        assert_eq!(
+            ab.read_some_with(&mut empty, false),
+            0,
+            "nothing was sent the other way"
+        );
     }
 
     #[test]

@@ -300,6 +300,89 @@ fn a_link_dropping_2_percent_of_packets_each_way_still_trains_to_the_same_parame
     );
 }
 
+/// The shaped lossy link of the collectives case: slow enough that the large sizes queue in the
+/// token bucket, lossy enough that TCP retransmits in every size.
+const SHAPED_RATE: &str = "200mbit";
+/// Share of the packets the shaped link drops, each way.
+const SHAPED_LOSS_PERCENT: f64 = 1.0;
+/// The shaped case's collective deadline: far above what a retransmission costs (200 ms and up),
+/// so a result that comes late is a failure of the test, not of a slow link.
+const SHAPED_TIMEOUT_SECS: &str = "30";
+
+#[test]
+fn two_nodes_of_two_ranks_on_a_shaped_lossy_link_get_exact_all_reduce_results_within_the_deadline() {
+    // Two ranks a node: the all-reduce goes hierarchical (shared memory inside a node, the link
+    // between the shard owners), small sizes by recursive doubling; `bench` checks every size's
+    // result against the exact sum and exits 1 on a wrong element.
+    let Some(cluster) = Cluster::new("shaped", 206, 2) else {
+        return;
+    };
+    cluster.net.rate(1, SHAPED_RATE).expect("shaping the link");
+    let method = match cluster.net.loss(1, SHAPED_LOSS_PERCENT) {
+        Ok(Some(method)) => method,
+        Ok(None) => {
+            eprintln!("skipped: no sch_netem in this kernel and no iptables for the stand-in");
+            return;
+        }
+        Err(e) => panic!("making the link lossy: {e}"),
+    };
+    let start = Instant::now();
+    let jobs: Vec<Job> = (0..2)
+        .map(|node| {
+            let args = [
+                "--nnodes",
+                "2",
+                "--node-rank",
+                &node.to_string(),
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                &cluster.net.addr(0),
+                "--master-port",
+                PORT,
+                "--secret-file",
+                &cluster.dir.join("job.key").display().to_string(),
+                "bench",
+                "allreduce",
+                "--min-bytes",
+                "4",
+                "--max-bytes",
+                "8M",
+                "--step-factor",
+                "8",
+                "--iters",
+                "5",
+                "--warmup",
+                "1",
+                "--json",
+            ]
+            .map(str::to_owned);
+            Job::start_wrapped(
+                &cluster.net.exec(node),
+                &args,
+                &[("BURNRUN_TIMEOUT_SECS", SHAPED_TIMEOUT_SECS)],
+            )
+        })
+        .collect();
+    let ended = wait_all(jobs, RUN_BOUND, start);
+    for (finished, _) in &ended {
+        finished.assert_success("all-reduce over a shaped lossy link");
+    }
+    let out = ended[0].0.output();
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains("\"busbw_gbps\"")).collect();
+    // 4 B to 8 MiB by 8: 8 sizes, each checked (`"wrong":0`).
+    assert_eq!(rows.len(), 8, "{out}");
+    assert!(rows.iter().all(|r| r.contains("\"wrong\":0")), "{out}");
+    let dropped = cluster.net.dropped_packets(1);
+    assert!(dropped.is_some_and(|n| n > 0), "dropped: {dropped:?}");
+    eprintln!(
+        "{SHAPED_RATE}, loss {SHAPED_LOSS_PERCENT}% each way ({method:?}): 8 sizes checked in {:.1} s, \
+         {} packet(s) dropped",
+        ended[0].1.as_secs_f64(),
+        dropped.unwrap_or_default()
+    );
+}
+
 #[test]
 fn a_link_cut_mid_training_ends_both_nodes_within_the_deadlines_and_node_0_names_the_rank_cut_off() {
     let Some(cluster) = Cluster::new("cut", 203, 2) else {

@@ -202,6 +202,24 @@ impl Net {
         Ok(Some(Method::Netfilter))
     }
 
+    /// Limits node `node`'s link (node > 0) to `rate` (tc's units, e.g. `200mbit`) each way with
+    /// a token bucket (`tbf`, in every kernel with traffic control). Call it before [`Net::loss`]:
+    /// where the kernel has netem, the loss goes under the rate as its child qdisc.
+    pub fn rate(&self, node: usize, rate: &str) -> Result<(), String> {
+        let ends = [
+            (&self.namespaces[node], &self.node_ends[node]),
+            (&self.namespaces[0], &self.switch_ends[node]),
+        ];
+        for (ns, dev) in ends {
+            // A bucket of 128 KiB lets a 64 KiB GSO packet through whole; 50 ms of queue.
+            run(&[
+                "tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", rate, "burst",
+                "131072", "latency", "50ms",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Packets [`Net::loss`] dropped on node `node`'s link so far, as netem's qdiscs on both
     /// ends or the iptables rules count them (`None` when neither shows a count).
     pub fn dropped_packets(&self, node: usize) -> Option<u64> {
@@ -248,7 +266,15 @@ impl Net {
             (&self.namespaces[0], &self.switch_ends[node]),
         ];
         for (ns, dev) in ends {
-            let mut command = vec!["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem"];
+            // Under a rate's token bucket (see `Net::rate`) if there is one, else at the root.
+            let shaped = Command::new("tc")
+                .args(["-n", ns, "qdisc", "show", "dev", dev])
+                .output()
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("tbf 1:"));
+            let parent: &[&str] = if shaped { &["parent", "1:1"] } else { &["root"] };
+            let mut command = vec!["tc", "-n", ns, "qdisc", "add", "dev", dev];
+            command.extend_from_slice(parent);
+            command.push("netem");
             command.extend_from_slice(args);
             match run(&command) {
                 Ok(()) => {}
