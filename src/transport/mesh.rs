@@ -90,6 +90,9 @@ pub struct Mesh {
     /// This rank's shared-memory inbox, when some pairs use one.
     inbox: Option<Arc<Inbox>>,
     shm_spin: Duration,
+    /// The start of `shm_spin` that does not yield the core ([`SHM_PURE_SPIN`], or none when
+    /// this host runs more ranks than it has cores).
+    pure_spin: Duration,
 }
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
@@ -488,12 +491,21 @@ impl Mesh {
             .iter()
             .flatten()
             .find_map(|p| p.shm().map(|link| Arc::clone(link.inbox())));
+        // Ranks of this host: this one and its shared-memory peers. More of them than cores
+        // means a waited-for peer may be queued behind us on our core: then no pure spin.
+        let local_ranks = 1 + pairs.iter().flatten().filter(|p| p.shm().is_some()).count();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             rank,
             world_size,
             pairs: pairs.into_iter().map(|p| p.map(Arc::new)).collect(),
             inbox,
             shm_spin: DEFAULT_SHM_SPIN,
+            pure_spin: if local_ranks > cores {
+                Duration::ZERO
+            } else {
+                SHM_PURE_SPIN
+            },
         }
     }
 
@@ -606,6 +618,7 @@ impl Mesh {
             let wait = Wait {
                 inbox: self.inbox.as_deref(),
                 spin: self.shm_spin,
+                pure_spin: self.pure_spin,
             };
             drive(&mut states, &self.pairs, wait, token, deadline, timeout)
         });
@@ -734,7 +747,8 @@ pub const DEFAULT_SHM_SPIN: Duration = Duration::from_micros(50);
 const DRAIN_DELAY: Duration = Duration::from_millis(1);
 
 /// Part of the spin that does not yield the core: a peer that runs on another core answers
-/// within this.
+/// within this. Skipped where the host has more ranks than cores: a yield at once lets the peer
+/// that may share our core run (what MPI's `mpi_yield_when_idle` does when oversubscribed).
 const SHM_PURE_SPIN: Duration = Duration::from_micros(5);
 
 /// Longest sleep while shared-memory pairs are involved: wake-ups are not lost by design (also
@@ -768,6 +782,7 @@ impl Drop for Announced<'_> {
 struct Wait<'m> {
     inbox: Option<&'m Inbox>,
     spin: Duration,
+    pure_spin: Duration,
 }
 
 /// Whether some pair's drain waits for [`DRAIN_DELAY`] (see [`drain_now`]): the batch holds a
@@ -835,7 +850,7 @@ fn drive(
             if idle < wait.spin {
                 // Spin briefly, then yield between looks: on a machine with more ranks (or
                 // compute threads) than cores, the peer we wait for may need this core.
-                if idle < SHM_PURE_SPIN {
+                if idle < wait.pure_spin {
                     std::hint::spin_loop();
                 } else {
                     std::thread::yield_now();
