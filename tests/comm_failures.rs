@@ -32,6 +32,7 @@ fn options(ring_threshold_bytes: usize, timeout: Duration) -> InitOptions {
         tuning: Tuning {
             ring_threshold_bytes,
             segment_bytes: 256,
+            ..Default::default()
         },
         ..Default::default()
     }
