@@ -15,7 +15,7 @@
 //! | `BURNRUN_NODE_ADDR` | address this node's ranks listen on for data connections |
 //! | `BURNRUN_SHM` | `0` sends same-host frames over loopback TCP instead of shared memory (default `1`) |
 //! | `BURNRUN_SHM_RING_BYTES` | bytes of one shared-memory ring (a power of two) |
-//! | `BURNRUN_HIERARCHICAL` | `auto` (default): all-reduce reduces inside each host first when the group spans hosts and the buffer reaches the ring threshold; `on`: at any size; `off`: never |
+//! | `BURNRUN_HIERARCHICAL` | `auto` (default): all-reduce and broadcast go host by host when the group spans hosts and the buffer reaches the ring threshold; `on`: at any size; `off`: never |
 //! | `BURNRUN_SHM_SPIN_US` | microseconds a rank busy-polls shared memory before it sleeps |
 //! | `BURNRUN_DEVICE` | the device `burnrun::device()` gives a hand-written loop (`cpu`, `wgpu`, ...) |
 //! | `BURNRUN_CONTROL_LINES` | `1`: the launcher reads control lines (`crate::names::ControlLine`) from this rank |
@@ -123,7 +123,7 @@ pub struct DistEnv {
     pub shm_ring_bytes: Option<usize>,
     /// Override of the shared-memory spin before sleeping, in microseconds.
     pub shm_spin_us: Option<u64>,
-    /// Hierarchical all-reduce (`BURNRUN_HIERARCHICAL`): `Some(true)` at any size (`on`),
+    /// Hierarchical all-reduce and broadcast (`BURNRUN_HIERARCHICAL`): `Some(true)` at any size (`on`),
     /// `Some(false)` never (`off`), `None` the engine's rule (`auto`, or not set).
     pub hierarchical: Option<bool>,
     /// The job's generation (`BURNRUN_RESTART_COUNT`): 0 until the launcher restarts it.

@@ -1,4 +1,4 @@
-//! The hierarchical all-reduce (`src/comm/algorithms/hier.rs`): ranks on threads made into
+//! The hierarchical all-reduce and broadcast (`src/comm/algorithms/hier.rs`): ranks on threads made into
 //! "hosts" by `ShmOptions::host_id`, with shared memory inside a host (or loopback TCP) and TCP
 //! between hosts. Results are compared with a sequential reference, replicas must hold the same
 //! bits on every rank, and the traffic between hosts shows which algorithm ran.
@@ -425,4 +425,80 @@ fn a_sub_group_learns_the_hosts_of_its_members() {
         let sent = per_rank[rank].2[1] as f64 / bytes;
         assert!((sent - 1.0).abs() < 0.02, "pair rank {rank} sent {sent} x the buffers");
     }
+}
+
+/// Broadcasts `numel` elements of `T` from every root in turn; checks every copy against the
+/// root's input and records its digest.
+fn check_broadcast<T: Elem>(pg: &ProcessGroup, numel: usize, label: &str, digests: &mut Vec<(String, u64)>) {
+    let rank = pg.rank();
+    for root in 0..pg.world_size() {
+        let label = format!("{label}: broadcast(root {root}) {} x {numel}, rank {rank}", T::DTYPE);
+        // Every rank starts with other data, so a rank the broadcast skipped shows.
+        let input = |r: usize| -> Vec<T> { (0..numel).map(|i| T::from_f64(value(ReduceOp::Max, r, i))).collect() };
+        let mut data = input(rank);
+        pg.broadcast(&mut data, root).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let want = input(root);
+        assert!(
+            digest(&data) == digest(&want) && data.len() == want.len(),
+            "{label}: differs from the root's buffer"
+        );
+        digests.push((label, digest(&data)));
+    }
+}
+
+#[test]
+fn hierarchical_broadcast_from_every_root_copies_the_roots_buffer_on_uneven_hosts() {
+    for hosts in LAYOUTS {
+        for shm in [true, false] {
+            for (hierarchical, threshold) in [
+                (Hierarchy::Always, 0),
+                (Hierarchy::Always, usize::MAX),
+                (Hierarchy::Auto, 4096),
+            ] {
+                let label = format!("hosts {hosts:?}, shm {shm}, {hierarchical:?}, threshold {threshold}");
+                let options = layout_options(hosts, tuning(hierarchical, threshold, 256), shm);
+                let per_rank = run_ranks(options, |pg| {
+                    let mut digests = Vec::new();
+                    for numel in small_sizes(pg.world_size()).into_iter().chain([100_003]) {
+                        check_broadcast::<f32>(&pg, numel, &label, &mut digests);
+                        check_broadcast::<bf16>(&pg, numel, &label, &mut digests);
+                    }
+                    digests
+                });
+                assert_bit_identical(&per_rank);
+            }
+        }
+    }
+}
+
+#[test]
+fn broadcast_between_two_hosts_of_two_ranks_crosses_once_per_host() {
+    // 4 MiB from rank 0. Flat scatter + ring all-gather: the scatter sends the other host's two
+    // ranks a quarter each (0.5x), and the ring 0-1-2-3 crosses at 1->2 and 3->0 with 0.75x
+    // each: 2x in all. Hierarchically rank 0 sends the buffer to rank 2 once: 1x.
+    let numel = 1 << 20;
+    let bytes = (numel * 4) as f64;
+    let across = |hierarchical: Hierarchy| -> Vec<u64> {
+        let options = layout_options(&[0, 0, 1, 1], tuning(hierarchical, 128 * 1024, 64 * 1024), true);
+        run_ranks(options, |pg| {
+            let mut digests = Vec::new();
+            check_broadcast::<f32>(&pg, 8, "warm-up", &mut digests);
+            let before = pg.bytes_sent_across_hosts();
+            let mut data = vec![pg.rank() as f32; numel];
+            pg.broadcast(&mut data, 0).unwrap();
+            assert!(data.iter().all(|&x| x == 0.0));
+            pg.bytes_sent_across_hosts() - before
+        })
+    };
+    let flat = across(Hierarchy::Never);
+    let auto = across(Hierarchy::Auto);
+    let total = |v: &[u64]| v.iter().sum::<u64>() as f64 / bytes;
+    assert!(
+        (total(&flat) - 2.0).abs() < 0.02,
+        "flat broadcast sent {flat:?} across hosts"
+    );
+    assert!(
+        (total(&auto) - 1.0).abs() < 0.01,
+        "hierarchical broadcast sent {auto:?} across hosts"
+    );
 }

@@ -5,7 +5,9 @@
 //!   all-gather) from there up or, when the group spans several hosts and one of them holds two
 //!   of its ranks or more, hierarchical (`algorithms/hier.rs`: reduce inside each host,
 //!   all-reduce across hosts, copy back inside each host; [`Hierarchy`] forces it on or off);
-//! - broadcast: binomial tree below the threshold, scatter + ring all-gather above;
+//! - broadcast: binomial tree below the threshold, scatter + ring all-gather above; hierarchical
+//!   (among one leader per host, then inside each host, each phase by tree or scatter +
+//!   all-gather) under the same rule as all-reduce;
 //! - reduce: binomial tree below, ring reduce-scatter + gather above;
 //! - all-gather, reduce-scatter: ring; all-to-all: all pairs at once; barrier: a one-byte
 //!   all-reduce.
@@ -38,7 +40,7 @@ pub struct Tuning {
     pub ring_threshold_bytes: usize,
     /// Frame size of pipelined transfers (rounded down to a multiple of 8, at least 8).
     pub segment_bytes: usize,
-    /// When all-reduce goes hierarchical for a group that spans several hosts.
+    /// When all-reduce and broadcast go hierarchical for a group that spans several hosts.
     pub hierarchical: Hierarchy,
 }
 
@@ -52,9 +54,10 @@ impl Default for Tuning {
     }
 }
 
-/// When all-reduce reduces inside each host before crossing hosts (`algorithms/hier.rs`). It
-/// only ever applies to a group that spans two hosts or more with two of its ranks or more on
-/// one of them: otherwise it would be the flat algorithm.
+/// When all-reduce reduces inside each host before crossing hosts, and broadcast crosses hosts
+/// once per host before it spreads inside each (`algorithms/hier.rs`). It only ever applies to
+/// a group that spans two hosts or more with two of its ranks or more on one of them: otherwise
+/// it would be the flat algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Hierarchy {
     /// For buffers of at least `ring_threshold_bytes`; below, recursive doubling's latency wins.
@@ -174,6 +177,17 @@ impl HostComm {
             failure: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CALLS)),
         }
+    }
+
+    /// Whether an all-reduce or broadcast goes hierarchical (`large`: the buffer reaches the ring
+    /// threshold).
+    fn hierarchical(&self, large: bool) -> bool {
+        self.layout.is_hierarchical()
+            && match self.tuning.hierarchical {
+                Hierarchy::Auto => large,
+                Hierarchy::Always => true,
+                Hierarchy::Never => false,
+            }
     }
 
     /// `Err(Poisoned)` once a call of this communicator failed in transfer.
@@ -447,15 +461,9 @@ impl Communicator for HostComm {
         let (dtype, numel) = (buf.dtype, buf.numel);
         let bytes = self.host(OpKind::AllReduce, buf.memory)?;
         let large = bytes.len() >= self.tuning.ring_threshold_bytes;
-        let hierarchical = self.layout.is_hierarchical()
-            && match self.tuning.hierarchical {
-                Hierarchy::Auto => large,
-                Hierarchy::Always => true,
-                Hierarchy::Never => false,
-            };
         let algorithm = if self.members.len() == 1 {
             AllReduce::Local
-        } else if hierarchical {
+        } else if self.hierarchical(large) {
             AllReduce::Hierarchical
         } else if large && numel >= self.members.len() {
             AllReduce::Ring
@@ -499,10 +507,22 @@ impl Communicator for HostComm {
         self.check_root(OpKind::Broadcast, root)?;
         let (dtype, numel) = (buf.dtype, buf.numel);
         let bytes = self.host(OpKind::Broadcast, buf.memory)?;
+        let hierarchical = self.hierarchical(bytes.len() >= self.tuning.ring_threshold_bytes);
         let large = bytes.len() >= self.tuning.ring_threshold_bytes && numel >= self.members.len();
+        tracing::debug!(
+            rank = self.global_rank(),
+            group = self.group_id,
+            bytes = bytes.len(),
+            hierarchical,
+            large,
+            "broadcast"
+        );
+        let threshold = self.tuning.ring_threshold_bytes;
         self.collective(OpKind::Broadcast, dtype, numel, Some(root), None, |ctx| {
             if ctx.size() == 1 {
                 Ok(())
+            } else if hierarchical {
+                alg::hier_broadcast(ctx, &self.layout, root, bytes, bytes.len() >= threshold)
             } else if large && ctx.size() > 2 {
                 alg::scatter_allgather_broadcast(ctx, root, bytes)
             } else {

@@ -21,9 +21,10 @@ choice! {
 }
 
 choice! {
-    /// `comm.hierarchical`: when the host engine's all-reduce reduces inside each host before it
-    /// crosses hosts (only for a group that spans two hosts or more, two of its ranks or more on
-    /// one of them).
+    /// `comm.hierarchical`: when the host engine's all-reduce and broadcast go host by host (reduce
+    /// inside each host before crossing hosts; cross hosts once per host, then spread inside
+    /// each), only for a group that spans two hosts or more, two of its ranks or more on one of
+    /// them.
     HierarchicalMode, default Auto {
         /// From `comm.ring_threshold_bytes` up; smaller buffers keep recursive doubling.
         Auto = "auto",
@@ -60,7 +61,7 @@ pub struct CommConfig {
     /// I/O unit of the pipelined algorithms, in bytes. Default: not set (the engine's built-in
     /// size, or `BURNRUN_SEGMENT_BYTES`).
     pub segment_bytes: Option<usize>,
-    /// Hierarchical all-reduce of the host engine for groups that span hosts: `"auto"`, `"on"`
+    /// Hierarchical all-reduce and broadcast of the host engine for groups that span hosts: `"auto"`, `"on"`
     /// or `"off"` (see [`HierarchicalMode`]). Default: not set (`BURNRUN_HIERARCHICAL`, else
     /// `"auto"`).
     pub hierarchical: Option<HierarchicalMode>,

@@ -29,6 +29,9 @@
 //! Every phase runs under the call's key and fingerprint, in its own steps: phase 1 sends chunk
 //! c as step c, phase 3 as step M + c, and chunk c's inter-host all-reduce takes the steps from
 //! 2M + c * span on (`span` covers every step the ring or doubling can use).
+//!
+//! Broadcast goes the same way round, without chunks: among one leader per host, then inside
+//! each host (see [`broadcast`]).
 
 use std::collections::HashMap;
 
@@ -191,6 +194,42 @@ pub(crate) fn all_reduce(
         }
     }
     ctx.run(ops)
+}
+
+/// Hierarchical broadcast from group rank `root`: first among one leader per host (the root on
+/// its own host, the first of the group's ranks on each other one), then inside each host from
+/// its leader. The buffer crosses into each host once (twice per host boundary with the
+/// scatter + all-gather among leaders) instead of wherever the flat tree or ring happens to cross.
+/// `large` picks scatter + ring all-gather over the binomial tree, in each phase where it has
+/// more than two ranks and one element per rank; the inside phase starts its steps after the
+/// leaders' (which use fewer than H).
+pub(crate) fn broadcast(
+    ctx: &Ctx<'_>,
+    layout: &HostLayout,
+    root: usize,
+    buf: &mut [u8],
+    large: bool,
+) -> Result<(), TransportError> {
+    let numel = buf.len() / ctx.dtype.size_bytes();
+    let root_host = layout.host_of[root];
+    let leader = |h: usize| if h == root_host { root } else { layout.locals[h][0] };
+    let host = layout.host_of[ctx.rank];
+    let flat = |sub: &Ctx<'_>, from: usize, buf: &mut [u8]| {
+        if sub.size() == 1 {
+            Ok(())
+        } else if large && sub.size() > 2 && numel >= sub.size() {
+            super::scatter_allgather_broadcast(sub, from, buf)
+        } else {
+            super::tree_broadcast(sub, from, buf)
+        }
+    };
+    if ctx.rank == leader(host) {
+        let leaders: Vec<usize> = (0..layout.hosts()).map(|h| ctx.members[leader(h)]).collect();
+        flat(&ctx.subset(&leaders, host, 0), root_host, buf)?;
+    }
+    let locals: Vec<usize> = layout.locals[host].iter().map(|&g| ctx.members[g]).collect();
+    let sub = ctx.subset(&locals, layout.local_of[ctx.rank], layout.hosts() as u32);
+    flat(&sub, layout.local_of[leader(host)], buf)
 }
 
 #[cfg(test)]

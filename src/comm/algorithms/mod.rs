@@ -11,7 +11,7 @@ mod ring;
 mod tree;
 
 pub(crate) use doubling::all_reduce as doubling_all_reduce;
-pub(crate) use hier::{all_reduce as hier_all_reduce, HostLayout};
+pub(crate) use hier::{all_reduce as hier_all_reduce, broadcast as hier_broadcast, HostLayout};
 pub(crate) use pairwise::all_to_all;
 pub(crate) use ring::{all_gather as ring_all_gather, all_reduce as ring_all_reduce};
 pub(crate) use ring::{reduce as ring_reduce, reduce_scatter as ring_reduce_scatter};
