@@ -255,7 +255,7 @@ pub fn init_with_store(
 }
 
 /// The host of every rank, numbered in order of each host's first rank: each publishes its host
-/// id (`ShmOptions::host_id`, else [`transport::host_id`]) under `node/<rank>`, whether or not it
+/// id (`ShmOptions::host_id`, else [`transport::host_id`]) under `host_id/<rank>`, whether or not it
 /// uses shared memory (`host/<rank>`, which `shm_links` compares, says "off" for a rank that
 /// does not).
 fn host_indices(
@@ -271,7 +271,9 @@ fn host_indices(
         source,
     };
     let mine = options.host_id.clone().unwrap_or_else(transport::host_id);
-    store.set(&format!("node/{rank}"), mine.as_bytes()).map_err(store_err)?;
+    store
+        .set(&format!("host_id/{rank}"), mine.as_bytes())
+        .map_err(store_err)?;
     let mut ids: Vec<String> = Vec::with_capacity(world_size);
     let mut hosts = Vec::with_capacity(world_size);
     for other in 0..world_size {
@@ -279,7 +281,7 @@ fn host_indices(
             mine.clone()
         } else {
             let left = deadline.saturating_duration_since(Instant::now());
-            let raw = store.get(&format!("node/{other}"), left).map_err(store_err)?;
+            let raw = store.get(&format!("host_id/{other}"), left).map_err(store_err)?;
             String::from_utf8_lossy(&raw).into_owned()
         };
         let index = match ids.iter().position(|known| *known == id) {
