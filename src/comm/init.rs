@@ -11,7 +11,8 @@
 //! set-up failed (a full `/dev/shm`, a container boundary) stays on TCP with a warning.
 //!
 //! Apart from that, every rank publishes the host it runs on whether or not it uses shared
-//! memory, so the engine knows which ranks share a host (for the hierarchical all-reduce).
+//! memory, so the engine knows which ranks share a host (for the hierarchical all-reduce and
+//! broadcast).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
