@@ -15,6 +15,7 @@
 //! | `BURNRUN_NODE_ADDR` | address this node's ranks listen on for data connections |
 //! | `BURNRUN_SHM` | `0` sends same-host frames over loopback TCP instead of shared memory (default `1`) |
 //! | `BURNRUN_SHM_RING_BYTES` | bytes of one shared-memory ring (a power of two) |
+//! | `BURNRUN_HIERARCHICAL` | `auto` (default): all-reduce and broadcast go host by host when the group spans hosts and the buffer reaches the ring threshold; `on`: at any size; `off`: never |
 //! | `BURNRUN_SHM_SPIN_US` | microseconds a rank busy-polls shared memory before it sleeps |
 //! | `BURNRUN_DEVICE` | the device `burnrun::device()` gives a hand-written loop (`cpu`, `wgpu`, ...) |
 //! | `BURNRUN_CONTROL_LINES` | `1`: the launcher reads control lines (`crate::names::ControlLine`) from this rank |
@@ -122,6 +123,9 @@ pub struct DistEnv {
     pub shm_ring_bytes: Option<usize>,
     /// Override of the shared-memory spin before sleeping, in microseconds.
     pub shm_spin_us: Option<u64>,
+    /// Hierarchical all-reduce and broadcast (`BURNRUN_HIERARCHICAL`): `Some(true)` at any size (`on`),
+    /// `Some(false)` never (`off`), `None` the engine's rule (`auto`, or not set).
+    pub hierarchical: Option<bool>,
     /// The job's generation (`BURNRUN_RESTART_COUNT`): 0 until the launcher restarts it.
     pub restart_count: u32,
 }
@@ -270,6 +274,21 @@ fn parse_bool(name: &'static str) -> Result<Option<bool>, EnvError> {
     }
 }
 
+/// A three-way variable: `auto` (or not set) is `None`, else a boolean as [`parse_bool`] reads it.
+fn parse_auto_bool(name: &'static str) -> Result<Option<bool>, EnvError> {
+    if var(name).is_some_and(|v| v.trim().eq_ignore_ascii_case("auto")) {
+        return Ok(None);
+    }
+    parse_bool(name).map_err(|e| match e {
+        EnvError::Invalid { name, value, .. } => EnvError::Invalid {
+            name,
+            value,
+            reason: "expected auto, 1/true/yes/on or 0/false/no/off".into(),
+        },
+        other => other,
+    })
+}
+
 fn required<T: std::str::FromStr>(name: &'static str) -> Result<T, EnvError>
 where
     T::Err: std::fmt::Display,
@@ -293,6 +312,7 @@ impl DistEnv {
             shm: parse_bool("BURNRUN_SHM")?,
             shm_ring_bytes: parse("BURNRUN_SHM_RING_BYTES")?,
             shm_spin_us: parse("BURNRUN_SHM_SPIN_US")?,
+            hierarchical: parse_auto_bool("BURNRUN_HIERARCHICAL")?,
             ..Self::single(timeout, rdzv_timeout)
         };
         let Some(world_size) = parse::<usize>("WORLD_SIZE")? else {
@@ -341,6 +361,7 @@ impl DistEnv {
             shm: None,
             shm_ring_bytes: None,
             shm_spin_us: None,
+            hierarchical: None,
             restart_count: 0,
         }
     }

@@ -106,6 +106,7 @@ fn tuned(ring_threshold_bytes: usize, segment_bytes: usize, shm_ring_bytes: Opti
         tuning: Tuning {
             ring_threshold_bytes,
             segment_bytes,
+            ..Default::default()
         },
         timeout: TIMEOUT,
         shm: ShmOptions {

@@ -32,6 +32,7 @@ fn options(ring_threshold_bytes: usize, timeout: Duration) -> InitOptions {
         tuning: Tuning {
             ring_threshold_bytes,
             segment_bytes: 256,
+            ..Default::default()
         },
         ..Default::default()
     }
@@ -438,6 +439,8 @@ fn garbage_from_an_authenticated_peer(bytes: &[u8]) -> (CommError, Duration) {
     let secret = JobSecret::generate().unwrap();
     std::thread::scope(|s| {
         let fake = s.spawn(|| {
+            // Every rank says which host it is on (`host_id/<rank>`), with or without shared memory.
+            store.set("host_id/1", b"the fake rank's host").unwrap();
             let raw = store.get("addr/0", LONG).unwrap();
             let addr: SocketAddr = String::from_utf8(raw).unwrap().parse().unwrap();
             let mut stream = transport::connect(1, 0, addr, &secret, Instant::now() + LONG).unwrap();

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use burnrun::config::{
-    check_report, CommBackend, ConfigError, DeviceSpec, Origin, Partition, PipelineSchedule, RunConfig, DEFAULT_CONFIG,
-    DEFAULT_CONFIG_NAME,
+    check_report, CommBackend, ConfigError, DeviceSpec, HierarchicalMode, Origin, Partition, PipelineSchedule,
+    RunConfig, DEFAULT_CONFIG, DEFAULT_CONFIG_NAME,
 };
 
 fn sets(overrides: &[&str]) -> Vec<String> {
@@ -603,6 +603,27 @@ fn shared_memory_settings_are_checked_with_their_line() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn comm_hierarchical_reads_auto_on_or_off_and_refuses_anything_else_with_its_line() {
+    assert_eq!(parse("").unwrap().comm.hierarchical, None);
+    for (text, want) in [
+        ("auto", HierarchicalMode::Auto),
+        ("on", HierarchicalMode::On),
+        ("off", HierarchicalMode::Off),
+    ] {
+        let cfg = parse(&format!("[comm]\nhierarchical = \"{text}\"\n")).unwrap();
+        assert_eq!(cfg.comm.hierarchical, Some(want));
+        cfg.validate(2).unwrap();
+        let set = parse_with("", &[&format!("comm.hierarchical={text}")]).unwrap();
+        assert_eq!(set.comm.hierarchical, Some(want));
+    }
+    let err = parse("[comm]\nhierarchical = \"sometimes\"\n").unwrap_err();
+    assert_eq!(err.key(), Some("comm.hierarchical"), "{err}");
+    let message = err.to_string();
+    assert!(message.starts_with("configs/x.toml:2:"), "{message}");
+    assert!(message.contains("expected one of `auto`, `on`, `off`"), "{message}");
 }
 
 #[test]

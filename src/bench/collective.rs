@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use crate::comm::{BufMut, CommError, Communicator, ProcessGroup, ReduceOp, Tuning};
+use crate::comm::{BufMut, CommError, Communicator, Hierarchy, ProcessGroup, ReduceOp, Tuning};
 use crate::env::DistEnv;
 use crate::names::ControlLine;
 
@@ -50,10 +50,12 @@ pub fn run_collective_to(
         opts,
         ranks: pg.world_size(),
         engine: format!(
-            "{}, ring threshold {} B (all-reduce: recursive doubling below, ring from there), segment {} B",
+            "{}, ring threshold {} B (all-reduce: recursive doubling below, ring from there), segment {} B, \
+             hierarchical {}",
             pg.communicator().backend(),
             tuning.ring_threshold_bytes,
-            tuning.segment_bytes
+            tuning.segment_bytes,
+            tuning.hierarchical.name()
         ),
         links: pg.communicator().links(),
     };
@@ -63,13 +65,14 @@ pub fn run_collective_to(
 }
 
 /// The CPU engine's tuning as `burnrun::init()` sets it: the defaults, overridden by
-/// `BURNRUN_RING_THRESHOLD_BYTES` and `BURNRUN_SEGMENT_BYTES`, the segment rounded down to a
+/// `BURNRUN_RING_THRESHOLD_BYTES`, `BURNRUN_SEGMENT_BYTES` and `BURNRUN_HIERARCHICAL`, the segment rounded down to a
 /// multiple of 8 bytes.
 pub fn engine_tuning() -> Tuning {
     let mut tuning = Tuning::default();
     if let Ok(env) = DistEnv::from_env() {
         tuning.ring_threshold_bytes = env.ring_threshold_bytes.unwrap_or(tuning.ring_threshold_bytes);
         tuning.segment_bytes = env.segment_bytes.unwrap_or(tuning.segment_bytes);
+        tuning.hierarchical = Hierarchy::from_switch(env.hierarchical);
     }
     tuning.segment_bytes = (tuning.segment_bytes / 8 * 8).max(8);
     tuning
@@ -264,6 +267,7 @@ mod tests {
         let tuning = Tuning {
             ring_threshold_bytes: 2048,
             segment_bytes: 512,
+            ..Default::default()
         };
         let init = InitOptions {
             tuning,

@@ -144,6 +144,11 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     fn bytes_sent(&self) -> u64 {
         0
     }
+    /// Of [`Communicator::bytes_sent`], the bytes sent to ranks on other hosts (0 when the
+    /// backend cannot tell).
+    fn bytes_sent_across_hosts(&self) -> u64 {
+        0
+    }
 
     /// Reduces `buf` across all ranks; every rank gets the result.
     fn all_reduce(&self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError>;

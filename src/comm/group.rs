@@ -160,6 +160,12 @@ impl ProcessGroup {
         self.inner.comm.bytes_sent()
     }
 
+    /// Of [`ProcessGroup::bytes_sent`], the bytes sent to ranks on other hosts (0 when the
+    /// backend cannot tell).
+    pub fn bytes_sent_across_hosts(&self) -> u64 {
+        self.inner.comm.bytes_sent_across_hosts()
+    }
+
     /// The underlying communicator (for buffers of a run-time dtype or device memory).
     pub fn communicator(&self) -> &dyn Communicator {
         &*self.inner.comm

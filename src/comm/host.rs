@@ -2,8 +2,12 @@
 //!
 //! Algorithm choice (logged at debug level per call, documented in the README):
 //! - all-reduce: recursive doubling below `ring_threshold_bytes`, ring (reduce-scatter +
-//!   all-gather) from there up;
-//! - broadcast: binomial tree below the threshold, scatter + ring all-gather above;
+//!   all-gather) from there up or, when the group spans several hosts and one of them holds two
+//!   of its ranks or more, hierarchical (`algorithms/hier.rs`: reduce inside each host,
+//!   all-reduce across hosts, copy back inside each host; [`Hierarchy`] forces it on or off);
+//! - broadcast: binomial tree below the threshold, scatter + ring all-gather above; hierarchical
+//!   (among one leader per host, then inside each host, each phase by tree or scatter +
+//!   all-gather) under the same rule as all-reduce;
 //! - reduce: binomial tree below, ring reduce-scatter + gather above;
 //! - all-gather, reduce-scatter: ring; all-to-all: all pairs at once; barrier: a one-byte
 //!   all-reduce.
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::transport::{Mesh, TransportError};
 
-use super::algorithms::{self as alg, Ctx};
+use super::algorithms::{self as alg, Ctx, HostLayout};
 use super::buffer::{blocks_mismatch, BufMut, BufRef, HostBuffer, Memory, MemoryMut};
 use super::communicator::{CommError, Communicator};
 use super::dtype::{DType, ReduceOp};
@@ -36,6 +40,8 @@ pub struct Tuning {
     pub ring_threshold_bytes: usize,
     /// Frame size of pipelined transfers (rounded down to a multiple of 8, at least 8).
     pub segment_bytes: usize,
+    /// When all-reduce and broadcast go hierarchical for a group that spans several hosts.
+    pub hierarchical: Hierarchy,
 }
 
 impl Default for Tuning {
@@ -43,6 +49,43 @@ impl Default for Tuning {
         Self {
             ring_threshold_bytes: DEFAULT_RING_THRESHOLD_BYTES,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            hierarchical: Hierarchy::Auto,
+        }
+    }
+}
+
+/// When all-reduce reduces inside each host before crossing hosts, and broadcast crosses hosts
+/// once per host before it spreads inside each (`algorithms/hier.rs`). It only ever applies to
+/// a group that spans two hosts or more with two of its ranks or more on one of them: otherwise
+/// it would be the flat algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hierarchy {
+    /// For buffers of at least `ring_threshold_bytes`; below, recursive doubling's latency wins.
+    #[default]
+    Auto,
+    /// For buffers of any size (tests, benchmarks).
+    Always,
+    /// Never: the flat ring or recursive doubling over all ranks.
+    Never,
+}
+
+impl Hierarchy {
+    /// From a three-way switch, as `BURNRUN_HIERARCHICAL` reads: `None` (auto) is `Auto`,
+    /// `Some(true)` (on) `Always`, `Some(false)` (off) `Never`.
+    pub(crate) fn from_switch(on: Option<bool>) -> Self {
+        match on {
+            None => Hierarchy::Auto,
+            Some(true) => Hierarchy::Always,
+            Some(false) => Hierarchy::Never,
+        }
+    }
+
+    /// The name `BURNRUN_HIERARCHICAL` and `comm.hierarchical` give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hierarchy::Auto => "auto",
+            Hierarchy::Always => "on",
+            Hierarchy::Never => "off",
         }
     }
 }
@@ -53,6 +96,11 @@ pub(crate) struct HostComm {
     mesh: Arc<Mesh>,
     /// Transport peer (global rank) of each group rank.
     members: Vec<usize>,
+    /// Host index of each global rank (equal: same host), shared by the world and its
+    /// sub-groups.
+    world_hosts: Arc<[usize]>,
+    /// Where this group's ranks sit (from `world_hosts`).
+    layout: HostLayout,
     rank: usize,
     group_id: u64,
     seq: AtomicU64,
@@ -76,29 +124,47 @@ struct Call {
     running: bool,
 }
 
+/// The all-reduce algorithm one call runs (see the module doc).
+#[derive(Debug, Clone, Copy)]
+enum AllReduce {
+    /// A group of one: nothing to do.
+    Local,
+    /// `algorithms/hier.rs`.
+    Hierarchical,
+    /// Flat ring.
+    Ring,
+    /// Flat recursive doubling.
+    Doubling,
+}
+
 /// How many past collectives [`HostComm`] remembers for error messages.
 const RECENT_CALLS: usize = 16;
 
 impl HostComm {
-    /// The world communicator over `mesh`.
-    pub(crate) fn world(mesh: Arc<Mesh>, timeout: Duration, tuning: Tuning) -> Self {
+    /// The world communicator over `mesh`; `hosts[r]` is the host index of rank r (equal
+    /// indices: same host), for every rank of the world.
+    pub(crate) fn world(mesh: Arc<Mesh>, hosts: Vec<usize>, timeout: Duration, tuning: Tuning) -> Self {
         let members = (0..mesh.world_size()).collect();
         let rank = mesh.rank();
-        Self::new(mesh, members, rank, 0, timeout, tuning)
+        Self::new(mesh, members, hosts.into(), rank, 0, timeout, tuning)
     }
 
     fn new(
         mesh: Arc<Mesh>,
         members: Vec<usize>,
+        world_hosts: Arc<[usize]>,
         rank: usize,
         group_id: u64,
         timeout: Duration,
         tuning: Tuning,
     ) -> Self {
         let segment_bytes = (tuning.segment_bytes / 8 * 8).max(8);
+        let hosts: Vec<usize> = members.iter().map(|&m| world_hosts[m]).collect();
         Self {
             mesh,
             members,
+            layout: HostLayout::new(&hosts),
+            world_hosts,
             rank,
             group_id,
             seq: AtomicU64::new(0),
@@ -111,6 +177,17 @@ impl HostComm {
             failure: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CALLS)),
         }
+    }
+
+    /// Whether an all-reduce or broadcast goes hierarchical (`large`: the buffer reaches the ring
+    /// threshold).
+    fn hierarchical(&self, large: bool) -> bool {
+        self.layout.is_hierarchical()
+            && match self.tuning.hierarchical {
+                Hierarchy::Auto => large,
+                Hierarchy::Always => true,
+                Hierarchy::Never => false,
+            }
     }
 
     /// `Err(Poisoned)` once a call of this communicator failed in transfer.
@@ -143,6 +220,7 @@ impl HostComm {
             members: &self.members,
             rank: self.rank,
             key,
+            step_base: 0,
             fingerprint,
             deadline: Instant::now() + self.timeout,
             timeout: self.timeout,
@@ -371,18 +449,41 @@ impl Communicator for HostComm {
         self.mesh.bytes_sent()
     }
 
+    fn bytes_sent_across_hosts(&self) -> u64 {
+        let host = self.world_hosts[self.mesh.rank()];
+        (0..self.mesh.world_size())
+            .filter(|&peer| self.world_hosts[peer] != host)
+            .map(|peer| self.mesh.bytes_sent_to(peer))
+            .sum()
+    }
+
     fn all_reduce(&self, buf: BufMut<'_>, op: ReduceOp) -> Result<(), CommError> {
         let (dtype, numel) = (buf.dtype, buf.numel);
         let bytes = self.host(OpKind::AllReduce, buf.memory)?;
-        let ring = bytes.len() >= self.tuning.ring_threshold_bytes && numel >= self.members.len();
-        self.collective(OpKind::AllReduce, dtype, numel, None, Some(op), |ctx| {
-            if ctx.size() == 1 {
-                Ok(())
-            } else if ring {
-                alg::ring_all_reduce(ctx, op, bytes)
-            } else {
-                alg::doubling_all_reduce(ctx, op, bytes)
-            }
+        let large = bytes.len() >= self.tuning.ring_threshold_bytes;
+        let algorithm = if self.members.len() == 1 {
+            AllReduce::Local
+        } else if self.hierarchical(large) {
+            AllReduce::Hierarchical
+        } else if large && numel >= self.members.len() {
+            AllReduce::Ring
+        } else {
+            AllReduce::Doubling
+        };
+        tracing::debug!(
+            rank = self.global_rank(),
+            group = self.group_id,
+            bytes = bytes.len(),
+            hosts = self.layout.hosts(),
+            ?algorithm,
+            "all_reduce"
+        );
+        let threshold = self.tuning.ring_threshold_bytes;
+        self.collective(OpKind::AllReduce, dtype, numel, None, Some(op), |ctx| match algorithm {
+            AllReduce::Local => Ok(()),
+            AllReduce::Hierarchical => alg::hier_all_reduce(ctx, &self.layout, op, bytes, threshold),
+            AllReduce::Ring => alg::ring_all_reduce(ctx, op, bytes),
+            AllReduce::Doubling => alg::doubling_all_reduce(ctx, op, bytes),
         })
     }
 
@@ -406,10 +507,22 @@ impl Communicator for HostComm {
         self.check_root(OpKind::Broadcast, root)?;
         let (dtype, numel) = (buf.dtype, buf.numel);
         let bytes = self.host(OpKind::Broadcast, buf.memory)?;
+        let hierarchical = self.hierarchical(bytes.len() >= self.tuning.ring_threshold_bytes);
         let large = bytes.len() >= self.tuning.ring_threshold_bytes && numel >= self.members.len();
+        tracing::debug!(
+            rank = self.global_rank(),
+            group = self.group_id,
+            bytes = bytes.len(),
+            hierarchical,
+            large,
+            "broadcast"
+        );
+        let threshold = self.tuning.ring_threshold_bytes;
         self.collective(OpKind::Broadcast, dtype, numel, Some(root), None, |ctx| {
             if ctx.size() == 1 {
                 Ok(())
+            } else if hierarchical {
+                alg::hier_broadcast(ctx, &self.layout, root, bytes, bytes.len() >= threshold)
             } else if large && ctx.size() > 2 {
                 alg::scatter_allgather_broadcast(ctx, root, bytes)
             } else {
@@ -524,6 +637,7 @@ impl Communicator for HostComm {
         Ok(Some(Box::new(HostComm::new(
             Arc::clone(&self.mesh),
             members,
+            Arc::clone(&self.world_hosts),
             rank,
             group_id,
             self.timeout,

@@ -9,6 +9,10 @@
 //! publishes a host id, the same-host ranks create their inboxes, open each other's, and agree on
 //! which pairs succeeded, so both sides of a pair always use the same transport. A pair whose
 //! set-up failed (a full `/dev/shm`, a container boundary) stays on TCP with a warning.
+//!
+//! Apart from that, every rank publishes the host it runs on whether or not it uses shared
+//! memory, so the engine knows which ranks share a host (for the hierarchical all-reduce and
+//! broadcast).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use crate::transport::{self, DataListener, Inbox, Mesh, Pair, ShmLink, Transport
 
 use super::communicator::CommError;
 use super::group::ProcessGroup;
-use super::host::{HostComm, Tuning};
+use super::host::{Hierarchy, HostComm, Tuning};
 
 /// How to build a group.
 #[derive(Debug, Clone)]
@@ -110,6 +114,7 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
     if let Some(bytes) = env.segment_bytes {
         tuning.segment_bytes = bytes;
     }
+    tuning.hierarchical = Hierarchy::from_switch(env.hierarchical);
     let defaults = ShmOptions::default();
     let shm = ShmOptions {
         enabled: env.shm.unwrap_or(defaults.enabled),
@@ -128,7 +133,7 @@ pub fn init_from(env: &DistEnv) -> Result<ProcessGroup, Error> {
     if !env.launched() || env.world_size == 1 {
         let mesh = Arc::new(Mesh::new(0, 1, vec![None]));
         return Ok(ProcessGroup::new(
-            Box::new(HostComm::world(mesh, options.timeout, tuning)),
+            Box::new(HostComm::world(mesh, vec![0], options.timeout, tuning)),
             vec![0],
         ));
     }
@@ -225,6 +230,10 @@ pub fn init_with_store(
         }
         pairs[peer] = Some(Pair::new(rank, peer, stream)?);
     }
+    let hosts = match world_size {
+        1 => vec![0],
+        _ => host_indices(store.as_ref(), rank, world_size, &options.shm, deadline)?,
+    };
     if world_size > 1 {
         for (peer, link) in shm_links(store.as_ref(), rank, world_size, &options.shm, deadline)? {
             if let Some(pair) = pairs[peer].as_mut() {
@@ -241,8 +250,51 @@ pub fn init_with_store(
             mesh.sever(peer, "cut by fault injection (BURNRUN_FAULT)");
         }
     });
-    let comm = HostComm::world(mesh, options.timeout, options.tuning);
+    tracing::debug!(rank, ?hosts, "host of each rank");
+    let comm = HostComm::world(mesh, hosts, options.timeout, options.tuning);
     Ok(ProcessGroup::new(Box::new(comm), (0..world_size).collect()).with_store(store))
+}
+
+/// The host of every rank, numbered in order of each host's first rank: each publishes its host
+/// id (`ShmOptions::host_id`, else [`transport::host_id`]) under `host_id/<rank>`, whether or not it
+/// uses shared memory (`host/<rank>`, which `shm_links` compares, says "off" for a rank that
+/// does not).
+fn host_indices(
+    store: &dyn Store,
+    rank: usize,
+    world_size: usize,
+    options: &ShmOptions,
+    deadline: Instant,
+) -> Result<Vec<usize>, Error> {
+    let store_err = |source| CommError::Store {
+        rank,
+        group: "world".into(),
+        source,
+    };
+    let mine = options.host_id.clone().unwrap_or_else(transport::host_id);
+    store
+        .set(&format!("host_id/{rank}"), mine.as_bytes())
+        .map_err(store_err)?;
+    let mut ids: Vec<String> = Vec::with_capacity(world_size);
+    let mut hosts = Vec::with_capacity(world_size);
+    for other in 0..world_size {
+        let id = if other == rank {
+            mine.clone()
+        } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let raw = store.get(&format!("host_id/{other}"), left).map_err(store_err)?;
+            String::from_utf8_lossy(&raw).into_owned()
+        };
+        let index = match ids.iter().position(|known| *known == id) {
+            Some(index) => index,
+            None => {
+                ids.push(id);
+                ids.len() - 1
+            }
+        };
+        hosts.push(index);
+    }
+    Ok(hosts)
 }
 
 /// Sets up shared memory with the ranks of this host: returns the links both sides of each pair

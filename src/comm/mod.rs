@@ -24,5 +24,5 @@ pub use communicator::{CommError, Communicator};
 pub use dtype::{DType, Element, ReduceOp};
 pub use fingerprint::{describe as describe_fingerprint, fingerprint, OpKind};
 pub use group::{ProcessGroup, Work};
-pub use host::{Tuning, DEFAULT_RING_THRESHOLD_BYTES, DEFAULT_SEGMENT_BYTES};
+pub use host::{Hierarchy, Tuning, DEFAULT_RING_THRESHOLD_BYTES, DEFAULT_SEGMENT_BYTES};
 pub use init::{init, init_from, init_with_store, spawn_ranks, InitOptions, ShmOptions};

@@ -20,6 +20,21 @@ choice! {
     }
 }
 
+choice! {
+    /// `comm.hierarchical`: when the host engine's all-reduce and broadcast go host by host (reduce
+    /// inside each host before crossing hosts; cross hosts once per host, then spread inside
+    /// each), only for a group that spans two hosts or more, two of its ranks or more on one of
+    /// them.
+    HierarchicalMode, default Auto {
+        /// From `comm.ring_threshold_bytes` up; smaller buffers keep recursive doubling.
+        Auto = "auto",
+        /// At any size.
+        On = "on",
+        /// Never: one flat ring (or recursive doubling) over all ranks.
+        Off = "off",
+    }
+}
+
 /// `[comm]`: collectives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,6 +61,10 @@ pub struct CommConfig {
     /// I/O unit of the pipelined algorithms, in bytes. Default: not set (the engine's built-in
     /// size, or `BURNRUN_SEGMENT_BYTES`).
     pub segment_bytes: Option<usize>,
+    /// Hierarchical all-reduce and broadcast of the host engine for groups that span hosts: `"auto"`, `"on"`
+    /// or `"off"` (see [`HierarchicalMode`]). Default: not set (`BURNRUN_HIERARCHICAL`, else
+    /// `"auto"`).
+    pub hierarchical: Option<HierarchicalMode>,
     /// Ranks of one host exchange frames through shared memory (`false`: loopback TCP).
     /// Default: not set (on, unless `BURNRUN_SHM=0`).
     pub shm: Option<bool>,
@@ -63,6 +82,7 @@ impl Default for CommConfig {
             timeout_secs: 300,
             ring_threshold_bytes: None,
             segment_bytes: None,
+            hierarchical: None,
             shm: None,
             shm_ring_bytes: None,
         }

@@ -45,7 +45,7 @@ mod user;
 mod validate;
 
 pub use checkpoint::CheckpointConfig;
-pub use comm::{CommBackend, CommConfig};
+pub use comm::{CommBackend, CommConfig, HierarchicalMode};
 pub use compression::{CompressionConfig, CompressionMethod};
 pub use data::{DataConfig, DataKind, IdxConfig, SyntheticConfig, TextConfig};
 pub use error::{ConfigError, Location, Origin, Problem};

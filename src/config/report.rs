@@ -267,6 +267,7 @@ fn unset_meaning(resolved: &Resolved, path: &str) -> String {
         ("comm.ring_threshold_bytes" | "comm.segment_bytes" | "comm.shm" | "comm.shm_ring_bytes", _) => {
             ", so the engine's default".to_string()
         }
+        ("comm.hierarchical", _) => ", so BURNRUN_HIERARCHICAL, else \"auto\"".to_string(),
         _ => String::new(),
     }
 }

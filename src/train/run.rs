@@ -15,7 +15,7 @@ use burn::tensor::Device;
 
 use crate::comm::ProcessGroup;
 use crate::compress::build_codec;
-use crate::config::{ComputeDtype, Resolved, RunConfig};
+use crate::config::{ComputeDtype, HierarchicalMode, Resolved, RunConfig};
 use crate::data::DistributedSampler;
 use crate::parallel::params::trainable_mask;
 use crate::parallel::{
@@ -118,6 +118,12 @@ fn join(cfg: &RunConfig) -> Result<ProcessGroup, TrainError> {
     }
     env.ring_threshold_bytes = cfg.comm.ring_threshold_bytes.or(env.ring_threshold_bytes);
     env.segment_bytes = cfg.comm.segment_bytes.or(env.segment_bytes);
+    env.hierarchical = match cfg.comm.hierarchical {
+        None => env.hierarchical,
+        Some(HierarchicalMode::Auto) => None,
+        Some(HierarchicalMode::On) => Some(true),
+        Some(HierarchicalMode::Off) => Some(false),
+    };
     env.shm = cfg.comm.shm.or(env.shm);
     env.shm_ring_bytes = cfg.comm.shm_ring_bytes.or(env.shm_ring_bytes);
     crate::comm::init_from(&env).map_err(init_err)

@@ -552,6 +552,14 @@ impl Mesh {
         self.pairs.iter().flatten().map(|p| p.bytes_sent()).sum()
     }
 
+    /// Bytes this rank has written to `peer` so far (frame headers included; 0 for itself).
+    pub fn bytes_sent_to(&self, peer: usize) -> u64 {
+        self.pairs
+            .get(peer)
+            .and_then(|p| p.as_ref())
+            .map_or(0, |p| p.bytes_sent())
+    }
+
     fn pair(&self, peer: usize) -> Result<&Pair, TransportError> {
         self.pairs
             .get(peer)

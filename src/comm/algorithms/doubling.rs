@@ -26,7 +26,11 @@ use super::{reducer, Ctx};
 pub(crate) const EAGER_BYTES: usize = 16 * 1024;
 
 const FOLD_STEP: u32 = 0;
-const UNFOLD_STEP: u32 = u32::MAX;
+/// After the rounds, which take steps 1 to log2(p) <= 63.
+const UNFOLD_STEP: u32 = 64;
+/// Steps 0 to `STEPS - 1` are this algorithm's (a caller that runs several under one key gives
+/// each its own range of this length).
+pub(super) const STEPS: u32 = UNFOLD_STEP + 1;
 
 /// All-reduce of `buf` by recursive doubling.
 pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<(), TransportError> {

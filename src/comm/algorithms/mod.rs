@@ -5,11 +5,13 @@
 //! and carries the deadline.
 
 mod doubling;
+mod hier;
 mod pairwise;
 mod ring;
 mod tree;
 
 pub(crate) use doubling::all_reduce as doubling_all_reduce;
+pub(crate) use hier::{all_reduce as hier_all_reduce, broadcast as hier_broadcast, HostLayout};
 pub(crate) use pairwise::all_to_all;
 pub(crate) use ring::{all_gather as ring_all_gather, all_reduce as ring_all_reduce};
 pub(crate) use ring::{reduce as ring_reduce, reduce_scatter as ring_reduce_scatter};
@@ -33,6 +35,9 @@ pub(crate) struct Ctx<'a> {
     /// This rank in the group.
     pub(crate) rank: usize,
     pub(crate) key: u64,
+    /// Added to every step number: the phases of a composite algorithm (`hier`) run the
+    /// algorithms above on sub-contexts under the same key, each in its own range of steps.
+    pub(crate) step_base: u32,
     pub(crate) fingerprint: u64,
     pub(crate) deadline: Instant,
     pub(crate) timeout: Duration,
@@ -47,7 +52,28 @@ impl<'a> Ctx<'a> {
     }
 
     fn tag(&self, step: u32) -> Tag {
-        Tag { key: self.key, step }
+        Tag {
+            key: self.key,
+            step: self.step_base + step,
+        }
+    }
+
+    /// The same call seen by a subset of the group: `members` are the transport peers of the
+    /// subset, `rank` this rank's place in it, and its steps start at `step_base` (relative to
+    /// this context's).
+    pub(crate) fn subset<'m>(&'m self, members: &'m [usize], rank: usize, step_base: u32) -> Ctx<'m> {
+        Ctx {
+            mesh: self.mesh,
+            members,
+            rank,
+            key: self.key,
+            step_base: self.step_base + step_base,
+            fingerprint: self.fingerprint,
+            deadline: self.deadline,
+            timeout: self.timeout,
+            segment_bytes: self.segment_bytes,
+            dtype: self.dtype,
+        }
     }
 
     pub(crate) fn send<'b>(&self, to: usize, step: u32, data: &'b [u8]) -> Op<'b> {
