@@ -52,6 +52,7 @@ run() {
   echo "${rate_s:-?} ${comm:-?}"
 }
 
+# The median (the lower middle value for an even count).
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 declare -A speed comm
@@ -73,7 +74,8 @@ echo "| nodes x ranks | link | compression | samples/s (median of $ROUNDS) | com
 echo "|---|---|---|---|---|---|"
 for c in "${cases[@]}"; do
   read -r nodes rate codec <<<"$c"
-  s=$(median ${speed[$c]}); m=$(median ${comm[$c]}); base=$(median ${speed["1 - $codec"]})
+  s=$(median ${speed[$c]}); base=$(median ${speed["1 - $codec"]})
+  m=$(median ${comm[$c]} | awk '{ if ($1 + 0 == $1) printf "%.1f", $1; else print $1 }')
   ratio=$(awk -v a="$s" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }')
   if [ "$nodes" = 1 ]; then label="1 x 2"; link="shared memory"; else label="2 x 2"; link="$rate (tbf)"; fi
   echo "| $label | $link | $codec | $s | $m | $ratio |"

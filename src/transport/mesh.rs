@@ -360,7 +360,12 @@ impl RecvState<'_, '_> {
                     }
                 }
                 Incoming::Idle => {
-                    if let Some(frame) = half.stash.get_mut(&self.tag).and_then(|q| q.pop_front()) {
+                    // (An empty stash, the usual case, costs no hashing of the tag.)
+                    let stashed = match half.stash.is_empty() {
+                        true => None,
+                        false => half.stash.get_mut(&self.tag).and_then(|q| q.pop_front()),
+                    };
+                    if let Some(frame) = stashed {
                         half.stash_bytes -= frame.payload.len();
                         if half.stash.get(&self.tag).is_some_and(|q| q.is_empty()) {
                             half.stash.remove(&self.tag);

@@ -432,6 +432,12 @@ pub struct ShmLink {
     rx: Ring,
     peer_bell: Bell,
     inbox: Arc<Inbox>,
+    /// The consumer's tail of `tx` as last read. The producer computes free space from it and
+    /// reads the real tail (a cache line the consumer writes on every read) only when that is
+    /// not enough, so a small frame into a ring with room does not pull that line back. Space
+    /// computed from an older tail is a part of the true free space, so this is safe. Written
+    /// under the pair's send lock only.
+    tx_tail_seen: AtomicU64,
 }
 
 /// Parses the text of [`Inbox::describe`].
@@ -502,6 +508,7 @@ impl ShmLink {
             tx: Ring::new(Arc::clone(&map), our_slot_there, ring_bytes),
             rx: Ring::new(Arc::clone(&inbox.map), their_slot_here, ring_bytes),
             peer_bell: Bell { map, fifo },
+            tx_tail_seen: AtomicU64::new(0),
             inbox: Arc::clone(inbox),
         })
     }
@@ -520,7 +527,13 @@ impl ShmLink {
     /// Only one thread at a time may write (the pair's send lock).
     pub(crate) fn write_some(&self, bufs: &[IoSlice<'_>]) -> usize {
         let head = self.tx.head().load(Ordering::Relaxed);
-        let tail = self.tx.tail().load(Ordering::Acquire);
+        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut tail = self.tx_tail_seen.load(Ordering::Relaxed);
+        if self.tx.cap - ((head - tail) as usize) < wanted {
+            // Acquire: the consumer's reads of the bytes it released happen before we overwrite them.
+            tail = self.tx.tail().load(Ordering::Acquire);
+            self.tx_tail_seen.store(tail, Ordering::Relaxed);
+        }
         let free = self.tx.cap - (head - tail) as usize;
         let mut written = 0;
         for buf in bufs {
