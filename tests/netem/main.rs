@@ -265,13 +265,8 @@ fn a_link_dropping_2_percent_of_packets_each_way_still_trains_to_the_same_parame
     let Some(cluster) = Cluster::new("loss", 202, 2) else {
         return;
     };
-    let method = match cluster.net.loss(1, LOSS_PERCENT) {
-        Ok(Some(method)) => method,
-        Ok(None) => {
-            eprintln!("skipped: no sch_netem in this kernel and no iptables for the stand-in");
-            return;
-        }
-        Err(e) => panic!("making the link lossy: {e}"),
+    let Some(method) = lossy(&cluster.net, LOSS_PERCENT) else {
+        return;
     };
     let start = Instant::now();
     let jobs = (0..2)
@@ -300,6 +295,19 @@ fn a_link_dropping_2_percent_of_packets_each_way_still_trains_to_the_same_parame
     );
 }
 
+/// Makes node 1's link drop `percent` of its packets each way; `None` (and a line saying the
+/// test is skipped) where neither netem nor its iptables stand-in exists.
+fn lossy(net: &Net, percent: f64) -> Option<net::Method> {
+    match net.loss(1, percent) {
+        Ok(Some(method)) => Some(method),
+        Ok(None) => {
+            eprintln!("skipped: no sch_netem in this kernel and no iptables for the stand-in");
+            None
+        }
+        Err(e) => panic!("making the link lossy: {e}"),
+    }
+}
+
 /// The shaped lossy link of the collectives case: slow enough that the large sizes queue in the
 /// token bucket, lossy enough that TCP retransmits in every size.
 const SHAPED_RATE: &str = "200mbit";
@@ -318,13 +326,8 @@ fn two_nodes_of_two_ranks_on_a_shaped_lossy_link_get_exact_all_reduce_results_wi
         return;
     };
     cluster.net.rate(1, SHAPED_RATE).expect("shaping the link");
-    let method = match cluster.net.loss(1, SHAPED_LOSS_PERCENT) {
-        Ok(Some(method)) => method,
-        Ok(None) => {
-            eprintln!("skipped: no sch_netem in this kernel and no iptables for the stand-in");
-            return;
-        }
-        Err(e) => panic!("making the link lossy: {e}"),
+    let Some(method) = lossy(&cluster.net, SHAPED_LOSS_PERCENT) else {
+        return;
     };
     let start = Instant::now();
     let jobs: Vec<Job> = (0..2)
