@@ -7,12 +7,9 @@
 //! the algorithm combines in and f32/f64/i32 results equal the reference bit for bit.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use burnrun::auth::JobSecret;
-use burnrun::comm::{init_with_store, Element, Hierarchy, InitOptions, ProcessGroup, ShmOptions, Tuning};
-use burnrun::rendezvous::{MemoryStore, Store};
+use burnrun::comm::{spawn_ranks_each, Element, Hierarchy, InitOptions, ProcessGroup, ShmOptions, Tuning};
 use burnrun::transport::{shm_file_prefix, MIN_SHM_RING_BYTES};
 use burnrun::{DType, ReduceOp};
 use half::bf16;
@@ -58,27 +55,7 @@ fn layout_options(hosts: &[usize], tuning: Tuning, shm: bool) -> Vec<InitOptions
 
 /// Runs `f` on one thread per rank, rank r with `options[r]`; returns each rank's result.
 fn run_ranks<R: Send>(options: Vec<InitOptions>, f: impl Fn(ProcessGroup) -> R + Sync) -> Vec<R> {
-    let n = options.len();
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let secret = JobSecret::generate().unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = options
-            .into_iter()
-            .enumerate()
-            .map(|(rank, opts)| {
-                let (store, secret, f) = (Arc::clone(&store), &secret, &f);
-                s.spawn(move || {
-                    let pg = init_with_store(store, rank, n, secret, &opts)
-                        .unwrap_or_else(|e| panic!("rank {rank} failed to join: {e}"));
-                    f(pg)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
+    spawn_ranks_each(&options, f).unwrap_or_else(|e| panic!("a rank failed to join: {e}"))
 }
 
 fn tuning(hierarchical: Hierarchy, ring_threshold_bytes: usize, segment_bytes: usize) -> Tuning {

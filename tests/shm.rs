@@ -4,12 +4,9 @@
 //! `/dev/shm`, say). The collectives themselves run over shared memory in `tests/collectives.rs`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use burnrun::auth::JobSecret;
-use burnrun::comm::{init_with_store, InitOptions, ProcessGroup, ShmOptions};
-use burnrun::rendezvous::{MemoryStore, Store};
+use burnrun::comm::{spawn_ranks_each, InitOptions, ShmOptions};
 use burnrun::transport::shm_file_prefix;
 use burnrun::ReduceOp;
 
@@ -34,29 +31,17 @@ fn options(dir: &Path, prefix: &str) -> InitOptions {
 /// `[r + 1; 1000]`, checks the sum and returns its links as the communicator reports them.
 fn join_and_all_reduce(options: Vec<InitOptions>) -> Vec<String> {
     let n = options.len();
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let secret = JobSecret::generate().unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = options
-            .into_iter()
-            .enumerate()
-            .map(|(rank, opts)| {
-                let (store, secret) = (Arc::clone(&store), &secret);
-                s.spawn(move || {
-                    let pg: ProcessGroup = init_with_store(store, rank, n, secret, &opts)
-                        .unwrap_or_else(|e| panic!("rank {rank} failed to join: {e}"));
-                    for len in [1000, 3 << 20] {
-                        let mut data = vec![(rank + 1) as f32; len];
-                        pg.all_reduce(&mut data, ReduceOp::Sum).unwrap();
-                        let want = (n * (n + 1) / 2) as f32;
-                        assert!(data.iter().all(|&x| x == want), "rank {rank}: wrong sum of {len}");
-                    }
-                    pg.communicator().links()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    spawn_ranks_each(&options, |pg| {
+        let rank = pg.rank();
+        for len in [1000, 3 << 20] {
+            let mut data = vec![(rank + 1) as f32; len];
+            pg.all_reduce(&mut data, ReduceOp::Sum).unwrap();
+            let want = (n * (n + 1) / 2) as f32;
+            assert!(data.iter().all(|&x| x == want), "rank {rank}: wrong sum of {len}");
+        }
+        pg.communicator().links()
     })
+    .unwrap_or_else(|e| panic!("a rank failed to join: {e}"))
 }
 
 /// Names in `dir` that start with `prefix`.

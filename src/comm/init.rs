@@ -395,6 +395,16 @@ pub fn spawn_ranks<R: Send>(
     options: &InitOptions,
     f: impl Fn(ProcessGroup) -> R + Sync,
 ) -> Result<Vec<R>, Error> {
+    spawn_ranks_each(&vec![options.clone(); world_size], f)
+}
+
+/// [`spawn_ranks`] with options of its own for each rank (`options[r]` for rank r): ranks that
+/// count as different hosts (`ShmOptions::host_id`), or one rank with shared memory off.
+pub fn spawn_ranks_each<R: Send>(
+    options: &[InitOptions],
+    f: impl Fn(ProcessGroup) -> R + Sync,
+) -> Result<Vec<R>, Error> {
+    let world_size = options.len();
     let store: Arc<dyn Store> = Arc::new(crate::rendezvous::MemoryStore::new());
     let secret = JobSecret::generate().map_err(|e| crate::env::EnvError::Invalid {
         name: "BURNRUN_SECRET",
@@ -402,8 +412,10 @@ pub fn spawn_ranks<R: Send>(
         reason: e.to_string(),
     })?;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..world_size)
-            .map(|rank| {
+        let handles: Vec<_> = options
+            .iter()
+            .enumerate()
+            .map(|(rank, options)| {
                 let (store, secret, f) = (Arc::clone(&store), &secret, &f);
                 scope.spawn(move || init_with_store(store, rank, world_size, secret, options).map(f))
             })

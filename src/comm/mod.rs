@@ -25,4 +25,4 @@ pub use dtype::{DType, Element, ReduceOp};
 pub use fingerprint::{describe as describe_fingerprint, fingerprint, OpKind};
 pub use group::{ProcessGroup, Work};
 pub use host::{Hierarchy, Tuning, DEFAULT_RING_THRESHOLD_BYTES, DEFAULT_SEGMENT_BYTES};
-pub use init::{init, init_from, init_with_store, spawn_ranks, InitOptions, ShmOptions};
+pub use init::{init, init_from, init_with_store, spawn_ranks, spawn_ranks_each, InitOptions, ShmOptions};
