@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -174,14 +174,16 @@ pub fn path(rank_prefix: &str) -> PathBuf {
 }
 
 /// A record file mapped for writing (the process's own is installed by [`install`]).
+///
+/// Writers (the main thread, a group's executor) take no lock: a collective claims its slot with
+/// one atomic add on the entry counter and then writes only that slot, marking it invalid while
+/// it does (a reader skips it); the header's words are single stores a reader may see old.
 pub struct Recorder {
     words: *mut AtomicU64,
-    /// Serialises writers (the main thread and a group's executor).
-    lock: Mutex<()>,
 }
 
 // SAFETY: the mapping lives as long as the process (never unmapped) and is only accessed through
-// atomics and under `lock`.
+// atomics.
 unsafe impl Send for Recorder {}
 // SAFETY: see `Send`.
 unsafe impl Sync for Recorder {}
@@ -221,10 +223,7 @@ impl Recorder {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let recorder = Recorder {
-            words: ptr.cast(),
-            lock: Mutex::new(()),
-        };
+        let recorder = Recorder { words: ptr.cast() };
         recorder.set(1, rank as u64);
         recorder.set(2, u64::from(std::process::id()));
         recorder.set(6, coarse_now_ns());
@@ -234,9 +233,7 @@ impl Recorder {
 
     /// A collective begins; returns its slot for [`Recorder::end`].
     pub fn begin(&self, group: u64, seq: u64, op: &str, dtype: &str, count: u64, peer: Option<usize>) -> usize {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = (self.get(7) as usize) % ENTRIES;
-        self.set(7, self.get(7) + 1);
+        let slot = (self.word(7).fetch_add(1, Ordering::Relaxed) as usize) % ENTRIES;
         let base = HEADER_WORDS + slot * ENTRY_WORDS;
         self.set(base + 3, 0); // invalid while it is rewritten
         self.set(base, seq);
@@ -247,24 +244,24 @@ impl Recorder {
         self.set(base + 6, peer.map_or(0, |p| p as u64 + 1));
         self.set_text(base + 7, op, OP_BYTES);
         self.set_text(base + 9, dtype, DTYPE_BYTES);
-        self.set(base + 3, 1);
+        // Release: the fields above are in place before the slot reads as valid.
+        self.word(base + 3).store(1, Ordering::Release);
         slot
     }
 
     /// The collective of `slot` ended (`ok`: it finished; else it failed).
     pub fn end(&self, slot: usize, ok: bool) {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let base = HEADER_WORDS + (slot % ENTRIES) * ENTRY_WORDS;
-        self.set(base + 5, coarse_now_ns());
+        let now = coarse_now_ns();
+        self.set(base + 5, now);
         self.set(base + 3, if ok { 2 } else { 3 });
         if ok {
-            self.progressed();
+            self.progressed_at(now);
         }
     }
 
     /// Step `step` (0-based) begins, with its data.
     pub fn step(&self, step: u64) {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.set(3, step + 1);
         self.set(4, PHASES.iter().position(|&p| p == Phase::Data).unwrap_or(0) as u64);
         self.progressed();
@@ -273,7 +270,6 @@ impl Recorder {
     /// `phase` begins.
     pub fn phase(&self, phase: Phase) {
         let index = PHASES.iter().position(|&p| p == phase).unwrap_or(0) as u64;
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.set(4, index);
         self.progressed();
     }
@@ -303,8 +299,14 @@ impl Recorder {
     }
 
     fn progressed(&self) {
+        self.progressed_at(coarse_now_ns());
+    }
+
+    /// Counts progress (word 5: a heartbeat a reader compares over time; two writers at once may
+    /// count one) and stamps it (word 6).
+    fn progressed_at(&self, now: u64) {
         self.set(5, self.get(5) + 1);
-        self.set(6, coarse_now_ns());
+        self.set(6, now);
     }
 }
 

@@ -1,6 +1,7 @@
 //! `ProcessGroup`: a communicator plus typed calls, async work handles and sub-groups.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -16,6 +17,9 @@ type Job = Box<dyn FnOnce(&dyn Communicator) + Send>;
 struct Executor {
     state: Mutex<ExecState>,
     changed: Condvar,
+    /// `state.pending`, written under the lock: a synchronous call with nothing queued (the
+    /// usual case) reads this, not the lock.
+    pending: AtomicUsize,
 }
 
 struct ExecState {
@@ -107,6 +111,7 @@ impl ProcessGroup {
                 shutdown: false,
             }),
             changed: Condvar::new(),
+            pending: AtomicUsize::new(0),
         });
         Self {
             inner: Arc::new(GroupInner {
@@ -174,6 +179,10 @@ impl ProcessGroup {
     /// Blocks until every queued async job ran, so a synchronous call keeps issue order.
     fn drain(&self) {
         let exec = &self.inner.executor;
+        // Acquire: the finished jobs' effects (their buffers) happen before what follows.
+        if exec.pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut state = exec.state.lock().unwrap_or_else(|p| p.into_inner());
         while state.pending > 0 {
             state = exec.changed.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -202,6 +211,7 @@ impl ProcessGroup {
         let mut state = exec.state.lock().unwrap_or_else(|p| p.into_inner());
         state.queue.push_back(job);
         state.pending += 1;
+        exec.pending.store(state.pending, Ordering::Release);
         exec.changed.notify_all();
         Work { slot }
     }
@@ -231,6 +241,7 @@ impl ProcessGroup {
                 job(&*comm);
                 let mut state = exec.state.lock().unwrap_or_else(|p| p.into_inner());
                 state.pending -= 1;
+                exec.pending.store(state.pending, Ordering::Release);
                 exec.changed.notify_all();
             });
         // Invariant: thread creation fails only when the OS is out of resources; there is no

@@ -12,11 +12,11 @@
 //! - all-gather, reduce-scatter: ring; all-to-all: all pairs at once; barrier: a one-byte
 //!   all-reduce.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::transport::{Mesh, TransportError};
+use crate::transport::{Deadline, Mesh, TransportError};
 
 use super::algorithms::{self as alg, Ctx, HostLayout};
 use super::buffer::{blocks_mismatch, BufMut, BufRef, HostBuffer, Memory, MemoryMut};
@@ -111,17 +111,45 @@ pub(crate) struct HostComm {
     /// saw the failure too, so every later call fails at once with `CommError::Poisoned` instead
     /// of waiting on a group that can no longer agree.
     failure: Mutex<Option<String>>,
-    /// Fingerprints of the last few collectives by sequence number, to name this rank's call
-    /// when a peer's frame of an earlier one turns up unread, and whether each is still running.
-    recent: Mutex<std::collections::VecDeque<Call>>,
+    /// Set with `failure`: the usual call checks this flag, not the lock.
+    poisoned: AtomicBool,
+    /// The last [`RECENT_CALLS`] collectives, slot `seq % RECENT_CALLS`: to name this rank's
+    /// call when a peer's frame of an earlier one turns up unread, and whether it still runs.
+    recent: Box<[RecentSlot]>,
 }
 
 /// A collective this communicator ran or runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Call {
     seq: u64,
     fingerprint: u64,
     running: bool,
+}
+
+/// One entry of [`HostComm::recent`], written by the thread that runs the call and read (for
+/// diagnostics) by another only when a stash is not empty: plain atomics, no lock on the path
+/// of every call. `seq_state` holds `seq << 1 | running`, plus one so that 0 means empty.
+#[derive(Debug, Default)]
+struct RecentSlot {
+    seq_state: AtomicU64,
+    fingerprint: AtomicU64,
+}
+
+impl RecentSlot {
+    fn store(&self, call: Call) {
+        self.fingerprint.store(call.fingerprint, Ordering::Relaxed);
+        let state = (call.seq << 1 | u64::from(call.running)) + 1;
+        self.seq_state.store(state, Ordering::Release);
+    }
+
+    fn load(&self, seq: u64) -> Option<Call> {
+        let state = self.seq_state.load(Ordering::Acquire).checked_sub(1)?;
+        (state >> 1 == seq).then(|| Call {
+            seq,
+            fingerprint: self.fingerprint.load(Ordering::Relaxed),
+            running: state & 1 == 1,
+        })
+    }
 }
 
 /// The all-reduce algorithm one call runs (see the module doc).
@@ -137,8 +165,10 @@ enum AllReduce {
     Doubling,
 }
 
-/// How many past collectives [`HostComm`] remembers for error messages.
-const RECENT_CALLS: usize = 16;
+/// How many past collectives [`HostComm`] remembers for error messages. Calls of one
+/// communicator run one after another (async ones on its executor, in order) or two at a time
+/// (a synchronous call beside the executor's), so a call still running is never overwritten.
+const RECENT_CALLS: usize = 64;
 
 impl HostComm {
     /// The world communicator over `mesh`; `hosts[r]` is the host index of rank r (equal
@@ -175,7 +205,8 @@ impl HostComm {
                 ..tuning
             },
             failure: Mutex::new(None),
-            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CALLS)),
+            poisoned: AtomicBool::new(false),
+            recent: (0..RECENT_CALLS).map(|_| RecentSlot::default()).collect(),
         }
     }
 
@@ -192,6 +223,9 @@ impl HostComm {
 
     /// `Err(Poisoned)` once a call of this communicator failed in transfer.
     fn usable(&self) -> Result<(), CommError> {
+        if !self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match &*self.failure.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
             Some(first) => Err(CommError::Poisoned {
@@ -207,6 +241,7 @@ impl HostComm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(|| error.to_string());
+        self.poisoned.store(true, Ordering::Release);
         error
     }
 
@@ -214,7 +249,7 @@ impl HostComm {
         self.mesh.rank()
     }
 
-    fn ctx(&self, key: u64, fingerprint: u64, dtype: DType) -> Ctx<'_> {
+    fn ctx<'a>(&'a self, key: u64, fingerprint: u64, dtype: DType, deadline: &'a Deadline) -> Ctx<'a> {
         Ctx {
             mesh: &self.mesh,
             members: &self.members,
@@ -222,8 +257,7 @@ impl HostComm {
             key,
             step_base: 0,
             fingerprint,
-            deadline: Instant::now() + self.timeout,
-            timeout: self.timeout,
+            deadline,
             segment_bytes: self.tuning.segment_bytes,
             dtype,
         }
@@ -286,7 +320,8 @@ impl HostComm {
             crate::fault::at_collective(seq);
         }
         let fp = fingerprint(op, dtype, numel, root, reduce);
-        let ctx = self.ctx(collective_key(self.group_id, seq), fp, dtype);
+        let deadline = Deadline::after(self.timeout);
+        let ctx = self.ctx(collective_key(self.group_id, seq), fp, dtype, &deadline);
         tracing::trace!(rank = self.global_rank(), seq, call = %describe(fp), "collective");
         self.note_call(Call {
             seq,
@@ -307,19 +342,12 @@ impl HostComm {
 
     /// Records a collective's start or end in `recent`.
     fn note_call(&self, call: Call) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        match recent.iter_mut().find(|c| c.seq == call.seq) {
-            Some(known) => *known = call,
-            None => {
-                // Forget the oldest finished call (a running one stays, whatever its age).
-                if recent.len() >= RECENT_CALLS {
-                    if let Some(i) = recent.iter().position(|c| !c.running) {
-                        recent.remove(i);
-                    }
-                }
-                recent.push_back(call);
-            }
-        }
+        self.recent[(call.seq % RECENT_CALLS as u64) as usize].store(call);
+    }
+
+    /// What `recent` knows of collective `seq`.
+    fn recent_call(&self, seq: u64) -> Option<Call> {
+        self.recent[(seq % RECENT_CALLS as u64) as usize].load(seq)
     }
 
     /// After collective `seq` completed here: a frame of it, or of an earlier collective of this
@@ -332,13 +360,7 @@ impl HostComm {
                 let Some(old) = collective_seq(tag.key, self.group_id).filter(|&old| old <= seq) else {
                     continue;
                 };
-                let known = self
-                    .recent
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .find(|c| c.seq == old)
-                    .copied();
+                let known = self.recent_call(old);
                 // Another thread may still run that call (async work): its frames are not late.
                 if known.is_some_and(|c| c.running) {
                     continue;
@@ -594,13 +616,13 @@ impl Communicator for HostComm {
     fn send(&self, buf: BufRef<'_>, peer: usize, tag: u32) -> Result<(), CommError> {
         let (dtype, numel) = (buf.dtype, buf.numel);
         let bytes = self.host_ref(OpKind::SendRecv, buf.memory)?;
-        self.point_to_point(peer, tag, dtype, numel, |ctx| ctx.run(vec![ctx.send(peer, 0, bytes)]))
+        self.point_to_point(peer, tag, dtype, numel, |ctx| ctx.send_now(peer, 0, bytes))
     }
 
     fn recv(&self, buf: BufMut<'_>, peer: usize, tag: u32) -> Result<(), CommError> {
         let (dtype, numel) = (buf.dtype, buf.numel);
         let bytes = self.host(OpKind::SendRecv, buf.memory)?;
-        self.point_to_point(peer, tag, dtype, numel, |ctx| ctx.run(vec![ctx.recv(peer, 0, bytes)]))
+        self.point_to_point(peer, tag, dtype, numel, |ctx| ctx.recv_now(peer, 0, bytes, None))
     }
 
     fn barrier(&self) -> Result<(), CommError> {
@@ -666,7 +688,8 @@ impl HostComm {
         }
         self.usable()?;
         let fp = fingerprint(OpKind::SendRecv, dtype, numel, None, None);
-        let ctx = self.ctx(p2p_key(self.group_id, tag), fp, dtype);
+        let deadline = Deadline::after(self.timeout);
+        let ctx = self.ctx(p2p_key(self.group_id, tag), fp, dtype, &deadline);
         body(&ctx).map_err(|e| self.failed(self.map_error(OpKind::SendRecv, tag as u64, fp, e)))
     }
 }

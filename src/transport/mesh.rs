@@ -9,7 +9,7 @@
 
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::error::TransportError;
@@ -28,6 +28,43 @@ pub struct Reduction<'a> {
     pub combine: Reducer<'a>,
     /// Bytes of one element: the unit the combiner may be called on.
     pub elem_bytes: usize,
+}
+
+/// When a call gives up: `timeout` after the first time it had to wait. Fixed on first use, so a
+/// call that never waits (a small exchange between busy ranks) never reads the clock; the work
+/// done before the first wait (which cannot hang: nothing waits) is not counted.
+#[derive(Debug)]
+pub struct Deadline {
+    timeout: Duration,
+    at: OnceLock<Instant>,
+}
+
+impl Deadline {
+    /// A deadline `timeout` after the first wait.
+    pub fn after(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            at: OnceLock::new(),
+        }
+    }
+
+    /// A deadline at `at` (reported as a timeout of `timeout`).
+    pub fn at(at: Instant, timeout: Duration) -> Self {
+        Self {
+            timeout,
+            at: OnceLock::from(at),
+        }
+    }
+
+    /// The instant, fixed now if nothing fixed it yet.
+    pub fn instant(&self) -> Instant {
+        *self.at.get_or_init(|| Instant::now() + self.timeout)
+    }
+
+    /// The timeout it stands for.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
 }
 
 /// One transfer of a batch.
@@ -367,6 +404,7 @@ impl RecvState<'_, '_> {
                     };
                     if let Some(frame) = stashed {
                         half.stash_bytes -= frame.payload.len();
+                        pair.stash_frames.fetch_sub(1, Ordering::Release);
                         if half.stash.get(&self.tag).is_some_and(|q| q.is_empty()) {
                             half.stash.remove(&self.tag);
                         }
@@ -464,6 +502,7 @@ fn fill_stash(pair: &Pair, half: &mut RecvHalf, moved: &mut bool) -> Result<bool
         fingerprint: header.fingerprint,
         payload: buf,
     });
+    pair.stash_frames.fetch_add(1, Ordering::Release);
     Ok(true)
 }
 
@@ -565,6 +604,16 @@ impl Mesh {
             .map_or(0, |p| p.bytes_sent())
     }
 
+    /// The pair with `peer`, if connected.
+    pub(crate) fn pair_ref(&self, peer: usize) -> Option<&Pair> {
+        self.pairs.get(peer).and_then(|p| p.as_deref())
+    }
+
+    /// How long a wait for a shared-memory peer spins without yielding the core.
+    pub(crate) fn pure_spin(&self) -> Duration {
+        self.pure_spin
+    }
+
     fn pair(&self, peer: usize) -> Result<&Pair, TransportError> {
         self.pairs
             .get(peer)
@@ -579,6 +628,11 @@ impl Mesh {
     /// Runs every operation of the batch to completion, concurrently, or fails at `deadline`
     /// (reported as a timeout of `timeout`). On failure the pairs involved are marked unusable.
     pub fn exchange(&self, ops: Vec<Op<'_>>, deadline: Instant, timeout: Duration) -> Result<(), TransportError> {
+        self.exchange_until(ops, &Deadline::at(deadline, timeout))
+    }
+
+    /// [`Mesh::exchange`] against a [`Deadline`] that may not be fixed yet.
+    pub fn exchange_until(&self, ops: Vec<Op<'_>>, deadline: &Deadline) -> Result<(), TransportError> {
         let mut states = Vec::with_capacity(ops.len());
         for op in ops {
             states.push(match op {
@@ -633,7 +687,7 @@ impl Mesh {
                 spin: self.shm_spin,
                 pure_spin: self.pure_spin,
             };
-            drive(&mut states, &self.pairs, wait, token, deadline, timeout)
+            drive(&mut states, &self.pairs, wait, token, deadline)
         });
         if let Err(e) = &result {
             for state in &states {
@@ -828,8 +882,7 @@ fn drive(
     mesh_pairs: &[Option<Arc<Pair>>],
     wait: Wait<'_>,
     token: u64,
-    deadline: Instant,
-    timeout: Duration,
+    deadline: &Deadline,
 ) -> Result<(), TransportError> {
     // Allocated on the first sleep only: a small exchange between busy ranks never sleeps.
     let mut pollfds: Vec<libc::pollfd> = Vec::new();
@@ -852,8 +905,8 @@ fn drive(
             continue;
         }
         let now = Instant::now();
-        if now >= deadline {
-            return Err(timeout_error(states, timeout));
+        if now >= deadline.instant() {
+            return Err(timeout_error(states, deadline.timeout()));
         }
         let idle = now.duration_since(*idle_since.get_or_insert(now));
         let shm_inbox = wait
@@ -888,7 +941,12 @@ fn drive(
         } else {
             Duration::from_millis(200)
         };
-        let wait_ms = deadline.saturating_duration_since(now).min(cap).as_millis().max(1) as libc::c_int;
+        let wait_ms = deadline
+            .instant()
+            .saturating_duration_since(now)
+            .min(cap)
+            .as_millis()
+            .max(1) as libc::c_int;
         pollfds.clear();
         liveness.clear();
         for state in states.iter() {

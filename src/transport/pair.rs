@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::error::TransportError;
@@ -93,6 +93,9 @@ pub(crate) struct RecvHalf {
     pub(crate) incoming: Incoming,
     pub(crate) stash: HashMap<Tag, VecDeque<Stashed>>,
     pub(crate) stash_bytes: usize,
+    /// Staging for the eager path (`eager.rs`) when a payload in the ring is not aligned for its
+    /// element type or wraps around the ring's end.
+    pub(crate) eager_stage: AlignedBytes,
 }
 
 #[derive(Debug)]
@@ -115,6 +118,11 @@ pub struct Pair {
     pub(crate) recv: Mutex<RecvHalf>,
     pub(crate) send: Mutex<SendHalf>,
     broken: Mutex<Option<String>>,
+    /// Set with `broken`: one load tells the eager path to leave the pair to the engine.
+    broken_flag: AtomicBool,
+    /// Frames in the stash, kept by whoever changes it (under the receive lock), so that the
+    /// check after every collective reads one atomic, not the lock.
+    pub(crate) stash_frames: AtomicUsize,
     bytes_sent: AtomicU64,
 }
 
@@ -140,9 +148,12 @@ impl Pair {
                 incoming: Incoming::Idle,
                 stash: HashMap::new(),
                 stash_bytes: 0,
+                eager_stage: AlignedBytes::default(),
             }),
             send: Mutex::new(SendHalf { owner: None }),
             broken: Mutex::new(None),
+            broken_flag: AtomicBool::new(false),
+            stash_frames: AtomicUsize::new(0),
             bytes_sent: AtomicU64::new(0),
         })
     }
@@ -185,6 +196,17 @@ impl Pair {
 
     pub(crate) fn fd(&self) -> RawFd {
         self.stream.as_raw_fd()
+    }
+
+    /// Counts `n` bytes written. Under the send lock (a load and a store, not a locked add).
+    pub(crate) fn note_sent(&self, n: usize) {
+        let sent = self.bytes_sent.load(Ordering::Relaxed);
+        self.bytes_sent.store(sent + n as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the pair was marked unusable (without taking the lock of the reason).
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken_flag.load(Ordering::Acquire)
     }
 
     pub(crate) fn lock_recv(&self) -> MutexGuard<'_, RecvHalf> {
@@ -258,7 +280,7 @@ impl Pair {
             return Ok(match link.write_some(bufs) {
                 0 => None,
                 n => {
-                    self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                    self.note_sent(n);
                     Some(n)
                 }
             });
@@ -266,7 +288,7 @@ impl Pair {
         match (&self.stream).write_vectored(bufs) {
             Ok(0) => Err(self.lost("the connection accepts no more data")),
             Ok(n) => {
-                self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                self.note_sent(n);
                 Ok(Some(n))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
@@ -329,11 +351,15 @@ impl Pair {
     pub(crate) fn mark_broken(&self, reason: String) {
         let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
         broken.get_or_insert(reason);
+        self.broken_flag.store(true, Ordering::Release);
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// The error every later operation on a broken pair gets.
     pub(crate) fn check_broken(&self) -> Result<(), TransportError> {
+        if !self.is_broken() {
+            return Ok(());
+        }
         match &*self.broken.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
             Some(reason) => Err(self.lost(&format!("unusable after an earlier failure: {reason}"))),
@@ -342,6 +368,9 @@ impl Pair {
 
     /// Tags and fingerprints of the frames waiting in the stash, for diagnostics.
     pub(crate) fn stashed(&self) -> Vec<(Tag, u64)> {
+        if self.stash_frames.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
         let recv = self.lock_recv();
         if recv.stash.is_empty() {
             return Vec::new();

@@ -523,18 +523,91 @@ impl ShmLink {
         &self.inbox
     }
 
-    /// Copies as much of `bufs` (in order) as fits into the ring; 0 when it is full.
-    /// Only one thread at a time may write (the pair's send lock).
-    pub(crate) fn write_some(&self, bufs: &[IoSlice<'_>]) -> usize {
+    /// The producer's head and the free bytes of `tx` behind it, reading the consumer's tail
+    /// only when the cached one shows fewer than `wanted` free. Under the pair's send lock.
+    fn tx_room(&self, wanted: usize) -> (u64, usize) {
         let head = self.tx.head().load(Ordering::Relaxed);
-        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
         let mut tail = self.tx_tail_seen.load(Ordering::Relaxed);
         if self.tx.cap - ((head - tail) as usize) < wanted {
             // Acquire: the consumer's reads of the bytes it released happen before we overwrite them.
             tail = self.tx.tail().load(Ordering::Acquire);
             self.tx_tail_seen.store(tail, Ordering::Relaxed);
         }
-        let free = self.tx.cap - (head - tail) as usize;
+        (head, self.tx.cap - (head - tail) as usize)
+    }
+
+    /// Writes all of `parts` (in order) into the ring and publishes them at once, or nothing
+    /// (false) when they do not all fit now. Only one thread at a time may write (the pair's
+    /// send lock).
+    pub(crate) fn write_all_or_none(&self, parts: &[&[u8]]) -> bool {
+        let wanted: usize = parts.iter().map(|p| p.len()).sum();
+        if wanted > self.tx.cap {
+            return false;
+        }
+        let (head, free) = self.tx_room(wanted);
+        if free < wanted {
+            return false;
+        }
+        let mut at = head;
+        for part in parts {
+            // SAFETY: single producer (the send lock), and `[head, head + wanted)` lies within
+            // the free bytes the consumer released (tail acquired in `tx_room`).
+            unsafe { self.tx.copy_in(at, part) };
+            at += part.len() as u64;
+        }
+        if wanted > 0 {
+            self.tx.head().store(at, Ordering::Release);
+            self.peer_bell.ring();
+        }
+        true
+    }
+
+    /// Bytes published into our ring and not yet consumed. Under the pair's receive lock.
+    pub(crate) fn readable(&self) -> usize {
+        let tail = self.rx.tail().load(Ordering::Relaxed);
+        (self.rx.head().load(Ordering::Acquire) - tail) as usize
+    }
+
+    /// Copies the published bytes `[offset, offset + dst.len())` past the tail into `dst`
+    /// without consuming them. The caller saw at least `offset + dst.len()` [`ShmLink::readable`]
+    /// bytes, under the pair's receive lock.
+    pub(crate) fn peek(&self, offset: usize, dst: &mut [u8]) {
+        let tail = self.rx.tail().load(Ordering::Relaxed);
+        // SAFETY: single consumer (the receive lock); the range was published (see above).
+        unsafe { self.rx.copy_out(tail + offset as u64, dst, false) };
+    }
+
+    /// The published bytes `[offset, offset + len)` past the tail, in place: one slice, or two
+    /// when they wrap around the ring's end. Valid until [`ShmLink::consume`]; same contract as
+    /// [`ShmLink::peek`].
+    pub(crate) fn published(&self, offset: usize, len: usize) -> (&[u8], &[u8]) {
+        let tail = self.rx.tail().load(Ordering::Relaxed);
+        let at = ((tail + offset as u64) as usize) & (self.rx.cap - 1);
+        let first = len.min(self.rx.cap - at);
+        // SAFETY: both ranges lie inside our ring (at < cap, first <= cap - at, len <= cap) and
+        // were published; the producer does not write them again before the tail passes them.
+        unsafe {
+            let base = self.rx.map.ptr.add(self.rx.data);
+            (
+                std::slice::from_raw_parts(base.add(at), first),
+                std::slice::from_raw_parts(base, len - first),
+            )
+        }
+    }
+
+    /// Releases the next `n` published bytes to the producer (one tail update, one doorbell
+    /// check). Under the pair's receive lock, after [`ShmLink::readable`] showed them.
+    pub(crate) fn consume(&self, n: usize) {
+        let tail = self.rx.tail().load(Ordering::Relaxed);
+        self.rx.tail().store(tail + n as u64, Ordering::Release);
+        self.peer_bell.ring();
+    }
+
+    /// Copies as much of `bufs` (in order) as fits into the ring; 0 when it is full.
+    /// Only one thread at a time may write (the pair's send lock).
+    pub(crate) fn write_some(&self, bufs: &[IoSlice<'_>]) -> usize {
+        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+        let (head, free) = self.tx_room(wanted);
         let mut written = 0;
         for buf in bufs {
             let n = buf.len().min(free - written);

@@ -47,10 +47,10 @@ pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<
     // Fold the ranks beyond the power of two onto their odd neighbours.
     let virtual_rank = if rank < 2 * rem {
         if rank % 2 == 0 {
-            ctx.run(vec![ctx.send(rank + 1, FOLD_STEP, buf)])?;
+            ctx.send_now(rank + 1, FOLD_STEP, buf)?;
             None
         } else {
-            ctx.run(vec![ctx.recv_reduce(rank - 1, FOLD_STEP, buf, &combine)])?;
+            ctx.recv_now(rank - 1, FOLD_STEP, buf, Some(&combine))?;
             Some(rank / 2)
         }
     } else {
@@ -64,8 +64,8 @@ pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<
         while mask < p {
             let partner = to_real(v ^ mask);
             if eager {
-                ctx.run(vec![ctx.send(partner, step, buf)])?;
-                ctx.run(vec![ctx.recv_reduce(partner, step, buf, &combine)])?;
+                ctx.send_now(partner, step, buf)?;
+                ctx.recv_now(partner, step, buf, Some(&combine))?;
             } else {
                 ctx.run(vec![ctx.send(partner, step, buf), ctx.recv(partner, step, incoming)])?;
                 reduce_into(ctx.dtype, op, buf, incoming);
@@ -80,9 +80,9 @@ pub(crate) fn all_reduce(ctx: &Ctx<'_>, op: ReduceOp, buf: &mut [u8]) -> Result<
 
     if rank < 2 * rem {
         if rank % 2 == 0 {
-            ctx.run(vec![ctx.recv(rank + 1, UNFOLD_STEP, buf)])?;
+            ctx.recv_now(rank + 1, UNFOLD_STEP, buf, None)?;
         } else {
-            ctx.run(vec![ctx.send(rank - 1, UNFOLD_STEP, buf)])?;
+            ctx.send_now(rank - 1, UNFOLD_STEP, buf)?;
         }
     }
     Ok(())

@@ -20,9 +20,8 @@ pub(crate) use tree::{broadcast as tree_broadcast, reduce as tree_reduce};
 pub(crate) use ring::scatter_allgather_broadcast;
 
 use std::ops::Range;
-use std::time::{Duration, Instant};
 
-use crate::transport::{Mesh, Op, Reducer, Reduction, Tag, TransportError};
+use crate::transport::{Deadline, Mesh, Op, Reducer, Reduction, Tag, TransportError};
 
 use super::dtype::{DType, ReduceOp};
 use super::reduce::reduce_into;
@@ -39,8 +38,8 @@ pub(crate) struct Ctx<'a> {
     /// algorithms above on sub-contexts under the same key, each in its own range of steps.
     pub(crate) step_base: u32,
     pub(crate) fingerprint: u64,
-    pub(crate) deadline: Instant,
-    pub(crate) timeout: Duration,
+    /// The call's deadline (fixed at its first wait).
+    pub(crate) deadline: &'a Deadline,
     /// Frame size of pipelined transfers (a multiple of 8 bytes).
     pub(crate) segment_bytes: usize,
     pub(crate) dtype: DType,
@@ -70,7 +69,6 @@ impl<'a> Ctx<'a> {
             step_base: self.step_base + step_base,
             fingerprint: self.fingerprint,
             deadline: self.deadline,
-            timeout: self.timeout,
             segment_bytes: self.segment_bytes,
             dtype: self.dtype,
         }
@@ -115,7 +113,48 @@ impl<'a> Ctx<'a> {
         if ops.is_empty() {
             return Ok(());
         }
-        self.mesh.exchange(ops, self.deadline, self.timeout)
+        self.mesh.exchange_until(ops, self.deadline)
+    }
+
+    /// Sends `data` to `to` as one frame by the eager path when it can (a small buffer to a
+    /// same-host peer: `transport::eager`), else through the engine. Only for buffers a single
+    /// frame carries; the engine's result is the same either way.
+    pub(crate) fn send_now(&self, to: usize, step: u32, data: &[u8]) -> Result<(), TransportError> {
+        let (peer, tag) = (self.members[to], self.tag(step));
+        if self
+            .mesh
+            .send_eager(peer, tag, self.fingerprint, data, self.segment_bytes)
+        {
+            return Ok(());
+        }
+        self.run(vec![self.send(to, step, data)])
+    }
+
+    /// Receives from `from` into `data` (combined into it with `reducer`) by the eager path when
+    /// it can, else through the engine (see [`Ctx::send_now`]).
+    pub(crate) fn recv_now(
+        &self,
+        from: usize,
+        step: u32,
+        data: &mut [u8],
+        reducer: Option<Reducer<'_>>,
+    ) -> Result<(), TransportError> {
+        let (peer, tag) = (self.members[from], self.tag(step));
+        let reduce = reducer.map(|combine| Reduction {
+            combine,
+            elem_bytes: self.dtype.size_bytes(),
+        });
+        if self
+            .mesh
+            .recv_eager(peer, tag, self.fingerprint, data, reduce, self.segment_bytes)
+        {
+            return Ok(());
+        }
+        let op = match reducer {
+            Some(r) => self.recv_reduce(from, step, data, r),
+            None => self.recv(from, step, data),
+        };
+        self.run(vec![op])
     }
 
     /// Byte ranges of `parts` nearly equal chunks of `numel` elements (sizes differ by at most one
