@@ -21,6 +21,7 @@ use std::time::Instant;
 use super::frame::{FrameHeader, Tag, HEADER_BYTES};
 use super::mesh::{Mesh, Reduction};
 use super::pair::{Incoming, Pair};
+use super::shm::{BoxFrame, Next};
 
 /// Largest payload the eager path moves. A frame must fit a ring several times over (the smallest
 /// ring is `MIN_SHM_RING_BYTES`, 4 KiB; the default 2 MiB), so that a send finds room at once.
@@ -60,7 +61,7 @@ impl Mesh {
         }
         .encode();
         let link = pair.shm().expect("eager_pair returns shared-memory pairs");
-        if !link.write_all_or_none(&[&header, data]) {
+        if !link.box_send(&header, data) && !link.write_all_or_none(&[&header, data]) {
             return false;
         }
         pair.note_sent(HEADER_BYTES + data.len());
@@ -93,8 +94,16 @@ impl Mesh {
         let mut looks = 0u32;
         let mut since: Option<Instant> = None;
         let mut header_seen = false;
+        let mut in_ring = false;
         loop {
-            let readable = link.readable();
+            if !in_ring {
+                match link.next_frame() {
+                    Next::Box(frame) => return take_boxed(frame, tag, fingerprint, data, reduce),
+                    Next::Ring => in_ring = true,
+                    Next::Nothing => {}
+                }
+            }
+            let readable = if in_ring { link.readable() } else { 0 };
             if !header_seen && readable >= HEADER_BYTES {
                 let mut raw = [0u8; HEADER_BYTES];
                 link.peek(0, &mut raw);
@@ -142,4 +151,21 @@ impl Mesh {
         link.consume(frame);
         true
     }
+}
+
+/// Takes a box frame if it is the one expected (tag, fingerprint, length), combining or copying
+/// its payload into `data`; otherwise leaves it (false) for the engine to stash or report.
+fn take_boxed(frame: BoxFrame<'_>, tag: Tag, fingerprint: u64, data: &mut [u8], reduce: Option<Reduction<'_>>) -> bool {
+    match FrameHeader::decode(frame.header) {
+        Ok(h) if h.tag == tag && h.fingerprint == fingerprint && h.len == data.len() as u64 => {}
+        _ => return false,
+    }
+    // In a slot: aligned for every element type.
+    let payload = frame.payload(data.len());
+    match reduce {
+        Some(r) => (r.combine)(data, payload),
+        None => data.copy_from_slice(payload),
+    }
+    frame.consume();
+    true
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::error::TransportError;
 use super::frame::{FrameHeader, Tag, HEADER_BYTES, MAX_FRAME_BYTES};
 use super::pair::{AlignedBytes, Incoming, Pair, RecvHalf, Stashed, STASH_LIMIT_BYTES};
-use super::shm::Inbox;
+use super::shm::{BoxFrame, Inbox, Next, BOX_PAYLOAD_BYTES};
 
 /// Combines a received segment into the destination segment (`dst = dst op incoming`).
 pub type Reducer<'a> = &'a (dyn Fn(&mut [u8], &[u8]) + Sync);
@@ -303,11 +303,17 @@ impl RecvState<'_, '_> {
     }
 
     fn consume_stashed(&mut self, frame: Stashed) -> Result<(), TransportError> {
-        self.check(frame.fingerprint, frame.payload.len() as u64)?;
+        self.take_whole(frame.fingerprint, frame.payload.as_slice())
+    }
+
+    /// A whole frame of this operation's tag (from the stash or a box): checked, then copied or
+    /// combined into the current segment (`payload` aligned for the element type).
+    fn take_whole(&mut self, fingerprint: u64, payload: &[u8]) -> Result<(), TransportError> {
+        self.check(fingerprint, payload.len() as u64)?;
         let range = segment_range(self.data.len(), self.segment_bytes, self.next);
         match self.reduce {
-            Some(reduce) => (reduce.combine)(&mut self.data[range], frame.payload.as_slice()),
-            None => self.data[range].copy_from_slice(frame.payload.as_slice()),
+            Some(reduce) => (reduce.combine)(&mut self.data[range], payload),
+            None => self.data[range].copy_from_slice(payload),
         }
         self.next += 1;
         Ok(())
@@ -412,6 +418,25 @@ impl RecvState<'_, '_> {
                         out.moved = true;
                         continue;
                     }
+                    if half.header_filled == 0 {
+                        match pair.next_frame()? {
+                            Next::Nothing => return Ok(out),
+                            Next::Ring => {}
+                            Next::Box(frame) => {
+                                let header = box_header(pair, &frame)?;
+                                let payload = frame.payload(header.len as usize);
+                                if header.tag == self.tag {
+                                    self.take_whole(header.fingerprint, payload)?;
+                                } else {
+                                    self.check_other_step(header.tag, header.fingerprint)?;
+                                    stash_whole(pair, &mut half, header, payload)?;
+                                }
+                                frame.consume();
+                                out.moved = true;
+                                continue;
+                            }
+                        }
+                    }
                     let Some(header) = read_header(pair, &mut half, &mut out.moved)? else {
                         return Ok(out);
                     };
@@ -457,8 +482,44 @@ fn read_header(pair: &Pair, half: &mut RecvHalf, moved: &mut bool) -> Result<Opt
         })
 }
 
-/// Starts reading a frame nobody waits for into the stash, within the stash's limit.
-fn start_stash(pair: &Pair, half: &mut RecvHalf, header: FrameHeader) -> Result<(), TransportError> {
+/// Decodes the header of a box frame: a protocol error (naming the peer) when it is not a frame
+/// header or announces more than a slot holds.
+fn box_header(pair: &Pair, frame: &BoxFrame<'_>) -> Result<FrameHeader, TransportError> {
+    let protocol = |reason: String| TransportError::Protocol {
+        rank: pair.rank(),
+        peer: pair.peer(),
+        reason,
+    };
+    let header = FrameHeader::decode(frame.header).map_err(protocol)?;
+    if header.len > BOX_PAYLOAD_BYTES as u64 {
+        return Err(protocol(format!(
+            "a shared-memory box frame announces {} bytes, more than a slot's {BOX_PAYLOAD_BYTES}",
+            header.len
+        )));
+    }
+    Ok(header)
+}
+
+/// Stores a whole frame nobody waits for yet (a box frame) in the stash, within its limit.
+fn stash_whole(pair: &Pair, half: &mut RecvHalf, header: FrameHeader, payload: &[u8]) -> Result<(), TransportError> {
+    reserve_stash(pair, half, &header)?;
+    let mut buf = AlignedBytes::zeroed(payload.len());
+    buf.as_mut_slice().copy_from_slice(payload);
+    push_stashed(pair, half, &header, buf);
+    Ok(())
+}
+
+/// Appends a complete frame to the stash (its bytes were reserved).
+fn push_stashed(pair: &Pair, half: &mut RecvHalf, header: &FrameHeader, payload: AlignedBytes) {
+    half.stash.entry(header.tag).or_default().push_back(Stashed {
+        fingerprint: header.fingerprint,
+        payload,
+    });
+    pair.stash_frames.fetch_add(1, Ordering::Release);
+}
+
+/// Counts a frame of `header.len` bytes against the stash's limit, or the protocol error.
+fn reserve_stash(pair: &Pair, half: &mut RecvHalf, header: &FrameHeader) -> Result<(), TransportError> {
     let len = header.len as usize;
     if half.stash_bytes + len > STASH_LIMIT_BYTES || header.len > MAX_FRAME_BYTES {
         return Err(TransportError::Protocol {
@@ -472,6 +533,13 @@ fn start_stash(pair: &Pair, half: &mut RecvHalf, header: FrameHeader) -> Result<
         });
     }
     half.stash_bytes += len;
+    Ok(())
+}
+
+/// Starts reading a frame nobody waits for into the stash, within the stash's limit.
+fn start_stash(pair: &Pair, half: &mut RecvHalf, header: FrameHeader) -> Result<(), TransportError> {
+    reserve_stash(pair, half, &header)?;
+    let len = header.len as usize;
     half.incoming = Incoming::Stash {
         header,
         buf: AlignedBytes::zeroed(len),
@@ -498,11 +566,7 @@ fn fill_stash(pair: &Pair, half: &mut RecvHalf, moved: &mut bool) -> Result<bool
     let Incoming::Stash { header, buf, .. } = std::mem::replace(&mut half.incoming, Incoming::Idle) else {
         unreachable!("matched Incoming::Stash above")
     };
-    half.stash.entry(header.tag).or_default().push_back(Stashed {
-        fingerprint: header.fingerprint,
-        payload: buf,
-    });
-    pair.stash_frames.fetch_add(1, Ordering::Release);
+    push_stashed(pair, half, &header, buf);
     Ok(true)
 }
 
@@ -520,10 +584,25 @@ fn drain_unsolicited(pair: &Pair) -> Result<bool, TransportError> {
                     return Ok(moved);
                 }
             }
-            Incoming::Idle => match read_header(pair, &mut half, &mut moved)? {
-                None => return Ok(moved),
-                Some(header) => start_stash(pair, &mut half, header)?,
-            },
+            Incoming::Idle => {
+                if half.header_filled == 0 {
+                    match pair.next_frame()? {
+                        Next::Nothing => return Ok(moved),
+                        Next::Ring => {}
+                        Next::Box(frame) => {
+                            let header = box_header(pair, &frame)?;
+                            stash_whole(pair, &mut half, header, frame.payload(header.len as usize))?;
+                            frame.consume();
+                            moved = true;
+                            continue;
+                        }
+                    }
+                }
+                match read_header(pair, &mut half, &mut moved)? {
+                    None => return Ok(moved),
+                    Some(header) => start_stash(pair, &mut half, header)?,
+                }
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::error::TransportError;
 use super::frame::{FrameHeader, Tag, HEADER_BYTES};
-use super::shm::ShmLink;
+use super::shm::{Next, ShmLink};
 
 /// Most bytes of unexpected frames a pair keeps before it declares a protocol error.
 pub const STASH_LIMIT_BYTES: usize = 2 << 30;
@@ -255,6 +255,19 @@ impl Pair {
         match link.reduce_some(dst, reduce.elem_bytes, reduce.combine, scratch) {
             0 => self.shm_idle(),
             n => Ok(Some(n)),
+        }
+    }
+
+    /// At a frame boundary of the receive half (nothing half read): where the next frame is.
+    /// A TCP pair's is always in its stream (`Ring`); a shared-memory pair's may wait in the box.
+    /// `Nothing` from a peer that is gone is the error that it is gone.
+    pub(crate) fn next_frame(&self) -> Result<Next<'_>, TransportError> {
+        match &self.shm {
+            None => Ok(Next::Ring),
+            Some(link) => match link.next_frame() {
+                Next::Nothing => self.shm_idle().map(|_| Next::Nothing),
+                next => Ok(next),
+            },
         }
     }
 

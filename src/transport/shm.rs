@@ -43,7 +43,7 @@ pub const DEFAULT_SHM_RING_BYTES: usize = 2 << 20;
 pub use crate::names::{shm_file_prefix, shm_rank_file_prefix, MIN_SHM_RING_BYTES, SHM_DIR};
 
 /// Marks an inbox file (and the layout version).
-const MAGIC: u64 = u64::from_le_bytes(*b"brnshm01");
+const MAGIC: u64 = u64::from_le_bytes(*b"brnshm02");
 /// Control block at the start of an inbox: magic, owner rank, slots, ring bytes, sleeper count.
 const CONTROL_BYTES: usize = 4096;
 const OFF_MAGIC: usize = 0;
@@ -53,10 +53,28 @@ const OFF_RING_BYTES: usize = 24;
 /// On its own cache line: written by the owner, read by every peer on each publish.
 const OFF_SLEEPERS: usize = 128;
 /// Per ring: the producer's head and the consumer's tail, 128 bytes apart (adjacent-line
-/// prefetching pairs 64-byte lines), then the data.
-const RING_HEADER_BYTES: usize = 256;
+/// prefetching pairs 64-byte lines), the box's tail, the box's slots, then the data.
+const RING_HEADER_BYTES: usize = OFF_BOX + BOX_SLOTS as usize * BOX_SLOT_BYTES;
 const OFF_HEAD: usize = 0;
 const OFF_TAIL: usize = 128;
+/// The consumer's count of box frames taken (its own line pair; the producer reads it only when
+/// its cached copy shows every slot taken).
+const OFF_BOX_TAIL: usize = 256;
+const OFF_BOX: usize = 384;
+
+/// The box: a second channel per ring for frames of at most [`BOX_PAYLOAD_BYTES`], in slots of
+/// whole cache lines that carry their own sequence stamp. A receiver polls the stamp in the line
+/// that also holds the header (and, up to 16 bytes, the payload): one line crosses between the
+/// cores per small frame, where the byte ring moves the head's line and then the data's. Slot
+/// layout: stamp (box frame number + 1, written last), the byte ring's head when the frame was
+/// sent (its place in the stream), the 32-byte frame header, the payload.
+const BOX_SLOTS: u64 = 16;
+const BOX_SLOT_BYTES: usize = 320;
+const BOX_OFF_POS: usize = 8;
+const BOX_OFF_HEADER: usize = 16;
+const BOX_OFF_PAYLOAD: usize = BOX_OFF_HEADER + super::frame::HEADER_BYTES;
+/// Largest payload a box slot carries.
+pub(crate) const BOX_PAYLOAD_BYTES: usize = BOX_SLOT_BYTES - BOX_OFF_PAYLOAD;
 
 /// Bytes of an inbox with `slots` rings of `ring_bytes`.
 fn inbox_bytes(slots: usize, ring_bytes: usize) -> usize {
@@ -163,6 +181,26 @@ impl Ring {
 
     fn tail(&self) -> &AtomicU64 {
         self.map.u64_at(self.header + OFF_TAIL)
+    }
+
+    fn box_tail(&self) -> &AtomicU64 {
+        self.map.u64_at(self.header + OFF_BOX_TAIL)
+    }
+
+    /// Offset in the mapping of the slot of box frame `n`.
+    fn box_slot(&self, n: u64) -> usize {
+        self.header + OFF_BOX + (n % BOX_SLOTS) as usize * BOX_SLOT_BYTES
+    }
+
+    /// `len` bytes of the mapping at `offset`, inside this ring's header.
+    ///
+    /// # Safety
+    /// Nobody may write them while the slice lives (the box protocol gives a published slot to
+    /// the consumer until it advances the box's tail).
+    unsafe fn header_bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset >= self.header && offset + len <= self.data);
+        // SAFETY: in bounds (asserted); the contract excludes concurrent writes.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.add(offset), len) }
     }
 
     /// Copies `src` into the ring at stream position `pos` (wrapping).
@@ -438,6 +476,44 @@ pub struct ShmLink {
     /// computed from an older tail is a part of the true free space, so this is safe. Written
     /// under the pair's send lock only.
     tx_tail_seen: AtomicU64,
+    /// Box frames sent into `tx`'s box, and its tail as last read (as `tx_tail_seen`). Under the
+    /// pair's send lock.
+    tx_box_head: AtomicU64,
+    tx_box_tail_seen: AtomicU64,
+}
+
+/// Where the next frame of a stream is (see [`ShmLink::next_frame`]).
+#[derive(Debug)]
+pub(crate) enum Next<'l> {
+    /// In the box.
+    Box(BoxFrame<'l>),
+    /// In the ring (at least one byte of it arrived).
+    Ring,
+    /// Nowhere yet.
+    Nothing,
+}
+
+/// The next frame of a stream when it waits in the box: its header bytes and payload, in place
+/// until [`ShmLink::box_consume`].
+#[derive(Debug)]
+pub(crate) struct BoxFrame<'l> {
+    pub(crate) header: &'l [u8; super::frame::HEADER_BYTES],
+    slot: usize,
+    link: &'l ShmLink,
+}
+
+impl<'l> BoxFrame<'l> {
+    /// Releases the slot (see [`ShmLink::box_consume`]).
+    pub(crate) fn consume(self) {
+        self.link.box_consume();
+    }
+
+    /// The payload, `len` bytes (from the decoded header; at most [`BOX_PAYLOAD_BYTES`]).
+    pub(crate) fn payload(&self, len: usize) -> &'l [u8] {
+        assert!(len <= BOX_PAYLOAD_BYTES, "box payload of {len} bytes");
+        // SAFETY: inside the slot, which stays the consumer's until `box_consume`.
+        unsafe { self.link.rx.header_bytes(self.slot + BOX_OFF_PAYLOAD, len) }
+    }
 }
 
 /// Parses the text of [`Inbox::describe`].
@@ -509,6 +585,8 @@ impl ShmLink {
             rx: Ring::new(Arc::clone(&inbox.map), their_slot_here, ring_bytes),
             peer_bell: Bell { map, fifo },
             tx_tail_seen: AtomicU64::new(0),
+            tx_box_head: AtomicU64::new(0),
+            tx_box_tail_seen: AtomicU64::new(0),
             inbox: Arc::clone(inbox),
         })
     }
@@ -560,6 +638,88 @@ impl ShmLink {
             self.peer_bell.ring();
         }
         true
+    }
+
+    /// Sends one whole frame (its encoded header and payload) through the peer's box, if the
+    /// payload fits a slot and a slot is free; false (nothing sent) otherwise. It takes its place
+    /// in the stream after every byte written to the ring so far. Under the pair's send lock, at
+    /// a frame boundary of the ring (no frame half written).
+    pub(crate) fn box_send(&self, header: &[u8; super::frame::HEADER_BYTES], payload: &[u8]) -> bool {
+        if payload.len() > BOX_PAYLOAD_BYTES {
+            return false;
+        }
+        let n = self.tx_box_head.load(Ordering::Relaxed);
+        if n - self.tx_box_tail_seen.load(Ordering::Relaxed) >= BOX_SLOTS {
+            // Acquire: the consumer's reads of the slot happen before we overwrite it.
+            let tail = self.tx.box_tail().load(Ordering::Acquire);
+            self.tx_box_tail_seen.store(tail, Ordering::Relaxed);
+            if n - tail >= BOX_SLOTS {
+                return false;
+            }
+        }
+        let slot = self.tx.box_slot(n);
+        let pos = self.tx.head().load(Ordering::Relaxed);
+        self.tx.map.u64_at(slot + BOX_OFF_POS).store(pos, Ordering::Relaxed);
+        // SAFETY: the slot is ours until its stamp is published (the consumer took frame
+        // n - BOX_SLOTS, tail acquired above), inside the ring's header, and neither range
+        // overlaps the stamp or the position words.
+        unsafe {
+            let base = self.tx.map.ptr.add(slot);
+            std::ptr::copy_nonoverlapping(header.as_ptr(), base.add(BOX_OFF_HEADER), header.len());
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), base.add(BOX_OFF_PAYLOAD), payload.len());
+        }
+        // Release: the slot's contents are visible before its stamp.
+        self.tx.map.u64_at(slot).store(n + 1, Ordering::Release);
+        self.tx_box_head.store(n + 1, Ordering::Relaxed);
+        self.peer_bell.ring();
+        true
+    }
+
+    /// The box frame at stream position `tail` (the ring's tail), if one is published there.
+    fn box_at_tail(&self) -> Option<BoxFrame<'_>> {
+        let n = self.rx.box_tail().load(Ordering::Relaxed);
+        let slot = self.rx.box_slot(n);
+        if self.rx.map.u64_at(slot).load(Ordering::Acquire) != n + 1 {
+            return None;
+        }
+        // Sent after the ring bytes before `pos`, which are therefore published too: the ring's
+        // frames come first until the tail reaches it.
+        if self.rx.map.u64_at(slot + BOX_OFF_POS).load(Ordering::Relaxed) != self.rx.tail().load(Ordering::Relaxed) {
+            return None;
+        }
+        // SAFETY: the slot was published (stamp acquired) and stays ours until `box_consume`.
+        let bytes = unsafe { self.rx.header_bytes(slot + BOX_OFF_HEADER, super::frame::HEADER_BYTES) };
+        Some(BoxFrame {
+            header: bytes.try_into().expect("HEADER_BYTES bytes"),
+            slot,
+            link: self,
+        })
+    }
+
+    /// Where the next frame of the stream is. Only at a frame boundary of the ring (no header
+    /// or payload half read), under the pair's receive lock. `Ring` is final: the frame at the
+    /// tail is a ring frame, read it with the ring's calls; after `Nothing` nothing may be read
+    /// from the ring before asking again (bytes published since may follow a box frame).
+    pub(crate) fn next_frame(&self) -> Next<'_> {
+        if let Some(frame) = self.box_at_tail() {
+            return Next::Box(frame);
+        }
+        if self.readable() == 0 {
+            return Next::Nothing;
+        }
+        // A box frame published before the ring bytes we see now comes first; having acquired
+        // the head, we see its stamp.
+        match self.box_at_tail() {
+            Some(frame) => Next::Box(frame),
+            None => Next::Ring,
+        }
+    }
+
+    /// Releases the box frame [`ShmLink::next_box_frame`] returned. No doorbell: a producer never
+    /// waits for a slot (it writes to the ring instead).
+    pub(crate) fn box_consume(&self) {
+        let n = self.rx.box_tail().load(Ordering::Relaxed);
+        self.rx.box_tail().store(n + 1, Ordering::Release);
     }
 
     /// Bytes published into our ring and not yet consumed. Under the pair's receive lock.
@@ -744,6 +904,7 @@ pub fn host_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::HEADER_BYTES;
 
     fn pair(ring_bytes: usize) -> (ShmLink, ShmLink, Arc<Inbox>, Arc<Inbox>) {
         let dir = std::env::temp_dir();
@@ -834,6 +995,139 @@ mod tests {
         );
         b.sleep_end();
         b.drain_bell();
+    }
+
+    /// A frame of the test streams: header (the index as the key) and a payload derived from it.
+    fn test_frame(index: u64, len: usize) -> ([u8; HEADER_BYTES], Vec<u8>) {
+        let header = crate::transport::FrameHeader {
+            tag: crate::transport::Tag { key: index, step: 0 },
+            fingerprint: index ^ 0x5a5a,
+            len: len as u64,
+        }
+        .encode();
+        let payload = (0..len).map(|i| (index as usize * 31 + i) as u8).collect();
+        (header, payload)
+    }
+
+    /// Sizes that alternate between the box and the ring, runs of each included.
+    fn test_len(index: u64) -> usize {
+        let x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+        match x % 4 {
+            0 | 1 => (x % 64) as usize,
+            2 => BOX_PAYLOAD_BYTES - (x % 3) as usize,
+            _ => BOX_PAYLOAD_BYTES + 1 + (x % 2000) as usize,
+        }
+    }
+
+    /// Sends frame `index` through the box if it fits and a slot is free, else the ring;
+    /// false when neither takes it now.
+    fn send_test_frame(link: &ShmLink, index: u64) -> bool {
+        let (header, payload) = test_frame(index, test_len(index));
+        link.box_send(&header, &payload) || link.write_all_or_none(&[&header, &payload])
+    }
+
+    /// Reads exactly `buf.len()` ring bytes, failing after a second (a frame out of order would
+    /// leave the reader waiting for bytes that never come).
+    fn read_exact_test(link: &ShmLink, buf: &mut [u8]) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut got = 0;
+        while got < buf.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {} bytes came",
+                got,
+                buf.len()
+            );
+            got += link.read_some_with(&mut buf[got..], false);
+        }
+    }
+
+    /// Takes the next whole frame, box or ring (the ring's are written whole): its header and
+    /// payload, or `None` when nothing is there yet.
+    fn receive_test_frame(link: &ShmLink) -> Option<(crate::transport::FrameHeader, Vec<u8>)> {
+        let decode = |raw: &[u8; HEADER_BYTES]| crate::transport::FrameHeader::decode(raw).unwrap();
+        match link.next_frame() {
+            Next::Nothing => None,
+            Next::Box(frame) => {
+                let header = decode(frame.header);
+                let payload = frame.payload(header.len as usize).to_vec();
+                frame.consume();
+                Some((header, payload))
+            }
+            Next::Ring => {
+                let mut raw = [0u8; HEADER_BYTES];
+                read_exact_test(link, &mut raw);
+                let header = decode(&raw);
+                assert!(header.len < 1 << 20, "not a header of the test stream");
+                let mut payload = vec![0u8; header.len as usize];
+                read_exact_test(link, &mut payload);
+                Some((header, payload))
+            }
+        }
+    }
+
+    fn check_test_frame(index: u64, header: &crate::transport::FrameHeader, payload: &[u8]) {
+        let (want_header, want_payload) = test_frame(index, test_len(index));
+        assert_eq!(header.encode(), want_header, "frame {index}: another frame came first");
+        assert_eq!(payload, &want_payload[..], "frame {index}: payload");
+    }
+
+    #[test]
+    fn box_and_ring_frames_arrive_in_the_order_they_were_sent() {
+        // One thread, the consumer lagging by a random number of frames: runs of box frames fill
+        // the box and spill to the ring, ring frames sit behind box frames and the other way.
+        let (ab, ba, _a, _b) = pair(MIN_SHM_RING_BYTES * 4);
+        let (mut sent, mut received) = (0u64, 0u64);
+        while received < 5000 {
+            let burst = (sent.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 59) + 1;
+            for _ in 0..burst {
+                if sent < 5000 && send_test_frame(&ab, sent) {
+                    sent += 1;
+                }
+            }
+            let take = (received.wrapping_mul(0x9e37_79b9) >> 60) + 1;
+            for _ in 0..take {
+                if let Some((header, payload)) = receive_test_frame(&ba) {
+                    check_test_frame(received, &header, &payload);
+                    received += 1;
+                }
+            }
+        }
+        assert!(receive_test_frame(&ba).is_none(), "nothing beyond what was sent");
+    }
+
+    #[test]
+    fn box_and_ring_frames_keep_their_order_between_two_threads() {
+        let (ab, ba, _a, _b) = pair(MIN_SHM_RING_BYTES * 4);
+        const FRAMES: u64 = 200_000;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        /// Stops the producer when the consumer returns or fails.
+        struct Stop<'f>(&'f std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut sent = 0;
+                while sent < FRAMES && !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                    if send_test_frame(&ab, sent) {
+                        sent += 1;
+                    }
+                }
+            });
+            let _stop = Stop(&stop);
+            let mut received = 0;
+            while received < FRAMES {
+                assert!(std::time::Instant::now() < deadline, "stuck at frame {received}");
+                if let Some((header, payload)) = receive_test_frame(&ba) {
+                    check_test_frame(received, &header, &payload);
+                    received += 1;
+                }
+            }
+        });
     }
 
     #[test]
