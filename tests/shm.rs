@@ -176,7 +176,7 @@ fn message_lens() -> Vec<usize> {
             let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
             match x % 5 {
                 0 | 1 => (x % 8) as usize,
-                2 => 68 + (x % 2) as usize,
+                2 => 260 + (x % 2) as usize,
                 3 => 100 + (x % 500) as usize,
                 _ => 5000 + (x % 3000) as usize,
             }

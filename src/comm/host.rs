@@ -1,7 +1,9 @@
 //! The CPU engine: our algorithms over TCP pairs.
 //!
 //! Algorithm choice (logged at debug level per call, documented in the README):
-//! - all-reduce: recursive doubling below `ring_threshold_bytes`, ring (reduce-scatter +
+//! - all-reduce: direct (every rank sends to every other, `algorithms/direct.rs`) for buffers
+//!   of at most 1 KiB among 3 to 8 ranks of one host; recursive doubling below
+//!   `ring_threshold_bytes`, ring (reduce-scatter +
 //!   all-gather) from there up or, when the group spans several hosts and one of them holds two
 //!   of its ranks or more, hierarchical (`algorithms/hier.rs`: reduce inside each host,
 //!   all-reduce across hosts, copy back inside each host; [`Hierarchy`] forces it on or off);
@@ -163,6 +165,8 @@ enum AllReduce {
     Ring,
     /// Flat recursive doubling.
     Doubling,
+    /// Every rank to every rank (`algorithms/direct.rs`).
+    Direct,
 }
 
 /// How many past collectives [`HostComm`] remembers for error messages. Calls of one
@@ -219,6 +223,14 @@ impl HostComm {
                 Hierarchy::Always => true,
                 Hierarchy::Never => false,
             }
+    }
+
+    /// Whether a small all-reduce of `bytes` goes direct: 3 to 8 ranks, all on one host (the
+    /// host ids every rank agrees on, so every rank chooses alike; with 2 ranks it is recursive
+    /// doubling's one exchange).
+    fn direct(&self, bytes: usize) -> bool {
+        let n = self.members.len();
+        self.layout.hosts() == 1 && (3..=alg::DIRECT_MAX_RANKS).contains(&n) && bytes <= alg::DIRECT_MAX_BYTES
     }
 
     /// `Err(Poisoned)` once a call of this communicator failed in transfer.
@@ -489,6 +501,8 @@ impl Communicator for HostComm {
             AllReduce::Hierarchical
         } else if large && numel >= self.members.len() {
             AllReduce::Ring
+        } else if self.direct(bytes.len()) {
+            AllReduce::Direct
         } else {
             AllReduce::Doubling
         };
@@ -506,6 +520,7 @@ impl Communicator for HostComm {
             AllReduce::Hierarchical => alg::hier_all_reduce(ctx, &self.layout, op, bytes, threshold),
             AllReduce::Ring => alg::ring_all_reduce(ctx, op, bytes),
             AllReduce::Doubling => alg::doubling_all_reduce(ctx, op, bytes),
+            AllReduce::Direct => alg::direct_all_reduce(ctx, op, bytes),
         })
     }
 
@@ -630,6 +645,8 @@ impl Communicator for HostComm {
         self.collective(OpKind::Barrier, DType::U8, 1, None, Some(ReduceOp::Sum), |ctx| {
             if ctx.size() == 1 {
                 Ok(())
+            } else if self.direct(token.len()) {
+                alg::direct_all_reduce(ctx, ReduceOp::Sum, &mut token)
             } else {
                 alg::doubling_all_reduce(ctx, ReduceOp::Sum, &mut token)
             }

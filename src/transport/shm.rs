@@ -69,7 +69,7 @@ const OFF_BOX: usize = 384;
 /// layout: stamp (box frame number + 1, written last), the byte ring's head when the frame was
 /// sent (its place in the stream), the 32-byte frame header, the payload.
 const BOX_SLOTS: u64 = 16;
-const BOX_SLOT_BYTES: usize = 320;
+const BOX_SLOT_BYTES: usize = 1088;
 const BOX_OFF_POS: usize = 8;
 const BOX_OFF_HEADER: usize = 16;
 const BOX_OFF_PAYLOAD: usize = BOX_OFF_HEADER + super::frame::HEADER_BYTES;

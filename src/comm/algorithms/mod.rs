@@ -4,12 +4,16 @@
 //! maps them to transport peers, stamps every frame with the operation's key and fingerprint,
 //! and carries the deadline.
 
+mod direct;
 mod doubling;
 mod hier;
 mod pairwise;
 mod ring;
 mod tree;
 
+pub(crate) use direct::{
+    all_reduce as direct_all_reduce, MAX_BYTES as DIRECT_MAX_BYTES, MAX_RANKS as DIRECT_MAX_RANKS,
+};
 pub(crate) use doubling::all_reduce as doubling_all_reduce;
 pub(crate) use hier::{all_reduce as hier_all_reduce, broadcast as hier_broadcast, HostLayout};
 pub(crate) use pairwise::all_to_all;
