@@ -249,6 +249,27 @@ fn large_buffers_on_several_hosts_go_hierarchical_by_default_and_match_the_refer
     }
 }
 
+/// From 4 MiB up the hierarchical all-reduce runs in pipelined pieces (one piece crosses hosts on
+/// a thread of its own while the next is reduced inside the host): every layout and transport,
+/// odd lengths so that pieces and chunks differ in size.
+#[test]
+fn pipelined_hierarchical_all_reduce_matches_the_reference_with_bit_identical_replicas() {
+    for hosts in LAYOUTS {
+        for shm in [true, false] {
+            let label = format!("hosts {hosts:?}, shm {shm}, pipelined");
+            let options = layout_options(hosts, tuning(Hierarchy::Auto, 64 << 10, 256 << 10), shm);
+            let per_rank = run_ranks(options, |pg| {
+                let mut digests = Vec::new();
+                check_all_reduce::<f32>(&pg, (1 << 20) + 5, &label, &mut digests);
+                check_all_reduce::<f64>(&pg, (1 << 19) + 3, &label, &mut digests);
+                check_all_reduce::<i32>(&pg, (3 << 20) + 1, &label, &mut digests);
+                digests
+            });
+            assert_bit_identical(&per_rank);
+        }
+    }
+}
+
 /// Floats with full mantissas: the order of the additions changes the rounding, so only an
 /// algorithm that computes each element once and copies it leaves identical replicas.
 #[test]

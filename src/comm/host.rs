@@ -270,6 +270,7 @@ impl HostComm {
             step_base: 0,
             fingerprint,
             deadline,
+            drain: crate::transport::Drain::AllPairs,
             segment_bytes: self.tuning.segment_bytes,
             dtype,
         }

@@ -67,6 +67,22 @@ impl Deadline {
     }
 }
 
+/// Which pairs a blocked send of a batch reads from (into the stash) while it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Every pair of the mesh: ranks that each send to the next one before receiving (a ring
+    /// shift, sends to every peer posted before the receives) would otherwise wait on each other
+    /// in a cycle. The default.
+    AllPairs,
+    /// Only the pairs the batch sends to or receives from. For a thread that runs beside another
+    /// thread of the same rank on other pairs (a pipelined phase): draining those would take the
+    /// other thread's frames into the stash behind its back, while it sleeps on a socket or
+    /// doorbell that then has nothing more to say. Only for batches whose sends each have their
+    /// peer reading them in the same step (every algorithm here posts a step's sends and
+    /// receives together).
+    BatchPairs,
+}
+
 /// One transfer of a batch.
 pub enum Op<'a> {
     /// Send `data` to `peer` as frames of at most `segment_bytes`.
@@ -712,6 +728,11 @@ impl Mesh {
 
     /// [`Mesh::exchange`] against a [`Deadline`] that may not be fixed yet.
     pub fn exchange_until(&self, ops: Vec<Op<'_>>, deadline: &Deadline) -> Result<(), TransportError> {
+        self.exchange_with(ops, deadline, Drain::AllPairs)
+    }
+
+    /// [`Mesh::exchange_until`], draining while blocked as `drain` says.
+    pub fn exchange_with(&self, ops: Vec<Op<'_>>, deadline: &Deadline, drain: Drain) -> Result<(), TransportError> {
         let mut states = Vec::with_capacity(ops.len());
         for op in ops {
             states.push(match op {
@@ -766,7 +787,7 @@ impl Mesh {
                 spin: self.shm_spin,
                 pure_spin: self.pure_spin,
             };
-            drive(&mut states, &self.pairs, wait, token, deadline)
+            drive(&mut states, &self.pairs, wait, token, deadline, drain)
         });
         if let Err(e) = &result {
             for state in &states {
@@ -962,14 +983,25 @@ fn drive(
     wait: Wait<'_>,
     token: u64,
     deadline: &Deadline,
+    drain_scope: Drain,
 ) -> Result<(), TransportError> {
     // Allocated on the first sleep only: a small exchange between busy ranks never sleeps.
     let mut pollfds: Vec<libc::pollfd> = Vec::new();
     // The pair behind each entry of `pollfds` that is a shared-memory pair's idle socket.
     let mut liveness: Vec<Option<&Pair>> = Vec::new();
-    // Pairs outside the batch that failed while drained (indexed by peer, grown on the first):
-    // left alone for the rest of the call.
+    // Pairs not drained for the rest of the call (indexed by peer, grown on the first): outside
+    // the batch with `Drain::BatchPairs`, and those outside it that failed while drained.
     let mut skip_drain: Vec<bool> = Vec::new();
+    if drain_scope == Drain::BatchPairs {
+        for (peer, pair) in mesh_pairs.iter().enumerate() {
+            let in_batch = pair
+                .as_deref()
+                .is_some_and(|pair| states.iter().any(|s| std::ptr::eq(s.pair(), pair)));
+            if !in_batch {
+                skip(&mut skip_drain, peer);
+            }
+        }
+    }
     let mut idle_since: Option<Instant> = None;
     let mut announced: Option<Announced<'_>> = None;
     loop {

@@ -15,7 +15,7 @@ mod tcp;
 pub use eager::EAGER_MAX_BYTES;
 pub use error::TransportError;
 pub use frame::{FrameHeader, Tag, HEADER_BYTES, MAX_FRAME_BYTES};
-pub use mesh::{Deadline, Mesh, Op, Reducer, Reduction, DEFAULT_SHM_SPIN};
+pub use mesh::{Deadline, Drain, Mesh, Op, Reducer, Reduction, DEFAULT_SHM_SPIN};
 pub use pair::{Pair, STASH_LIMIT_BYTES};
 pub use shm::{
     host_id, shm_file_prefix, shm_rank_file_prefix, Inbox, ShmLink, DEFAULT_SHM_RING_BYTES, MIN_SHM_RING_BYTES, SHM_DIR,

@@ -105,10 +105,122 @@ fn last_step(chunks: usize, hosts: usize) -> u64 {
     2 * chunks as u64 + chunks as u64 * span(hosts)
 }
 
+/// Buffers of at least this many bytes are all-reduced in [`PIPELINE_PIECES`] pieces, pipelined:
+/// while one piece crosses hosts (phase 2, on a thread of its own), the next one is reduced inside
+/// the host and the one before is copied back (phases 1 and 3, on the calling thread), so the
+/// link is busy for all but one piece's phases 1 and 3 instead of waiting through all of them.
+/// Below this, the phases inside a host take a few percent of a call on a 1 Gbit/s link and the
+/// thread costs more than it saves.
+pub(crate) const PIPELINE_MIN_BYTES: usize = 4 << 20;
+/// Pieces of a pipelined all-reduce: the link then idles for a quarter of one buffer's phases 1
+/// and 3 instead of all of them.
+const PIPELINE_PIECES: usize = 8;
+
+/// What every phase of one rank's hierarchical all-reduce needs to know.
+struct Plan<'l> {
+    layout: &'l HostLayout,
+    op: ReduceOp,
+    /// `op`, except that an average sums through phases 1 and 2 and divides once, by the whole
+    /// group's size.
+    combine: ReduceOp,
+    ring_threshold_bytes: usize,
+}
+
+impl Plan<'_> {
+    /// Phase 1: reduce-scatter of `buf` inside the host. Empty chunks (fewer elements than M) are
+    /// skipped: every rank cuts the same chunks, so both ends of a transfer skip it alike.
+    fn reduce_inside(&self, ctx: &Ctx<'_>, buf: &mut [u8]) -> Result<(), TransportError> {
+        let local = &self.layout.locals[self.layout.host_of[ctx.rank]];
+        let (l, j) = (local.len(), self.layout.local_of[ctx.rank]);
+        let chunks = ctx.chunks(buf.len() / ctx.dtype.size_bytes(), self.layout.max_local());
+        let reduce = reducer(ctx.dtype, self.combine);
+        for r in 1..l {
+            let (to, from) = ((j + r) % l, (j + l - r) % l);
+            let mut ops = Vec::new();
+            for (c, part) in chunks_mut(buf, &chunks).into_iter().enumerate() {
+                if part.is_empty() {
+                    continue;
+                }
+                let owner = c % l;
+                if owner == to {
+                    ops.push(ctx.send(local[to], c as u32, part));
+                } else if owner == j {
+                    ops.push(ctx.recv_reduce(local[from], c as u32, part, &reduce));
+                }
+            }
+            ctx.run(ops)?;
+        }
+        Ok(())
+    }
+
+    /// Phase 2: each owned chunk of `buf`, in increasing order, all-reduced among its owners on
+    /// all hosts. No cycle of waits can form: the all-reduce of chunk c waits only for the owners
+    /// of c, each of which reaches it once its own chunks below c are done; the all-reduce of the
+    /// smallest chunk has every owner there (it is each one's first), so by induction on c every
+    /// one completes. Frames a peer sends early, for a later chunk, wait under their own step.
+    fn reduce_across(&self, ctx: &Ctx<'_>, buf: &mut [u8]) -> Result<(), TransportError> {
+        let layout = self.layout;
+        let elem = ctx.dtype.size_bytes();
+        let host = layout.host_of[ctx.rank];
+        let (l, j, m, hosts) = (
+            layout.locals[host].len(),
+            layout.local_of[ctx.rank],
+            layout.max_local(),
+            layout.hosts(),
+        );
+        let (phase2_base, span) = (2 * m as u32, span(hosts) as u32);
+        let chunks = ctx.chunks(buf.len() / elem, m);
+        let mut owners = Vec::with_capacity(hosts);
+        for c in (j..m).step_by(l) {
+            let range = chunks[c].clone();
+            if range.is_empty() {
+                continue;
+            }
+            owners.clear();
+            owners.extend(layout.locals.iter().map(|ranks| ctx.members[ranks[c % ranks.len()]]));
+            let sub = ctx.subset(&owners, host, phase2_base + c as u32 * span);
+            let part = &mut buf[range];
+            if part.len() >= self.ring_threshold_bytes && part.len() / elem >= hosts {
+                super::ring_all_reduce(&sub, self.combine, part)?;
+            } else {
+                super::doubling_all_reduce(&sub, self.combine, part)?;
+            }
+            if self.op == ReduceOp::Avg {
+                finish_avg(ctx.dtype, part, ctx.size());
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 3: all-gather of `buf` inside the host, every transfer at once.
+    fn gather_inside(&self, ctx: &Ctx<'_>, buf: &mut [u8]) -> Result<(), TransportError> {
+        let local = &self.layout.locals[self.layout.host_of[ctx.rank]];
+        let (l, j, m) = (local.len(), self.layout.local_of[ctx.rank], self.layout.max_local());
+        let chunks = ctx.chunks(buf.len() / ctx.dtype.size_bytes(), m);
+        let mut ops = Vec::new();
+        for (c, part) in chunks_mut(buf, &chunks).into_iter().enumerate() {
+            if part.is_empty() || l == 1 {
+                continue;
+            }
+            let owner = c % l;
+            let step = m as u32 + c as u32;
+            if owner == j {
+                let part: &[u8] = part;
+                for &peer in local.iter().filter(|&&g| g != ctx.rank) {
+                    ops.push(ctx.send(peer, step, part));
+                }
+            } else {
+                ops.push(ctx.recv(local[owner], step, part));
+            }
+        }
+        ctx.run(ops)
+    }
+}
+
 /// Hierarchical all-reduce of `buf` (whole elements of `ctx.dtype`) over a group laid out as
 /// `layout` says ([`HostLayout::is_hierarchical`] must hold). Chunks of at least
 /// `ring_threshold_bytes` (and one element per host) cross hosts by ring, smaller ones by
-/// recursive doubling.
+/// recursive doubling. From [`PIPELINE_MIN_BYTES`] up, pipelined in pieces.
 pub(crate) fn all_reduce(
     ctx: &Ctx<'_>,
     layout: &HostLayout,
@@ -116,84 +228,73 @@ pub(crate) fn all_reduce(
     buf: &mut [u8],
     ring_threshold_bytes: usize,
 ) -> Result<(), TransportError> {
-    let n = ctx.size();
-    let elem = ctx.dtype.size_bytes();
-    let numel = buf.len() / elem;
-    let host = layout.host_of[ctx.rank];
-    let local = &layout.locals[host];
-    let (l, j) = (local.len(), layout.local_of[ctx.rank]);
-    let m = layout.max_local();
-    let hosts = layout.hosts();
-    // Invariant: `is_hierarchical` checked that every step number below fits in a u32.
+    let (m, hosts) = (layout.max_local(), layout.hosts());
+    // Invariant: `is_hierarchical` checked that every step number of one piece fits in a u32.
     debug_assert!(last_step(m, hosts) <= u64::from(u32::MAX));
-    let (phase3_base, phase2_base, span) = (m as u32, 2 * m as u32, span(hosts) as u32);
-    let chunks = ctx.chunks(numel, m);
-    // An average sums through phases 1 and 2 and divides once, by the whole group's size.
-    let combine = if op == ReduceOp::Avg { ReduceOp::Sum } else { op };
-
-    // Phase 1: reduce-scatter inside the host. Empty chunks (fewer elements than M) are skipped:
-    // every rank cuts the same chunks, so both ends of a transfer skip it alike.
-    let reduce = reducer(ctx.dtype, combine);
-    for r in 1..l {
-        let (to, from) = ((j + r) % l, (j + l - r) % l);
-        let mut ops = Vec::new();
-        for (c, part) in chunks_mut(buf, &chunks).into_iter().enumerate() {
-            if part.is_empty() {
-                continue;
-            }
-            let owner = c % l;
-            if owner == to {
-                ops.push(ctx.send(local[to], c as u32, part));
-            } else if owner == j {
-                ops.push(ctx.recv_reduce(local[from], c as u32, part, &reduce));
-            }
-        }
-        ctx.run(ops)?;
+    let plan = Plan {
+        layout,
+        op,
+        combine: if op == ReduceOp::Avg { ReduceOp::Sum } else { op },
+        ring_threshold_bytes,
+    };
+    let numel = buf.len() / ctx.dtype.size_bytes();
+    let per_piece = last_step(m, hosts);
+    let pipelined = buf.len() >= PIPELINE_MIN_BYTES
+        && numel >= PIPELINE_PIECES * m * hosts
+        && per_piece * PIPELINE_PIECES as u64 <= u64::from(u32::MAX);
+    if !pipelined {
+        plan.reduce_inside(ctx, buf)?;
+        plan.reduce_across(ctx, buf)?;
+        return plan.gather_inside(ctx, buf);
     }
-
-    // Phase 2: each owned chunk, in increasing order, all-reduced among its owners on all hosts.
-    // No cycle of waits can form: the all-reduce of chunk c waits only for the owners of c, each
-    // of which reaches it once its own chunks below c are done; the all-reduce of the smallest
-    // chunk has every owner there (it is each one's first), so by induction on c every one
-    // completes. Frames a peer sends early, for a later chunk, wait under their own step.
-    let mut owners = Vec::with_capacity(hosts);
-    for c in (j..m).step_by(l) {
-        let range = chunks[c].clone();
-        if range.is_empty() {
-            continue;
-        }
-        owners.clear();
-        owners.extend(layout.locals.iter().map(|ranks| ctx.members[ranks[c % ranks.len()]]));
-        let sub = ctx.subset(&owners, host, phase2_base + c as u32 * span);
-        let part = &mut buf[range];
-        if part.len() >= ring_threshold_bytes && part.len() / elem >= hosts {
-            super::ring_all_reduce(&sub, combine, part)?;
-        } else {
-            super::doubling_all_reduce(&sub, combine, part)?;
-        }
-        if op == ReduceOp::Avg {
-            finish_avg(ctx.dtype, part, n);
-        }
-    }
-
-    // Phase 3: all-gather inside the host, every transfer at once.
-    let mut ops = Vec::new();
-    for (c, part) in chunks_mut(buf, &chunks).into_iter().enumerate() {
-        if part.is_empty() || l == 1 {
-            continue;
-        }
-        let owner = c % l;
-        let step = phase3_base + c as u32;
-        if owner == j {
-            let part: &[u8] = part;
-            for &peer in local.iter().filter(|&&g| g != ctx.rank) {
-                ops.push(ctx.send(peer, step, part));
+    // Piece p runs under steps from p * per_piece on. The calling thread runs every rank's
+    // phases 1 and 3 in the same order (1 of piece p, then 3 of piece p - 1), so the ranks of a
+    // host never wait on each other in a cycle; phase 2 waits only for other hosts' phase 2 of
+    // the same piece, which their phase 1 feeds without waiting for anything of ours.
+    let pieces = ctx.chunks(numel, PIPELINE_PIECES);
+    // Two threads of this rank at once, on different pairs: neither may drain the other's.
+    let ctx = &ctx.draining_batch_only();
+    let step_base = |p: usize| (p as u64 * per_piece) as u32;
+    let members = ctx.members;
+    std::thread::scope(|scope| {
+        let (to_across, across_rx) = std::sync::mpsc::channel::<(usize, &mut [u8])>();
+        let (to_inside, inside_rx) = std::sync::mpsc::channel::<(usize, &mut [u8])>();
+        let plan = &plan;
+        let across = scope.spawn(move || -> Result<(), TransportError> {
+            for (p, piece) in across_rx {
+                plan.reduce_across(&ctx.subset(members, ctx.rank, step_base(p)), piece)?;
+                if to_inside.send((p, piece)).is_err() {
+                    break;
+                }
             }
-        } else {
-            ops.push(ctx.recv(local[owner], step, part));
-        }
-    }
-    ctx.run(ops)
+            Ok(())
+        });
+        let inside = || -> Result<(), TransportError> {
+            let back = |expected: usize| -> Result<(), TransportError> {
+                // The phase-2 thread hands every piece back in order, unless it failed (its
+                // error is the one to report: this one only says it stopped).
+                let Ok((p, piece)) = inside_rx.recv() else {
+                    return Ok(());
+                };
+                debug_assert_eq!(p, expected);
+                plan.gather_inside(&ctx.subset(members, ctx.rank, step_base(p)), piece)
+            };
+            for (p, piece) in chunks_mut(buf, &pieces).into_iter().enumerate() {
+                plan.reduce_inside(&ctx.subset(members, ctx.rank, step_base(p)), piece)?;
+                if to_across.send((p, piece)).is_err() {
+                    return Ok(());
+                }
+                if p > 0 {
+                    back(p - 1)?;
+                }
+            }
+            drop(to_across);
+            back(PIPELINE_PIECES - 1)
+        };
+        let inside_result = inside();
+        let across_result = across.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        across_result.and(inside_result)
+    })
 }
 
 /// Hierarchical broadcast from group rank `root`: first among one leader per host (the root on

@@ -25,7 +25,7 @@ pub(crate) use ring::scatter_allgather_broadcast;
 
 use std::ops::Range;
 
-use crate::transport::{Deadline, Mesh, Op, Reducer, Reduction, Tag, TransportError};
+use crate::transport::{Deadline, Drain, Mesh, Op, Reducer, Reduction, Tag, TransportError};
 
 use super::dtype::{DType, ReduceOp};
 use super::reduce::reduce_into;
@@ -44,6 +44,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) fingerprint: u64,
     /// The call's deadline (fixed at its first wait).
     pub(crate) deadline: &'a Deadline,
+    /// What a blocked send reads meanwhile (`Drain::BatchPairs` on a thread that shares the
+    /// rank's pairs with another thread of the same call).
+    pub(crate) drain: Drain,
     /// Frame size of pipelined transfers (a multiple of 8 bytes).
     pub(crate) segment_bytes: usize,
     pub(crate) dtype: DType,
@@ -73,6 +76,7 @@ impl<'a> Ctx<'a> {
             step_base: self.step_base + step_base,
             fingerprint: self.fingerprint,
             deadline: self.deadline,
+            drain: self.drain,
             segment_bytes: self.segment_bytes,
             dtype: self.dtype,
         }
@@ -117,7 +121,15 @@ impl<'a> Ctx<'a> {
         if ops.is_empty() {
             return Ok(());
         }
-        self.mesh.exchange_until(ops, self.deadline)
+        self.mesh.exchange_with(ops, self.deadline, self.drain)
+    }
+
+    /// This context, its blocked sends draining only their own batch's pairs.
+    pub(crate) fn draining_batch_only(&self) -> Ctx<'a> {
+        Ctx {
+            drain: Drain::BatchPairs,
+            ..*self
+        }
     }
 
     /// Sends `data` to `to` as one frame by the eager path when it can (a small buffer to a
