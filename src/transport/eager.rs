@@ -3,10 +3,10 @@
 //! A small collective (a loss-scale agreement, a barrier, a 4-byte all-reduce) is a few frames of
 //! a few bytes. Through [`Mesh::exchange`] each costs a batch: its allocations, the locks and
 //! checks of every operation, passes over its states, the clock read for the deadline; together
-//! more than the frame's trip between two cores. Here a send writes header and payload into the
-//! peer's ring with one publish, and a receive polls its own ring for the frame it expects,
-//! combines (or copies) the payload straight out of the ring and releases header and payload with
-//! one tail update.
+//! more than the frame's trip between two cores. Here a send writes header and payload with one
+//! publish, into a slot of the peer's box when it fits one (up to 1040 bytes), else into its ring;
+//! a receive polls for the frame it expects, combines (or copies) the payload straight out of
+//! shared memory and releases header and payload with one update.
 //!
 //! The eager path takes the easy case only and **declines** everything else: it returns `false`
 //! having consumed nothing, and the caller runs the same transfer through [`Mesh::exchange`],
@@ -90,7 +90,7 @@ impl Mesh {
             return false;
         }
         let link = pair.shm().expect("eager_pair returns shared-memory pairs");
-        let frame = HEADER_BYTES + data.len();
+        let frame_len = HEADER_BYTES + data.len();
         let mut looks = 0u32;
         let mut since: Option<Instant> = None;
         let mut header_seen = false;
@@ -115,7 +115,7 @@ impl Mesh {
                     _ => return false,
                 }
             }
-            if readable >= frame {
+            if readable >= frame_len {
                 break;
             }
             looks += 1;
@@ -148,7 +148,7 @@ impl Mesh {
                 data[a.len()..].copy_from_slice(b);
             }
         }
-        link.consume(frame);
+        link.consume(frame_len);
         true
     }
 }
