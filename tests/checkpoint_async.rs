@@ -200,27 +200,41 @@ fn all_output(finished: &common::Finished) -> String {
     format!("{}\n{}", finished.stdout, finished.stderr)
 }
 
-#[test]
-fn a_rank_that_cannot_write_its_part_fails_the_run_naming_the_file_and_the_checkpoint_is_never_complete() {
-    let out = out_dir("async-peer-fails");
+/// Runs 2 ranks checkpointing every 2 steps (in the background or not) where rank 1's codec file
+/// of step 4 cannot be renamed into place (a folder holds its name), and checks the failure: the
+/// run fails naming that file, step 4 is never marked complete, step 2 is, and no rank saw the
+/// folder vanish under it (only rank 0 removes it, once every rank stopped writing).
+fn rank_one_cannot_write_step_4(name: &str, asynchronous: bool) {
+    let out = out_dir(name);
     let root = out.join("checkpoints");
-    // Rank 1's codec file of step 4 cannot be renamed into place: a folder holds its name.
     let blocked: PathBuf = checkpoint::step_dir(&root, 4).join("codec-rank1.safetensors");
     std::fs::create_dir_all(&blocked).unwrap();
+    let mode = format!("checkpoint.async={asynchronous}");
     let finished = burnrun(&train_args(
         2,
         &config("mlp_synthetic.toml"),
         &out,
-        &small_run(&["checkpoint.async=true", "checkpoint.every_steps=2", "train.steps=400"]),
+        &small_run(&[&mode, "checkpoint.every_steps=2", "train.steps=400"]),
     ));
     assert!(!finished.status.success(), "{}", finished.output());
     let all = all_output(&finished);
     assert!(
-        all.contains(&blocked.display().to_string()) && all.contains("asynchronous checkpoint of step 4"),
-        "the error does not name the checkpoint and the file\n{}",
+        all.contains(&blocked.display().to_string()),
+        "the error does not name the file\n{}",
         finished.output()
     );
-    assert!(all.contains("noticed after step"), "{}", finished.output());
+    assert!(
+        !all.contains("No such file or directory"),
+        "a rank found the checkpoint folder gone while writing\n{}",
+        finished.output()
+    );
+    if asynchronous {
+        assert!(
+            all.contains("asynchronous checkpoint of step 4") && all.contains("noticed after step"),
+            "{}",
+            finished.output()
+        );
+    }
     assert!(!all.contains("trained 400 steps"), "{}", finished.output());
     assert!(
         !checkpoint::step_dir(&root, 4).join("state.json").exists(),
@@ -230,6 +244,16 @@ fn a_rank_that_cannot_write_its_part_fails_the_run_naming_the_file_and_the_check
     assert!(checkpoint::step_dir(&root, 2).join("state.json").is_file());
     assert_every_complete_checkpoint_loads(&root);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_rank_that_cannot_write_its_part_fails_the_run_naming_the_file_and_the_checkpoint_is_never_complete() {
+    rank_one_cannot_write_step_4("async-peer-fails", true);
+}
+
+#[test]
+fn a_rank_that_cannot_write_its_part_of_a_synchronous_checkpoint_fails_the_run_naming_the_file() {
+    rank_one_cannot_write_step_4("sync-peer-fails", false);
 }
 
 #[test]

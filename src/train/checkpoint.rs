@@ -94,6 +94,16 @@ pub enum CheckpointError {
         /// Missing, or the shapes.
         problem: String,
     },
+    /// Other ranks could not write their part of a checkpoint this rank took part in.
+    #[error(
+        "checkpoint {dir}: rank(s) {peers:?} could not write their part (each one's own error names its file); not marked complete"
+    )]
+    PeersFailed {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// The ranks that failed.
+        peers: Vec<usize>,
+    },
     /// No complete checkpoint to resume from.
     #[error("no complete checkpoint (a step_N folder with state.json) under {0}")]
     NoneFound(PathBuf),

@@ -21,11 +21,13 @@
 //!   store's one connection is never held for long) until every rank reported or
 //!   `comm.timeout_secs` passed, then writes `state.json` with every rank's checksums (no file is
 //!   read back), prunes old checkpoints and deletes the keys. A rank that reports an error, or
-//!   none in time, fails rank 0's commit: the folder is removed, never marked complete.
+//!   none in time, fails rank 0's commit: the folder is never marked complete, and rank 0 (no
+//!   other rank) removes it once every rank reported, so no rank finds it gone while it writes.
 //! - without a store (a group built by hand) the writers only write. At the next checkpoint, or at
 //!   the end of training (the same point on every rank, since every rank checkpoints at the same
 //!   steps), the training thread waits for its writer, the ranks all-gather whether their part is
-//!   on disk, and rank 0 hashes the files, writes `state.json`, prunes, and broadcasts the outcome.
+//!   on disk, and rank 0 hashes the files, writes `state.json`, prunes, and broadcasts the outcome
+//!   (or, when a rank failed, removes the folder).
 //!
 //! At the end of training every rank waits for its last write and takes part in that same
 //! agreement (store or not), so when `train` returns on any rank the final checkpoint is complete,
@@ -362,7 +364,11 @@ impl CheckpointWriter {
             .name(format!("ckpt-writer-{}", self.rank))
             .spawn(move || {
                 let outcome = write_and_commit(&job, &snapshot);
-                if outcome.is_err() {
+                // Only rank 0 removes the folder, and only after every rank stopped writing into
+                // it (its reports are in): removed under a writing peer, the peer's error would
+                // be a missing folder instead of the real cause. Without a store the agreement
+                // at the next checkpoint removes it.
+                if outcome.is_err() && job.rank == 0 && job.store.is_some() {
                     ckpt::discard_incomplete(&snapshot.dir);
                 }
                 // The receiver is gone only when the run gave up on this write.
@@ -435,6 +441,11 @@ impl CheckpointWriter {
         let own = self.wait_in_flight(done);
         let mut failed = vec![0u8; world.world_size()];
         world.all_gather(&[u8::from(own.is_err())], &mut failed).map_err(comm)?;
+        // Without a store nobody removed a failed folder yet: rank 0 does, now that every writer
+        // has stopped.
+        if self.job.store.is_none() && rank == 0 && failed.contains(&1) {
+            ckpt::discard_incomplete(&dir);
+        }
         own?;
         let peers: Vec<usize> = (0..failed.len()).filter(|&r| failed[r] != 0).collect();
         if !peers.is_empty() {
@@ -468,7 +479,7 @@ impl CheckpointWriter {
 
 impl Drop for CheckpointWriter {
     /// A run that stops with a write in flight (it failed elsewhere) cancels it: the writer stops
-    /// before its files, or before rank 0's commit, and removes the incomplete folder. Waited for
+    /// before its files, or before rank 0's commit, and (rank 0, with a store) removes the incomplete folder. Waited for
     /// up to `comm.timeout_secs` (a file being written is finished first).
     fn drop(&mut self) {
         let Some(flight) = self.in_flight.take() else {
@@ -512,8 +523,11 @@ fn write_and_commit(job: &Job, snapshot: &Snapshot) -> Result<(), AsyncCheckpoin
         let published = store.set(&done_key(snapshot.step, job.rank), &bytes).map_err(store_err);
         return written.map(drop).and(published);
     }
+    // Every report is collected even when this rank's own part failed: the folder is removed
+    // after, once no rank writes into it.
+    let reports = collect_reports(job, store.as_ref(), snapshot.step);
     let mut checksums = written?;
-    checksums.extend(collect_reports(job, store.as_ref(), snapshot.step)?);
+    checksums.extend(reports?);
     let state = TrainState {
         checksums,
         ..snapshot.state.clone()
@@ -528,12 +542,14 @@ fn write_and_commit(job: &Job, snapshot: &Snapshot) -> Result<(), AsyncCheckpoin
 }
 
 /// Rank 0's writer: every other rank's report of its part of the checkpoint of step `step`
-/// (their files' checksums), polled until all are in, one failed, the run was cancelled, or
-/// `comm.timeout_secs` passed.
+/// (their files' checksums), polled until all are in, the run was cancelled, or
+/// `comm.timeout_secs` passed. A failed report is the error, once all are in: until then a peer
+/// may still be writing into the folder.
 fn collect_reports(job: &Job, store: &dyn Store, step: u64) -> Result<BTreeMap<String, String>, AsyncCheckpointError> {
     let deadline = Instant::now() + job.timeout;
     let mut missing: Vec<usize> = (1..job.world_size).collect();
     let mut files = BTreeMap::new();
+    let mut failed = None;
     loop {
         let mut still_missing = Vec::new();
         for &peer in &missing {
@@ -544,20 +560,20 @@ fn collect_reports(job: &Job, store: &dyn Store, step: u64) -> Result<BTreeMap<S
                 still_missing.push(peer);
                 continue;
             };
-            match serde_json::from_slice(&bytes) {
-                Ok(PartReport::Written(written)) => files.extend(written),
-                Ok(PartReport::Failed(reason)) => return Err(AsyncCheckpointError::PeerFailed { peer, reason }),
-                Err(e) => {
-                    return Err(AsyncCheckpointError::PeerFailed {
-                        peer,
-                        reason: format!("its report is unreadable ({e})"),
-                    })
+            let reason = match serde_json::from_slice(&bytes) {
+                Ok(PartReport::Written(written)) => {
+                    files.extend(written);
+                    continue;
                 }
-            }
+                Ok(PartReport::Failed(reason)) => reason,
+                Err(e) => format!("its report is unreadable ({e})"),
+            };
+            // The first failure is the one reported; the others are still waited for.
+            failed.get_or_insert(AsyncCheckpointError::PeerFailed { peer, reason });
         }
         missing = still_missing;
         if missing.is_empty() {
-            return Ok(files);
+            return failed.map_or(Ok(files), Err);
         }
         if job.cancel.load(Ordering::Relaxed) {
             return Err(AsyncCheckpointError::Cancelled);

@@ -253,8 +253,21 @@ pub(crate) fn save(
                 state: Cow::Borrowed(state.as_slice()),
             }),
         };
-        write_part(&dir, &part).map_err(ck)?;
-        world.barrier().map_err(|source| TrainError::Comm { rank, source })?;
+        let own = write_part(&dir, &part).map_err(ck);
+        // Every rank says whether its part is on disk, failed or not: the folder is removed only
+        // after that, by rank 0, so no rank finds it gone while still writing into it.
+        let mut failed = vec![0u8; world.world_size()];
+        world
+            .all_gather(&[u8::from(own.is_err())], &mut failed)
+            .map_err(|source| TrainError::Comm { rank, source })?;
+        own?;
+        let peers: Vec<usize> = (0..failed.len()).filter(|&r| failed[r] != 0).collect();
+        if !peers.is_empty() {
+            return Err(ck(CheckpointError::PeersFailed {
+                dir: dir.clone(),
+                peers,
+            }));
+        }
         if rank == 0 {
             let mut state = train_state(cfg, place, step, extras.scale);
             // Every rank's files are on disk (the barrier above): rank 0 hashes them all.
@@ -267,7 +280,11 @@ pub(crate) fn save(
     match written {
         Ok(()) => Ok(dir),
         Err(e) => {
-            ckpt::discard_incomplete(&dir);
+            // Rank 0 only: a peer may still be writing if the agreement above never happened,
+            // and an incomplete folder (no state.json) is never loaded anyway.
+            if world.rank() == 0 {
+                ckpt::discard_incomplete(&dir);
+            }
             Err(e)
         }
     }
