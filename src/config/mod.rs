@@ -54,7 +54,7 @@ pub use log::{LogConfig, Progress};
 pub use mesh::{MeshCoords, ParallelDims, ParallelDimsError};
 pub use model::{CnnConfig, GptConfig, MlpConfig, ModelConfig, ModelKind};
 pub use optim::{LrSchedule, OptimConfig, OptimKind};
-pub use parallel::{ParallelConfig, Partition, PipelineSchedule};
+pub use parallel::{ParallelConfig, Partition, PipelineSchedule, ShardMode};
 pub use precision::{ComputeDtype, PrecisionConfig};
 pub use report::{check_report, TaskFacts};
 pub use run::{ConfigSource, RunConfig};

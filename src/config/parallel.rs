@@ -20,6 +20,22 @@ choice! {
     }
 }
 
+choice! {
+    /// `parallel.shard`: what the data-parallel replicas of a stage split among themselves
+    /// instead of each holding all of it (ZeRO's stages; `crate::parallel::zero`).
+    ShardMode, default None {
+        /// Nothing: every replica holds the whole optimizer state (plain data parallelism).
+        None = "none",
+        /// ZeRO-1: the optimizer state; gradients are all-reduced, each replica steps its share,
+        /// parameters are all-gathered.
+        Optimizer = "optimizer",
+        /// ZeRO-2: the optimizer state and the averaged gradients; gradients are reduce-scattered.
+        Gradients = "gradients",
+        /// ZeRO-3 (FSDP): the parameters too. Not available yet.
+        Parameters = "parameters",
+    }
+}
+
 /// `parallel.partition`: where the model is cut into pipeline stages.
 ///
 /// In TOML either the string `"balanced"` or an array of block boundaries: `[2, 5]` with
@@ -103,6 +119,9 @@ pub struct ParallelConfig {
     pub schedule: PipelineSchedule,
     /// Where stages split the model: `"balanced"` or an array of block boundaries. Default `"balanced"`.
     pub partition: Partition,
+    /// What the data-parallel replicas shard: `"none"`, `"optimizer"` (ZeRO-1) or `"gradients"`
+    /// (ZeRO-2); `"parameters"` (ZeRO-3) is refused for now. Default `"none"`.
+    pub shard: ShardMode,
 }
 
 impl Default for ParallelConfig {
@@ -113,6 +132,7 @@ impl Default for ParallelConfig {
             micro_batches: 1,
             schedule: PipelineSchedule::GPipe,
             partition: Partition::Balanced,
+            shard: ShardMode::None,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::error::{ConfigError, Problem};
 use super::mesh::ParallelDims;
 use super::run::ConfigSource;
-use super::{CommBackend, PipelineSchedule, RunConfig};
+use super::{CommBackend, PipelineSchedule, RunConfig, ShardMode};
 use super::{CompressionMethod, ComputeDtype, DataKind, DeviceSpec, LrSchedule, ModelKind, OptimKind, Partition};
 
 /// A config checked against the world it runs in, with everything derived from it.
@@ -446,6 +446,25 @@ impl RunConfig {
                 );
             }
         }
+        match p.shard {
+            ShardMode::Parameters => c.fail(
+                &["parallel.shard"],
+                "parallel.shard = \"parameters\" (ZeRO-3, FSDP) is not available yet: use \"optimizer\" (ZeRO-1) or                  \"gradients\" (ZeRO-2)"
+                    .to_string(),
+            ),
+            ShardMode::Gradients if self.compression.method != CompressionMethod::None => c.fail(
+                &["parallel.shard", "compression.method"],
+                format!(
+                    "parallel.shard = \"gradients\" reduce-scatters plain gradients, but compression.method = \"{}\"                      compresses whole buckets for an all-reduce: use parallel.shard = \"optimizer\" (ZeRO-1) with a                      codec, or compression.method = \"none\"",
+                    self.compression.method
+                ),
+            ),
+            ShardMode::Optimizer | ShardMode::Gradients if mesh.data == 1 => c.note(format!(
+                "parallel.shard = \"{}\" has nothing to share: there is one data-parallel replica per stage",
+                p.shard
+            )),
+            _ => {}
+        }
         if p.pipeline == 1 {
             if p.micro_batches > 1 {
                 c.note(format!(
@@ -545,6 +564,8 @@ impl RunConfig {
         // fp16, bf16, top-k and PowerSGD all run on the GPU, but none has the warm-up yet.
         if self.compression.method != CompressionMethod::None && self.compression.start_step > 0 {
             Some("a codec that starts after step 0 (compression.start_step)")
+        } else if self.parallel.shard == ShardMode::Gradients {
+            Some("parallel.shard = \"gradients\" (its reduce-scatter runs on the host engine)")
         } else {
             None
         }

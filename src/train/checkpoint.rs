@@ -5,6 +5,10 @@
 //!   one stage), named by module path (`blocks.0.linear.weight`), so PyTorch's
 //!   `safetensors.torch.load_file` reads them;
 //! - `optim-stage<S>.safetensors`: optimizer state, `<param>.exp_avg`, `<param>.exp_avg_sq`;
+//!   with ZeRO (`parallel.shard`) every replica writes its share instead,
+//!   `optim-stage<S>-shard<I>.safetensors`, as 1-D slices `<param>.exp_avg@<first element>`; a
+//!   load joins every file's slices into whole tensors (an error names a tensor they do not
+//!   cover), so a sharded checkpoint loads into any layout and any layout into a sharded run;
 //! - `codec-rank<R>.safetensors` (runs with `[compression]`): rank R's gradient-codec state, its
 //!   error-feedback residuals and PowerSGD's warm-started Q factors ([`CodecCheckpoint`]). Every
 //!   rank writes its own: residuals differ between ranks;
@@ -272,12 +276,86 @@ pub struct LoadedCheckpoint {
 pub fn load(dir: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
     let state = read_state(dir)?;
     verify(dir, &state)?;
+    let params = read_all(dir, "model-")?;
+    let optim = join_shards(dir, &params, read_all(dir, "optim-")?)?;
     Ok(LoadedCheckpoint {
         dir: dir.to_path_buf(),
-        params: read_all(dir, "model-")?,
-        optim: read_all(dir, "optim-")?,
+        params,
+        optim,
         state,
     })
+}
+
+/// The name of the slice of tensor `base` that starts at element `start` (ZeRO's shards).
+pub fn shard_tensor_name(base: &str, start: usize) -> String {
+    format!("{base}@{start}")
+}
+
+/// Joins the slices `<param>.<buffer>@<start>` of `optim` into whole tensors of `<param>`'s
+/// shape (read from `params`); the slices must cover every element exactly once.
+fn join_shards(
+    dir: &Path,
+    params: &HashMap<String, LoadedTensor>,
+    optim: HashMap<String, LoadedTensor>,
+) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
+    let problem = |name: &str, problem: String| CheckpointError::Tensor {
+        dir: dir.to_path_buf(),
+        name: name.to_string(),
+        problem,
+    };
+    // Per tensor, its values and which of them a slice gave.
+    let mut whole: HashMap<String, (LoadedTensor, Vec<bool>)> = HashMap::new();
+    let mut out = HashMap::new();
+    for (name, tensor) in optim {
+        let Some((base, start)) = name.rsplit_once('@') else {
+            out.insert(name, tensor);
+            continue;
+        };
+        let start: usize = start
+            .parse()
+            .map_err(|_| problem(&name, "is a shard slice whose start is not a number".into()))?;
+        let param = base.rsplit_once('.').map_or(base, |(param, _)| param);
+        let shape = params
+            .get(param)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| problem(&name, format!("is a slice of the state of `{param}`, which no model file holds")))?;
+        let numel: usize = shape.iter().product();
+        let (joined, covered) = whole.entry(base.to_string()).or_insert_with(|| {
+            (
+                LoadedTensor {
+                    shape,
+                    data: vec![0.0; numel],
+                },
+                vec![false; numel],
+            )
+        });
+        let end = start + tensor.data.len();
+        if end > numel {
+            return Err(problem(
+                &name,
+                format!("covers elements {start}..{end} of a tensor of {numel}"),
+            ));
+        }
+        if covered[start..end].iter().any(|&c| c) {
+            return Err(problem(&name, "overlaps another slice of the same tensor".into()));
+        }
+        covered[start..end].fill(true);
+        joined.data[start..end].copy_from_slice(&tensor.data);
+    }
+    for (base, (joined, covered)) in whole {
+        let count = covered.iter().filter(|&&c| c).count();
+        if count != covered.len() {
+            return Err(problem(
+                &base,
+                format!(
+                    "its shards cover {count} of its {} values: a shard file is missing",
+                    covered.len()
+                ),
+            ));
+        }
+        out.insert(base, joined);
+    }
+    Ok(out)
 }
 
 /// Loads the latest complete checkpoint under `root` that loads: one that is corrupt (truncated,

@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::comm::{ProcessGroup, Store, StoreError};
 use crate::compress::StateTensor;
 use crate::config::RunConfig;
+use crate::parallel::zero::ShardLayout;
 use crate::parallel::ParamLayout;
 
 use super::checkpoint::{self as ckpt, CheckpointError, CodecCheckpoint, TrainState};
@@ -166,19 +167,21 @@ impl Snapshot {
     ) -> Result<Self, (usize, std::collections::TryReserveError)> {
         let (mut master, spare_optim) = spare.map(|s| (s.master, s.optim)).unwrap_or_default();
         let mut spare_optim = spare_optim.into_iter();
-        let copy = |buffer: &mut Vec<f32>, from: &[f32]| {
+        let copy = |buffer: &mut Vec<f32>, from: &[f32], written: bool| {
             buffer.clear();
-            if part.writes_stage {
+            if written {
                 buffer.try_reserve_exact(from.len()).map_err(|e| (from.len() * 4, e))?;
                 buffer.extend_from_slice(from);
             }
             Ok(())
         };
-        copy(&mut master, part.master)?;
+        copy(&mut master, part.master, part.writes_stage)?;
+        // With ZeRO every replica writes its share of the optimizer state.
+        let writes_optim = part.writes_stage || part.shard.is_some();
         let mut optim = Vec::with_capacity(part.optim.len());
         for &(suffix, from) in &part.optim {
             let mut buffer = spare_optim.next().map(|(_, b)| b).unwrap_or_default();
-            copy(&mut buffer, from)?;
+            copy(&mut buffer, from, writes_optim)?;
             optim.push((suffix.to_string(), buffer));
         }
         let codec = part
@@ -197,8 +200,9 @@ impl Snapshot {
     }
 
     /// The part to write, borrowed from this copy.
-    fn part<'a>(&'a self, layout: &'a ParamLayout) -> RankPart<'a> {
+    fn part<'a>(&'a self, layout: &'a ParamLayout, shard: Option<&'a ShardLayout>) -> RankPart<'a> {
         RankPart {
+            shard,
             writes_stage: self.writes_stage,
             stage: self.stage,
             layout,
@@ -223,6 +227,8 @@ struct Job {
     timeout: Duration,
     store: Option<Arc<dyn Store>>,
     layout: Arc<ParamLayout>,
+    /// ZeRO: this rank's share of the optimizer state.
+    shard: Option<Arc<ShardLayout>>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -266,7 +272,13 @@ impl std::fmt::Debug for CheckpointWriter {
 impl CheckpointWriter {
     /// The writer of this rank of `world`, for checkpoints under `root` of a run of `cfg` whose
     /// parameters lie as `layout` says.
-    pub(crate) fn new(world: &ProcessGroup, root: &Path, cfg: &RunConfig, layout: &ParamLayout) -> Self {
+    pub(crate) fn new(
+        world: &ProcessGroup,
+        root: &Path,
+        cfg: &RunConfig,
+        layout: &ParamLayout,
+        shard: Option<ShardLayout>,
+    ) -> Self {
         let timeout = Duration::from_secs(cfg.comm.timeout_secs);
         let store = world.store().cloned();
         if world.rank() == 0 && store.is_none() {
@@ -287,6 +299,7 @@ impl CheckpointWriter {
                 timeout,
                 store,
                 layout: Arc::new(layout.clone()),
+                shard: shard.map(Arc::new),
                 cancel: Arc::new(AtomicBool::new(false)),
             },
             spare: None,
@@ -506,7 +519,7 @@ fn write_and_commit(job: &Job, snapshot: &Snapshot) -> Result<(), AsyncCheckpoin
     let written = if job.cancel.load(Ordering::Relaxed) {
         Err(AsyncCheckpointError::Cancelled)
     } else {
-        resume::write_part(&snapshot.dir, &snapshot.part(&job.layout)).map_err(AsyncCheckpointError::from)
+        resume::write_part(&snapshot.dir, &snapshot.part(&job.layout, job.shard.as_deref())).map_err(AsyncCheckpointError::from)
     };
     let Some(store) = &job.store else {
         // Without a store the training threads agree on it later.

@@ -7,7 +7,9 @@
 //! breakdown and what is available, a run that cannot fit:
 //! - parameters in burn's model, in the compute dtype, and their gradients from backward;
 //! - f32 master weights and the flat f32 gradient buffer the trainer reduces and steps with;
-//! - optimizer state: Adam and AdamW 2 values per parameter, SGD 1 (its momentum buffer);
+//! - optimizer state: Adam and AdamW 2 values per parameter, SGD 1 (its momentum buffer); with
+//!   ZeRO (`parallel.shard`) one data-parallel replica's share of it, and with ZeRO-2 of the f32
+//!   gradient buffer too;
 //! - activations kept for backward, for the samples of one micro step (all the micro-batches of a
 //!   pipeline step with GPipe, the worst case);
 //! - with `checkpoint.async`, the copy of the master weights and optimizer state the background
@@ -16,7 +18,7 @@
 //! Available is `MemAvailable` of `/proc/meminfo`, bounded by the cgroup's `memory.max` minus its
 //! `memory.current`, shared by the node's ranks.
 
-use crate::config::{ComputeDtype, OptimKind, Resolved};
+use crate::config::{ComputeDtype, OptimKind, Resolved, ShardMode};
 use std::fmt;
 
 use super::setup::stage_blocks;
@@ -60,16 +62,28 @@ impl MemoryEstimate {
             kind => (2, format!("{kind}, 2 values per parameter")),
         };
         let samples = resolved.micro_batch_size as u64 * cfg.parallel.micro_batches.max(1) as u64;
+        // ZeRO: the replicas of a stage share the optimizer state (and with ZeRO-2 the f32
+        // averaged gradients), each holding about one N-th.
+        let replicas = resolved.mesh.data.max(1) as u64;
+        let share = |values: u64, sharded: bool| if sharded { values.div_ceil(replicas) } else { values };
+        let optim_values_held = share(params.saturating_mul(optim_values), cfg.parallel.shard != ShardMode::None);
+        let flat_grads_held = share(params, cfg.parallel.shard == ShardMode::Gradients);
         Self {
             params,
             param_bytes: params.saturating_mul(compute_bytes),
-            grad_bytes: params.saturating_mul(compute_bytes + 4),
+            grad_bytes: params
+                .saturating_mul(compute_bytes)
+                .saturating_add(flat_grads_held.saturating_mul(4)),
             master_bytes: params.saturating_mul(4),
-            optim_bytes: params.saturating_mul(4 * optim_values),
-            optim_what,
+            optim_bytes: optim_values_held.saturating_mul(4),
+            optim_what: if cfg.parallel.shard == ShardMode::None || replicas == 1 {
+                optim_what
+            } else {
+                format!("{optim_what}, 1/{replicas} of it held: parallel.shard = \"{}\"", cfg.parallel.shard)
+            },
             activation_bytes: activation_values.saturating_mul(samples).saturating_mul(compute_bytes),
             checkpoint_copy_bytes: if cfg.checkpoint.async_write {
-                params.saturating_mul(4 * (1 + optim_values))
+                params.saturating_add(optim_values_held).saturating_mul(4)
             } else {
                 0
             },

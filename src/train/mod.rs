@@ -23,6 +23,7 @@ mod report;
 mod resume;
 mod run;
 mod setup;
+mod sharded;
 mod stage;
 mod step;
 mod task;

@@ -95,23 +95,42 @@ impl FlatOptimizer {
         self.steps
     }
 
-    /// Applies one update with learning rate `lr`.
+    /// Applies one update with learning rate `lr` to every parameter.
     pub fn step(&mut self, lr: f32, params: &mut [f32], grads: &[f32]) {
-        assert_eq!(
-            params.len(),
-            grads.len(),
-            "optimizer: params and grads differ in length"
-        );
         assert_eq!(
             params.len(),
             self.exp_avg.len(),
             "optimizer: state was built for another size"
         );
+        self.begin_step();
+        self.update(lr, 0, params, grads);
+    }
+
+    /// Counts one more update: called once per optimizer step before [`Self::update`] (which may
+    /// then run on several pieces of the state, as a sharded optimizer does).
+    pub fn begin_step(&mut self) {
         self.steps += 1;
+    }
+
+    /// The update of the step begun by [`Self::begin_step`] for `params` and `grads`, whose state
+    /// starts at element `state_offset` of this optimizer's buffers.
+    pub fn update(&mut self, lr: f32, state_offset: usize, params: &mut [f32], grads: &[f32]) {
+        assert_eq!(
+            params.len(),
+            grads.len(),
+            "optimizer: params and grads differ in length"
+        );
+        let state = state_offset..state_offset + params.len();
+        assert!(
+            state.end <= self.exp_avg.len(),
+            "optimizer: state {state:?} past the end of the buffers ({})",
+            self.exp_avg.len()
+        );
+        let exp_avg = &mut self.exp_avg[state.clone()];
         match self.kind {
             OptimizerKind::Sgd { momentum, weight_decay } => {
                 let first = self.steps == 1;
-                for ((p, &g), m) in params.iter_mut().zip(grads).zip(&mut self.exp_avg) {
+                for ((p, &g), m) in params.iter_mut().zip(grads).zip(exp_avg) {
                     let g = g + weight_decay * *p;
                     let d = if momentum == 0.0 {
                         g
@@ -144,8 +163,8 @@ impl FlatOptimizer {
                 for (((p, &g), m), v) in params
                     .iter_mut()
                     .zip(grads)
-                    .zip(&mut self.exp_avg)
-                    .zip(&mut self.exp_avg_sq)
+                    .zip(exp_avg)
+                    .zip(&mut self.exp_avg_sq[state])
                 {
                     let g = if decoupled {
                         *p *= 1.0 - lr * weight_decay;

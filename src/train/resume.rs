@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::comm::ProcessGroup;
 use crate::compress::StateTensor;
 use crate::config::RunConfig;
+use crate::parallel::zero::ShardLayout;
 use crate::parallel::ParamLayout;
 
 use super::checkpoint::{self as ckpt, CheckpointError, LoadedCheckpoint, NamedTensor, TrainState};
@@ -95,12 +96,29 @@ pub(crate) fn already_done(loaded: &LoadedCheckpoint, cfg: &RunConfig, rank: usi
 
 /// Copies the optimizer state of a checkpoint into `optimizer`, parameter by parameter (a
 /// parameter this rank holds but the checkpoint lacks, or of another size, keeps fresh state).
-pub(crate) fn load_optimizer(optimizer: &mut FlatOptimizer, layout: &ParamLayout, loaded: &LoadedCheckpoint) {
+/// With ZeRO (`shard`) only the elements this rank owns: the checkpoint holds whole tensors
+/// (shards saved by another layout were joined when it was read), so any layout loads any other.
+pub(crate) fn load_optimizer(
+    optimizer: &mut FlatOptimizer,
+    layout: &ParamLayout,
+    shard: Option<&ShardLayout>,
+    loaded: &LoadedCheckpoint,
+) {
     for (suffix, buffer) in optimizer.state_mut() {
         for p in &layout.params {
-            if let Some(t) = loaded.optim.get(&format!("{}.{suffix}", p.name)) {
-                if t.data.len() == p.numel {
-                    buffer[p.range()].copy_from_slice(&t.data);
+            let Some(t) = loaded.optim.get(&format!("{}.{suffix}", p.name)) else {
+                continue;
+            };
+            if t.data.len() != p.numel {
+                continue;
+            }
+            match shard {
+                None => buffer[p.range()].copy_from_slice(&t.data),
+                Some(shard) => {
+                    for (elements, state) in shard.owned_within(p.range()) {
+                        let from = elements.start - p.offset..elements.end - p.offset;
+                        buffer[state..state + elements.len()].copy_from_slice(&t.data[from]);
+                    }
                 }
             }
         }
@@ -116,6 +134,8 @@ pub(crate) struct SaveExtras<'a> {
     pub(crate) codec: Option<(&'a ckpt::CodecCheckpoint, &'a dyn crate::compress::GradCodec)>,
     /// The state of a codec running on the device, saved in place of the host codec's.
     pub(crate) device_codec_state: Option<Vec<StateTensor>>,
+    /// ZeRO: the share of the optimizer state this rank holds.
+    pub(crate) shard: Option<&'a ShardLayout>,
 }
 
 /// What one rank writes into a checkpoint folder: replica 0 of each pipeline stage writes its
@@ -130,8 +150,11 @@ pub(crate) struct RankPart<'a> {
     pub(crate) layout: &'a ParamLayout,
     /// The f32 master weights, layout order (empty when `writes_stage` is false).
     pub(crate) master: &'a [f32],
-    /// The optimizer's buffers by name suffix (`exp_avg`, `exp_avg_sq`), layout order.
+    /// The optimizer's buffers by name suffix (`exp_avg`, `exp_avg_sq`), layout order; with
+    /// `shard`, this rank's share of them.
     pub(crate) optim: Vec<(&'a str, &'a [f32])>,
+    /// ZeRO: the share of the optimizer state this rank holds (and writes, whatever its replica).
+    pub(crate) shard: Option<&'a ShardLayout>,
     /// The codec's slot, description and state, when gradients are compressed.
     pub(crate) codec: Option<CodecPart<'a>>,
 }
@@ -172,26 +195,40 @@ pub(crate) fn write_part(dir: &Path, part: &RankPart<'_>) -> Result<BTreeMap<Str
         let path = dir.join(format!("model-stage{}.safetensors", part.stage));
         let digest = ckpt::write_tensors(&path, &params)?;
         record(path, digest);
-        let state_names: Vec<(String, &[usize], &[f32])> = part
+    }
+    if let Some(shard) = part.shard {
+        // Each replica its slices of each parameter's state, named by where they start in it.
+        let slices = part
+            .optim
+            .iter()
+            .flat_map(|&(suffix, buf)| {
+                part.layout.params.iter().flat_map(move |p| {
+                    shard.owned_within(p.range()).map(move |(elements, state)| {
+                        (
+                            ckpt::shard_tensor_name(&format!("{}.{suffix}", p.name), elements.start - p.offset),
+                            vec![elements.len()],
+                            &buf[state..state + elements.len()],
+                        )
+                    })
+                })
+            })
+            .collect();
+        let path = dir.join(format!("optim-stage{}-shard{}.safetensors", part.stage, shard.index));
+        let digest = write_owned_names(&path, slices)?;
+        record(path, digest);
+    } else if part.writes_stage {
+        let state = part
             .optim
             .iter()
             .flat_map(|&(suffix, buf)| {
                 part.layout
                     .params
                     .iter()
-                    .map(move |p| (format!("{}.{suffix}", p.name), p.shape.as_slice(), &buf[p.range()]))
-            })
-            .collect();
-        let tensors: Vec<NamedTensor<'_>> = state_names
-            .iter()
-            .map(|(n, s, d)| NamedTensor {
-                name: n,
-                shape: s,
-                data: d,
+                    .map(move |p| (format!("{}.{suffix}", p.name), p.shape.clone(), &buf[p.range()]))
             })
             .collect();
         let path = dir.join(format!("optim-stage{}.safetensors", part.stage));
-        let digest = ckpt::write_tensors(&path, &tensors)?;
+        let digest = write_owned_names(&path, state)?;
         record(path, digest);
     }
     // Every rank's own codec state (residuals differ between ranks), before state.json.
@@ -200,6 +237,15 @@ pub(crate) fn write_part(dir: &Path, part: &RankPart<'_>) -> Result<BTreeMap<Str
         record(codec.slot.file(dir), digest);
     }
     Ok(written)
+}
+
+/// [`ckpt::write_tensors`] of tensors whose names and shapes are built on the fly.
+fn write_owned_names(path: &Path, tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<String, CheckpointError> {
+    let named: Vec<NamedTensor<'_>> = tensors
+        .iter()
+        .map(|(name, shape, data)| NamedTensor { name, shape, data })
+        .collect();
+    ckpt::write_tensors(path, &named)
 }
 
 /// The `state.json` of the checkpoint of step `step` (its checksums still empty).
@@ -247,6 +293,7 @@ pub(crate) fn save(
             layout,
             master,
             optim: optimizer.state(),
+            shard: extras.shard,
             codec: codec_state.as_ref().map(|(slot, describe, state)| CodecPart {
                 slot,
                 describe,

@@ -32,6 +32,7 @@ use super::optim::FlatOptimizer;
 use super::report::{announce, Reporter};
 use super::resume::{self, CodecPart, RankPart, SaveExtras};
 use super::setup::{self, Placement};
+use super::sharded::Sharded;
 use super::step::Overlap;
 use super::task::{BlockChain, Task};
 use super::TrainError;
@@ -148,7 +149,10 @@ pub(crate) struct Run<'a, T: Task> {
     /// The step's gradients, layout order.
     pub(crate) grads: Vec<f32>,
     pub(crate) scratch: Vec<f32>,
+    /// The optimizer state: every parameter's, or with ZeRO (`zero`) this rank's share.
     pub(crate) optimizer: FlatOptimizer,
+    /// ZeRO (`parallel.shard`): what this rank owns of the stage's optimizer state.
+    pub(crate) zero: Option<Sharded>,
     pub(crate) ddp: DataParallel,
     pub(crate) codec_ckpt: Option<ckpt::CodecCheckpoint>,
     pub(crate) scaler: Option<DynamicLossScaler>,
@@ -249,7 +253,8 @@ fn run<T: Task>(
         run.overlap = None;
     }
     if cfg.checkpoint.async_write {
-        run.writer = Some(CheckpointWriter::new(&run.world, &ckpt_root, cfg, &run.layout));
+        let shard = run.zero.as_ref().map(|z| z.layout().clone());
+        run.writer = Some(CheckpointWriter::new(&run.world, &ckpt_root, cfg, &run.layout, shard));
     }
     let mut report = Reporter::new(resolved, rank, start_step)?;
     let global_batch = resolved.global_batch as f64;
@@ -350,8 +355,6 @@ impl<'a, T: Task> Run<'a, T> {
         grads
             .try_reserve_exact(numel)
             .map_err(|e| alloc_err("gradient buffer", e))?;
-        let optimizer = FlatOptimizer::try_new(super::build::optimizer_kind(cfg), numel)
-            .map_err(|e| alloc_err("optimizer state", e))?;
         flatten_params_into(&model, &mut master).map_err(params_err)?;
 
         let numels: Vec<usize> = layout.params.iter().map(|p| p.numel).collect();
@@ -404,6 +407,15 @@ impl<'a, T: Task> Run<'a, T> {
                 why,
             }
         })?;
+        let zero = Sharded::new(
+            cfg.parallel.shard,
+            &place.data_group,
+            &shard_buckets(chain, &place, numel, &ddp.layout().elements),
+        );
+        // With ZeRO the optimizer holds this rank's share only.
+        let state_numel = zero.as_ref().map_or(numel, |z| z.layout().state_numel());
+        let optimizer = FlatOptimizer::try_new(super::build::optimizer_kind(cfg), state_numel)
+            .map_err(|e| alloc_err("optimizer state", e))?;
         let mut run = Self {
             world,
             rank,
@@ -418,6 +430,7 @@ impl<'a, T: Task> Run<'a, T> {
             grads,
             scratch: Vec::new(),
             optimizer,
+            zero,
             ddp,
             codec_ckpt,
             scaler: None,
@@ -441,7 +454,12 @@ impl<'a, T: Task> Run<'a, T> {
             model = load_params_by_name(model, |p| loaded.params.get(&p.name).map(|t| t.data.clone()))
                 .map_err(params_err)?;
             flatten_params_into(&model, &mut run.master).map_err(params_err)?;
-            resume::load_optimizer(&mut run.optimizer, &run.layout, &loaded);
+            resume::load_optimizer(
+                &mut run.optimizer,
+                &run.layout,
+                run.zero.as_ref().map(|z| z.layout()),
+                &loaded,
+            );
             if let (Some(slot), Some(codec)) = (&run.codec_ckpt, run.ddp.codec_mut()) {
                 slot.load(&loaded.dir, codec)
                     .map_err(|source| TrainError::Checkpoint { rank, source })?;
@@ -529,6 +547,7 @@ impl<'a, T: Task> Run<'a, T> {
                 layout: &self.layout,
                 master: &self.master,
                 optim: self.optimizer.state(),
+                shard: self.zero.as_ref().map(|z| z.layout()),
                 codec: codec.map(|(slot, codec)| CodecPart {
                     slot,
                     describe: &describe,
@@ -542,6 +561,7 @@ impl<'a, T: Task> Run<'a, T> {
             scale,
             codec: self.codec_ckpt.as_ref().zip(self.ddp.codec()),
             device_codec_state,
+            shard: self.zero.as_ref().map(|z| z.layout()),
         };
         resume::save(
             &self.world,
@@ -555,4 +575,31 @@ impl<'a, T: Task> Run<'a, T> {
             extras,
         )
     }
+}
+
+/// The buckets ZeRO shards: the blocks of a block chain (so that the block-wise backward can
+/// reduce-scatter each block as soon as it is done), else the gradient buckets.
+fn shard_buckets<M, B>(
+    chain: Option<&dyn BlockChain<M, B>>,
+    place: &Placement,
+    numel: usize,
+    gradient_buckets: &[Range<usize>],
+) -> Vec<Range<usize>> {
+    if let Some(chain) = chain {
+        let counts = chain.block_param_counts();
+        let mut offset = 0;
+        let blocks: Vec<Range<usize>> = counts[place.blocks.clone()]
+            .iter()
+            .map(|&count| {
+                offset += count;
+                offset - count..offset
+            })
+            .collect();
+        // A chain whose counts do not add up to the model is reported by the overlap's check;
+        // here it falls back to the buckets.
+        if offset == numel {
+            return blocks;
+        }
+    }
+    gradient_buckets.to_vec()
 }

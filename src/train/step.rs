@@ -101,7 +101,12 @@ impl Overlap {
                 layout.numel
             ));
         }
-        let wanted = cfg.comm.overlap.unwrap_or(!resolved.device.is_cpu());
+        // ZeRO-2 reduce-scatters each block as its backward ends, so the whole flat gradient is
+        // never held: on by default there.
+        let wanted = cfg
+            .comm
+            .overlap
+            .unwrap_or(!resolved.device.is_cpu() || cfg.parallel.shard == crate::config::ShardMode::Gradients);
         // On NCCL the gradients are averaged as one buffer on the GPU after backward.
         let used = wanted
             && place.dims.data > 1
@@ -112,10 +117,14 @@ impl Overlap {
     }
 }
 
-/// Gradient all-reduces launched during backward, one per block.
+/// Gradient all-reduces (or with ZeRO-2 reduce-scatters) launched during backward, one per
+/// block, each with where its result goes: the block's elements of the flat gradient, or with
+/// ZeRO-2 this rank's chunk of the block in the sharded gradient.
 struct InFlight {
     launched: Vec<(Range<usize>, Work<Vec<f32>>)>,
     first_launch: Option<Instant>,
+    /// Gradient bytes launched (before any padding).
+    bytes: usize,
 }
 
 impl<T: Task> Run<'_, T> {
@@ -199,9 +208,19 @@ impl<T: Task> Run<'_, T> {
                         decision.unscale(&mut self.grads);
                     }
                 }
-                match on_device {
-                    Some(sync) => sync,
-                    None => self
+                match (on_device, self.zero.as_mut().filter(|z| z.scatters_gradients())) {
+                    (Some(sync), _) => sync,
+                    (None, Some(zero)) => {
+                        let comm_ms = zero.reduce_scatter(rank, &self.grads)?;
+                        SyncStats {
+                            buckets: zero.layout().pieces.len(),
+                            bytes: self.grads.len() * 4,
+                            comm_ms,
+                            wait_ms: comm_ms,
+                            ..SyncStats::default()
+                        }
+                    }
+                    (None, None) => self
                         .ddp
                         .sync_flat(&mut self.grads, step)
                         .map_err(|source| TrainError::Sync { rank, source })?,
@@ -209,15 +228,24 @@ impl<T: Task> Run<'_, T> {
             }
         };
 
-        // Clip by the global norm: the stages' shares add up over the pipeline group.
-        let mut sum_sq = sum_of_squares(&self.grads);
+        // Clip by the global norm: the stages' shares add up over the pipeline group (and with
+        // ZeRO-2 the replicas' chunks over the data-parallel group).
+        let scattered = self.zero.as_ref().filter(|z| z.scatters_gradients());
+        let mut sum_sq = match scattered {
+            Some(zero) => zero.grad_sum_of_squares(rank)?,
+            None => sum_of_squares(&self.grads),
+        };
         if let Some(pipe) = &self.place.pipe_group {
             let mut total = [sum_sq];
             pipe.all_reduce(&mut total, ReduceOp::Sum)
                 .map_err(|source| TrainError::Comm { rank, source })?;
             sum_sq = total[0];
         }
-        let grad_norm = clip_by_global_norm(&mut self.grads, sum_sq, cfg.optim.grad_clip_norm as f32);
+        let clipped = match self.zero.as_mut().filter(|z| z.scatters_gradients()) {
+            Some(zero) => &mut zero.grads,
+            None => &mut self.grads,
+        };
+        let grad_norm = clip_by_global_norm(clipped, sum_sq, cfg.optim.grad_clip_norm as f32);
         let lr = learning_rate(
             step,
             cfg.optim.lr as f32,
@@ -227,7 +255,15 @@ impl<T: Task> Run<'_, T> {
             cfg.optim.schedule == crate::config::LrSchedule::Cosine,
         );
         crate::flight::phase(crate::flight::Phase::Optimizer);
-        self.optimizer.step(lr, &mut self.master, &self.grads);
+        let mut sync = sync;
+        match &self.zero {
+            None => self.optimizer.step(lr, &mut self.master, &self.grads),
+            Some(zero) => {
+                let gather = zero.step(rank, &mut self.optimizer, lr, &mut self.master, &self.grads)?;
+                sync.comm_ms += gather.comm_ms;
+                sync.wait_ms += gather.wait_ms;
+            }
+        }
         self.keep_buffers(&model)?;
         let model = load_params(model, &self.master).map_err(|source| TrainError::Params { rank, source })?;
 
@@ -356,6 +392,7 @@ impl<T: Task> Run<'_, T> {
             return Ok(InFlight {
                 launched: Vec::new(),
                 first_launch: None,
+                bytes: 0,
             });
         };
         let started = Instant::now();
@@ -385,14 +422,18 @@ impl<T: Task> Run<'_, T> {
         // Backward, last block first. The step's earlier micro-batches (if any) already summed
         // their gradients into `grads`; this one adds its own, then the block's sum is scaled to
         // the step's mean and leaves for the all-reduce.
+        // ZeRO-2 launches each block from a block-sized buffer and keeps only its own chunk, so
+        // without earlier micro-batches the flat gradient is never filled.
         let fresh = self.grads.is_empty();
-        if fresh {
+        let scatter = self.zero.as_ref().filter(|z| z.scatters_gradients());
+        if fresh && scatter.is_none() {
             self.grads.resize(self.master.len(), 0.0);
         }
         let group = self.place.data_group.clone();
         let mut in_flight = InFlight {
             launched: Vec::with_capacity(blocks),
             first_launch: None,
+            bytes: 0,
         };
         let mut present = Vec::new();
         let mut upstream: Option<Tensor<2>> = None;
@@ -428,14 +469,26 @@ impl<T: Task> Run<'_, T> {
             }
             .map_err(|source| TrainError::Params { rank, source })?;
             let range = overlap.ranges[b].clone();
-            let block_grads = &mut self.grads[range.clone()];
-            for (acc, g) in block_grads.iter_mut().zip(&self.scratch) {
-                *acc = if fresh { g * scale } else { (*acc + g) * scale };
+            if range.is_empty() {
+                continue;
             }
-            if !range.is_empty() {
-                in_flight.first_launch.get_or_insert_with(Instant::now);
-                let work = group.all_reduce_async(block_grads.to_vec(), ReduceOp::Avg);
-                in_flight.launched.push((range, work));
+            let block_grads: Vec<f32> = if fresh {
+                self.scratch.iter().map(|g| g * scale).collect()
+            } else {
+                let earlier = &self.grads[range.clone()];
+                earlier.iter().zip(&self.scratch).map(|(acc, g)| (acc + g) * scale).collect()
+            };
+            in_flight.first_launch.get_or_insert_with(Instant::now);
+            in_flight.bytes += range.len() * 4;
+            match scatter {
+                // The shards follow the blocks (`shard_buckets`): piece b is block b.
+                Some(zero) => {
+                    let target = zero.layout().pieces[b].state.clone();
+                    in_flight.launched.push((target, zero.comm.reduce_scatter_async(b, block_grads)));
+                }
+                None => in_flight
+                    .launched
+                    .push((range, group.all_reduce_async(block_grads, ReduceOp::Avg))),
             }
         }
         stats.compute_ms += started.elapsed().as_secs_f64() * 1e3;
@@ -447,13 +500,21 @@ impl<T: Task> Run<'_, T> {
         let rank = self.rank;
         let mut stats = SyncStats {
             buckets: in_flight.launched.len(),
+            bytes: in_flight.bytes,
             ..SyncStats::default()
+        };
+        let target = match self.zero.as_mut().filter(|z| z.scatters_gradients()) {
+            Some(zero) => {
+                zero.grads.resize(zero.layout().state_numel(), 0.0);
+                &mut zero.grads
+            }
+            None => &mut self.grads,
         };
         let waited = Instant::now();
         for (range, work) in in_flight.launched {
-            stats.bytes += range.len() * 4;
             let averaged = work.wait().map_err(|source| TrainError::Comm { rank, source })?;
-            self.grads[range].copy_from_slice(&averaged);
+            let len = range.len();
+            target[range].copy_from_slice(&averaged[..len]);
         }
         stats.wait_ms = waited.elapsed().as_secs_f64() * 1e3;
         stats.comm_ms = in_flight.first_launch.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
