@@ -256,10 +256,7 @@ fn a_zero_1_checkpoint_resumes_as_a_zero_2_pipeline_to_the_end_of_the_uninterrup
     assert_resume_across(
         "zero-resume-1-to-pp",
         (2, &["parallel.shard=optimizer"]),
-        (
-            4,
-            &["parallel.shard=gradients", "parallel.pipeline=2"],
-        ),
+        (4, &["parallel.shard=gradients", "parallel.pipeline=2"]),
         RESUME_TOL,
     );
 }

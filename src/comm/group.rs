@@ -308,6 +308,17 @@ impl ProcessGroup {
         })
     }
 
+    /// Asynchronous all-gather into buffers the caller owns (`output.len() == input.len() *
+    /// world_size`); returns both, so that a caller that gathers every step allocates nothing
+    /// (and the communication thread never allocates the output in an arena of its own).
+    pub fn all_gather_into_async<T: Element>(&self, input: Vec<T>, output: Vec<T>) -> Work<(Vec<T>, Vec<T>)> {
+        self.submit(move |c| {
+            let mut output = output;
+            c.all_gather(BufRef::host(&input), BufMut::host(&mut output))
+                .map(|()| (input, output))
+        })
+    }
+
     /// Reduce-scatter: `input.len() == output.len() * world_size`.
     pub fn reduce_scatter<T: Element>(&self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<(), CommError> {
         self.sync(|c| c.reduce_scatter(BufRef::host(input), BufMut::host(output), op))
@@ -320,6 +331,21 @@ impl ProcessGroup {
             let mut output = vec![T::zeroed(); input.len() / n.max(1)];
             c.reduce_scatter(BufRef::host(&input), BufMut::host(&mut output), op)
                 .map(|()| output)
+        })
+    }
+
+    /// Asynchronous reduce-scatter into buffers the caller owns (`input.len() == output.len() *
+    /// world_size`); returns both, for reuse (see [`Self::all_gather_into_async`]).
+    pub fn reduce_scatter_into_async<T: Element>(
+        &self,
+        input: Vec<T>,
+        output: Vec<T>,
+        op: ReduceOp,
+    ) -> Work<(Vec<T>, Vec<T>)> {
+        self.submit(move |c| {
+            let mut output = output;
+            c.reduce_scatter(BufRef::host(&input), BufMut::host(&mut output), op)
+                .map(|()| (input, output))
         })
     }
 

@@ -99,6 +99,11 @@ impl ShardLayout {
     }
 }
 
+/// The two buffers of a bucket's collective: the whole (padded) bucket and this rank's chunk of
+/// it (a reduce-scatter's input and output), or this rank's chunk and the gathered bucket (an
+/// all-gather's).
+pub type GatherBuffers = (Vec<f32>, Vec<f32>);
+
 /// The collectives of ZeRO over one data-parallel group.
 #[derive(Debug, Clone)]
 pub struct ZeroComm {
@@ -123,14 +128,16 @@ impl ZeroComm {
         &self.group
     }
 
-    /// Launches the reduce-scatter (average) of bucket `piece`'s gradients `bucket_grads`
-    /// (`bucket.len()` values); the result is this rank's chunk, `chunk` values of which the
-    /// first `owned.len()` are meaningful.
-    pub fn reduce_scatter_async(&self, piece: usize, bucket_grads: Vec<f32>) -> Work<Vec<f32>> {
+    /// Launches the reduce-scatter (average) of bucket `piece`'s gradients, the first
+    /// `bucket.len()` values of `buffers.0` (padded here; `buffers.1` is resized to the chunk);
+    /// the result, both buffers back, holds this rank's chunk in `.1`, of which the first
+    /// `owned.len()` values are meaningful.
+    pub fn reduce_scatter_async(&self, piece: usize, buffers: GatherBuffers) -> Work<GatherBuffers> {
         let p = &self.layout.pieces[piece];
-        let mut padded = bucket_grads;
+        let (mut padded, mut chunk) = buffers;
         padded.resize(p.chunk * self.layout.replicas, 0.0);
-        self.group.reduce_scatter_async(padded, ReduceOp::Avg)
+        chunk.resize(p.chunk, 0.0);
+        self.group.reduce_scatter_into_async(padded, chunk, ReduceOp::Avg)
     }
 
     /// Reduce-scatters every bucket of the whole flat gradient `grads`, writing this rank's
@@ -158,18 +165,26 @@ impl ZeroComm {
         Ok(())
     }
 
-    /// Launches the all-gather of bucket `piece` from this rank's updated chunk of `master`; the
-    /// result goes back with [`Self::place_gathered`]. `None` when there is nothing to gather
-    /// (one replica: it owns everything; an empty bucket).
-    pub fn all_gather_async(&self, piece: usize, master: &[f32]) -> Option<Work<Vec<f32>>> {
+    /// Launches the all-gather of bucket `piece` from this rank's updated chunk of `master`, in
+    /// `buffers` (a chunk and a gathered bucket, resized here; reused from the last gather); the
+    /// result goes back with [`Self::place_gathered`], and the buffers with it. `Err(buffers)`
+    /// when there is nothing to gather (one replica: it owns everything; an empty bucket).
+    pub fn all_gather_async(
+        &self,
+        piece: usize,
+        master: &[f32],
+        buffers: GatherBuffers,
+    ) -> Result<Work<GatherBuffers>, GatherBuffers> {
         let p = &self.layout.pieces[piece];
         if self.layout.replicas == 1 || p.bucket.is_empty() {
-            return None;
+            return Err(buffers);
         }
-        let mut chunk = Vec::with_capacity(p.chunk);
+        let (mut chunk, mut gathered) = buffers;
+        chunk.clear();
         chunk.extend_from_slice(&master[p.owned.clone()]);
         chunk.resize(p.chunk, 0.0);
-        Some(self.group.all_gather_async(chunk))
+        gathered.resize(p.chunk * self.layout.replicas, 0.0);
+        Ok(self.group.all_gather_into_async(chunk, gathered))
     }
 
     /// Copies the gathered bucket `piece` (every replica's chunk, padded) into `master`.

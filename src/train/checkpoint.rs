@@ -315,10 +315,12 @@ fn join_shards(
             .parse()
             .map_err(|_| problem(&name, "is a shard slice whose start is not a number".into()))?;
         let param = base.rsplit_once('.').map_or(base, |(param, _)| param);
-        let shape = params
-            .get(param)
-            .map(|t| t.shape.clone())
-            .ok_or_else(|| problem(&name, format!("is a slice of the state of `{param}`, which no model file holds")))?;
+        let shape = params.get(param).map(|t| t.shape.clone()).ok_or_else(|| {
+            problem(
+                &name,
+                format!("is a slice of the state of `{param}`, which no model file holds"),
+            )
+        })?;
         let numel: usize = shape.iter().product();
         let (joined, covered) = whole.entry(base.to_string()).or_insert_with(|| {
             (

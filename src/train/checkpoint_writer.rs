@@ -519,7 +519,8 @@ fn write_and_commit(job: &Job, snapshot: &Snapshot) -> Result<(), AsyncCheckpoin
     let written = if job.cancel.load(Ordering::Relaxed) {
         Err(AsyncCheckpointError::Cancelled)
     } else {
-        resume::write_part(&snapshot.dir, &snapshot.part(&job.layout, job.shard.as_deref())).map_err(AsyncCheckpointError::from)
+        resume::write_part(&snapshot.dir, &snapshot.part(&job.layout, job.shard.as_deref()))
+            .map_err(AsyncCheckpointError::from)
     };
     let Some(store) = &job.store else {
         // Without a store the training threads agree on it later.

@@ -66,7 +66,10 @@ impl MemoryEstimate {
         // averaged gradients), each holding about one N-th.
         let replicas = resolved.mesh.data.max(1) as u64;
         let share = |values: u64, sharded: bool| if sharded { values.div_ceil(replicas) } else { values };
-        let optim_values_held = share(params.saturating_mul(optim_values), cfg.parallel.shard != ShardMode::None);
+        let optim_values_held = share(
+            params.saturating_mul(optim_values),
+            cfg.parallel.shard != ShardMode::None,
+        );
         let flat_grads_held = share(params, cfg.parallel.shard == ShardMode::Gradients);
         Self {
             params,
@@ -79,7 +82,10 @@ impl MemoryEstimate {
             optim_what: if cfg.parallel.shard == ShardMode::None || replicas == 1 {
                 optim_what
             } else {
-                format!("{optim_what}, 1/{replicas} of it held: parallel.shard = \"{}\"", cfg.parallel.shard)
+                format!(
+                    "{optim_what}, 1/{replicas} of it held: parallel.shard = \"{}\"",
+                    cfg.parallel.shard
+                )
             },
             activation_bytes: activation_values.saturating_mul(samples).saturating_mul(compute_bytes),
             checkpoint_copy_bytes: if cfg.checkpoint.async_write {

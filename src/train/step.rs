@@ -125,6 +125,8 @@ struct InFlight {
     first_launch: Option<Instant>,
     /// Gradient bytes launched (before any padding).
     bytes: usize,
+    /// Collectives launched.
+    buckets: usize,
 }
 
 impl<T: Task> Run<'_, T> {
@@ -256,7 +258,7 @@ impl<T: Task> Run<'_, T> {
         );
         crate::flight::phase(crate::flight::Phase::Optimizer);
         let mut sync = sync;
-        match &self.zero {
+        match &mut self.zero {
             None => self.optimizer.step(lr, &mut self.master, &self.grads),
             Some(zero) => {
                 let gather = zero.step(rank, &mut self.optimizer, lr, &mut self.master, &self.grads)?;
@@ -393,6 +395,7 @@ impl<T: Task> Run<'_, T> {
                 launched: Vec::new(),
                 first_launch: None,
                 bytes: 0,
+                buckets: 0,
             });
         };
         let started = Instant::now();
@@ -425,8 +428,8 @@ impl<T: Task> Run<'_, T> {
         // ZeRO-2 launches each block from a block-sized buffer and keeps only its own chunk, so
         // without earlier micro-batches the flat gradient is never filled.
         let fresh = self.grads.is_empty();
-        let scatter = self.zero.as_ref().filter(|z| z.scatters_gradients());
-        if fresh && scatter.is_none() {
+        let scatter = self.zero.as_ref().is_some_and(|z| z.scatters_gradients());
+        if fresh && !scatter {
             self.grads.resize(self.master.len(), 0.0);
         }
         let group = self.place.data_group.clone();
@@ -434,6 +437,7 @@ impl<T: Task> Run<'_, T> {
             launched: Vec::with_capacity(blocks),
             first_launch: None,
             bytes: 0,
+            buckets: 0,
         };
         let mut present = Vec::new();
         let mut upstream: Option<Tensor<2>> = None;
@@ -472,23 +476,25 @@ impl<T: Task> Run<'_, T> {
             if range.is_empty() {
                 continue;
             }
-            let block_grads: Vec<f32> = if fresh {
-                self.scratch.iter().map(|g| g * scale).collect()
-            } else {
-                let earlier = &self.grads[range.clone()];
-                earlier.iter().zip(&self.scratch).map(|(acc, g)| (acc + g) * scale).collect()
-            };
             in_flight.first_launch.get_or_insert_with(Instant::now);
             in_flight.bytes += range.len() * 4;
-            match scatter {
+            in_flight.buckets += 1;
+            // The step's mean: this micro-batch's gradients plus the earlier ones', scaled.
+            let (scratch, earlier) = (&self.scratch, (!fresh).then(|| &self.grads[range.clone()]));
+            let fill = |block: &mut Vec<f32>| match earlier {
+                None => block.extend(scratch.iter().map(|g| g * scale)),
+                Some(earlier) => block.extend(earlier.iter().zip(scratch).map(|(acc, g)| (acc + g) * scale)),
+            };
+            match self.zero.as_mut().filter(|z| z.scatters_gradients()) {
                 // The shards follow the blocks (`shard_buckets`): piece b is block b.
-                Some(zero) => {
-                    let target = zero.layout().pieces[b].state.clone();
-                    in_flight.launched.push((target, zero.comm.reduce_scatter_async(b, block_grads)));
+                Some(zero) => zero.launch_scatter(rank, b, fill)?,
+                None => {
+                    let mut block = Vec::with_capacity(range.len());
+                    fill(&mut block);
+                    in_flight
+                        .launched
+                        .push((range, group.all_reduce_async(block, ReduceOp::Avg)));
                 }
-                None => in_flight
-                    .launched
-                    .push((range, group.all_reduce_async(block_grads, ReduceOp::Avg))),
             }
         }
         stats.compute_ms += started.elapsed().as_secs_f64() * 1e3;
@@ -499,24 +505,19 @@ impl<T: Task> Run<'_, T> {
     fn finish_overlap(&mut self, in_flight: InFlight) -> Result<SyncStats, TrainError> {
         let rank = self.rank;
         let mut stats = SyncStats {
-            buckets: in_flight.launched.len(),
+            buckets: in_flight.buckets,
             bytes: in_flight.bytes,
             ..SyncStats::default()
-        };
-        let target = match self.zero.as_mut().filter(|z| z.scatters_gradients()) {
-            Some(zero) => {
-                zero.grads.resize(zero.layout().state_numel(), 0.0);
-                &mut zero.grads
-            }
-            None => &mut self.grads,
         };
         let waited = Instant::now();
         for (range, work) in in_flight.launched {
             let averaged = work.wait().map_err(|source| TrainError::Comm { rank, source })?;
-            let len = range.len();
-            target[range].copy_from_slice(&averaged[..len]);
+            self.grads[range].copy_from_slice(&averaged);
         }
         stats.wait_ms = waited.elapsed().as_secs_f64() * 1e3;
+        if let Some(zero) = self.zero.as_mut().filter(|z| z.scatters_gradients()) {
+            stats.wait_ms += zero.finish_scatters(rank)?;
+        }
         stats.comm_ms = in_flight.first_launch.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
         stats.wire_bytes = stats.bytes as u64;
         Ok(stats)
