@@ -39,7 +39,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -183,6 +183,18 @@ fn is_disk_full(error: &std::io::Error) -> bool {
 /// failure the temporary file is removed: on a full disk it would keep the space the next
 /// checkpoint (or anything else) needs.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    atomic_write_with(path, |tmp| {
+        let mut file = fs::File::create(tmp).map_err(io(path))?;
+        file.write_all(bytes).map_err(io(path))
+    })
+}
+
+/// [`atomic_write`] of what `write` writes to the temporary file whose path it is given (it
+/// creates the file); then the file is fsynced, renamed into place, and the folder fsynced.
+fn atomic_write_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io(dir))?;
     let file_name = path
@@ -191,9 +203,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let written = (|| {
-        let mut file = fs::File::create(&tmp).map_err(io(path))?;
-        file.write_all(bytes).map_err(io(path))?;
-        file.sync_all().map_err(io(path))?;
+        write(&tmp)?;
+        fs::File::open(&tmp)
+            .and_then(|file| file.sync_all())
+            .map_err(io(path))?;
         fs::rename(&tmp, path).map_err(io(path))
     })();
     if let Err(e) = written {
@@ -232,9 +245,20 @@ pub fn checksum_files(dir: &Path) -> Result<BTreeMap<String, String>, Checkpoint
     Ok(out)
 }
 
+/// The sha256 (hex) of the file at `path`, read in pieces (a checkpoint file can be as large as
+/// the model).
 fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
-    let bytes = fs::read(path).map_err(io(path))?;
-    Ok(sha256_hex(&bytes))
+    let mut file = fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut piece = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut piece).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&piece[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The sha256 of `bytes` in hex, as [`TrainState::checksums`] records it.
@@ -385,12 +409,20 @@ pub fn load_latest(root: &Path, rank: usize) -> Result<LoadedCheckpoint, Checkpo
 
 /// Serialises tensors to safetensors bytes (f32, little endian).
 pub fn to_safetensors(tensors: &[NamedTensor<'_>]) -> Result<Vec<u8>, CheckpointError> {
-    serialize(tensors, HashMap::new())
+    let (views, metadata) = views(tensors, HashMap::new())?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Format {
+        path: PathBuf::new(),
+        reason: e.to_string(),
+    })
 }
 
-/// Safetensors bytes with `metadata` in the header, beside `format = burnrun`.
-fn serialize(tensors: &[NamedTensor<'_>], mut metadata: HashMap<String, String>) -> Result<Vec<u8>, CheckpointError> {
-    let views: Vec<(String, TensorView<'_>)> = tensors
+/// Safetensors views of `tensors` (borrowing their data), and `metadata` with `format = burnrun`.
+#[allow(clippy::type_complexity)]
+fn views<'a>(
+    tensors: &'a [NamedTensor<'a>],
+    mut metadata: HashMap<String, String>,
+) -> Result<(Vec<(String, TensorView<'a>)>, HashMap<String, String>), CheckpointError> {
+    let views = tensors
         .iter()
         .map(|t| {
             let view = TensorView::new(Dtype::F32, t.shape.to_vec(), bytemuck::cast_slice(t.data)).map_err(|e| {
@@ -404,14 +436,11 @@ fn serialize(tensors: &[NamedTensor<'_>], mut metadata: HashMap<String, String>)
         })
         .collect::<Result<_, CheckpointError>>()?;
     metadata.insert("format".to_string(), "burnrun".to_string());
-    safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Format {
-        path: PathBuf::new(),
-        reason: e.to_string(),
-    })
+    Ok((views, metadata))
 }
 
-/// Writes tensors to `path` atomically; returns the sha256 (hex) of the bytes written, what
-/// `state.json` records for the file, so a writer need not read the file back to hash it.
+/// Writes tensors to `path` atomically, streamed from their buffers (no copy of the file in
+/// memory); returns the sha256 (hex) of the file, what `state.json` records for it.
 pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<String, CheckpointError> {
     write_tensors_with(path, tensors, HashMap::new())
 }
@@ -422,15 +451,19 @@ fn write_tensors_with(
     tensors: &[NamedTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<String, CheckpointError> {
-    let bytes = serialize(tensors, metadata).map_err(|e| match e {
-        CheckpointError::Format { reason, .. } => CheckpointError::Format {
-            path: path.to_path_buf(),
-            reason,
-        },
-        other => other,
+    // Streamed from the tensors to the file: no copy of the file in memory (a checkpoint of the
+    // optimizer state alone is twice the model), then hashed from the page cache.
+    let (views, metadata) = views(tensors, metadata)?;
+    atomic_write_with(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(source) => io(path)(source),
+            other => CheckpointError::Format {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
+        })
     })?;
-    atomic_write(path, &bytes)?;
-    Ok(sha256_hex(&bytes))
+    sha256_file(path)
 }
 
 /// A loaded tensor.
