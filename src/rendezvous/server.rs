@@ -61,9 +61,10 @@ struct Shared {
     connections: Mutex<HashMap<u64, TcpStream>>,
     /// Connections in their handshake, oldest first: id and a handle to close it when evicted.
     pending: Mutex<VecDeque<(u64, TcpStream)>>,
-    /// Threads still in their handshake (an evicted one counts until it has returned), and a
-    /// condvar notified when one leaves it: the accept loop starts a new one only below
-    /// [`MAX_PENDING_HANDSHAKES`], so the bound holds for threads, not only for queue entries.
+    /// Threads still in their handshake, and a condvar notified when one passes it or is about
+    /// to exit: the accept loop starts a new one only below [`MAX_PENDING_HANDSHAKES`]. A thread
+    /// whose handshake failed (or was evicted) counts until the accept loop has joined it, so
+    /// the bound holds for the threads that exist, not only for the handshakes in progress.
     handshaking: (Mutex<usize>, Condvar),
     refusals: Mutex<Refusals>,
     local_addr: SocketAddr,
@@ -81,30 +82,31 @@ struct Refusals {
 }
 
 impl Shared {
-    /// Waits until fewer than [`MAX_PENDING_HANDSHAKES`] threads are in their handshake and counts
-    /// one more; false if none left it within [`HANDSHAKE_SLOT_WAIT`] (an evicted thread wakes from
-    /// its read at once, so this waits only when the machine is too loaded to schedule it).
-    fn enter_handshake(&self) -> bool {
+    /// Counts one more thread in its handshake if fewer than [`MAX_PENDING_HANDSHAKES`] are;
+    /// otherwise waits up to `wait` for one to pass or end (then the caller reaps and tries again).
+    fn try_enter_handshake(&self, wait: Duration) -> bool {
         let (count, left) = &self.handshaking;
-        let deadline = Instant::now() + HANDSHAKE_SLOT_WAIT;
         let mut count = count.lock().unwrap_or_else(PoisonError::into_inner);
-        while *count >= MAX_PENDING_HANDSHAKES {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            if wait.is_zero() {
-                return false;
-            }
-            count = left.wait_timeout(count, wait).unwrap_or_else(PoisonError::into_inner).0;
+        if *count < MAX_PENDING_HANDSHAKES {
+            *count += 1;
+            return true;
         }
-        *count += 1;
-        true
+        drop(left.wait_timeout(count, wait).unwrap_or_else(PoisonError::into_inner));
+        false
     }
 
-    /// A thread has left its handshake (passed, failed or never started).
+    /// A thread has left its handshake: it passed, or it was joined after it ended.
     fn leave_handshake(&self) {
         let (count, left) = &self.handshaking;
         let mut count = count.lock().unwrap_or_else(PoisonError::into_inner);
         *count = count.saturating_sub(1);
         left.notify_one();
+    }
+
+    /// Wakes the accept loop: a thread whose handshake did not pass is about to exit, and its
+    /// slot is given back once the loop has joined it.
+    fn handshaker_ending(&self) {
+        self.handshaking.1.notify_one();
     }
 
     fn pending(&self) -> MutexGuard<'_, VecDeque<(u64, TcpStream)>> {
@@ -273,9 +275,58 @@ fn admit(shared: &Shared, id: u64, stream: &TcpStream, peer: SocketAddr) -> bool
     true
 }
 
+/// A connection thread counted among the handshakes, and whether its handshake passed (then it
+/// gave its slot back itself and serves a client: the accept loop lets it go).
+struct Handshaker {
+    thread: JoinHandle<()>,
+    passed: Arc<AtomicBool>,
+}
+
+/// Lets go of the threads whose handshake passed, and joins those that ended without passing,
+/// giving their slots back: a slot is free only once its thread no longer exists.
+fn reap(shared: &Shared, handshakers: &mut Vec<Handshaker>) {
+    let mut kept = Vec::with_capacity(handshakers.len());
+    for h in handshakers.drain(..) {
+        if h.passed.load(Ordering::Acquire) {
+            continue;
+        }
+        if h.thread.is_finished() {
+            // It returned: the join only waits for the thread's exit to complete.
+            let _ = h.thread.join();
+            shared.leave_handshake();
+        } else {
+            kept.push(h);
+        }
+    }
+    *handshakers = kept;
+}
+
+/// Waits until fewer than [`MAX_PENDING_HANDSHAKES`] threads are in their handshake and counts
+/// one more; false if none left within [`HANDSHAKE_SLOT_WAIT`] (an evicted thread wakes from
+/// its read at once, so this waits only when the machine is too loaded to schedule it).
+fn enter_handshake(shared: &Shared, handshakers: &mut Vec<Handshaker>) -> bool {
+    let deadline = Instant::now() + HANDSHAKE_SLOT_WAIT;
+    loop {
+        reap(shared, handshakers);
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if shared.try_enter_handshake(wait.min(REAP_TICK)) {
+            return true;
+        }
+        if wait.is_zero() {
+            return false;
+        }
+    }
+}
+
+/// How often a full accept loop looks again for handshake threads that ended (each one also
+/// wakes it as it ends).
+const REAP_TICK: Duration = Duration::from_millis(10);
+
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     let mut next_id = 0u64;
+    let mut handshakers = Vec::new();
     while !shared.stopping() {
+        reap(shared, &mut handshakers);
         shared.log_refusals(false);
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(ACCEPT_TICK_MS)) {
@@ -294,19 +345,24 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 if !admit(shared, id, &stream, peer) {
                     continue;
                 }
-                if !shared.enter_handshake() {
+                if !enter_handshake(shared, &mut handshakers) {
                     shared.pending().retain(|(pending, _)| *pending != id);
                     shared.refused(peer, &"closed: every handshake slot stayed busy");
                     continue;
                 }
                 let connection_shared = Arc::clone(shared);
+                let passed = Arc::new(AtomicBool::new(false));
+                let thread_passed = Arc::clone(&passed);
                 let spawned = std::thread::Builder::new()
                     .name(format!("store-conn-{id}"))
-                    .spawn(move || serve_connection(stream, peer, id, &connection_shared));
-                if let Err(e) = spawned {
-                    shared.pending().retain(|(pending, _)| *pending != id);
-                    shared.leave_handshake();
-                    tracing::warn!(%peer, error = %e, "store server: cannot start a thread for a connection");
+                    .spawn(move || serve_connection(stream, peer, id, &connection_shared, &thread_passed));
+                match spawned {
+                    Ok(thread) => handshakers.push(Handshaker { thread, passed }),
+                    Err(e) => {
+                        shared.pending().retain(|(pending, _)| *pending != id);
+                        shared.leave_handshake();
+                        tracing::warn!(%peer, error = %e, "store server: cannot start a thread for a connection");
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
@@ -319,39 +375,45 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
-    {
+/// One connection's thread. Its handshake slot is given back by `serve` when the handshake
+/// passes (setting `passed`); otherwise by the accept loop once this thread has ended.
+fn serve_connection(mut stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared, passed: &AtomicBool) {
+    let registered = {
         let mut connections = shared.connections();
         // Checked under the lock that shutdown takes to close connections: either this connection
         // is registered before the sweep and closed by it, or it sees the flag and leaves.
         if shared.stopping() {
-            shared.leave_handshake();
-            return;
-        }
-        match stream.try_clone() {
-            Ok(handle) => connections.insert(id, handle),
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "store server: cannot register a connection");
-                shared.leave_handshake();
-                return;
+            false
+        } else {
+            match stream.try_clone() {
+                Ok(handle) => {
+                    connections.insert(id, handle);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "store server: cannot register a connection");
+                    false
+                }
             }
-        };
+        }
+    };
+    if registered {
+        serve(&mut stream, peer, id, shared, passed);
+        shared.connections().remove(&id);
     }
-    let authenticated = serve(&mut stream, peer, id, shared);
-    shared.connections().remove(&id);
     drop(stream);
-    // A connection that failed its handshake leaves its slot only now, with its work done, so
-    // the cap bounds the threads that exist, not only the handshakes in progress.
-    if !authenticated {
-        shared.leave_handshake();
+    if !passed.load(Ordering::Acquire) {
+        shared.handshaker_ending();
     }
 }
 
-/// Authenticates the connection and serves its requests until it closes; returns whether the
-/// handshake passed (then its slot among the handshakes was given back here).
-fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) -> bool {
+/// Authenticates the connection and serves its requests until it closes; when the handshake
+/// passes, gives its slot among the handshakes back and sets `passed`.
+fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared, passed: &AtomicBool) {
     let handshake = auth::server_handshake(stream, &shared.secret, Channel::Store, HANDSHAKE_TIMEOUT);
     if handshake.is_ok() {
+        // Set before the slot is given back: the accept loop never counts it twice.
+        passed.store(true, Ordering::Release);
         shared.leave_handshake();
     }
     // Still queued means not evicted: an evicted connection's refusal was counted by `admit`.
@@ -365,7 +427,7 @@ fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) -> 
         if was_pending && !shared.stopping() {
             shared.refused(peer, &e);
         }
-        return false;
+        return;
     }
     tracing::debug!(%peer, "store server: client connected");
     if let Err(e) = stream
@@ -373,25 +435,25 @@ fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) -> 
         .and(stream.set_write_timeout(Some(WRITE_TIMEOUT)))
     {
         tracing::warn!(%peer, error = %e, "store server: cannot configure a connection");
-        return true;
+        return;
     }
     loop {
         let request = match read_request(stream) {
             Ok(Some(request)) => request,
             Ok(None) => {
                 tracing::debug!(%peer, "store server: client disconnected");
-                return true;
+                return;
             }
-            Err(_) if shared.stopping() => return true,
+            Err(_) if shared.stopping() => return,
             Err(WireError::Malformed(reason)) => {
                 tracing::warn!(%peer, %reason, "store server: malformed frame, closing the connection");
                 // Best effort: the client may already be gone.
                 let _ = stream.write_all(&Frame::new(wire::STATUS_PROTOCOL).bytes(reason.as_bytes()).0);
-                return true;
+                return;
             }
             Err(e @ WireError::Io(_)) => {
                 tracing::warn!(%peer, error = %e, "store server: closing the connection in the middle of a frame");
-                return true;
+                return;
             }
         };
         let response = answer(&shared.store, request);
@@ -399,7 +461,7 @@ fn serve(stream: &mut TcpStream, peer: SocketAddr, id: u64, shared: &Shared) -> 
             if !shared.stopping() {
                 tracing::warn!(%peer, error = %e, "store server: cannot send a response, closing the connection");
             }
-            return true;
+            return;
         }
     }
 }
