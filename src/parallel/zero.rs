@@ -142,7 +142,8 @@ impl ZeroComm {
 
     /// Reduce-scatters every bucket of the whole flat gradient `grads`, writing this rank's
     /// averaged chunks into `shard` (`state_numel` values). One bucket at a time, on the calling
-    /// thread (nothing is left to overlap with).
+    /// thread (nothing is left to overlap with); straight from `grads` into `shard`, through a
+    /// padded copy only for a bucket that N does not divide.
     pub fn reduce_scatter(&self, grads: &[f32], shard: &mut [f32]) -> Result<(), CommError> {
         let n = self.layout.replicas;
         let mut padded = Vec::new();
@@ -155,12 +156,23 @@ impl ZeroComm {
                 shard[p.state.clone()].copy_from_slice(&grads[p.owned.clone()]);
                 continue;
             }
-            padded.clear();
-            padded.extend_from_slice(&grads[p.bucket.clone()]);
-            padded.resize(p.chunk * n, 0.0);
-            chunk.resize(p.chunk, 0.0);
-            self.group.reduce_scatter(&padded, &mut chunk, ReduceOp::Avg)?;
-            shard[p.state.clone()].copy_from_slice(&chunk[..p.owned.len()]);
+            let bucket = &grads[p.bucket.clone()];
+            let input = if bucket.len() == p.chunk * n {
+                bucket
+            } else {
+                padded.clear();
+                padded.extend_from_slice(bucket);
+                padded.resize(p.chunk * n, 0.0);
+                &padded
+            };
+            if p.owned.len() == p.chunk {
+                self.group
+                    .reduce_scatter(input, &mut shard[p.state.clone()], ReduceOp::Avg)?;
+            } else {
+                chunk.resize(p.chunk, 0.0);
+                self.group.reduce_scatter(input, &mut chunk, ReduceOp::Avg)?;
+                shard[p.state.clone()].copy_from_slice(&chunk[..p.owned.len()]);
+            }
         }
         Ok(())
     }

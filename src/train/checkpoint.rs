@@ -258,12 +258,17 @@ fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
         }
         hasher.update(&piece[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&hasher.finalize()))
 }
 
 /// The sha256 of `bytes` in hex, as [`TrainState::checksums`] records it.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(bytes))
+}
+
+/// A digest in lowercase hex.
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks every file `state` records a checksum for (a missing file is an error too).

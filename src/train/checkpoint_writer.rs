@@ -19,8 +19,8 @@
 //!   publishes `ckpt/<step>/done/<rank>`: the sha256 of every file it wrote, or the error that
 //!   stopped it. Rank 0's writer, after its own files, polls those keys (short requests, so the
 //!   store's one connection is never held for long) until every rank reported or
-//!   `comm.timeout_secs` passed, then writes `state.json` with every rank's checksums (no file is
-//!   read back), prunes old checkpoints and deletes the keys. A rank that reports an error, or
+//!   `comm.timeout_secs` passed, then writes `state.json` with every rank's checksums (it reads
+//!   no other rank's file), prunes old checkpoints and deletes the keys. A rank that reports an error, or
 //!   none in time, fails rank 0's commit: the folder is never marked complete, and rank 0 (no
 //!   other rank) removes it once every rank reported, so no rank finds it gone while it writes.
 //! - without a store (a group built by hand) the writers only write. At the next checkpoint, or at
@@ -492,8 +492,9 @@ impl CheckpointWriter {
 
 impl Drop for CheckpointWriter {
     /// A run that stops with a write in flight (it failed elsewhere) cancels it: the writer stops
-    /// before its files, or before rank 0's commit, and (rank 0, with a store) removes the incomplete folder. Waited for
-    /// up to `comm.timeout_secs` (a file being written is finished first).
+    /// before its files, or before rank 0's commit, and (rank 0, with a store) removes the
+    /// incomplete folder. Waited for up to `comm.timeout_secs` (a file being written is finished
+    /// first).
     fn drop(&mut self) {
         let Some(flight) = self.in_flight.take() else {
             return;
@@ -557,8 +558,8 @@ fn write_and_commit(job: &Job, snapshot: &Snapshot) -> Result<(), AsyncCheckpoin
 
 /// Rank 0's writer: every other rank's report of its part of the checkpoint of step `step`
 /// (their files' checksums), polled until all are in, the run was cancelled, or
-/// `comm.timeout_secs` passed. A failed report is the error, once all are in: until then a peer
-/// may still be writing into the folder.
+/// `comm.timeout_secs` passed. A failed report is the error, once all are in (until then a peer
+/// may still be writing into the folder), and also when the wait ends early.
 fn collect_reports(job: &Job, store: &dyn Store, step: u64) -> Result<BTreeMap<String, String>, AsyncCheckpointError> {
     let deadline = Instant::now() + job.timeout;
     let mut missing: Vec<usize> = (1..job.world_size).collect();
@@ -589,14 +590,15 @@ fn collect_reports(job: &Job, store: &dyn Store, step: u64) -> Result<BTreeMap<S
         if missing.is_empty() {
             return failed.map_or(Ok(files), Err);
         }
+        // A failure already reported is the better error than a missing report.
         if job.cancel.load(Ordering::Relaxed) {
-            return Err(AsyncCheckpointError::Cancelled);
+            return Err(failed.unwrap_or(AsyncCheckpointError::Cancelled));
         }
         if Instant::now() >= deadline {
-            return Err(AsyncCheckpointError::PeerTimeout {
+            return Err(failed.unwrap_or(AsyncCheckpointError::PeerTimeout {
                 peers: missing,
                 timeout: job.timeout,
-            });
+            }));
         }
         std::thread::sleep(REPORT_POLL);
     }

@@ -487,7 +487,14 @@ impl<T: Task> Run<'_, T> {
             };
             match self.zero.as_mut().filter(|z| z.scatters_gradients()) {
                 // The shards follow the blocks (`shard_buckets`): piece b is block b.
-                Some(zero) => zero.launch_scatter(rank, b, fill)?,
+                Some(zero) => {
+                    debug_assert_eq!(
+                        zero.layout().pieces[b].bucket,
+                        range,
+                        "ZeRO's piece {b} is not block {b}"
+                    );
+                    zero.launch_scatter(rank, b, fill)?
+                }
                 None => {
                     let mut block = Vec::with_capacity(range.len());
                     fill(&mut block);
