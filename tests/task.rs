@@ -174,6 +174,45 @@ fn a_users_model_with_batchnorm_and_a_frozen_layer_trains_with_identical_replica
 }
 
 #[test]
+fn a_users_model_with_buffers_and_a_frozen_layer_trains_under_zero_1_and_2() {
+    // Ranks on threads of one process share burn's device RNG, so two runs here start from
+    // different weights (rank 0's, broadcast): each run is checked on its own, and parity with
+    // plain data parallelism is tests/train_zero.rs's (one process per rank).
+    let task = Blobs { wrong_counts: false };
+    for mode in ["optimizer", "gradients"] {
+        let out = common::out_dir(&format!("task-zero-{mode}"));
+        let shard = format!("parallel.shard={mode}");
+        for (rank, result) in train_on_threads(2, &task, &config(&out, &[&shard]))
+            .into_iter()
+            .enumerate()
+        {
+            // check_replicas_every = 1: after every step's all-gather the replicas hold the same
+            // values, running statistics included.
+            let summary = result.unwrap_or_else(|e| panic!("{mode}: rank {rank}: {e}"));
+            assert!(
+                summary.final_loss < summary.first_loss,
+                "{mode}: rank {rank}: {summary:?}"
+            );
+        }
+        let (early, last) = (common::params_at(&out, 10), common::final_params(&out));
+        assert_eq!(
+            early["frozen.weight"].data, last["frozen.weight"].data,
+            "{mode}: the frozen layer moved"
+        );
+        assert_ne!(
+            early["a.weight"].data, last["a.weight"].data,
+            "{mode}: the trained layer did not move"
+        );
+        let dir = burnrun::train::checkpoint::step_dir(&out.join("checkpoints"), 30);
+        assert!(
+            dir.join("optim-stage0-shard1.safetensors").is_file(),
+            "{mode}: no shard file"
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
 fn a_task_without_blocks_asked_for_a_pipeline_is_refused_saying_why() {
     let out = common::out_dir("task-pipe");
     let task = Blobs { wrong_counts: false };
