@@ -1,7 +1,8 @@
 //! A user's own model through the trainer's `Task` trait, ranks on threads: buffers (BatchNorm's
 //! running statistics) stay identical on every replica, frozen weights stay frozen, and what a
-//! task cannot do (be pipelined without blocks, or a block chain whose counts are wrong) is an
-//! error that says so before the first step.
+//! task cannot do (be pipelined or shard its parameters without blocks, or a block chain whose
+//! counts are wrong) is an error that says so before the first step. As a block chain it trains
+//! under ZeRO-3, its BatchNorm and frozen layer in different blocks.
 
 mod common;
 
@@ -27,8 +28,16 @@ struct Net {
 
 /// Samples of 4 features in 3 classes, the class a function of the features.
 struct Blobs {
-    /// Give a block chain whose block sizes are off by one value (a broken contract).
-    wrong_counts: bool,
+    /// Whether the task gives its model as a block chain, and whether that chain's block sizes
+    /// are right or off by one value (a broken contract).
+    chain: Chain,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Chain {
+    None,
+    Right,
+    Wrong,
 }
 
 const SAMPLES: usize = 256;
@@ -82,18 +91,21 @@ impl Task for Blobs {
     }
 
     fn blocks(&self) -> Option<&dyn BlockChain<Net, Self::Batch>> {
-        self.wrong_counts.then_some(self as &dyn BlockChain<Net, Self::Batch>)
+        (self.chain != Chain::None).then_some(self as &dyn BlockChain<Net, Self::Batch>)
     }
 }
 
-/// The same net as two blocks, with block 0's count deliberately one value short.
+/// The same net as two blocks (block 0's count one value short with `Chain::Wrong`).
 impl BlockChain<Net, (Tensor<2>, Tensor<1, Int>)> for Blobs {
     fn num_blocks(&self) -> usize {
         2
     }
     fn block_param_counts(&self) -> Vec<usize> {
-        // a (4*8+8) + bn (8+8+8+8) = 72, frozen 72, head 27: block 0 should be 72.
-        vec![71, 72 + 27 + 1]
+        // a (4*8+8) + bn (8+8+8+8) = 72, frozen 72, head 27.
+        match self.chain {
+            Chain::Wrong => vec![71, 72 + 27 + 1],
+            _ => vec![72, 72 + 27],
+        }
     }
     fn model_range(&self, _range: Range<usize>, device: &Device) -> Result<Net, TaskError> {
         self.model(device)
@@ -150,7 +162,7 @@ fn train_on_threads(n: usize, task: &Blobs, cfg: &RunConfig) -> Vec<Result<Train
 #[test]
 fn a_users_model_with_batchnorm_and_a_frozen_layer_trains_with_identical_replicas_and_frozen_weights() {
     let out = common::out_dir("task-bn");
-    let task = Blobs { wrong_counts: false };
+    let task = Blobs { chain: Chain::None };
     let cfg = config(&out, &[]);
     for (rank, result) in train_on_threads(2, &task, &cfg).into_iter().enumerate() {
         // check_replicas_every = 1 compares every tensor, running statistics included, each step.
@@ -178,7 +190,7 @@ fn a_users_model_with_buffers_and_a_frozen_layer_trains_under_zero_1_and_2() {
     // Ranks on threads of one process share burn's device RNG, so two runs here start from
     // different weights (rank 0's, broadcast): each run is checked on its own, and parity with
     // plain data parallelism is tests/train_zero.rs's (one process per rank).
-    let task = Blobs { wrong_counts: false };
+    let task = Blobs { chain: Chain::None };
     for mode in ["optimizer", "gradients"] {
         let out = common::out_dir(&format!("task-zero-{mode}"));
         let shard = format!("parallel.shard={mode}");
@@ -215,7 +227,7 @@ fn a_users_model_with_buffers_and_a_frozen_layer_trains_under_zero_1_and_2() {
 #[test]
 fn a_task_without_blocks_asked_for_a_pipeline_is_refused_saying_why() {
     let out = common::out_dir("task-pipe");
-    let task = Blobs { wrong_counts: false };
+    let task = Blobs { chain: Chain::None };
     let cfg = config(&out, &["parallel.pipeline=2"]);
     for result in train_on_threads(2, &task, &cfg) {
         let text = result.expect_err("no pipeline without blocks").to_string();
@@ -229,9 +241,54 @@ fn a_task_without_blocks_asked_for_a_pipeline_is_refused_saying_why() {
 #[test]
 fn a_block_chain_whose_counts_do_not_match_its_parameters_is_refused_naming_the_block() {
     let out = common::out_dir("task-chain");
-    let task = Blobs { wrong_counts: true };
+    let task = Blobs { chain: Chain::Wrong };
     for result in train_on_threads(2, &task, &config(&out, &[])) {
         let text = result.expect_err("the counts are wrong").to_string();
         assert!(text.contains("block 0") && text.contains("71"), "{text}");
     }
+}
+
+#[test]
+fn a_users_block_chain_with_buffers_and_a_frozen_layer_trains_under_zero_3() {
+    // Block 0 holds the BatchNorm (running statistics), block 1 the frozen layer: each is
+    // gathered, recomputed in backward and released, and its buffers kept from that recompute.
+    let out = common::out_dir("task-zero-3");
+    let task = Blobs { chain: Chain::Right };
+    for (rank, result) in train_on_threads(2, &task, &config(&out, &["parallel.shard=parameters"]))
+        .into_iter()
+        .enumerate()
+    {
+        let summary = result.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+        assert!(summary.final_loss < summary.first_loss, "rank {rank}: {summary:?}");
+    }
+    let dir = burnrun::train::checkpoint::step_dir(&out.join("checkpoints"), 30);
+    for file in ["model-stage0-shard0", "model-stage0-shard1", "optim-stage0-shard1"] {
+        assert!(dir.join(format!("{file}.safetensors")).is_file(), "no {file}");
+    }
+    assert!(!dir.join("model-stage0.safetensors").exists(), "a whole model file under ZeRO-3");
+    // Joined from the two replicas' slices.
+    let (early, last) = (common::params_at(&out, 10), common::final_params(&out));
+    assert_eq!(
+        early["frozen.weight"].data, last["frozen.weight"].data,
+        "the frozen layer moved"
+    );
+    assert_ne!(early["a.weight"].data, last["a.weight"].data, "the trained layer did not move");
+    let (var_early, var_last) = (&early["bn.running_var"].data, &last["bn.running_var"].data);
+    assert_ne!(var_early, var_last, "running statistics were not updated");
+    assert!(var_last.iter().all(|v| v.is_finite() && *v > 0.0), "{var_last:?}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_task_without_blocks_asked_to_shard_its_parameters_is_refused_saying_why() {
+    let out = common::out_dir("task-zero-3-no-blocks");
+    let task = Blobs { chain: Chain::None };
+    for result in train_on_threads(2, &task, &config(&out, &["parallel.shard=parameters"])) {
+        let text = result.expect_err("no ZeRO-3 without blocks").to_string();
+        assert!(
+            text.contains("parallel.shard = \"parameters\"") && text.contains("not a chain of blocks"),
+            "{text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
 }

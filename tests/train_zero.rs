@@ -1,8 +1,9 @@
-//! Sharded data parallelism (ZeRO-1 `parallel.shard = "optimizer"`, ZeRO-2 `"gradients"`, issue
-//! 14), end to end through the real launcher: a sharded run ends where plain data parallelism
-//! and the single-process run end, its checkpoints hold the same optimizer state as a plain run's
-//! (joined from every replica's shard file), and a checkpoint saved under one layout resumes
-//! under another to the end of the uninterrupted run.
+//! Sharded data parallelism (ZeRO-1 `parallel.shard = "optimizer"`, ZeRO-2 `"gradients"`, ZeRO-3
+//! `"parameters"`, issue 14), end to end through the real launcher: a sharded run ends where
+//! plain data parallelism and the single-process run end, its checkpoints hold the same
+//! parameters and optimizer state as a plain run's (joined from every replica's shard files),
+//! and a checkpoint saved under one layout resumes under another to the end of the uninterrupted
+//! run.
 
 mod common;
 
@@ -15,7 +16,8 @@ use common::{assert_params_close, config, final_params, out_dir, params_at, sets
 /// ZeRO against plain data parallelism on the same ranks: each element is updated by the same
 /// optimizer arithmetic on the same averaged gradient (two replicas: one addition and a halving,
 /// whether all-reduced or reduce-scattered; the block-wise backward hands each block exactly the
-/// gradient the whole backward does), and the all-gather copies values. Clipping is off in these
+/// gradient the whole backward does, and ZeRO-3's recomputed forward is the same arithmetic on
+/// the same gathered values), and the all-gather copies values. Clipping is off in these
 /// runs, so the sharded norm (summed in another order) does not enter.
 const ZERO_VS_DDP_TOL: f32 = 0.0;
 
@@ -30,6 +32,12 @@ const CLIP_NORM_REL_TOL: f64 = 1e-9;
 /// magnifies the rounding of parameters with tiny gradients but its updates stay below the
 /// learning rate (1e-3). Measured: 3e-8 on 2 and 3 ranks.
 const SINGLE_PROCESS_TOL: f32 = 1e-5;
+
+/// ZeRO-3 with gradient accumulation reduce-scatters each micro-batch and sums the averages
+/// (`avg(g1 s) + avg(g2 s)`), where plain data parallelism averages the sum (`avg((g1 + g2) s)`):
+/// one more f32 rounding per element and step, which Adam can magnify for tiny gradients like
+/// the single-process comparison's. Measured: 9e-8 after 20 steps (with clipping on).
+const ACCUM_ORDER_TOL: f32 = 1e-5;
 
 /// A resumed run replays the same arithmetic from exactly saved f32 state (the shards are
 /// copies of the optimizer's values, joined by position), also as a pipeline (each stage runs
@@ -102,12 +110,19 @@ fn assert_two_ranks_match(test: &str, mode: &str, extra: &[&str]) {
     let ddp = run(&format!("{test}-ddp"), 2, B, extra);
     let one = run(&format!("{test}-one"), 1, 2 * B, extra);
 
-    // Each replica wrote its shard of the optimizer state, and no whole-state file.
+    // Each replica wrote its shard of the optimizer state (with ZeRO-3 of the parameters too),
+    // and no whole file of what is sharded.
     let dir = checkpoint::step_dir(&sharded.join("checkpoints"), STEPS);
-    for file in ["optim-stage0-shard0.safetensors", "optim-stage0-shard1.safetensors"] {
-        assert!(dir.join(file).is_file(), "{} lacks {file}", dir.display());
+    let mut sharded_files = vec!["optim"];
+    if mode == "parameters" {
+        sharded_files.push("model");
     }
-    assert!(!dir.join("optim-stage0.safetensors").exists());
+    for kind in sharded_files {
+        for file in [format!("{kind}-stage0-shard0.safetensors"), format!("{kind}-stage0-shard1.safetensors")] {
+            assert!(dir.join(&file).is_file(), "{} lacks {file}", dir.display());
+        }
+        assert!(!dir.join(format!("{kind}-stage0.safetensors")).exists(), "a whole {kind} file");
+    }
 
     let (z, d, o): (Params, Params, Params) = (final_params(&sharded), final_params(&ddp), final_params(&one));
     assert_params_close(&z, &d, ZERO_VS_DDP_TOL, &format!("{mode} vs plain data parallel"));
@@ -130,6 +145,28 @@ fn zero_1_on_two_ranks_ends_where_plain_data_parallel_and_one_process_end() {
 fn zero_2_on_two_ranks_ends_where_plain_data_parallel_and_one_process_end() {
     // The block-wise backward (on by default with ZeRO-2): each block reduce-scattered as it ends.
     assert_two_ranks_match("zero2-dp2", "gradients", &[]);
+}
+
+#[test]
+fn zero_3_on_two_ranks_ends_where_plain_data_parallel_and_one_process_end() {
+    // Parameters gathered block by block, the forward recomputed in backward.
+    assert_two_ranks_match("zero3-dp2", "parameters", &[]);
+}
+
+#[test]
+fn zero_3_with_accumulation_and_clipping_ends_where_plain_data_parallel_does() {
+    // Two micro-batches per step, each reduce-scattered and summed into the shard; the clip
+    // norm summed over the replicas' chunks.
+    let extra = ["train.grad_accum_steps=2", "optim.grad_clip_norm=0.05"];
+    let sharded = run("zero3-accum", 2, B, &["parallel.shard=parameters", extra[0], extra[1]]);
+    let ddp = run("zero3-accum-ddp", 2, B, &extra);
+    assert_params_close(
+        &final_params(&sharded),
+        &final_params(&ddp),
+        ACCUM_ORDER_TOL,
+        "ZeRO-3 accumulating and clipping vs plain data parallel",
+    );
+    cleanup(&[&sharded, &ddp]);
 }
 
 #[test]
@@ -159,10 +196,10 @@ fn zero_1_with_a_codec_ends_where_plain_data_parallel_with_the_codec_does() {
 #[test]
 fn zero_on_three_ranks_with_uneven_shards_ends_where_one_process_does() {
     // 3 does not divide the blocks' sizes: the last chunks are shorter (padded on the wire).
-    for mode in ["optimizer", "gradients"] {
+    for mode in ["optimizer", "gradients", "parameters"] {
         let shard = format!("parallel.shard={mode}");
-        let sharded = run(&format!("zero3-{mode}"), 3, B, &[&shard]);
-        let one = run(&format!("zero3-{mode}-one"), 1, 3 * B, &[]);
+        let sharded = run(&format!("zero-3r-{mode}"), 3, B, &[&shard]);
+        let one = run(&format!("zero-3r-{mode}-one"), 1, 3 * B, &[]);
         assert_params_close(
             &final_params(&sharded),
             &final_params(&one),
@@ -262,13 +299,37 @@ fn a_zero_1_checkpoint_resumes_as_a_zero_2_pipeline_to_the_end_of_the_uninterrup
 }
 
 #[test]
+fn a_zero_3_checkpoint_resumes_without_sharding_to_the_end_of_the_uninterrupted_run() {
+    // The parameters joined from both replicas' slices.
+    assert_resume_across(
+        "zero-resume-3-to-none",
+        (2, &["parallel.shard=parameters"]),
+        (2, &["parallel.shard=none"]),
+        RESUME_TOL,
+    );
+}
+
+#[test]
+fn a_zero_2_pipeline_checkpoint_resumes_under_zero_3_to_the_end_of_the_uninterrupted_run() {
+    // 4 ranks (2 stages, each sharded over 2 replicas) -> 2 ranks, each with half of everything.
+    assert_resume_across(
+        "zero-resume-pp-to-3",
+        (4, &["parallel.shard=gradients", "parallel.pipeline=2"]),
+        (2, &["parallel.shard=parameters"]),
+        RESUME_TOL,
+    );
+}
+
+#[test]
 fn sharding_that_cannot_run_is_refused_before_any_rank_starts_naming_the_keys() {
-    for (set, expect) in [
-        ("parallel.shard=parameters", "parallel.shard = \"parameters\""),
-        ("compression.method=topk", "compression.method = \"topk\""),
+    for (shard, set, expect) in [
+        ("gradients", "compression.method=topk", "compression.method = \"topk\""),
+        ("parameters", "compression.method=fp16", "compression.method = \"fp16\""),
+        ("parameters", "parallel.pipeline=2", "parallel.pipeline = 2"),
+        ("parameters", "precision.compute=f16", "precision.compute = \"f16\""),
     ] {
         let out = out_dir("zero-refused");
-        let mut sets = mlp(B, &["parallel.shard=gradients"]);
+        let mut sets = mlp(B, &[&format!("parallel.shard={shard}")]);
         sets.push(set.to_string());
         let finished = common::burnrun(&common::train_args(2, &config("mlp_synthetic.toml"), &out, &sets));
         assert!(!finished.status.success(), "{}", finished.output());

@@ -31,7 +31,8 @@ choice! {
         Optimizer = "optimizer",
         /// ZeRO-2: the optimizer state and the averaged gradients; gradients are reduce-scattered.
         Gradients = "gradients",
-        /// ZeRO-3 (FSDP): the parameters too. Not available yet.
+        /// ZeRO-3 (FSDP): the master weights too; a block's parameters are all-gathered just
+        /// before it computes and freed after (a model that is a chain of blocks, one stage).
         Parameters = "parameters",
     }
 }
@@ -119,8 +120,8 @@ pub struct ParallelConfig {
     pub schedule: PipelineSchedule,
     /// Where stages split the model: `"balanced"` or an array of block boundaries. Default `"balanced"`.
     pub partition: Partition,
-    /// What the data-parallel replicas shard: `"none"`, `"optimizer"` (ZeRO-1) or `"gradients"`
-    /// (ZeRO-2); `"parameters"` (ZeRO-3) is refused for now. Default `"none"`.
+    /// What the data-parallel replicas shard: `"none"`, `"optimizer"` (ZeRO-1), `"gradients"`
+    /// (ZeRO-2) or `"parameters"` (ZeRO-3, FSDP). Default `"none"`.
     pub shard: ShardMode,
 }
 

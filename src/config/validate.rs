@@ -446,24 +446,45 @@ impl RunConfig {
                 );
             }
         }
+        let codec = self.compression.method != CompressionMethod::None;
         match p.shard {
-            ShardMode::Parameters => c.fail(
-                &["parallel.shard"],
-                "parallel.shard = \"parameters\" (ZeRO-3, FSDP) is not available yet: use \"optimizer\" (ZeRO-1) or                  \"gradients\" (ZeRO-2)"
-                    .to_string(),
-            ),
-            ShardMode::Gradients if self.compression.method != CompressionMethod::None => c.fail(
+            ShardMode::Gradients | ShardMode::Parameters if codec => c.fail(
                 &["parallel.shard", "compression.method"],
                 format!(
-                    "parallel.shard = \"gradients\" reduce-scatters plain gradients, but compression.method = \"{}\"                      compresses whole buckets for an all-reduce: use parallel.shard = \"optimizer\" (ZeRO-1) with a                      codec, or compression.method = \"none\"",
-                    self.compression.method
+                    "parallel.shard = \"{}\" reduce-scatters plain gradients, but compression.method = \"{}\" \
+                     compresses whole buckets for an all-reduce: use parallel.shard = \"optimizer\" (ZeRO-1) with a \
+                     codec, or compression.method = \"none\"",
+                    p.shard, self.compression.method
                 ),
             ),
-            ShardMode::Optimizer | ShardMode::Gradients if mesh.data == 1 => c.note(format!(
+            ShardMode::Parameters if p.pipeline > 1 => c.fail(
+                &["parallel.shard", "parallel.pipeline"],
+                format!(
+                    "parallel.shard = \"parameters\" (ZeRO-3) gathers and frees a whole replica's blocks one by one, \
+                     and does not run inside a pipeline stage yet (parallel.pipeline = {}): use parallel.shard = \
+                     \"gradients\" with a pipeline, or parallel.pipeline = 1",
+                    p.pipeline
+                ),
+            ),
+            ShardMode::Parameters if self.precision.compute == ComputeDtype::F16 => c.fail(
+                &["parallel.shard", "precision.compute"],
+                "parallel.shard = \"parameters\" (ZeRO-3) does not run with precision.compute = \"f16\" yet: the \
+                 dynamic loss scaler checks a whole local gradient, which ZeRO-3 never holds; use \"bf16\" (no \
+                 loss scaling needed)"
+                    .to_string(),
+            ),
+            ShardMode::Optimizer | ShardMode::Gradients | ShardMode::Parameters if mesh.data == 1 => c.note(format!(
                 "parallel.shard = \"{}\" has nothing to share: there is one data-parallel replica per stage",
                 p.shard
             )),
             _ => {}
+        }
+        if p.shard == ShardMode::Parameters && self.train.check_replicas_every > 0 {
+            c.note(
+                "train.check_replicas_every is skipped under parallel.shard = \"parameters\": no two replicas hold \
+                 the same values"
+                    .to_string(),
+            );
         }
         if p.pipeline == 1 {
             if p.micro_batches > 1 {
@@ -564,8 +585,8 @@ impl RunConfig {
         // fp16, bf16, top-k and PowerSGD all run on the GPU, but none has the warm-up yet.
         if self.compression.method != CompressionMethod::None && self.compression.start_step > 0 {
             Some("a codec that starts after step 0 (compression.start_step)")
-        } else if self.parallel.shard == ShardMode::Gradients {
-            Some("parallel.shard = \"gradients\" (its reduce-scatter runs on the host engine)")
+        } else if matches!(self.parallel.shard, ShardMode::Gradients | ShardMode::Parameters) {
+            Some("parallel.shard = \"gradients\" or \"parameters\" (their reduce-scatter runs on the host engine)")
         } else {
             None
         }

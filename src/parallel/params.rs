@@ -283,6 +283,8 @@ struct ParamWriter<'a> {
     values: &'a [f32],
     /// Next unread index of `values`.
     offset: usize,
+    /// Per parameter, whether the new tensor requires a gradient (`None`: as the old one did).
+    require_grad: Option<std::slice::Iter<'a, bool>>,
 }
 
 impl ModuleMapper for ParamWriter<'_> {
@@ -291,6 +293,7 @@ impl ModuleMapper for ParamWriter<'_> {
         let Some(info) = self.layout.next() else {
             return param;
         };
+        let wants_grad = self.require_grad.as_mut().and_then(|r| r.next().copied());
         if let Some(select) = self.select.as_mut() {
             if !select.next().copied().unwrap_or(false) {
                 return param;
@@ -302,7 +305,7 @@ impl ModuleMapper for ParamWriter<'_> {
         param.map(|old| {
             let device = old.device();
             let dtype = old.dtype();
-            let require_grad = old.is_require_grad();
+            let require_grad = wants_grad.unwrap_or_else(|| old.is_require_grad());
             let new = Tensor::<D>::from_data(TensorData::new(values, shape), (&device, dtype));
             // A fresh tensor is a leaf without gradient tracking: re-mark it or it gets no gradient.
             if require_grad {
@@ -330,6 +333,7 @@ pub fn load_params<M: Module>(module: M, values: &[f32]) -> Result<M, ParamError
         select: None,
         values,
         offset: 0,
+        require_grad: None,
     };
     Ok(module.map(&mut writer))
 }
@@ -352,8 +356,58 @@ pub fn load_selected<M: Module>(module: M, select: &[bool], values: &[f32]) -> R
         select: Some(select.iter()),
         values,
         offset: 0,
+        require_grad: None,
     };
     Ok(module.map(&mut writer))
+}
+
+/// [`load_selected`] into a module whose current tensors may not have their real shapes (ZeRO-3
+/// keeps the parameters of the blocks it is not computing as placeholders, see
+/// [`release_selected`]): `layout` is the module's layout as built, and `require_grad` says per
+/// parameter whether the new tensor is tracked (`false` everywhere: a forward builds no graph).
+pub fn load_selected_as<M: Module>(
+    module: M,
+    layout: &ParamLayout,
+    select: &[bool],
+    values: &[f32],
+    require_grad: &[bool],
+) -> Result<M, ParamError> {
+    let expected = selected_numel(layout, select);
+    if values.len() != expected || select.len() != layout.len() || require_grad.len() != layout.len() {
+        return Err(ParamError::BadBufferLength {
+            what: "selected parameters",
+            expected,
+            got: values.len(),
+        });
+    }
+    let mut writer = ParamWriter {
+        layout: layout.params.iter(),
+        select: Some(select.iter()),
+        values,
+        offset: 0,
+        require_grad: Some(require_grad.iter()),
+    };
+    Ok(module.map(&mut writer))
+}
+
+/// Replaces each selected float parameter by a one-value placeholder of the same rank, dtype and
+/// device (and id), freeing its values: ZeRO-3 holds only the blocks it is computing. A released
+/// parameter must be loaded again ([`load_selected_as`]) before the module computes with it.
+pub fn release_selected<M: Module>(module: M, select: &[bool]) -> M {
+    #[derive(Debug)]
+    struct Releaser<'a>(std::slice::Iter<'a, bool>);
+    impl ModuleMapper for Releaser<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !self.0.next().copied().unwrap_or(false) {
+                return param;
+            }
+            param.map(|old| {
+                let (device, dtype) = (old.device(), old.dtype());
+                Tensor::<D>::from_data(TensorData::new(vec![0.0f32], [1; D]), (&device, dtype))
+            })
+        }
+    }
+    module.map(&mut Releaser(select.iter()))
 }
 
 /// Number of values of the parameters `select` marks.

@@ -1,4 +1,5 @@
-//! Sharded data parallelism, ZeRO stages 1 and 2 (`parallel.shard = "optimizer" | "gradients"`).
+//! Sharded data parallelism, ZeRO stages 1, 2 and 3 (`parallel.shard = "optimizer" | "gradients" |
+//! "parameters"`).
 //!
 //! Plain data parallelism keeps the whole optimizer state on every replica: with Adam, 8 of the
 //! 16 bytes a parameter costs. ZeRO (Rajbhandari et al., 2020) gives each of the N replicas of a
@@ -21,6 +22,10 @@
 //! parameters is the other half), into a buffer of its chunks' size. With the block-wise backward
 //! each block's reduce-scatter is launched from a block-sized buffer as soon as the block's
 //! backward is done, so the whole flat gradient is never held.
+//!
+//! **Stage 3** (`"parameters"`, FSDP): the master weights are sharded like the optimizer state, so
+//! a replica holds only its chunks of them; a block's parameters are all-gathered just before the
+//! block computes (prefetched one block ahead) and freed after (`crate::train` runs it).
 //!
 //! Collectives of equal size are required: a chunk is padded with zeros to `ceil(L / N)` values on
 //! the wire (at most N - 1 values per bucket).
@@ -187,13 +192,37 @@ impl ZeroComm {
         master: &[f32],
         buffers: GatherBuffers,
     ) -> Result<Work<GatherBuffers>, GatherBuffers> {
+        let owned = self.layout.pieces[piece].owned.clone();
+        self.gather_chunk_async(piece, &master[owned], buffers)
+    }
+
+    /// [`Self::all_gather_async`] from this rank's share alone (`shard`, laid out as the optimizer
+    /// state: ZeRO-3's sharded master weights). The gathered bucket is the block's values in
+    /// layout order.
+    pub fn all_gather_shard_async(
+        &self,
+        piece: usize,
+        shard: &[f32],
+        buffers: GatherBuffers,
+    ) -> Result<Work<GatherBuffers>, GatherBuffers> {
+        let state = self.layout.pieces[piece].state.clone();
+        self.gather_chunk_async(piece, &shard[state], buffers)
+    }
+
+    /// Launches the all-gather of bucket `piece` whose chunk on this rank is `own`.
+    fn gather_chunk_async(
+        &self,
+        piece: usize,
+        own: &[f32],
+        buffers: GatherBuffers,
+    ) -> Result<Work<GatherBuffers>, GatherBuffers> {
         let p = &self.layout.pieces[piece];
         if self.layout.replicas == 1 || p.bucket.is_empty() {
             return Err(buffers);
         }
         let (mut chunk, mut gathered) = buffers;
         chunk.clear();
-        chunk.extend_from_slice(&master[p.owned.clone()]);
+        chunk.extend_from_slice(own);
         chunk.resize(p.chunk, 0.0);
         gathered.resize(p.chunk * self.layout.replicas, 0.0);
         Ok(self.group.all_gather_into_async(chunk, gathered))

@@ -9,6 +9,10 @@
 //!   `optim-stage<S>-shard<I>.safetensors`, as 1-D slices `<param>.exp_avg@<first element>`; a
 //!   load joins every file's slices into whole tensors (an error names a tensor they do not
 //!   cover), so a sharded checkpoint loads into any layout and any layout into a sharded run;
+//! - with ZeRO-3 (`parallel.shard = "parameters"`) no rank holds a stage's whole parameters: every
+//!   replica writes `model-stage<S>-shard<I>.safetensors` instead, 1-D slices `<param>@<first
+//!   element>` with each parameter's shape in the header (`shape:<param>`), joined on load like
+//!   the optimizer's;
 //! - `codec-rank<R>.safetensors` (runs with `[compression]`): rank R's gradient-codec state, its
 //!   error-feedback residuals and PowerSGD's warm-started Q factors ([`CodecCheckpoint`]). Every
 //!   rank writes its own: residuals differ between ranks;
@@ -305,8 +309,13 @@ pub struct LoadedCheckpoint {
 pub fn load(dir: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
     let state = read_state(dir)?;
     verify(dir, &state)?;
-    let params = read_all(dir, "model-")?;
-    let optim = join_shards(dir, &params, read_all(dir, "optim-")?)?;
+    let params = read_params(dir)?;
+    // An optimizer slice `<param>.<buffer>@<start>` has its parameter's shape.
+    let param_shape = |base: &str| {
+        let param = base.rsplit_once('.').map_or(base, |(param, _)| param);
+        params.get(param).map(|t| t.shape.clone())
+    };
+    let optim = join_shards(dir, param_shape, read_all(dir, "optim-")?)?;
     Ok(LoadedCheckpoint {
         dir: dir.to_path_buf(),
         params,
@@ -315,17 +324,27 @@ pub fn load(dir: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
     })
 }
 
+/// Reads every parameter of the checkpoint folder `dir`, all stages, whole tensors by name (the
+/// slices of ZeRO-3's shard files joined). Checksums are not verified (see [`load`]).
+pub fn read_params(dir: &Path) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
+    let mut shapes = HashMap::new();
+    let params = read_all_with_shapes(dir, "model-", &mut shapes)?;
+    join_shards(dir, |base| shapes.get(base).cloned(), params)
+}
+
 /// The name of the slice of tensor `base` that starts at element `start` (ZeRO's shards).
 pub fn shard_tensor_name(base: &str, start: usize) -> String {
     format!("{base}@{start}")
 }
 
-/// Joins the slices `<param>.<buffer>@<start>` of `optim` into whole tensors of `<param>`'s
-/// shape (read from `params`); the slices must cover every element exactly once.
+/// Joins the slices `<base>@<start>` among `tensors` (ZeRO's shards: `<param>@<start>` of the
+/// parameters, `<param>.<buffer>@<start>` of the optimizer state) into whole tensors of the shape
+/// `shape_of(base)` gives; the slices must cover every element exactly once. Other tensors pass
+/// through.
 fn join_shards(
     dir: &Path,
-    params: &HashMap<String, LoadedTensor>,
-    optim: HashMap<String, LoadedTensor>,
+    shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+    tensors: HashMap<String, LoadedTensor>,
 ) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
     let problem = |name: &str, problem: String| CheckpointError::Tensor {
         dir: dir.to_path_buf(),
@@ -335,7 +354,7 @@ fn join_shards(
     // Per tensor, its values and which of them a slice gave.
     let mut whole: HashMap<String, (LoadedTensor, Vec<bool>)> = HashMap::new();
     let mut out = HashMap::new();
-    for (name, tensor) in optim {
+    for (name, tensor) in tensors {
         let Some((base, start)) = name.rsplit_once('@') else {
             out.insert(name, tensor);
             continue;
@@ -343,11 +362,10 @@ fn join_shards(
         let start: usize = start
             .parse()
             .map_err(|_| problem(&name, "is a shard slice whose start is not a number".into()))?;
-        let param = base.rsplit_once('.').map_or(base, |(param, _)| param);
-        let shape = params.get(param).map(|t| t.shape.clone()).ok_or_else(|| {
+        let shape = shape_of(base).ok_or_else(|| {
             problem(
                 &name,
-                format!("is a slice of the state of `{param}`, which no model file holds"),
+                format!("is a slice of `{base}`, whose shape no file of the checkpoint records"),
             )
         })?;
         let numel: usize = shape.iter().product();
@@ -450,6 +468,26 @@ pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<String,
     write_tensors_with(path, tensors, HashMap::new())
 }
 
+/// Metadata key under which a shard file of ZeRO-3 records the shape of a parameter it holds
+/// slices of (the slices are 1-D).
+const SHAPE_KEY: &str = "shape:";
+
+/// [`write_tensors`] of ZeRO-3's parameter slices (`<param>@<first element>`), recording the
+/// whole shape of each parameter in `shapes` in the header, so a load can join them.
+pub fn write_param_slices<'a>(
+    path: &Path,
+    slices: &[NamedTensor<'_>],
+    shapes: impl Iterator<Item = (&'a str, &'a [usize])>,
+) -> Result<String, CheckpointError> {
+    let metadata = shapes
+        .map(|(name, shape)| {
+            let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+            (format!("{SHAPE_KEY}{name}"), dims.join(","))
+        })
+        .collect();
+    write_tensors_with(path, slices, metadata)
+}
+
 /// [`write_tensors`] with `metadata` in the header.
 fn write_tensors_with(
     path: &Path,
@@ -526,6 +564,15 @@ fn parse_tensors(path: &Path, bytes: &[u8]) -> Result<HashMap<String, LoadedTens
 /// Reads every file of a checkpoint folder whose name starts with `prefix` (`model-` or
 /// `optim-`) into one map: all stages together.
 pub fn read_all(dir: &Path, prefix: &str) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
+    read_all_with_shapes(dir, prefix, &mut HashMap::new())
+}
+
+/// [`read_all`], adding to `shapes` the parameter shapes that ZeRO-3's shard files record.
+fn read_all_with_shapes(
+    dir: &Path,
+    prefix: &str,
+    shapes: &mut HashMap<String, Vec<usize>>,
+) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
     let mut out = HashMap::new();
     let entries = fs::read_dir(dir).map_err(io(dir))?;
     let mut files: Vec<PathBuf> = entries
@@ -540,7 +587,23 @@ pub fn read_all(dir: &Path, prefix: &str) -> Result<HashMap<String, LoadedTensor
         .collect();
     files.sort();
     for file in files {
-        out.extend(read_tensors(&file)?);
+        let bytes = fs::read(&file).map_err(io(&file))?;
+        for (key, dims) in parse_metadata(&file, &bytes)? {
+            let Some(name) = key.strip_prefix(SHAPE_KEY) else {
+                continue;
+            };
+            let shape = dims
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(str::parse)
+                .collect::<Result<Vec<usize>, _>>()
+                .map_err(|_| CheckpointError::Format {
+                    path: file.clone(),
+                    reason: format!("the shape `{dims}` recorded for `{name}` is not a list of sizes"),
+                })?;
+            shapes.insert(name.to_string(), shape);
+        }
+        out.extend(parse_tensors(&file, &bytes)?);
     }
     Ok(out)
 }

@@ -145,6 +145,8 @@ struct Snapshot {
     dir: PathBuf,
     /// Replica 0 of each stage writes its stage's model and optimizer files.
     writes_stage: bool,
+    /// ZeRO-3: `master` is this rank's share of the parameters.
+    params_sharded: bool,
     stage: usize,
     /// The master weights (empty when `writes_stage` is false).
     master: Vec<f32>,
@@ -175,7 +177,7 @@ impl Snapshot {
             }
             Ok(())
         };
-        copy(&mut master, part.master, part.writes_stage)?;
+        copy(&mut master, part.master, part.writes_stage || part.params_sharded)?;
         // With ZeRO every replica writes its share of the optimizer state.
         let writes_optim = part.writes_stage || part.shard.is_some();
         let mut optim = Vec::with_capacity(part.optim.len());
@@ -191,6 +193,7 @@ impl Snapshot {
             step,
             dir,
             writes_stage: part.writes_stage,
+            params_sharded: part.params_sharded,
             stage: part.stage,
             master,
             optim,
@@ -203,6 +206,7 @@ impl Snapshot {
     fn part<'a>(&'a self, layout: &'a ParamLayout, shard: Option<&'a ShardLayout>) -> RankPart<'a> {
         RankPart {
             shard,
+            params_sharded: self.params_sharded,
             writes_stage: self.writes_stage,
             stage: self.stage,
             layout,

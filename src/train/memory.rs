@@ -8,8 +8,9 @@
 //! - parameters in burn's model, in the compute dtype, and their gradients from backward;
 //! - f32 master weights and the flat f32 gradient buffer the trainer reduces and steps with;
 //! - optimizer state: Adam and AdamW 2 values per parameter, SGD 1 (its momentum buffer); with
-//!   ZeRO (`parallel.shard`) one data-parallel replica's share of it, and with ZeRO-2 of the f32
-//!   gradient buffer too;
+//!   ZeRO (`parallel.shard`) one data-parallel replica's share of it, with ZeRO-2 of the f32
+//!   gradient buffer too, and with ZeRO-3 of the master weights as well, the model then holding
+//!   only the block it computes and the next one's gather;
 //! - activations kept for backward, for the samples of one micro step (all the micro-batches of a
 //!   pipeline step with GPipe, the worst case);
 //! - with `checkpoint.async`, the copy of the master weights and optimizer state the background
@@ -20,6 +21,7 @@
 
 use crate::config::{ComputeDtype, OptimKind, Resolved, ShardMode};
 use std::fmt;
+use std::ops::Range;
 
 use super::setup::stage_blocks;
 use super::task::BlockChain;
@@ -49,10 +51,13 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
-    /// The rank's share of the model for `resolved`'s config: `params` parameter values, whose
-    /// blocks keep `activation_values` values per sample for backward.
-    pub fn of(resolved: &Resolved, params: u64, activation_values: u64) -> Self {
+    /// The rank's share of the model for `resolved`'s config: blocks of `block_params` parameter
+    /// values each, which keep `activation_values` values per sample for backward (see
+    /// [`held_activations`]).
+    pub fn of(resolved: &Resolved, block_params: &[usize], activation_values: u64) -> Self {
         let cfg = &resolved.config;
+        let params: u64 = block_params.iter().map(|&c| c as u64).sum();
+        let largest_block = block_params.iter().copied().max().unwrap_or(0) as u64;
         let compute_bytes: u64 = match cfg.precision.compute {
             ComputeDtype::F32 => 4,
             ComputeDtype::Bf16 | ComputeDtype::F16 => 2,
@@ -70,14 +75,32 @@ impl MemoryEstimate {
             params.saturating_mul(optim_values),
             cfg.parallel.shard != ShardMode::None,
         );
-        let flat_grads_held = share(params, cfg.parallel.shard == ShardMode::Gradients);
+        let fsdp = cfg.parallel.shard == ShardMode::Parameters;
+        let flat_grads_held = share(params, matches!(cfg.parallel.shard, ShardMode::Gradients | ShardMode::Parameters));
+        // ZeRO-3 holds the block it computes (loaded, and its gradients: burn's, read out, and
+        // the reduce-scatter's buffer) and the next block's all-gather; plain data parallelism
+        // and ZeRO-1/2 hold the whole model.
+        let (param_bytes, grad_bytes) = if fsdp {
+            (
+                largest_block.saturating_mul(compute_bytes + 4),
+                largest_block
+                    .saturating_mul(compute_bytes + 8)
+                    .saturating_add(flat_grads_held.saturating_mul(4)),
+            )
+        } else {
+            (
+                params.saturating_mul(compute_bytes),
+                params
+                    .saturating_mul(compute_bytes)
+                    .saturating_add(flat_grads_held.saturating_mul(4)),
+            )
+        };
+        let master_values = share(params, fsdp);
         Self {
             params,
-            param_bytes: params.saturating_mul(compute_bytes),
-            grad_bytes: params
-                .saturating_mul(compute_bytes)
-                .saturating_add(flat_grads_held.saturating_mul(4)),
-            master_bytes: params.saturating_mul(4),
+            param_bytes,
+            grad_bytes,
+            master_bytes: master_values.saturating_mul(4),
             optim_bytes: optim_values_held.saturating_mul(4),
             optim_what: if cfg.parallel.shard == ShardMode::None || replicas == 1 {
                 optim_what
@@ -89,7 +112,7 @@ impl MemoryEstimate {
             },
             activation_bytes: activation_values.saturating_mul(samples).saturating_mul(compute_bytes),
             checkpoint_copy_bytes: if cfg.checkpoint.async_write {
-                params.saturating_add(optim_values_held).saturating_mul(4)
+                master_values.saturating_add(optim_values_held).saturating_mul(4)
             } else {
                 0
             },
@@ -147,13 +170,22 @@ pub fn largest_stage<M, B>(resolved: &Resolved, chain: &dyn BlockChain<M, B>) ->
         .map_err(|why| format!("parallel.partition: {why}"))?;
     stages
         .into_iter()
-        .map(|blocks| {
-            let params: usize = counts[blocks.clone()].iter().sum();
-            let activations: usize = blocks.map(|b| chain.activation_values(b)).sum();
-            MemoryEstimate::of(resolved, params as u64, activations as u64)
-        })
+        .map(|blocks| MemoryEstimate::of(resolved, &counts[blocks.clone()], held_activations(resolved, chain, blocks)))
         .max_by_key(MemoryEstimate::total_bytes)
         .ok_or_else(|| "the model has no pipeline stage".to_string())
+}
+
+/// Values per sample that the blocks `blocks` of `chain` keep for backward: what each block
+/// keeps ([`BlockChain::activation_values`]), or under ZeRO-3, which recomputes each block in
+/// backward, the input of every block and the insides of the widest one.
+pub fn held_activations<M, B>(resolved: &Resolved, chain: &dyn BlockChain<M, B>, blocks: Range<usize>) -> u64 {
+    let kept = blocks.clone().map(|b| chain.activation_values(b) as u64);
+    if resolved.config.parallel.shard == ShardMode::Parameters {
+        let inputs: u64 = blocks.clone().map(|b| chain.activation_width(b) as u64).sum();
+        inputs + kept.max().unwrap_or(0)
+    } else {
+        kept.sum()
+    }
 }
 
 /// The memory of this node and each rank's share of it.
@@ -268,7 +300,7 @@ mod tests {
     /// The estimate for blocks `0..blocks` of a built-in model whose input is `input` wide.
     fn for_blocks(resolved: &Resolved, spec: &ModelSpec, blocks: usize, input: usize) -> MemoryEstimate {
         let activations: usize = (0..blocks).map(|b| spec.activation_values(b, input)).sum();
-        MemoryEstimate::of(resolved, spec.param_count(0..blocks) as u64, activations as u64)
+        MemoryEstimate::of(resolved, &spec.block_param_counts()[..blocks], activations as u64)
     }
 
     fn estimate(optim: &str) -> MemoryEstimate {
@@ -299,6 +331,29 @@ mod tests {
         // 2 samples x (100 x 2 + 5) values x 4 bytes.
         assert_eq!(adam.activation_bytes, 2 * 205 * 4);
         assert_eq!(estimate("sgd").optim_bytes, 1605 * 4);
+    }
+
+    #[test]
+    fn zero_3_holds_a_share_of_the_flat_buffers_and_two_blocks_of_the_model() {
+        let cfg = RunConfig::from_str_named(
+            "[optim]\nkind = \"adam\"\n[train]\nbatch_size = 2\n[parallel]\nshard = \"parameters\"\n",
+            "x.toml",
+            &[],
+        )
+        .unwrap();
+        let resolved = cfg.validate(2).unwrap();
+        let spec = ModelSpec::Mlp {
+            input: 10,
+            hidden: vec![100],
+            classes: 5,
+        };
+        // Blocks of 1100 and 505 values; 1605 in all, 803 per replica.
+        let zero3 = for_blocks(&resolved, &spec, 2, 10);
+        assert_eq!(zero3.master_bytes, 803 * 4);
+        assert_eq!(zero3.optim_bytes, 1605 * 4);
+        assert_eq!(zero3.param_bytes, 1100 * (4 + 4));
+        assert_eq!(zero3.grad_bytes, 1100 * (4 + 8) + 803 * 4);
+        assert!(zero3.total_bytes() < estimate("adam").total_bytes());
     }
 
     #[test]

@@ -136,6 +136,8 @@ pub(crate) struct SaveExtras<'a> {
     pub(crate) device_codec_state: Option<Vec<StateTensor>>,
     /// ZeRO: the share of the optimizer state this rank holds.
     pub(crate) shard: Option<&'a ShardLayout>,
+    /// ZeRO-3: the master weights are this rank's share too.
+    pub(crate) params_sharded: bool,
 }
 
 /// What one rank writes into a checkpoint folder: replica 0 of each pipeline stage writes its
@@ -155,6 +157,9 @@ pub(crate) struct RankPart<'a> {
     pub(crate) optim: Vec<(&'a str, &'a [f32])>,
     /// ZeRO: the share of the optimizer state this rank holds (and writes, whatever its replica).
     pub(crate) shard: Option<&'a ShardLayout>,
+    /// ZeRO-3: `master` is this rank's share of the parameters (laid out as the optimizer
+    /// state), which it writes as slices, whatever its replica.
+    pub(crate) params_sharded: bool,
     /// The codec's slot, description and state, when gradients are compressed.
     pub(crate) codec: Option<CodecPart<'a>>,
 }
@@ -181,7 +186,30 @@ pub(crate) fn write_part(dir: &Path, part: &RankPart<'_>) -> Result<BTreeMap<Str
             .unwrap_or_default();
         written.insert(name, digest);
     };
-    if part.writes_stage {
+    if let Some(shard) = part.shard.filter(|_| part.params_sharded) {
+        let slices: Vec<(String, Vec<usize>, &[f32])> = part
+            .layout
+            .params
+            .iter()
+            .flat_map(|p| {
+                shard.owned_within(p.range()).map(move |(elements, state)| {
+                    (
+                        ckpt::shard_tensor_name(&p.name, elements.start - p.offset),
+                        vec![elements.len()],
+                        &part.master[state..state + elements.len()],
+                    )
+                })
+            })
+            .collect();
+        let named: Vec<NamedTensor<'_>> = slices
+            .iter()
+            .map(|(name, shape, data)| NamedTensor { name, shape, data })
+            .collect();
+        let shapes = part.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice()));
+        let path = dir.join(format!("model-stage{}-shard{}.safetensors", part.stage, shard.index));
+        let digest = ckpt::write_param_slices(&path, &named, shapes)?;
+        record(path, digest);
+    } else if part.writes_stage {
         let params: Vec<NamedTensor<'_>> = part
             .layout
             .params
@@ -294,6 +322,7 @@ pub(crate) fn save(
             master,
             optim: optimizer.state(),
             shard: extras.shard,
+            params_sharded: extras.params_sharded,
             codec: codec_state.as_ref().map(|(slot, describe, state)| CodecPart {
                 slot,
                 describe,

@@ -15,12 +15,12 @@ use burn::tensor::Device;
 
 use crate::comm::ProcessGroup;
 use crate::compress::build_codec;
-use crate::config::{ComputeDtype, HierarchicalMode, Resolved, RunConfig};
+use crate::config::{ComputeDtype, HierarchicalMode, Resolved, RunConfig, ShardMode};
 use crate::data::DistributedSampler;
-use crate::parallel::params::trainable_mask;
+use crate::parallel::params::{flatten_selected_into, release_selected, trainable_mask};
 use crate::parallel::{
-    flatten_params_into, load_params, load_params_by_name, schedule, Action, DataParallel, ParamLayout, PipelineStage,
-    StepTimes, SyncError,
+    flatten_params_into, load_params, load_params_by_name, schedule, Action, DataParallel, ParamError, ParamLayout,
+    PipelineStage, StepTimes, SyncError,
 };
 use crate::precision::{DynamicLossScaler, LossScalerOptions};
 
@@ -144,7 +144,8 @@ pub(crate) struct Run<'a, T: Task> {
     /// Per parameter, whether autodiff trains it; the others (BatchNorm's running statistics,
     /// frozen weights) are buffers: the model's own values, rank 0's on every replica.
     pub(crate) trainable: Vec<bool>,
-    /// The f32 master copy of every float parameter (buffers included), layout order.
+    /// The f32 master copy of every float parameter (buffers included), layout order; with
+    /// ZeRO-3 this rank's share of it, laid out as the optimizer state.
     pub(crate) master: Vec<f32>,
     /// The step's gradients, layout order.
     pub(crate) grads: Vec<f32>,
@@ -173,6 +174,9 @@ pub(crate) struct Run<'a, T: Task> {
     pub(crate) device_grads: Option<DeviceGrads>,
     /// The background checkpoint writer (`checkpoint.async = true`).
     pub(crate) writer: Option<CheckpointWriter>,
+    /// ZeRO-3: the buffers' values kept during the last backward, where they go in `master`
+    /// (put back after the optimizer step, which must not move them).
+    pub(crate) fsdp_kept: Vec<(Range<usize>, Vec<f32>)>,
 }
 
 impl<T: Task> std::fmt::Debug for Run<'_, T> {
@@ -203,9 +207,8 @@ fn run<T: Task>(
         announce(resolved, &task.describe(), &place, counts.as_deref());
     }
     if let (Some(chain), Some(counts)) = (chain, &counts) {
-        let params = counts[place.blocks.clone()].iter().sum();
-        let activations = place.blocks.clone().map(|b| chain.activation_values(b)).sum();
-        setup::check_memory(resolved, rank, params, activations)?;
+        let activations = super::memory::held_activations(resolved, chain, place.blocks.clone());
+        setup::check_memory(resolved, rank, &counts[place.blocks.clone()], activations)?;
     }
 
     // Resume: read the checkpoint before building anything, so a finished run ends here.
@@ -226,6 +229,15 @@ fn run<T: Task>(
         }
     }
 
+    if cfg.parallel.shard == ShardMode::Parameters && chain.is_none() {
+        return Err(TrainError::Unsupported {
+            rank,
+            what: "parallel.shard = \"parameters\"".into(),
+            why: "the model is not a chain of blocks (its Task gives no `blocks()`), and ZeRO-3 gathers and frees \
+                  parameters block by block: implement `Task::blocks`, or use parallel.shard = \"gradients\""
+                .into(),
+        });
+    }
     let device = setup::device(resolved, rank)?;
     let task_err = |what, source| TrainError::Task { rank, what, source };
     let model = match chain {
@@ -277,7 +289,8 @@ fn run<T: Task>(
         report.add(&stats.stats);
         let done = step + 1;
         let check_every = cfg.train.check_replicas_every;
-        if check_every > 0 && done % check_every == 0 {
+        // Under ZeRO-3 no two replicas hold the same values: there is nothing to compare.
+        if check_every > 0 && done % check_every == 0 && cfg.parallel.shard != ShardMode::Parameters {
             run.check_replicas(done)?;
         }
         // Before the log, so the step's metrics line holds the stall the checkpoint caused.
@@ -338,6 +351,9 @@ impl<'a, T: Task> Run<'a, T> {
         let layout = ParamLayout::of(&model);
         let trainable = trainable_mask(&model);
         let numel = layout.params.last().map_or(0, |p| p.range().end);
+        // ZeRO-3 never holds the whole model in its flat buffers: only its share of the master
+        // weights, allocated once the share is known.
+        let fsdp = cfg.parallel.shard == ShardMode::Parameters;
 
         // The large flat buffers: a reservation that fails is an error naming the buffer, not
         // an abort.
@@ -348,14 +364,16 @@ impl<'a, T: Task> Run<'a, T> {
             source,
         };
         let mut master: Vec<f32> = Vec::new();
-        master
-            .try_reserve_exact(numel)
-            .map_err(|e| alloc_err("master weights", e))?;
         let mut grads: Vec<f32> = Vec::new();
-        grads
-            .try_reserve_exact(numel)
-            .map_err(|e| alloc_err("gradient buffer", e))?;
-        flatten_params_into(&model, &mut master).map_err(params_err)?;
+        if !fsdp {
+            master
+                .try_reserve_exact(numel)
+                .map_err(|e| alloc_err("master weights", e))?;
+            grads
+                .try_reserve_exact(numel)
+                .map_err(|e| alloc_err("gradient buffer", e))?;
+            flatten_params_into(&model, &mut master).map_err(params_err)?;
+        }
 
         let numels: Vec<usize> = layout.params.iter().map(|p| p.numel).collect();
         let names: Vec<String> = layout.params.iter().map(|p| p.name.clone()).collect();
@@ -412,8 +430,21 @@ impl<'a, T: Task> Run<'a, T> {
             &place.data_group,
             &shard_buckets(chain, &place, numel, &ddp.layout().elements),
         );
-        // With ZeRO the optimizer holds this rank's share only.
+        // With ZeRO the optimizer holds this rank's share only (and with ZeRO-3 so does master).
         let state_numel = zero.as_ref().map_or(numel, |z| z.layout().state_numel());
+        if fsdp {
+            if overlap.is_none() || place.dims.pipeline > 1 {
+                return Err(TrainError::Unsupported {
+                    rank,
+                    what: "parallel.shard = \"parameters\"".into(),
+                    why: "ZeRO-3 needs the whole model as a chain of blocks on each rank (parallel.pipeline = 1)".into(),
+                });
+            }
+            master
+                .try_reserve_exact(state_numel)
+                .map_err(|e| alloc_err("master weights", e))?;
+            master.resize(state_numel, 0.0);
+        }
         let optimizer = FlatOptimizer::try_new(super::build::optimizer_kind(cfg), state_numel)
             .map_err(|e| alloc_err("optimizer state", e))?;
         let mut run = Self {
@@ -444,6 +475,7 @@ impl<'a, T: Task> Run<'a, T> {
             pipeline_times: Vec::new(),
             device_grads: None,
             writer: None,
+            fsdp_kept: Vec::new(),
         };
         run.plan_pipeline()?;
 
@@ -451,9 +483,13 @@ impl<'a, T: Task> Run<'a, T> {
         let mut model = model;
         let mut start_step = 0;
         if let Some(loaded) = resume {
-            model = load_params_by_name(model, |p| loaded.params.get(&p.name).map(|t| t.data.clone()))
-                .map_err(params_err)?;
-            flatten_params_into(&model, &mut run.master).map_err(params_err)?;
+            if fsdp {
+                run.load_shard(&loaded)?;
+            } else {
+                model = load_params_by_name(model, |p| loaded.params.get(&p.name).map(|t| t.data.clone()))
+                    .map_err(params_err)?;
+                flatten_params_into(&model, &mut run.master).map_err(params_err)?;
+            }
             resume::load_optimizer(
                 &mut run.optimizer,
                 &run.layout,
@@ -472,14 +508,77 @@ impl<'a, T: Task> Run<'a, T> {
             if rank == 0 {
                 tracing::info!("resumed from {} at step {}", loaded.dir.display(), loaded.state.step);
             }
+        } else if fsdp {
+            run.share_initial_params(&model)?;
         } else {
             run.ddp
                 .broadcast_params(&mut run.master)
                 .map_err(|source| TrainError::Comm { rank, source })?;
             model = load_params(model, &run.master).map_err(params_err)?;
         }
+        if fsdp {
+            // From here on a block's parameters exist only while it computes.
+            model = release_selected(model, &vec![true; run.layout.len()]);
+        }
         run.scaler = scaler;
         Ok((run, model, start_step))
+    }
+
+    /// ZeRO-3 from scratch: every replica takes its share of rank 0's parameters, block by block
+    /// (one block is broadcast at a time, so no rank holds a second copy of the model).
+    fn share_initial_params(&mut self, model: &T::Model) -> Result<(), TrainError> {
+        let rank = self.rank;
+        let (Some(zero), Some(blocks)) = (&self.zero, &self.overlap) else {
+            return Ok(());
+        };
+        for (b, piece) in zero.layout().pieces.iter().enumerate() {
+            flatten_selected_into(model, &blocks.select[b], &mut self.scratch)
+                .map_err(|source| TrainError::Params { rank, source })?;
+            if self.place.dims.data > 1 {
+                self.place
+                    .data_group
+                    .broadcast(&mut self.scratch, 0)
+                    .map_err(|source| TrainError::Comm { rank, source })?;
+            }
+            let from = piece.owned.start - piece.bucket.start;
+            self.master[piece.state.clone()].copy_from_slice(&self.scratch[from..from + piece.owned.len()]);
+        }
+        self.scratch = Vec::new();
+        Ok(())
+    }
+
+    /// ZeRO-3 resuming: this rank's share of every parameter of `loaded` (whole tensors, shards
+    /// of any layout joined when it was read).
+    fn load_shard(&mut self, loaded: &LoadedCheckpoint) -> Result<(), TrainError> {
+        let rank = self.rank;
+        let Some(zero) = &self.zero else {
+            return Ok(());
+        };
+        for p in &self.layout.params {
+            let t = loaded.params.get(&p.name).ok_or_else(|| TrainError::Params {
+                rank,
+                source: ParamError::MissingParam {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                },
+            })?;
+            if t.data.len() != p.numel {
+                return Err(TrainError::Params {
+                    rank,
+                    source: ParamError::ParamSizeMismatch {
+                        name: p.name.clone(),
+                        shape: p.shape.clone(),
+                        expected: p.numel,
+                        got: t.data.len(),
+                    },
+                });
+            }
+            for (elements, state) in zero.layout().owned_within(p.range()) {
+                let from = elements.start - p.offset..elements.end - p.offset;
+                self.master[state..state + elements.len()].copy_from_slice(&t.data[from]);
+            }
+        }
+        Ok(())
     }
 
     /// A pipeline stage's schedule and the activation shapes its neighbours agree on.
@@ -532,6 +631,7 @@ impl<'a, T: Task> Run<'a, T> {
     fn save(&mut self, root: &Path, step: u64) -> Result<PathBuf, TrainError> {
         crate::flight::phase(crate::flight::Phase::Checkpoint);
         let scale = self.scaler.as_ref().map_or((1.0, 0), |s| (s.scale, s.good_steps));
+        let params_sharded = self.zero.as_ref().is_some_and(|z| z.shards_parameters());
         // A codec on the device keeps its own residual: that one is saved (read back here).
         let device_codec_state = match &self.device_grads {
             Some(device) => device.codec_state(self.rank, &self.ddp.layout().elements)?,
@@ -548,6 +648,7 @@ impl<'a, T: Task> Run<'a, T> {
                 master: &self.master,
                 optim: self.optimizer.state(),
                 shard: self.zero.as_ref().map(|z| z.layout()),
+                params_sharded,
                 codec: codec.map(|(slot, codec)| CodecPart {
                     slot,
                     describe: &describe,
@@ -562,6 +663,7 @@ impl<'a, T: Task> Run<'a, T> {
             codec: self.codec_ckpt.as_ref().zip(self.ddp.codec()),
             device_codec_state,
             shard: self.zero.as_ref().map(|z| z.layout()),
+            params_sharded,
         };
         resume::save(
             &self.world,

@@ -118,15 +118,15 @@ pub fn stage_blocks(partition: &Partition, counts: &[usize], stages: usize) -> R
 }
 
 /// Refuses a rank share that cannot fit in this node's memory, before any of it is allocated
-/// (an allocation that fails aborts the process). `activation_values` are the values per sample
-/// the rank's blocks keep for backward.
+/// (an allocation that fails aborts the process). `block_params` are the parameter values of the
+/// rank's blocks, `activation_values` the values per sample they keep for backward.
 pub(crate) fn check_memory(
     resolved: &Resolved,
     rank: usize,
-    params: usize,
-    activation_values: usize,
+    block_params: &[usize],
+    activation_values: u64,
 ) -> Result<(), TrainError> {
-    let estimate = MemoryEstimate::of(resolved, params as u64, activation_values as u64);
+    let estimate = MemoryEstimate::of(resolved, block_params, activation_values);
     let local_ranks = crate::env::DistEnv::from_env().map_or(1, |e| e.local_world_size);
     let available = MemoryAvailable::of_this_node(local_ranks);
     if !memory::fits(&estimate, &available) {

@@ -28,6 +28,12 @@ pub(crate) struct Sharded {
     scatter_pool: Vec<GatherBuffers>,
     /// Waiting for reduce-scatters during backward this step, in milliseconds.
     scatter_wait_ms: f64,
+    /// ZeRO-3: the parameter all-gathers launched ahead of their block, oldest first, and the
+    /// buffers of those that were loaded, reused by the next.
+    gathers: VecDeque<(usize, Work<GatherBuffers>)>,
+    gather_pool: Vec<GatherBuffers>,
+    /// ZeRO-3: waiting for parameter all-gathers this step, in milliseconds.
+    gather_wait_ms: f64,
 }
 
 /// ZeRO-2's block-wise backward keeps at most this many reduce-scatters in flight: each holds a
@@ -64,12 +70,75 @@ impl Sharded {
             scatters: VecDeque::new(),
             scatter_pool: Vec::new(),
             scatter_wait_ms: 0.0,
+            gathers: VecDeque::new(),
+            gather_pool: Vec::new(),
+            gather_wait_ms: 0.0,
         })
     }
 
-    /// Whether gradients are reduce-scattered (ZeRO-2) rather than all-reduced.
+    /// Whether gradients are reduce-scattered (ZeRO-2 and 3) rather than all-reduced.
     pub(crate) fn scatters_gradients(&self) -> bool {
-        self.mode == ShardMode::Gradients
+        matches!(self.mode, ShardMode::Gradients | ShardMode::Parameters)
+    }
+
+    /// Whether the master weights are sharded too (ZeRO-3): this rank's master buffer holds its
+    /// chunks only, laid out as the optimizer state.
+    pub(crate) fn shards_parameters(&self) -> bool {
+        self.mode == ShardMode::Parameters
+    }
+
+    /// ZeRO-3, before a step's first micro-batch: the sharded gradient starts at zero, and each
+    /// micro-batch's reduce-scattered chunks are added to it.
+    pub(crate) fn begin_accumulation(&mut self) {
+        self.grads.clear();
+        self.grads.resize(self.layout().state_numel(), 0.0);
+    }
+
+    /// ZeRO-3: launches the all-gather of block `piece`'s parameters from this rank's chunks of
+    /// them (`shard`, the sharded master weights), to be taken by [`Self::take_gathered`]. Nothing
+    /// is launched with one replica (the shard is the whole block).
+    pub(crate) fn prefetch(&mut self, piece: usize, shard: &[f32]) {
+        let buffers = self.gather_pool.pop().unwrap_or_default();
+        match self.comm.all_gather_shard_async(piece, shard, buffers) {
+            Ok(work) => self.gathers.push_back((piece, work)),
+            Err(unused) => self.gather_pool.push(unused),
+        }
+    }
+
+    /// ZeRO-3: the gathered parameters of block `piece` (launched by [`Self::prefetch`], or
+    /// now if it was not): `Some(buffers)` whose `.1[..bucket.len()]` are the block's values,
+    /// to be given back with [`Self::recycle`]; `None` when nothing needs gathering (one
+    /// replica, or an empty block): the values are `shard[piece.state]`.
+    pub(crate) fn take_gathered(
+        &mut self,
+        rank: usize,
+        piece: usize,
+        shard: &[f32],
+    ) -> Result<Option<GatherBuffers>, TrainError> {
+        let p = &self.comm.layout().pieces[piece];
+        if self.comm.layout().replicas == 1 || p.bucket.is_empty() {
+            return Ok(None);
+        }
+        if self.gathers.front().is_none_or(|(launched, _)| *launched != piece) {
+            debug_assert!(self.gathers.is_empty(), "block {piece} gathered out of order");
+            self.prefetch(piece, shard);
+        }
+        // Invariant: the gather of `piece` is at the front (launched just above if it was not).
+        let (_, work) = self.gathers.pop_front().expect("a gather in flight");
+        let waited = Instant::now();
+        let buffers = work.wait().map_err(|source| TrainError::Comm { rank, source })?;
+        self.gather_wait_ms += waited.elapsed().as_secs_f64() * 1e3;
+        Ok(Some(buffers))
+    }
+
+    /// ZeRO-3: gives back the buffers of a gather whose values were loaded into the model.
+    pub(crate) fn recycle(&mut self, buffers: GatherBuffers) {
+        self.gather_pool.push(buffers);
+    }
+
+    /// ZeRO-3: the time this step waited for parameter all-gathers, in milliseconds (reset).
+    pub(crate) fn take_gather_wait_ms(&mut self) -> f64 {
+        std::mem::take(&mut self.gather_wait_ms)
     }
 
     /// The share this rank holds.
@@ -127,7 +196,15 @@ impl Sharded {
         self.grads.resize(self.comm.layout().state_numel(), 0.0);
         let target = self.comm.layout().pieces[piece].state.clone();
         let len = target.len();
-        self.grads[target].copy_from_slice(&chunk[..len]);
+        if self.shards_parameters() {
+            // ZeRO-3 reduce-scatters every micro-batch: the chunks add up over the step.
+            self.grads[target]
+                .iter_mut()
+                .zip(&chunk[..len])
+                .for_each(|(sum, g)| *sum += g);
+        } else {
+            self.grads[target].copy_from_slice(&chunk[..len]);
+        }
         self.scatter_pool.push((bucket, chunk));
         Ok(())
     }
@@ -159,11 +236,19 @@ impl Sharded {
     ) -> Result<GatherStats, TrainError> {
         let started = Instant::now();
         optimizer.begin_step();
+        if self.shards_parameters() {
+            // ZeRO-3: `master` is this rank's shard; the next forward gathers what it needs.
+            for piece in &self.comm.layout().pieces {
+                let state = piece.state.clone();
+                optimizer.update(lr, state.start, &mut master[state.clone()], &self.grads[state]);
+            }
+            return Ok(GatherStats::default());
+        }
         let mut wait_ms = 0.0;
         let mut spare = self.gather_buffers.take();
         let mut in_flight: Option<(usize, Work<GatherBuffers>)> = None;
         for (i, piece) in self.comm.layout().pieces.iter().enumerate() {
-            let piece_grads = if self.mode == ShardMode::Gradients {
+            let piece_grads = if self.scatters_gradients() {
                 &self.grads[piece.state.clone()]
             } else {
                 &grads[piece.owned.clone()]

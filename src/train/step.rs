@@ -19,7 +19,10 @@ use burn::tensor::Tensor;
 
 use crate::comm::{ReduceOp, Work};
 use crate::config::Resolved;
-use crate::parallel::params::{flatten_selected_grads_into, flatten_selected_grads_via_device, flatten_selected_into};
+use crate::parallel::params::{
+    flatten_selected_grads_into, flatten_selected_grads_via_device, flatten_selected_into, load_selected_as,
+    release_selected,
+};
 use crate::parallel::{load_params, DataParallel, ParamLayout, StageCompute, SyncStats};
 
 use crate::precision::ParamSpan;
@@ -28,6 +31,7 @@ use super::optim::{clip_by_global_norm, learning_rate, sum_of_squares};
 use super::report::StepStats;
 use super::run::Run;
 use super::setup::Placement;
+use super::sharded::Sharded;
 use super::stage::{loss_value, scaled, Accumulator, GradSink, StageRunner};
 use super::task::{BlockChain, Task};
 use super::TrainError;
@@ -46,9 +50,9 @@ pub(crate) struct StepOutcome {
 #[derive(Debug)]
 pub(crate) struct Overlap {
     /// Per block, its elements of the flat gradient buffer.
-    ranges: Vec<Range<usize>>,
+    pub(crate) ranges: Vec<Range<usize>>,
     /// Per block, one flag per parameter (layout order): the block's own.
-    select: Vec<Vec<bool>>,
+    pub(crate) select: Vec<Vec<bool>>,
 }
 
 impl Overlap {
@@ -108,7 +112,10 @@ impl Overlap {
             .overlap
             .unwrap_or(!resolved.device.is_cpu() || cfg.parallel.shard == crate::config::ShardMode::Gradients);
         // On NCCL the gradients are averaged as one buffer on the GPU after backward.
-        let used = wanted
+        // ZeRO-3 computes block by block whatever the settings (validation refused the rest).
+        let fsdp = cfg.parallel.shard == crate::config::ShardMode::Parameters;
+        let used = fsdp
+            || wanted
             && place.dims.data > 1
             && ddp.codec().is_none()
             && !loss_scaling
@@ -120,6 +127,7 @@ impl Overlap {
 /// Gradient all-reduces (or with ZeRO-2 reduce-scatters) launched during backward, one per
 /// block, each with where its result goes: the block's elements of the flat gradient, or with
 /// ZeRO-2 this rank's chunk of the block in the sharded gradient.
+#[derive(Default)]
 struct InFlight {
     launched: Vec<(Range<usize>, Work<Vec<f32>>)>,
     first_launch: Option<Instant>,
@@ -142,11 +150,22 @@ impl<T: Task> Run<'_, T> {
         let scale = 1.0 / (accum * micro_batches) as f32;
         let mut stats = StepStats::default();
         let mut in_flight = None;
+        let mut model = model;
         self.grads.clear();
+        if let Some(zero) = self.zero.as_mut().filter(|z| z.shards_parameters()) {
+            zero.begin_accumulation();
+        }
         for micro_step in 0..accum {
             let indices = self.sampler.step_indices(step * accum as u64 + micro_step as u64);
             let slices: Vec<&[usize]> = indices.chunks(self.resolved.micro_batch_size.max(1)).collect();
             let last_micro_step = micro_step + 1 == accum;
+            if self.zero.as_ref().is_some_and(|z| z.shards_parameters()) {
+                let in_flight = in_flight.get_or_insert_with(InFlight::default);
+                for slice in &slices {
+                    model = self.fsdp_backward(model, slice, scale, &mut stats, in_flight)?;
+                }
+                continue;
+            }
             match (&self.pipeline, &self.overlap) {
                 (Some(_), _) => self.pipeline_micro_step(&model, &slices, &mut stats)?,
                 (None, Some(_)) if last_micro_step => {
@@ -263,11 +282,19 @@ impl<T: Task> Run<'_, T> {
             Some(zero) => {
                 let gather = zero.step(rank, &mut self.optimizer, lr, &mut self.master, &self.grads)?;
                 sync.comm_ms += gather.comm_ms;
-                sync.wait_ms += gather.wait_ms;
+                sync.wait_ms += gather.wait_ms + zero.take_gather_wait_ms();
             }
         }
-        self.keep_buffers(&model)?;
-        let model = load_params(model, &self.master).map_err(|source| TrainError::Params { rank, source })?;
+        let model = if self.zero.as_ref().is_some_and(|z| z.shards_parameters()) {
+            // The model holds no parameter between steps; buffers were kept block by block.
+            for (state, values) in &self.fsdp_kept {
+                self.master[state.clone()].copy_from_slice(values);
+            }
+            model
+        } else {
+            self.keep_buffers(&model)?;
+            load_params(model, &self.master).map_err(|source| TrainError::Params { rank, source })?
+        };
 
         stats.comm_ms = sync.comm_ms;
         stats.exposed_ms = sync.wait_ms;
@@ -506,6 +533,161 @@ impl<T: Task> Run<'_, T> {
         }
         stats.compute_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(in_flight)
+    }
+
+    /// ZeRO-3 (FSDP) on the micro-batch `indices`: the model holds no block's parameters
+    /// between uses. Forward: each block's parameters are all-gathered (the next block's gather
+    /// launched before this block computes), loaded untracked, the block runs without building a
+    /// graph, and its parameters are released; only the activations between blocks are kept.
+    /// Backward, last block first: the block is gathered again (the previous one prefetched),
+    /// loaded tracked, recomputed from its kept input (a fresh leaf) and back-propagated with the
+    /// upstream gradient (`sum(out * g)`), and its gradients are reduce-scattered at once; the
+    /// last block's forward is the backward's first (it is computed once). Recomputing is the
+    /// price of freeing: burn's graph would hold every block's parameters until backward.
+    /// Returns the model, every block released.
+    fn fsdp_backward(
+        &mut self,
+        model: T::Model,
+        indices: &[usize],
+        scale: f32,
+        stats: &mut StepStats,
+        in_flight: &mut InFlight,
+    ) -> Result<T::Model, TrainError> {
+        let rank = self.rank;
+        let task_err = |what, source| TrainError::Task { rank, what, source };
+        let params_err = |source| TrainError::Params { rank, source };
+        let (Some(chain), Some(blocks), Some(zero)) = (self.chain, &self.overlap, self.zero.as_mut()) else {
+            // Setup gives ZeRO-3 a block chain and its layout.
+            return Ok(model);
+        };
+        let started = Instant::now();
+        let batch = self
+            .task
+            .batch(indices, &self.device)
+            .map_err(|e| task_err("reading a batch", e))?;
+        let count = blocks.ranges.len();
+        let untracked = vec![false; self.layout.len()];
+        let mut model = model;
+        // Loads block b's gathered values (or, with one replica, its share: the whole block),
+        // after launching the gather of block `next`, which runs while block b computes.
+        let load = |model: T::Model,
+                    zero: &mut Sharded,
+                    (b, next): (usize, Option<usize>),
+                    master: &[f32],
+                    tracked: &[bool]|
+         -> Result<T::Model, TrainError> {
+            let gathered = zero.take_gathered(rank, b, master)?;
+            if let Some(next) = next {
+                zero.prefetch(next, master);
+            }
+            let len = blocks.ranges[b].len();
+            let values = match &gathered {
+                Some((_, all)) => &all[..len],
+                None => &master[zero.layout().pieces[b].state.clone()],
+            };
+            let model = load_selected_as(model, &self.layout, &blocks.select[b], values, tracked).map_err(params_err)?;
+            if let Some(buffers) = gathered {
+                zero.recycle(buffers);
+            }
+            Ok(model)
+        };
+
+        // Forward of every block but the last, untracked; the inputs are kept.
+        let mut inputs = Vec::with_capacity(count);
+        let mut x = chain.input(&batch).map_err(|e| task_err("reading a batch", e))?;
+        zero.prefetch(0, &self.master);
+        for b in 0..count - 1 {
+            model = load(model, zero, (b, Some(b + 1)), &self.master, &untracked)?;
+            let out = chain
+                .forward_range(&model, x.clone(), b..b + 1)
+                .map_err(|e| task_err("running the forward", e))?;
+            inputs.push(x);
+            x = out;
+            model = release_selected(model, &blocks.select[b]);
+        }
+        inputs.push(x);
+
+        // Backward, last block first.
+        self.fsdp_kept.clear();
+        let mut present = Vec::new();
+        let mut upstream: Option<Tensor<2>> = None;
+        for b in (0..count).rev() {
+            model = load(model, zero, (b, b.checked_sub(1)), &self.master, &self.trainable)?;
+            // Invariant: one input was pushed per block above.
+            let input = inputs.pop().expect("one kept input per block");
+            let leaf = (b > 0).then(|| input.clone().detach().require_grad());
+            let out = chain
+                .forward_range(&model, leaf.clone().unwrap_or(input), b..b + 1)
+                .map_err(|e| task_err("running the forward", e))?;
+            let grads = if b + 1 == count {
+                let loss = chain
+                    .loss_of_output(out, &batch)
+                    .map_err(|e| task_err("computing the loss", e))?;
+                stats.loss_sum += loss_value(&loss);
+                stats.loss_count += 1;
+                loss.backward()
+            } else {
+                let g = upstream.take().ok_or_else(|| {
+                    task_err(
+                        "running the backward",
+                        format!("block {b} got no gradient from block {}", b + 1).into(),
+                    )
+                })?;
+                (out * g).sum().backward()
+            };
+            if let Some(leaf) = &leaf {
+                let g = leaf.grad(&grads).ok_or_else(|| {
+                    task_err(
+                        "running the backward",
+                        format!("the input of block {b} got no gradient").into(),
+                    )
+                })?;
+                upstream = Some(Tensor::from_inner(g));
+            }
+            let params = GradientsParams::from_grads(grads, &model);
+            let select = &blocks.select[b];
+            if self.resolved.device.is_cpu() {
+                flatten_selected_grads_into(&model, &params, select, &mut self.scratch, &mut present)
+            } else {
+                flatten_selected_grads_via_device(&model, &params, Some(select), &mut self.scratch)
+            }
+            .map_err(params_err)?;
+            let range = blocks.ranges[b].clone();
+            if !range.is_empty() {
+                in_flight.first_launch.get_or_insert_with(Instant::now);
+                in_flight.bytes += range.len() * 4;
+                in_flight.buckets += 1;
+                let scratch = &self.scratch;
+                zero.launch_scatter(rank, b, |block| block.extend(scratch.iter().map(|g| g * scale)))?;
+            }
+            // Buffers (running statistics, frozen weights): rank 0's values after this
+            // recompute, the block's only tracked forward, as `keep_buffers` does for DDP.
+            let kept: Vec<bool> = select.iter().zip(&self.trainable).map(|(&s, &t)| s && !t).collect();
+            if kept.iter().any(|&k| k) {
+                drop(model.valid());
+                flatten_selected_into(&model, &kept, &mut self.scratch).map_err(params_err)?;
+                if self.place.dims.data > 1 {
+                    self.place
+                        .data_group
+                        .broadcast(&mut self.scratch, 0)
+                        .map_err(|source| TrainError::Comm { rank, source })?;
+                }
+                let mut offset = 0;
+                for (p, _) in self.layout.params.iter().zip(&kept).filter(|(_, &k)| k) {
+                    for (elements, state) in zero.layout().owned_within(p.range()) {
+                        let from = offset + elements.start - p.offset;
+                        let values = self.scratch[from..from + elements.len()].to_vec();
+                        let state = state..state + elements.len();
+                        self.master[state.clone()].copy_from_slice(&values);
+                        self.fsdp_kept.push((state, values));
+                    }
+                    offset += p.numel;
+                }
+            }
+            model = release_selected(model, select);
+        }
+        stats.compute_ms += started.elapsed().as_secs_f64() * 1e3;
+        Ok(model)
     }
 
     /// Waits for the all-reduces launched during backward and puts the averages in place.

@@ -287,13 +287,13 @@ pub fn params_at(out: &Path, step: u64) -> Params {
         "no complete checkpoint at {}",
         dir.display()
     );
-    checkpoint::read_all(&dir, "model-").unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+    checkpoint::read_params(&dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
 }
 
 /// The parameters of the latest complete checkpoint under `out`.
 pub fn final_params(out: &Path) -> Params {
     let dir = checkpoint::latest(&out.join("checkpoints")).unwrap_or_else(|e| panic!("{e}"));
-    checkpoint::read_all(&dir, "model-").unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+    checkpoint::read_params(&dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
 }
 
 /// The largest absolute difference between two parameter sets and the parameter where it is;
