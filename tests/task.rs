@@ -265,14 +265,20 @@ fn a_users_block_chain_with_buffers_and_a_frozen_layer_trains_under_zero_3() {
     for file in ["model-stage0-shard0", "model-stage0-shard1", "optim-stage0-shard1"] {
         assert!(dir.join(format!("{file}.safetensors")).is_file(), "no {file}");
     }
-    assert!(!dir.join("model-stage0.safetensors").exists(), "a whole model file under ZeRO-3");
+    assert!(
+        !dir.join("model-stage0.safetensors").exists(),
+        "a whole model file under ZeRO-3"
+    );
     // Joined from the two replicas' slices.
     let (early, last) = (common::params_at(&out, 10), common::final_params(&out));
     assert_eq!(
         early["frozen.weight"].data, last["frozen.weight"].data,
         "the frozen layer moved"
     );
-    assert_ne!(early["a.weight"].data, last["a.weight"].data, "the trained layer did not move");
+    assert_ne!(
+        early["a.weight"].data, last["a.weight"].data,
+        "the trained layer did not move"
+    );
     let (var_early, var_last) = (&early["bn.running_var"].data, &last["bn.running_var"].data);
     assert_ne!(var_early, var_last, "running statistics were not updated");
     assert!(var_last.iter().all(|v| v.is_finite() && *v > 0.0), "{var_last:?}");

@@ -118,10 +118,16 @@ fn assert_two_ranks_match(test: &str, mode: &str, extra: &[&str]) {
         sharded_files.push("model");
     }
     for kind in sharded_files {
-        for file in [format!("{kind}-stage0-shard0.safetensors"), format!("{kind}-stage0-shard1.safetensors")] {
+        for file in [
+            format!("{kind}-stage0-shard0.safetensors"),
+            format!("{kind}-stage0-shard1.safetensors"),
+        ] {
             assert!(dir.join(&file).is_file(), "{} lacks {file}", dir.display());
         }
-        assert!(!dir.join(format!("{kind}-stage0.safetensors")).exists(), "a whole {kind} file");
+        assert!(
+            !dir.join(format!("{kind}-stage0.safetensors")).exists(),
+            "a whole {kind} file"
+        );
     }
 
     let (z, d, o): (Params, Params, Params) = (final_params(&sharded), final_params(&ddp), final_params(&one));

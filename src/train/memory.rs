@@ -76,7 +76,10 @@ impl MemoryEstimate {
             cfg.parallel.shard != ShardMode::None,
         );
         let fsdp = cfg.parallel.shard == ShardMode::Parameters;
-        let flat_grads_held = share(params, matches!(cfg.parallel.shard, ShardMode::Gradients | ShardMode::Parameters));
+        let flat_grads_held = share(
+            params,
+            matches!(cfg.parallel.shard, ShardMode::Gradients | ShardMode::Parameters),
+        );
         // ZeRO-3 holds the block it computes (loaded, and its gradients: burn's, read out, and
         // the reduce-scatter's buffer) and the next block's all-gather; plain data parallelism
         // and ZeRO-1/2 hold the whole model.
@@ -170,7 +173,13 @@ pub fn largest_stage<M, B>(resolved: &Resolved, chain: &dyn BlockChain<M, B>) ->
         .map_err(|why| format!("parallel.partition: {why}"))?;
     stages
         .into_iter()
-        .map(|blocks| MemoryEstimate::of(resolved, &counts[blocks.clone()], held_activations(resolved, chain, blocks)))
+        .map(|blocks| {
+            MemoryEstimate::of(
+                resolved,
+                &counts[blocks.clone()],
+                held_activations(resolved, chain, blocks),
+            )
+        })
         .max_by_key(MemoryEstimate::total_bytes)
         .ok_or_else(|| "the model has no pipeline stage".to_string())
 }

@@ -437,7 +437,8 @@ impl<'a, T: Task> Run<'a, T> {
                 return Err(TrainError::Unsupported {
                     rank,
                     what: "parallel.shard = \"parameters\"".into(),
-                    why: "ZeRO-3 needs the whole model as a chain of blocks on each rank (parallel.pipeline = 1)".into(),
+                    why: "ZeRO-3 needs the whole model as a chain of blocks on each rank (parallel.pipeline = 1)"
+                        .into(),
                 });
             }
             master

@@ -116,10 +116,10 @@ impl Overlap {
         let fsdp = cfg.parallel.shard == crate::config::ShardMode::Parameters;
         let used = fsdp
             || wanted
-            && place.dims.data > 1
-            && ddp.codec().is_none()
-            && !loss_scaling
-            && resolved.backend != crate::config::CommBackend::Nccl;
+                && place.dims.data > 1
+                && ddp.codec().is_none()
+                && !loss_scaling
+                && resolved.backend != crate::config::CommBackend::Nccl;
         Ok(used.then_some(Self { ranges, select }))
     }
 }
@@ -585,7 +585,8 @@ impl<T: Task> Run<'_, T> {
                 Some((_, all)) => &all[..len],
                 None => &master[zero.layout().pieces[b].state.clone()],
             };
-            let model = load_selected_as(model, &self.layout, &blocks.select[b], values, tracked).map_err(params_err)?;
+            let model =
+                load_selected_as(model, &self.layout, &blocks.select[b], values, tracked).map_err(params_err)?;
             if let Some(buffers) = gathered {
                 zero.recycle(buffers);
             }
