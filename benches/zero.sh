@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sharded data parallelism (parallel.shard, ZeRO-1 and ZeRO-2) against plain data parallelism on
+# Sharded data parallelism (parallel.shard, ZeRO-1, -2 and -3) against plain data parallelism on
 # the same model and ranks: peak resident memory per rank and throughput.
 #
 # Model: configs/mlp_bench.toml deepened to an MLP of LAYERS hidden layers of HIDDEN units
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
 STEPS=${STEPS:-20}
 SIZES=${SIZES:-"2 4"}
-MODES=${MODES:-"none optimizer gradients"}
+MODES=${MODES:-"none optimizer gradients parameters"}
 HIDDEN=${HIDDEN:-1024}
 LAYERS=${LAYERS:-8}
 hidden=$(printf "$HIDDEN, %.0s" $(seq "$LAYERS")); hidden="[${hidden%, }]"

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The largest GPT that trains on RANKS ranks under a per-rank memory cap, for each
-# parallel.shard mode: every rank runs in a memory cgroup of its own (cgroup v1,
+# parallel.shard mode (ZeRO-1, -2 and -3 against plain data parallelism): every rank runs in a memory cgroup of its own (cgroup v1,
 # /sys/fs/cgroup/memory, limit CAP_MB MiB, no swap), started by the launcher through a wrapper
 # (`burnrun -- benches/zero_capacity.sh rank ...`), so a rank that needs more is killed by the
 # kernel and the launcher fails the job.
 #
-# Model: configs/gpt_text.toml widened to n_embd = EMBD (8 heads) and deepened n_layer = 2, 4, 6,
-# ... until a run fails; batch 4 x 64 characters per rank, one compute thread, AdamW, STEPS
+# Model: configs/gpt_text.toml widened to n_embd = EMBD (8 heads) and deepened n_layer = FIRST,
+# FIRST + STRIDE, ... (2, 4, 6, ... by default) until a run fails, or MAX_LAYERS; batch 4 x 64 characters per rank, one compute thread, AdamW, STEPS
 # steps and the final checkpoint (which every run writes). Prints, per mode, the deepest GPT that
 # trained and its parameter count (burnrun's "memory:" line).
 #
 #   cargo build --release && sudo benches/zero_capacity.sh          # RANKS=4 CAP_MB=1024 EMBD=512
+#   MODES=parameters FIRST=20 STRIDE=4 benches/zero_capacity.sh    # skip the small ones
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BURNRUN=${BURNRUN:-$PWD/target/release/burnrun}
@@ -30,8 +31,10 @@ RANKS=${RANKS:-4}
 export CAP_MB=${CAP_MB:-1024}
 EMBD=${EMBD:-512}
 STEPS=${STEPS:-3}
-MODES=${MODES:-"none optimizer gradients"}
-MAX_LAYERS=${MAX_LAYERS:-40}
+MODES=${MODES:-"none optimizer gradients parameters"}
+FIRST=${FIRST:-2}
+STRIDE=${STRIDE:-2}
+MAX_LAYERS=${MAX_LAYERS:-80}
 [ -x "$BURNRUN" ] || { echo "no $BURNRUN: cargo build --release first" >&2; exit 2; }
 [ -d /sys/fs/cgroup/memory ] || { echo "needs cgroup v1's memory controller at /sys/fs/cgroup/memory" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "needs root (cgroups)" >&2; exit 2; }
@@ -64,7 +67,7 @@ echo "|---|---|---|---|"
 declare -A best
 for mode in $MODES; do
   deepest=0 params=0
-  for ((layers = 2; layers <= MAX_LAYERS; layers += 2)); do
+  for ((layers = FIRST; layers <= MAX_LAYERS; layers += STRIDE)); do
     if p=$(run "$mode" "$layers"); then
       deepest=$layers params=$p
       echo "$mode: n_layer $layers ($p parameters) trained" >&2

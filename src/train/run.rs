@@ -446,7 +446,9 @@ impl<'a, T: Task> Run<'a, T> {
                 .map_err(|e| alloc_err("master weights", e))?;
             master.resize(state_numel, 0.0);
         }
-        let optimizer = FlatOptimizer::try_new(super::build::optimizer_kind(cfg), state_numel)
+        // ZeRO-3 allocates its optimizer state once the whole model built above is released.
+        let optimizer_kind = super::build::optimizer_kind(cfg);
+        let optimizer = FlatOptimizer::try_new(optimizer_kind, if fsdp { 0 } else { state_numel })
             .map_err(|e| alloc_err("optimizer state", e))?;
         let mut run = Self {
             world,
@@ -483,14 +485,31 @@ impl<'a, T: Task> Run<'a, T> {
         // Resume, or start every replica from rank 0's parameters.
         let mut model = model;
         let mut start_step = 0;
-        if let Some(loaded) = resume {
-            if fsdp {
-                run.load_shard(&loaded)?;
-            } else {
+        match &resume {
+            Some(loaded) if fsdp => run.load_shard(loaded)?,
+            Some(loaded) => {
                 model = load_params_by_name(model, |p| loaded.params.get(&p.name).map(|t| t.data.clone()))
                     .map_err(params_err)?;
                 flatten_params_into(&model, &mut run.master).map_err(params_err)?;
             }
+            None if fsdp => run.share_initial_params(&model)?,
+            None => {
+                run.ddp
+                    .broadcast_params(&mut run.master)
+                    .map_err(|source| TrainError::Comm { rank, source })?;
+                model = load_params(model, &run.master).map_err(params_err)?;
+            }
+        }
+        if fsdp {
+            // From here on a block's parameters exist only while it computes; the whole model
+            // built at the start is gone before the optimizer state is allocated, so the two
+            // never add up.
+            model = release_selected(model, &vec![true; run.layout.len()]);
+            setup::return_freed_memory();
+            run.optimizer =
+                FlatOptimizer::try_new(optimizer_kind, state_numel).map_err(|e| alloc_err("optimizer state", e))?;
+        }
+        if let Some(loaded) = resume {
             resume::load_optimizer(
                 &mut run.optimizer,
                 &run.layout,
@@ -509,17 +528,6 @@ impl<'a, T: Task> Run<'a, T> {
             if rank == 0 {
                 tracing::info!("resumed from {} at step {}", loaded.dir.display(), loaded.state.step);
             }
-        } else if fsdp {
-            run.share_initial_params(&model)?;
-        } else {
-            run.ddp
-                .broadcast_params(&mut run.master)
-                .map_err(|source| TrainError::Comm { rank, source })?;
-            model = load_params(model, &run.master).map_err(params_err)?;
-        }
-        if fsdp {
-            // From here on a block's parameters exist only while it computes.
-            model = release_selected(model, &vec![true; run.layout.len()]);
         }
         run.scaler = scaler;
         Ok((run, model, start_step))

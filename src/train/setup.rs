@@ -216,6 +216,18 @@ pub(crate) fn keep_freed_memory() {
     }
 }
 
+/// Gives the memory the allocator holds free back to the system, once (glibc's `malloc_trim`
+/// also releases whole free pages inside the heap): ZeRO-3 calls it after releasing the whole
+/// model built at start, which [`keep_freed_memory`] would otherwise keep resident (and charged
+/// to a memory cgroup) beside the rank's shards for the whole run.
+pub(crate) fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system, under the allocator's locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How long a rank told that rank 0 could not lock `train.out_dir` waits before it exits, so that
 /// rank 0's exit, with the reason, comes first (the launcher stops every other rank then).
 const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
