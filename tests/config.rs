@@ -220,7 +220,7 @@ fn data_times_pipeline_not_equal_to_the_world_size_names_every_term_and_the_line
     let message = err.to_string();
     assert_eq!(
         message,
-        "configs/x.toml:5:1: parallel: data(2) * pipeline(3) = 6 != WORLD_SIZE(4)"
+        "configs/x.toml:5:1: parallel: data(2) * tensor(1) * pipeline(3) = 6 != WORLD_SIZE(4)"
     );
     assert_eq!(err.key(), Some("parallel.data"));
     assert_eq!(err.line(), Some(5));
@@ -230,7 +230,8 @@ fn data_times_pipeline_not_equal_to_the_world_size_names_every_term_and_the_line
         .validate(4)
         .unwrap_err();
     assert!(
-        auto.to_string().contains("WORLD_SIZE(4) % pipeline(3) = 1 != 0"),
+        auto.to_string()
+            .contains("WORLD_SIZE(4) % (tensor(1) * pipeline(3)) = 1 != 0"),
         "{auto}"
     );
 }
@@ -441,7 +442,7 @@ fn a_validation_error_from_an_override_names_the_override() {
         .to_string();
     assert_eq!(
         err,
-        "--set parallel.data=3: parallel: data(3) * pipeline(1) = 3 != WORLD_SIZE(2)"
+        "--set parallel.data=3: parallel: data(3) * tensor(1) * pipeline(1) = 3 != WORLD_SIZE(2)"
     );
 }
 
@@ -453,17 +454,20 @@ fn the_check_report_shows_the_batch_arithmetic_and_the_rank_mesh() {
         report.contains("global batch = batch_size(32) x grad_accum_steps(2) x data-parallel ranks(2) = 128"),
         "{report}"
     );
-    assert!(report.contains("data(2) x pipeline(1) = WORLD_SIZE(2)"), "{report}");
     assert!(
-        report.contains("rank  (data, stage)  data-parallel group  pipeline group"),
+        report.contains("data(2) x tensor(1) x pipeline(1) = WORLD_SIZE(2)"),
         "{report}"
     );
     assert!(
-        report.contains("   0  (0, 0)         [0, 1]               [0]"),
+        report.contains("rank  (data, tensor, stage)  data-parallel group  tensor-parallel group  pipeline group"),
         "{report}"
     );
     assert!(
-        report.contains("   1  (1, 0)         [0, 1]               [1]"),
+        report.contains("   0  (0, 0, 0)              [0, 1]               [0]                    [0]"),
+        "{report}"
+    );
+    assert!(
+        report.contains("   1  (1, 0, 0)              [0, 1]               [1]                    [1]"),
         "{report}"
     );
     assert!(
@@ -480,11 +484,11 @@ fn the_check_report_of_a_pipeline_shows_each_ranks_coordinates_and_groups() {
     for needle in [
         "micro-batch = batch_size(32) / micro_batches(4) = 8",
         "global batch = batch_size(32) x grad_accum_steps(1) x data-parallel ranks(2) = 64",
-        "data(2) x pipeline(2) = WORLD_SIZE(4)",
-        "   0  (0, 0)         [0, 2]               [0, 1]",
-        "   1  (0, 1)         [1, 3]               [0, 1]",
-        "   2  (1, 0)         [0, 2]               [2, 3]",
-        "   3  (1, 1)         [1, 3]               [2, 3]",
+        "data(2) x tensor(1) x pipeline(2) = WORLD_SIZE(4)",
+        "   0  (0, 0, 0)              [0, 2]               [0]                    [0, 1]",
+        "   1  (0, 0, 1)              [1, 3]               [1]                    [0, 1]",
+        "   2  (1, 0, 0)              [0, 2]               [2]                    [2, 3]",
+        "   3  (1, 0, 1)              [1, 3]               [3]                    [2, 3]",
         "stages: stage 0: blocks 0..2, stage 1: blocks 2..4",
     ] {
         assert!(report.contains(needle), "missing {needle:?} in:\n{report}");
@@ -538,16 +542,24 @@ fn the_resolved_mesh_is_the_one_the_parallel_layer_builds_with_the_documented_la
             format!("[model.mlp]\nhidden = [16, 16, 16, 16]\n[parallel]\ndata = {data}\npipeline = {pipeline}\n");
         let implied = format!("[model.mlp]\nhidden = [16, 16, 16, 16]\n[parallel]\ndata = 0\npipeline = {pipeline}\n");
         let mesh = parse(&explicit).unwrap().validate(world).unwrap().mesh;
-        let dims = ParallelDims::new(data, pipeline, world).unwrap();
+        let dims = ParallelDims::new(data, 1, pipeline, world).unwrap();
         assert_eq!(mesh, dims, "{shape}");
-        assert_eq!(mesh, ParallelDims { data, pipeline }, "{shape}");
+        assert_eq!(
+            mesh,
+            ParallelDims {
+                data,
+                tensor: 1,
+                pipeline
+            },
+            "{shape}"
+        );
         assert_eq!(
             parse(&implied).unwrap().validate(world).unwrap().mesh,
             dims,
             "{shape}, data = 0"
         );
         assert_eq!(
-            ParallelDims::new(0, pipeline, world).unwrap(),
+            ParallelDims::new(0, 1, pipeline, world).unwrap(),
             dims,
             "{shape}, data = 0"
         );
@@ -558,24 +570,32 @@ fn the_resolved_mesh_is_the_one_the_parallel_layer_builds_with_the_documented_la
             let coords = mesh.coords(rank);
             let expected = MeshCoords {
                 data: rank / pipeline,
+                tensor: 0,
                 stage: rank % pipeline,
             };
             assert_eq!(coords, expected, "rank {rank} of {shape}");
             assert_eq!(mesh.rank_of(coords), rank, "rank {rank} of {shape}");
-            assert!(mesh.data_group(coords.stage).contains(&rank), "rank {rank} of {shape}");
             assert!(
-                mesh.pipeline_group(coords.data).contains(&rank),
+                mesh.data_group(coords.stage, 0).contains(&rank),
+                "rank {rank} of {shape}"
+            );
+            assert!(
+                mesh.pipeline_group(coords.data, 0).contains(&rank),
                 "rank {rank} of {shape}"
             );
         }
         // A stage's data-parallel group is every pipeline-th rank; a replica's stages are neighbours.
         for stage in 0..pipeline {
             let every_pipeline_th: Vec<usize> = (stage..world).step_by(pipeline).collect();
-            assert_eq!(mesh.data_group(stage), every_pipeline_th, "stage {stage} of {shape}");
+            assert_eq!(mesh.data_group(stage, 0), every_pipeline_th, "stage {stage} of {shape}");
         }
         for replica in 0..data {
             let neighbours: Vec<usize> = (replica * pipeline..(replica + 1) * pipeline).collect();
-            assert_eq!(mesh.pipeline_group(replica), neighbours, "replica {replica} of {shape}");
+            assert_eq!(
+                mesh.pipeline_group(replica, 0),
+                neighbours,
+                "replica {replica} of {shape}"
+            );
         }
         let stages: Vec<usize> = (0..world).map(|r| r % pipeline).collect();
         let replicas: Vec<usize> = (0..world).map(|r| r / pipeline).collect();

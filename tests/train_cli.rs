@@ -277,7 +277,10 @@ fn check_prints_the_batch_arithmetic_and_the_rank_mesh_without_starting_ranks() 
         report.contains("global batch = batch_size(32) x grad_accum_steps(1) x data-parallel ranks(1) = 32"),
         "{report}"
     );
-    assert!(report.contains("data(1) x pipeline(1) = WORLD_SIZE(1)"), "{report}");
+    assert!(
+        report.contains("data(1) x tensor(1) x pipeline(1) = WORLD_SIZE(1)"),
+        "{report}"
+    );
     // Every default is filled in.
     assert!(report.contains("check_replicas_every = 50"), "{report}");
 
@@ -300,7 +303,10 @@ fn check_prints_the_batch_arithmetic_and_the_rank_mesh_without_starting_ranks() 
         report.contains("micro-batch = batch_size(32) / micro_batches(4) = 8"),
         "{report}"
     );
-    assert!(report.contains("data(2) x pipeline(2) = WORLD_SIZE(4)"), "{report}");
+    assert!(
+        report.contains("data(2) x tensor(1) x pipeline(2) = WORLD_SIZE(4)"),
+        "{report}"
+    );
     assert!(!report.contains("[rank"), "check started ranks:\n{report}");
 }
 

@@ -54,7 +54,7 @@ pub struct Problem {
     pub at: Location,
     /// Key paths involved, most relevant first (e.g. `["parallel.data", "parallel.pipeline"]`).
     pub keys: Vec<String>,
-    /// What is wrong, with every term (e.g. `parallel: data(2) * pipeline(3) = 6 != WORLD_SIZE(4)`).
+    /// What is wrong, with every term (e.g. `parallel: data(2) * tensor(1) * pipeline(3) = 6 != WORLD_SIZE(4)`).
     pub message: String,
 }
 

@@ -19,7 +19,7 @@
 //! Every struct denies unknown keys and fills missing ones with the documented defaults. Errors
 //! name the file, the key path and the line (`configs/x.toml:12:1: unknown key `lrr` in [optim]
 //! (did you mean `lr`? expected one of: ...)`); [`RunConfig::validate`] checks combinations with
-//! every term in the message (`parallel: data(2) * pipeline(3) = 6 != WORLD_SIZE(4)`).
+//! every term in the message (`parallel: data(2) * tensor(1) * pipeline(3) = 6 != WORLD_SIZE(4)`).
 
 mod checkpoint;
 mod choice;

@@ -103,16 +103,20 @@ impl<'de> Visitor<'de> for PartitionVisitor {
 
 /// `[parallel]`: the rank mesh.
 ///
-/// `data * pipeline` must equal `WORLD_SIZE`. Rank `r` is stage `r % pipeline` of replica
-/// `r / pipeline`: the stages of one replica are neighbours (activations cross the fastest
-/// links), and the data-parallel group of a stage is every `pipeline`-th rank.
+/// `data * tensor * pipeline` must equal `WORLD_SIZE`. Rank `r` is tensor rank `r % tensor` of
+/// stage `(r / tensor) % pipeline` of replica `r / (tensor * pipeline)`: tensor-parallel ranks
+/// are neighbours (one host), then the stages of one replica (see `crate::config::ParallelDims`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
-    /// Data-parallel replicas. `0` means `WORLD_SIZE / pipeline`. Default `0`.
+    /// Data-parallel replicas. `0` means `WORLD_SIZE / (tensor * pipeline)`. Default `0`.
     pub data: usize,
     /// Pipeline stages per replica; `1` is plain data parallelism. Default `1`.
     pub pipeline: usize,
+    /// Tensor-parallel ranks per stage: each holds 1/tensor of every transformer layer's
+    /// attention heads and MLP (Megatron's column/row split; the built-in GPT). `1`: none.
+    /// Default `1`.
+    pub tensor: usize,
     /// Micro-batches each rank's `train.batch_size` is split into for the pipeline schedule; must
     /// divide `train.batch_size`. With `pipeline = 1` it has no effect. Default `1`.
     pub micro_batches: usize,
@@ -130,6 +134,7 @@ impl Default for ParallelConfig {
         Self {
             data: 0,
             pipeline: 1,
+            tensor: 1,
             micro_batches: 1,
             schedule: PipelineSchedule::GPipe,
             partition: Partition::Balanced,

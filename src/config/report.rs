@@ -190,32 +190,35 @@ impl Resolved {
         lines
     }
 
-    /// The rank mesh: a header with the axis sizes, then each rank's `(data, stage)` coordinates
-    /// and the members of its data-parallel and pipeline groups, then the stage split.
+    /// The rank mesh: a header with the axis sizes, then each rank's `(data, tensor, stage)`
+    /// coordinates and the members of its data-parallel, tensor-parallel and pipeline groups (the
+    /// process groups the trainer makes with `split`), then the stage split.
     pub fn mesh_table(&self) -> Vec<String> {
         let mesh = self.mesh;
         let mut lines = vec![
             format!(
-                "data({}) x pipeline({}) = WORLD_SIZE({})",
-                mesh.data, mesh.pipeline, self.world_size
+                "data({}) x tensor({}) x pipeline({}) = WORLD_SIZE({})",
+                mesh.data, mesh.tensor, mesh.pipeline, self.world_size
             ),
-            "rank  (data, stage)  data-parallel group  pipeline group".to_string(),
+            "rank  (data, tensor, stage)  data-parallel group  tensor-parallel group  pipeline group".to_string(),
         ];
         for rank in 0..mesh.world_size().min(MESH_ROWS_SHOWN) {
-            let MeshCoords { data, stage } = mesh.coords(rank);
-            let coords = format!("({data}, {stage})");
-            let data_group = format!("{:?}", mesh.data_group(stage));
+            let MeshCoords { data, tensor, stage } = mesh.coords(rank);
+            let coords = format!("({data}, {tensor}, {stage})");
+            let data_group = format!("{:?}", mesh.data_group(stage, tensor));
+            let tensor_group = format!("{:?}", mesh.tensor_group(data, stage));
             lines.push(format!(
-                "{rank:>4}  {coords:<13}  {data_group:<19}  {:?}",
-                mesh.pipeline_group(data)
+                "{rank:>4}  {coords:<21}  {data_group:<19}  {tensor_group:<21}  {:?}",
+                mesh.pipeline_group(data, tensor)
             ));
         }
         if mesh.world_size() > MESH_ROWS_SHOWN {
             lines.push(format!(
-                "... {} more ranks: rank r is stage r % {} of replica r / {}",
+                "... {} more ranks: rank r is tensor rank r % {t} of stage (r / {t}) % {p} of replica r / {}",
                 mesh.world_size() - MESH_ROWS_SHOWN,
-                mesh.pipeline,
-                mesh.pipeline
+                mesh.tensor * mesh.pipeline,
+                t = mesh.tensor,
+                p = mesh.pipeline,
             ));
         }
         if mesh.pipeline > 1 {

@@ -26,7 +26,7 @@ pub struct RunConfig {
     pub optim: OptimConfig,
     /// `[train]`: steps, batch, seed, device, output folder.
     pub train: TrainConfig,
-    /// `[parallel]`: data-parallel replicas x pipeline stages.
+    /// `[parallel]`: data-parallel replicas x tensor-parallel ranks x pipeline stages.
     pub parallel: ParallelConfig,
     /// `[comm]`: collective backend and buckets.
     pub comm: CommConfig,

@@ -17,7 +17,8 @@ pub struct Resolved {
     pub config: RunConfig,
     /// `WORLD_SIZE`.
     pub world_size: usize,
-    /// Data-parallel replicas x pipeline stages (`parallel.data = 0` resolved).
+    /// Data-parallel replicas x tensor-parallel ranks x pipeline stages (`parallel.data = 0`
+    /// resolved).
     pub mesh: ParallelDims,
     /// The parsed `train.device`.
     pub device: DeviceSpec,
@@ -361,7 +362,7 @@ impl RunConfig {
         device
     }
 
-    /// Returns the mesh (a placeholder `1 x 1` when it does not fit: the problem is recorded).
+    /// Returns the mesh (a placeholder `1 x 1 x 1` when it does not fit: the problem is recorded).
     fn check_parallel(&self, c: &mut Checks<'_>, world_size: usize) -> ParallelDims {
         let p = &self.parallel;
         let batch_size = self.train.batch_size;
@@ -383,39 +384,48 @@ impl RunConfig {
             );
         }
 
-        let mut mesh = ParallelDims { data: 1, pipeline: 1 };
-        if p.pipeline > 0 && world_size > 0 {
+        c.require(p.tensor > 0, "parallel.tensor", || {
+            "parallel.tensor = 0: must be at least 1".into()
+        });
+        let mut mesh = ParallelDims {
+            data: 1,
+            tensor: 1,
+            pipeline: 1,
+        };
+        let (tensor, pipeline) = (p.tensor, p.pipeline);
+        if pipeline > 0 && tensor > 0 && world_size > 0 {
+            let per_replica = tensor * pipeline;
             if p.data == 0 {
-                if world_size % p.pipeline == 0 {
+                if world_size % per_replica == 0 {
                     mesh = ParallelDims {
-                        data: world_size / p.pipeline,
-                        pipeline: p.pipeline,
+                        data: world_size / per_replica,
+                        tensor,
+                        pipeline,
                     };
                 } else {
                     c.fail(
-                        &["parallel.pipeline", "parallel.data"],
+                        &["parallel.pipeline", "parallel.tensor", "parallel.data"],
                         format!(
-                            "parallel: data = 0 means WORLD_SIZE / pipeline, but WORLD_SIZE({world_size}) % \
-                             pipeline({}) = {} != 0",
-                            p.pipeline,
-                            world_size % p.pipeline
+                            "parallel: data = 0 means WORLD_SIZE / (tensor * pipeline), but WORLD_SIZE({world_size}) % \
+                             (tensor({tensor}) * pipeline({pipeline})) = {} != 0",
+                            world_size % per_replica
                         ),
                     );
                 }
-            } else if p.data * p.pipeline != world_size {
+            } else if p.data * per_replica != world_size {
                 c.fail(
-                    &["parallel.data", "parallel.pipeline"],
+                    &["parallel.data", "parallel.tensor", "parallel.pipeline"],
                     format!(
-                        "parallel: data({}) * pipeline({}) = {} != WORLD_SIZE({world_size})",
+                        "parallel: data({}) * tensor({tensor}) * pipeline({pipeline}) = {} != WORLD_SIZE({world_size})",
                         p.data,
-                        p.pipeline,
-                        p.data * p.pipeline
+                        p.data * per_replica
                     ),
                 );
             } else {
                 mesh = ParallelDims {
                     data: p.data,
-                    pipeline: p.pipeline,
+                    tensor,
+                    pipeline,
                 };
             }
         }
@@ -478,6 +488,9 @@ impl RunConfig {
                 p.shard
             )),
             _ => {}
+        }
+        if p.tensor > 1 {
+            self.check_tensor_parallel(c);
         }
         if p.shard == ShardMode::Parameters && self.train.check_replicas_every > 0 {
             c.note(
@@ -580,11 +593,79 @@ impl RunConfig {
         }
     }
 
+    /// `parallel.tensor > 1`: the model must have a tensor-parallel form that the tensor size
+    /// divides, and what does not run with it yet is refused here, naming both keys.
+    fn check_tensor_parallel(&self, c: &mut Checks<'_>) {
+        let t = self.parallel.tensor;
+        match self.model.kind {
+            ModelKind::Gpt => {
+                let gpt = &self.model.gpt;
+                if gpt.n_head % t != 0 {
+                    c.fail(
+                        &["parallel.tensor", "model.gpt.n_head"],
+                        format!(
+                            "parallel.tensor({t}) does not divide model.gpt.n_head({}): each tensor-parallel rank holds \
+                             whole attention heads",
+                            gpt.n_head
+                        ),
+                    );
+                }
+                if gpt.n_embd % t != 0 {
+                    c.fail(
+                        &["parallel.tensor", "model.gpt.n_embd"],
+                        format!(
+                            "parallel.tensor({t}) does not divide model.gpt.n_embd({}), the hidden size its layers \
+                             are split along",
+                            gpt.n_embd
+                        ),
+                    );
+                }
+            }
+            kind => c.fail(
+                &["parallel.tensor", "model.kind"],
+                format!(
+                    "parallel.tensor = {t}: tensor parallelism splits the attention heads and the MLP of the GPT's \
+                     transformer layers, and model \"{kind}\" has none; use parallel.data or parallel.pipeline"
+                ),
+            ),
+        }
+        let not_yet = [
+            (
+                self.parallel.pipeline > 1,
+                "parallel.pipeline",
+                "a pipeline (parallel.pipeline > 1)",
+            ),
+            (
+                self.parallel.shard != ShardMode::None,
+                "parallel.shard",
+                "sharded data parallelism (parallel.shard)",
+            ),
+            (
+                self.compression.method != CompressionMethod::None,
+                "compression.method",
+                "gradient compression",
+            ),
+            (
+                self.checkpoint.async_write,
+                "checkpoint.async",
+                "asynchronous checkpoints",
+            ),
+        ];
+        for (_, key, what) in not_yet.iter().filter(|(on, _, _)| *on) {
+            c.fail(
+                &["parallel.tensor", key],
+                format!("parallel.tensor = {t} does not run with {what} yet: set {key} back to its default"),
+            );
+        }
+    }
+
     /// What of this config the NCCL path of the trainer cannot run yet (`None`: all of it).
     fn nccl_unsupported(&self) -> Option<&'static str> {
         // fp16, bf16, top-k and PowerSGD all run on the GPU, but none has the warm-up yet.
         if self.compression.method != CompressionMethod::None && self.compression.start_step > 0 {
             Some("a codec that starts after step 0 (compression.start_step)")
+        } else if self.parallel.tensor > 1 {
+            Some("parallel.tensor > 1 (its all-reduces run on the host engine)")
         } else if matches!(self.parallel.shard, ShardMode::Gradients | ShardMode::Parameters) {
             Some("parallel.shard = \"gradients\" or \"parameters\" (their reduce-scatter runs on the host engine)")
         } else {

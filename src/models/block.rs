@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 
 use super::conv::ConvBlock;
 use super::dense::DenseBlock;
-use super::gpt::{EmbeddingBlock, LmHeadBlock, TransformerBlock};
+use super::gpt::{EmbeddingBlock, LmHeadBlock, TpTransformerBlock, TransformerBlock};
 
 /// One block of a built-in model. Every block maps a `[batch, features]` activation to another
 /// `[batch, features]` activation (see the module docs for each model's widths).
@@ -25,6 +25,8 @@ pub enum Block {
     Embedding(EmbeddingBlock),
     /// GPT pre-LN transformer layer.
     Transformer(TransformerBlock),
+    /// One tensor-parallel rank's share of a GPT transformer layer (`parallel.tensor > 1`).
+    TpTransformer(TpTransformerBlock),
     /// GPT final norm + language-model head.
     LmHead(LmHeadBlock),
 }
@@ -37,7 +39,7 @@ impl Block {
             Block::Dense(_) => "dense",
             Block::Conv(_) => "conv",
             Block::Embedding(_) => "embedding",
-            Block::Transformer(_) => "transformer",
+            Block::Transformer(_) | Block::TpTransformer(_) => "transformer",
             Block::LmHead(_) => "lm_head",
         }
     }
@@ -59,6 +61,10 @@ impl Block {
                 let d = b.n_embd();
                 (width > 0 && width % d == 0, format!("[batch, seq * {d}]"))
             }
+            Block::TpTransformer(b) => {
+                let d = b.n_embd();
+                (width > 0 && width % d == 0, format!("[batch, seq * {d}]"))
+            }
             Block::LmHead(b) => {
                 let d = b.n_embd();
                 (width > 0 && width % d == 0, format!("[batch, seq * {d}]"))
@@ -72,14 +78,33 @@ impl Block {
     }
 
     /// Runs the block on a `[batch, width]` activation the caller has checked with
-    /// [`Block::check_input`].
+    /// [`Block::check_input`]. A tensor-parallel share runs its segments back to back, which is
+    /// the layer only when it is split one way (the trainer runs the segments and their sums).
     pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
             Block::Dense(b) => b.forward(x),
             Block::Conv(b) => b.forward(x),
             Block::Embedding(b) => b.forward(x),
             Block::Transformer(b) => b.forward(x),
+            Block::TpTransformer(b) => b.forward_segment(b.forward_segment(x, 0), 1),
             Block::LmHead(b) => b.forward(x),
+        }
+    }
+
+    /// Segments the block runs as (2 for a tensor-parallel transformer share, else 1).
+    pub fn segments(&self) -> usize {
+        match self {
+            Block::TpTransformer(_) => 2,
+            _ => 1,
+        }
+    }
+
+    /// Segment `segment` of the block: the whole block, or a tensor-parallel share's partial
+    /// output (see [`TpTransformerBlock`]).
+    pub(crate) fn forward_segment(&self, x: Tensor<2>, segment: usize) -> Tensor<2> {
+        match self {
+            Block::TpTransformer(b) => b.forward_segment(x, segment),
+            other => other.forward(x),
         }
     }
 }

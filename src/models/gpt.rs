@@ -8,10 +8,11 @@
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::module::embedding;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::init::{constant_param, linear_normal, normal_param};
+use crate::parallel::tensor::TensorSplit;
 use crate::rng::SplitMix64;
 
 /// Standard deviation of GPT-2's weight and embedding initialisation.
@@ -129,10 +130,20 @@ impl TransformerBlock {
 
     /// Causal multi-head self-attention, `[batch, seq, n_embd] -> [batch, seq, n_embd]`.
     fn attention(&self, x: Tensor<3>) -> Tensor<3> {
-        let [batch, seq, n_embd] = x.dims();
-        let head_dim = n_embd / self.n_head;
-        let qkv = self.qkv.forward(x); // [batch, seq, 3 n_embd]
-        let split_heads = |t: Tensor<3>| t.reshape([batch, seq, self.n_head, head_dim]).swap_dims(1, 2);
+        let n_embd = x.dims()[2];
+        self.attn_proj.forward(attend(self.qkv.forward(x), self.n_head, n_embd))
+    }
+}
+
+/// Causal self-attention of `heads` heads over `width` values per position, from the fused
+/// query/key/value projection `qkv` `[batch, seq, 3 width]` (queries, then keys, then values);
+/// returns the heads side by side, `[batch, seq, width]`, before the output projection.
+fn attend(qkv: Tensor<3>, heads: usize, width: usize) -> Tensor<3> {
+    {
+        let [batch, seq, _] = qkv.dims();
+        let n_embd = width;
+        let head_dim = width / heads;
+        let split_heads = |t: Tensor<3>| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
         let q = split_heads(qkv.clone().narrow(2, 0, n_embd)); // [batch, heads, seq, head_dim]
         let k = split_heads(qkv.clone().narrow(2, n_embd, n_embd)); // [batch, heads, seq, head_dim]
         let v = split_heads(qkv.narrow(2, 2 * n_embd, n_embd)); // [batch, heads, seq, head_dim]
@@ -146,9 +157,138 @@ impl TransformerBlock {
             .reshape([1, 1, seq, seq]); // [1, 1, seq, seq]
         let weights = softmax(scores + causal, 3); // [batch, heads, seq, seq]
         let y = weights.matmul(v); // [batch, heads, seq, head_dim]
-        let y = y.swap_dims(1, 2).reshape([batch, seq, n_embd]); // [batch, seq, n_embd]
-        self.attn_proj.forward(y)
+        y.swap_dims(1, 2).reshape([batch, seq, n_embd]) // [batch, seq, width]
     }
+}
+
+/// One of `ranks` tensor-parallel shares of a [`TransformerBlock`] (Megatron-LM's split), with
+/// the same parameter names: `qkv` and `fc` keep `1/ranks` of their output columns
+/// (column-parallel; `qkv` the same heads' queries, keys and values, so `n_head / ranks` whole
+/// heads), `attn_proj` and `fc_proj` the matching `1/ranks` of their input rows (row-parallel);
+/// the layer norms and the two output biases are replicated.
+///
+/// It runs as two segments, each from a replicated input to a PARTIAL output whose sum over the
+/// ranks is the full layer's: segment 0 `x -> x / ranks + attn_share(ln1(x)) + attn_proj.bias /
+/// ranks`, segment 1 likewise with the MLP. The trainer sums the partial outputs over the group
+/// in forward and the gradients of the segment inputs in backward (the two all-reduces per
+/// column/row pair of Megatron); dividing the residual and the replicated bias by `ranks` makes
+/// their gradients, too, partial sums, as are the layer norms' (each rank back-propagates
+/// through its own heads only), so every replicated parameter's gradient is summed over the
+/// group.
+#[derive(Module, Debug)]
+pub struct TpTransformerBlock {
+    /// Norm before attention (replicated).
+    pub ln1: LayerNorm,
+    /// This rank's heads' query, key and value columns, `[n_embd, 3 n_embd / ranks]`.
+    pub qkv: Linear,
+    /// The matching rows of the output projection, `[n_embd / ranks, n_embd]`; bias replicated.
+    pub attn_proj: Linear,
+    /// Norm before the MLP (replicated).
+    pub ln2: LayerNorm,
+    /// This rank's columns of the MLP expansion, `[n_embd, 4 n_embd / ranks]`.
+    pub fc: Linear,
+    /// The matching rows of the MLP projection, `[4 n_embd / ranks, n_embd]`; bias replicated.
+    pub fc_proj: Linear,
+    /// Attention heads of this share (`n_head / ranks`).
+    #[module(skip)]
+    pub n_head: usize,
+    /// Tensor-parallel ranks sharing the layer.
+    #[module(skip)]
+    pub ranks: usize,
+}
+
+impl TpTransformerBlock {
+    /// Rank `rank` of `ranks`'s share of `full` (`ranks` divides its heads).
+    pub(crate) fn from_full(full: TransformerBlock, rank: usize, ranks: usize, device: &Device) -> Self {
+        let n_embd = full.n_embd();
+        let split = |field: &str| Self::split(field, n_embd, rank, ranks);
+        let take2 = |p: Param<Tensor<2>>, field: &str| match split(field) {
+            Some(s) => slice_param(p, &s, device),
+            None => p,
+        };
+        let take1 = |p: Param<Tensor<1>>, field: &str| match split(field) {
+            Some(s) => slice_param(p, &s, device),
+            None => p,
+        };
+        let linear = |l: Linear, name: &str| Linear {
+            weight: take2(l.weight, &format!("{name}.weight")),
+            bias: l.bias.map(|b| take1(b, &format!("{name}.bias"))),
+        };
+        Self {
+            ln1: full.ln1,
+            qkv: linear(full.qkv, "qkv"),
+            attn_proj: linear(full.attn_proj, "attn_proj"),
+            ln2: full.ln2,
+            fc: linear(full.fc, "fc"),
+            fc_proj: linear(full.fc_proj, "fc_proj"),
+            n_head: full.n_head / ranks,
+            ranks,
+        }
+    }
+
+    /// Where rank `rank` of `ranks`'s slice of parameter `field` (`qkv.weight`, `fc.bias`, ...)
+    /// of a layer `n_embd` wide lies in the full parameter; `None` for a replicated one.
+    pub fn split(field: &str, n_embd: usize, rank: usize, ranks: usize) -> Option<TensorSplit> {
+        let hidden = MLP_RATIO * n_embd;
+        let (shape, dim, sections) = match field {
+            "qkv.weight" => (vec![n_embd, 3 * n_embd], 1, 3),
+            "qkv.bias" => (vec![3 * n_embd], 0, 3),
+            "attn_proj.weight" => (vec![n_embd, n_embd], 0, 1),
+            "fc.weight" => (vec![n_embd, hidden], 1, 1),
+            "fc.bias" => (vec![hidden], 0, 1),
+            "fc_proj.weight" => (vec![hidden, n_embd], 0, 1),
+            _ => return None,
+        };
+        Some(TensorSplit::even(shape, dim, sections, rank, ranks))
+    }
+
+    /// Parameter values of one share of a layer `n_embd` wide split `ranks` ways.
+    pub fn param_count(n_embd: usize, ranks: usize) -> usize {
+        let hidden = MLP_RATIO * n_embd;
+        let sharded = n_embd * 3 * n_embd + 3 * n_embd + n_embd * n_embd + n_embd * hidden + hidden + hidden * n_embd;
+        let replicated = 4 * n_embd + n_embd + n_embd;
+        sharded / ranks + replicated
+    }
+
+    /// The embedding width.
+    pub fn n_embd(&self) -> usize {
+        self.qkv.weight.lazy_shape()[0]
+    }
+
+    /// Segment `segment` (0: attention, 1: MLP) on `[batch, seq * n_embd]`: this rank's partial
+    /// output (see the type's docs).
+    pub(crate) fn forward_segment(&self, x: Tensor<2>, segment: usize) -> Tensor<2> {
+        let [batch, width] = x.dims();
+        let n_embd = self.n_embd();
+        let seq = width / n_embd;
+        let share = 1.0 / self.ranks as f32;
+        let x = x.reshape([batch, seq, n_embd]); // [batch, seq, n_embd]
+        let (inner, proj) = if segment == 0 {
+            let heads = attend(
+                self.qkv.forward(self.ln1.forward(x.clone())),
+                self.n_head,
+                n_embd / self.ranks,
+            );
+            (heads, &self.attn_proj) // [batch, seq, n_embd / ranks]
+        } else {
+            (gelu(self.fc.forward(self.ln2.forward(x.clone()))), &self.fc_proj) // [batch, seq, 4 n_embd / ranks]
+        };
+        let mut y = linear(inner, proj.weight.val(), None) + x * share; // [batch, seq, n_embd]
+        if let Some(bias) = &proj.bias {
+            y = y + bias.val().reshape([1, 1, n_embd]) * share;
+        }
+        y.reshape([batch, width])
+    }
+}
+
+/// The slice `split` of `param`, a new trainable parameter on `device`.
+fn slice_param<const D: usize>(param: Param<Tensor<D>>, split: &TensorSplit, device: &Device) -> Param<Tensor<D>> {
+    let full: Vec<f32> = param.val().into_data().try_into_vec_as::<f32>().unwrap_or_default();
+    let shape: [usize; D] = split
+        .local_shape()
+        .try_into()
+        .unwrap_or_else(|_| panic!("a {D}-d parameter sliced as {:?}", split.full_shape));
+    Param::from_tensor(Tensor::from_data(TensorData::new(split.take(&full), shape), device))
 }
 
 /// Final layer norm and the language-model head (no bias).

@@ -25,7 +25,7 @@ pub use block::Block;
 pub use conv::ConvBlock;
 pub use dense::DenseBlock;
 pub use error::ModelError;
-pub use gpt::{EmbeddingBlock, LmHeadBlock, TransformerBlock};
+pub use gpt::{EmbeddingBlock, LmHeadBlock, TpTransformerBlock, TransformerBlock};
 pub use loss::{accuracy, cross_entropy};
 pub use spec::ModelSpec;
 pub use stack::BlockStack;

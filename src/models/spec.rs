@@ -12,7 +12,7 @@ use super::block::Block;
 use super::conv::{ConvBlock, KERNEL};
 use super::dense::DenseBlock;
 use super::error::ModelError;
-use super::gpt::{EmbeddingBlock, LmHeadBlock, TransformerBlock};
+use super::gpt::{EmbeddingBlock, LmHeadBlock, TpTransformerBlock, TransformerBlock};
 use super::init::block_rng;
 
 /// Token ids travel as f32 between the data and the embedding block: every integer below 2^24
@@ -321,6 +321,37 @@ impl ModelSpec {
 
     /// Builds block `block` (`< num_blocks()`, checked by the caller) with its own generator
     /// derived from `(seed, block)`: the same values whether or not the other blocks are built.
+    /// Block `block` as rank `tensor.0` of `tensor.1` tensor-parallel ranks holds it: a GPT
+    /// transformer layer's share (built whole with the same draws, then sliced), every other
+    /// block whole.
+    pub(crate) fn build_block_tp(&self, block: usize, seed: u64, device: &Device, tensor: (usize, usize)) -> Block {
+        match self.build_block(block, seed, device) {
+            Block::Transformer(full) if tensor.1 > 1 => {
+                Block::TpTransformer(TpTransformerBlock::from_full(full, tensor.0, tensor.1, device))
+            }
+            other => other,
+        }
+    }
+
+    /// Parameter values of each block as one of `ranks` tensor-parallel ranks holds it.
+    pub fn block_param_counts_tp(&self, ranks: usize) -> Vec<usize> {
+        let full = self.block_param_counts();
+        match self {
+            ModelSpec::Gpt { n_embd, n_layer, .. } if ranks > 1 => full
+                .iter()
+                .enumerate()
+                .map(|(b, &count)| {
+                    if (1..=*n_layer).contains(&b) {
+                        TpTransformerBlock::param_count(*n_embd, ranks)
+                    } else {
+                        count
+                    }
+                })
+                .collect(),
+            _ => full,
+        }
+    }
+
     pub(crate) fn build_block(&self, block: usize, seed: u64, device: &Device) -> Block {
         let mut rng = block_rng(seed, block);
         match self.plan(block) {

@@ -44,10 +44,23 @@ impl BlockStack {
     /// Builds only the blocks in `range` (a pipeline stage): the values equal those of the same
     /// blocks in [`BlockStack::new`] with the same seed, and the other blocks are never allocated.
     pub fn new_range(spec: ModelSpec, range: Range<usize>, seed: u64, device: &Device) -> Result<Self, ModelError> {
+        Self::new_range_tp(spec, range, seed, device, (0, 1))
+    }
+
+    /// [`BlockStack::new_range`] as tensor-parallel rank `tensor.0` of `tensor.1` holds it: each
+    /// GPT transformer layer is that rank's share ([`crate::models::TpTransformerBlock`], built
+    /// whole with the same draws and sliced), every other block whole.
+    pub fn new_range_tp(
+        spec: ModelSpec,
+        range: Range<usize>,
+        seed: u64,
+        device: &Device,
+        tensor: (usize, usize),
+    ) -> Result<Self, ModelError> {
         spec.validate()?;
         spec.check_range(&range)?;
         let blocks = (0..spec.num_blocks())
-            .map(|i| range.contains(&i).then(|| spec.build_block(i, seed, device)))
+            .map(|i| range.contains(&i).then(|| spec.build_block_tp(i, seed, device, tensor)))
             .collect();
         Ok(Self {
             blocks,
@@ -192,6 +205,31 @@ impl BlockStack {
             x = block.forward(x);
         }
         Ok(x)
+    }
+
+    /// Segments of block `index` (see [`Block::segments`]); 1 for a block not held.
+    pub fn segments(&self, index: usize) -> usize {
+        self.block(index).map_or(1, Block::segments)
+    }
+
+    /// Runs segment `segment` of block `index` (held) on `x`, its input checked first.
+    pub fn forward_segment(&self, x: Tensor<2>, index: usize, segment: usize) -> Result<Tensor<2>, ModelError> {
+        let block = self.block(index).ok_or_else(|| ModelError::BlockNotHeld {
+            model: self.spec.name(),
+            block: index,
+            held: self.held(),
+        })?;
+        if segment == 0 {
+            let dims = x.dims();
+            block.check_input(dims).map_err(|expected| ModelError::BadInput {
+                model: self.spec.name(),
+                block: index,
+                kind: block.kind(),
+                expected,
+                got: dims.to_vec(),
+            })?;
+        }
+        Ok(block.forward_segment(x, segment))
     }
 
     /// The mean cross-entropy of the last block's output `logits` `[batch, t * classes]` against

@@ -17,6 +17,7 @@ mod device_topk;
 #[cfg(feature = "train")]
 pub mod params;
 mod pipeline;
+pub mod tensor;
 pub mod zero;
 
 pub use data::{BucketLayout, DataParallel, DivergenceError, SyncError, SyncStats};

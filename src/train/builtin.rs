@@ -9,7 +9,8 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::Resolved;
 use crate::data::{Batch, Dataset};
-use crate::models::{BlockStack, ModelSpec};
+use crate::models::{BlockStack, ModelSpec, TpTransformerBlock};
+use crate::parallel::tensor::TensorSplit;
 
 use super::build;
 use super::task::{BlockChain, Task, TaskError};
@@ -22,6 +23,8 @@ pub struct BuiltIn {
     dataset: Arc<dyn Dataset>,
     /// Every block draws its initial values from `(seed, block index)`.
     seed: u64,
+    /// This rank's tensor-parallel rank and the number of them (`(0, 1)`: none).
+    tensor: (usize, usize),
 }
 
 impl BuiltIn {
@@ -32,10 +35,12 @@ impl BuiltIn {
         let dataset = build::dataset(cfg, resolved.seq_len).map_err(|source| TrainError::Data { rank, source })?;
         let spec = build::model_spec(cfg, dataset.as_ref());
         spec.validate().map_err(|source| TrainError::Model { rank, source })?;
+        let tensor = (resolved.mesh.coords(rank).tensor, resolved.mesh.tensor);
         Ok(Self {
             spec,
             dataset,
             seed: cfg.train.seed,
+            tensor,
         })
     }
 
@@ -69,7 +74,14 @@ impl Task for BuiltIn {
     }
 
     fn model(&self, device: &Device) -> Result<BlockStack, TaskError> {
-        Ok(BlockStack::new(self.spec.clone(), self.seed, device)?)
+        let all = 0..self.spec.num_blocks();
+        Ok(BlockStack::new_range_tp(
+            self.spec.clone(),
+            all,
+            self.seed,
+            device,
+            self.tensor,
+        )?)
     }
 
     fn batch(&self, indices: &[usize], device: &Device) -> Result<Batch, TaskError> {
@@ -92,11 +104,56 @@ impl BlockChain<BlockStack, Batch> for BuiltIn {
     }
 
     fn block_param_counts(&self) -> Vec<usize> {
-        self.spec.block_param_counts()
+        self.spec.block_param_counts_tp(self.tensor.1)
     }
 
     fn model_range(&self, range: Range<usize>, device: &Device) -> Result<BlockStack, TaskError> {
-        Ok(BlockStack::new_range(self.spec.clone(), range, self.seed, device)?)
+        Ok(BlockStack::new_range_tp(
+            self.spec.clone(),
+            range,
+            self.seed,
+            device,
+            self.tensor,
+        )?)
+    }
+
+    fn segments(&self, block: usize) -> usize {
+        if self.tensor_parallel(block) {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn forward_segment(
+        &self,
+        model: &BlockStack,
+        x: Tensor<2>,
+        block: usize,
+        segment: usize,
+    ) -> Result<Tensor<2>, TaskError> {
+        Ok(model.forward_segment(x, block, segment)?)
+    }
+
+    fn tensor_parallel(&self, block: usize) -> bool {
+        match &self.spec {
+            ModelSpec::Gpt { n_layer, .. } => self.tensor.1 > 1 && (1..=*n_layer).contains(&block),
+            _ => false,
+        }
+    }
+
+    fn tensor_split(&self, name: &str, rank: usize) -> Option<TensorSplit> {
+        // `blocks.<i>.<field>`: a transformer layer's sharded field.
+        let ModelSpec::Gpt { n_embd, .. } = &self.spec else {
+            return None;
+        };
+        let rest = name.strip_prefix("blocks.")?;
+        let (index, field) = rest.split_once('.')?;
+        let block: usize = index.parse().ok()?;
+        if !self.tensor_parallel(block) {
+            return None;
+        }
+        TpTransformerBlock::split(field, *n_embd, rank, self.tensor.1)
     }
 
     fn input(&self, batch: &Batch) -> Result<Tensor<2>, TaskError> {

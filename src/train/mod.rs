@@ -27,6 +27,7 @@ mod sharded;
 mod stage;
 mod step;
 mod task;
+mod tensor_parallel;
 
 pub use builtin::BuiltIn;
 pub use checkpoint_writer::AsyncCheckpointError;

@@ -315,8 +315,8 @@ pub(crate) fn announce(resolved: &Resolved, what: &str, place: &Placement, block
         tracing::warn!("config: {note}");
     }
     tracing::info!(
-        "training {what}: {} steps, global batch {} = {} x {} accum x {} replicas, {} ranks (data {} x pipeline {}) \
-         on {}",
+        "training {what}: {} steps, global batch {} = {} x {} accum x {} replicas, {} ranks (data {} x tensor {} x \
+         pipeline {}) on {}",
         cfg.train.steps,
         resolved.global_batch,
         cfg.train.batch_size,
@@ -324,6 +324,7 @@ pub(crate) fn announce(resolved: &Resolved, what: &str, place: &Placement, block
         place.dims.data,
         resolved.world_size,
         place.dims.data,
+        place.dims.tensor,
         place.dims.pipeline,
         resolved.device,
     );

@@ -138,6 +138,9 @@ pub(crate) struct SaveExtras<'a> {
     pub(crate) shard: Option<&'a ShardLayout>,
     /// ZeRO-3: the master weights are this rank's share too.
     pub(crate) params_sharded: bool,
+    /// Whether replica 0 writes the stage's files from this rank (under tensor parallelism
+    /// only the group's rank 0 does, from the assembled full tensors).
+    pub(crate) writes_stage: bool,
 }
 
 /// What one rank writes into a checkpoint folder: replica 0 of each pipeline stage writes its
@@ -304,7 +307,7 @@ pub(crate) fn save(
     step: u64,
     layout: &ParamLayout,
     master: &[f32],
-    optimizer: &FlatOptimizer,
+    optim: Vec<(&str, &[f32])>,
     extras: SaveExtras<'_>,
 ) -> Result<PathBuf, TrainError> {
     let dir = ckpt::step_dir(root, step);
@@ -316,11 +319,11 @@ pub(crate) fn save(
             (None, _) => None,
         };
         let part = RankPart {
-            writes_stage: place.replica == 0,
+            writes_stage: place.replica == 0 && extras.writes_stage,
             stage: place.stage,
             layout,
             master,
-            optim: optimizer.state(),
+            optim,
             shard: extras.shard,
             params_sharded: extras.params_sharded,
             codec: codec_state.as_ref().map(|(slot, describe, state)| CodecPart {

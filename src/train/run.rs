@@ -1,7 +1,7 @@
 //! A training run from start to end: [`train_task_on`] sets it up (placement, device, model,
 //! buffers, resume), runs the steps, checkpoints and reports. Every rank runs this.
 //!
-//! Rank r sits at (replica, stage) in the `data x pipeline` mesh; with one stage it holds a whole
+//! Rank r sits at (replica, tensor rank, stage) in the `data x tensor x pipeline` mesh; with one stage it holds a whole
 //! replica (plain data parallelism). The trainable parameters of the rank's blocks live in one
 //! flat f32 vector (the master weights), with the optimizer state beside it; burn computes the
 //! gradients, we average them over the replicas and apply the update ourselves.
@@ -35,6 +35,7 @@ use super::setup::{self, Placement};
 use super::sharded::Sharded;
 use super::step::Overlap;
 use super::task::{BlockChain, Task};
+use super::tensor_parallel::TensorParallel;
 use super::TrainError;
 
 /// Options that are not part of the config.
@@ -177,6 +178,8 @@ pub(crate) struct Run<'a, T: Task> {
     /// ZeRO-3: the buffers' values kept during the last backward, where they go in `master`
     /// (put back after the optimizer step, which must not move them).
     pub(crate) fsdp_kept: Vec<(Range<usize>, Vec<f32>)>,
+    /// Tensor parallelism (`parallel.tensor > 1`): the group and the split of the parameters.
+    pub(crate) tp: Option<TensorParallel>,
 }
 
 impl<T: Task> std::fmt::Debug for Run<'_, T> {
@@ -479,12 +482,34 @@ impl<'a, T: Task> Run<'a, T> {
             device_grads: None,
             writer: None,
             fsdp_kept: Vec::new(),
+            tp: None,
         };
+        if let (Some(group), Some(chain), Some(blocks)) = (&run.place.tensor_group, chain, &run.overlap) {
+            run.tp = Some(TensorParallel::new(
+                group.clone(),
+                chain,
+                run.place.blocks.clone(),
+                &run.layout,
+                &blocks.ranges,
+            ));
+        } else if run.place.tensor_group.is_some() {
+            return Err(TrainError::Unsupported {
+                rank,
+                what: format!("parallel.tensor = {}", run.place.dims.tensor),
+                why: "tensor parallelism needs the model as a chain of blocks (Task::blocks) on one pipeline stage"
+                    .into(),
+            });
+        }
         run.plan_pipeline()?;
 
         // Resume, or start every replica from rank 0's parameters.
         let mut model = model;
         let mut start_step = 0;
+        let mut resume = resume;
+        if let (Some(tp), Some(loaded)) = (&run.tp, resume.as_mut()) {
+            // Full tensors in the checkpoint: this rank's slices of them.
+            tp.localize(&run.layout, loaded);
+        }
         match &resume {
             Some(loaded) if fsdp => run.load_shard(loaded)?,
             Some(loaded) => {
@@ -673,7 +698,40 @@ impl<'a, T: Task> Run<'a, T> {
             device_codec_state,
             shard: self.zero.as_ref().map(|z| z.layout()),
             params_sharded,
+            writes_stage: true,
         };
+        if let Some(tp) = &self.tp {
+            // Checkpoints hold full tensors: the group's rank 0 assembles and writes them.
+            let mut buffers = vec![self.master.as_slice()];
+            let state = self.optimizer.state();
+            buffers.extend(state.iter().map(|(_, b)| *b));
+            let assembled = tp.assemble(&self.layout, &buffers).map_err(|source| TrainError::Comm {
+                rank: self.rank,
+                source,
+            })?;
+            let empty = ParamLayout::default();
+            let (layout, full) = assembled.unwrap_or_else(|| (empty, Vec::new()));
+            let writes_stage = !full.is_empty();
+            let (master, optim) = match full.split_first() {
+                Some((master, rest)) => (
+                    master.as_slice(),
+                    state.iter().zip(rest).map(|((n, _), b)| (*n, b.as_slice())).collect(),
+                ),
+                None => (&[][..], Vec::new()),
+            };
+            let extras = SaveExtras { writes_stage, ..extras };
+            return resume::save(
+                &self.world,
+                &self.place,
+                root,
+                &self.resolved.config,
+                step,
+                &layout,
+                master,
+                optim,
+                extras,
+            );
+        }
         resume::save(
             &self.world,
             &self.place,
@@ -682,7 +740,7 @@ impl<'a, T: Task> Run<'a, T> {
             step,
             &self.layout,
             &self.master,
-            &self.optimizer,
+            self.optimizer.state(),
             extras,
         )
     }

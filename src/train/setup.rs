@@ -23,6 +23,8 @@ pub(crate) struct Placement {
     pub(crate) stage: usize,
     pub(crate) data_group: ProcessGroup,
     pub(crate) pipe_group: Option<ProcessGroup>,
+    /// The ranks that split this stage's layers with this one (`parallel.tensor > 1`).
+    pub(crate) tensor_group: Option<ProcessGroup>,
     /// This rank's blocks (`0..1` for a model that is not a block chain).
     pub(crate) blocks: Range<usize>,
     /// Every stage's blocks.
@@ -43,7 +45,7 @@ impl Placement {
     }
 }
 
-/// Places this rank in the `data x pipeline` mesh; `block_counts` are the parameter counts of the
+/// Places this rank in the `data x tensor x pipeline` mesh; `block_counts` are the parameter counts of the
 /// model's blocks (`None`: not a block chain, which cannot be pipelined).
 pub(crate) fn place(
     world: &ProcessGroup,
@@ -57,8 +59,13 @@ pub(crate) fn place(
         what: what.into(),
         why,
     };
-    let dims = ParallelDims::new(resolved.mesh.data, resolved.mesh.pipeline, world.world_size())
-        .map_err(|e| unsupported("parallel", e.to_string()))?;
+    let dims = ParallelDims::new(
+        resolved.mesh.data,
+        resolved.mesh.tensor,
+        resolved.mesh.pipeline,
+        world.world_size(),
+    )
+    .map_err(|e| unsupported("parallel", e.to_string()))?;
     let coords = dims.coords(rank);
     let all_blocks = match block_counts {
         Some(counts) => stage_blocks(&cfg.parallel.partition, counts, dims.pipeline)
@@ -73,13 +80,22 @@ pub(crate) fn place(
         }
         None => std::iter::once(0..1).collect(),
     };
-    let (data_group, pipe_group) = if dims.pipeline == 1 {
-        (world.clone(), None)
+    // Every rank makes the same splits in the same order (each is a collective on `world`).
+    let comm_err = |source| TrainError::Comm { rank, source };
+    let data_group = if dims.pipeline == 1 && dims.tensor == 1 {
+        world.clone()
     } else {
-        let comm_err = |source| TrainError::Comm { rank, source };
-        let data_group = world.split(&dims.data_colors()).map_err(comm_err)?;
-        let pipe_group = world.split(&dims.pipeline_colors()).map_err(comm_err)?;
-        (data_group, Some(pipe_group))
+        world.split(&dims.data_colors()).map_err(comm_err)?
+    };
+    let pipe_group = if dims.pipeline > 1 {
+        Some(world.split(&dims.pipeline_colors()).map_err(comm_err)?)
+    } else {
+        None
+    };
+    let tensor_group = if dims.tensor > 1 {
+        Some(world.split(&dims.tensor_colors()).map_err(comm_err)?)
+    } else {
+        None
     };
     Ok(Placement {
         rank,
@@ -88,6 +104,7 @@ pub(crate) fn place(
         stage: coords.stage,
         data_group,
         pipe_group,
+        tensor_group,
         blocks: all_blocks[coords.stage].clone(),
         num_blocks: block_counts.map_or(1, <[usize]>::len),
         all_blocks,

@@ -114,7 +114,9 @@ impl Overlap {
         // On NCCL the gradients are averaged as one buffer on the GPU after backward.
         // ZeRO-3 computes block by block whatever the settings (validation refused the rest).
         let fsdp = cfg.parallel.shard == crate::config::ShardMode::Parameters;
+        // Tensor parallelism runs segment by segment too.
         let used = fsdp
+            || place.dims.tensor > 1
             || wanted
                 && place.dims.data > 1
                 && ddp.codec().is_none()
@@ -159,6 +161,12 @@ impl<T: Task> Run<'_, T> {
             let indices = self.sampler.step_indices(step * accum as u64 + micro_step as u64);
             let slices: Vec<&[usize]> = indices.chunks(self.resolved.micro_batch_size.max(1)).collect();
             let last_micro_step = micro_step + 1 == accum;
+            if self.tp.is_some() {
+                for slice in &slices {
+                    self.tp_backward(&model, slice, &mut stats)?;
+                }
+                continue;
+            }
             if self.zero.as_ref().is_some_and(|z| z.shards_parameters()) {
                 let in_flight = in_flight.get_or_insert_with(InFlight::default);
                 for slice in &slices {
@@ -185,6 +193,10 @@ impl<T: Task> Run<'_, T> {
         }
 
         crate::flight::phase(crate::flight::Phase::GradientSync);
+        if let Some(tp) = &self.tp {
+            tp.sum_partial_grads(&mut self.grads)
+                .map_err(|source| TrainError::Comm { rank, source })?;
+        }
         let sync = match in_flight {
             Some(in_flight) => self.finish_overlap(in_flight)?,
             None => {
@@ -252,9 +264,12 @@ impl<T: Task> Run<'_, T> {
         // Clip by the global norm: the stages' shares add up over the pipeline group (and with
         // ZeRO-2 the replicas' chunks over the data-parallel group).
         let scattered = self.zero.as_ref().filter(|z| z.scatters_gradients());
-        let mut sum_sq = match scattered {
-            Some(zero) => zero.grad_sum_of_squares(rank)?,
-            None => sum_of_squares(&self.grads),
+        let mut sum_sq = match (scattered, &self.tp) {
+            (Some(zero), _) => zero.grad_sum_of_squares(rank)?,
+            (None, Some(tp)) => tp
+                .sum_of_squares(&self.layout, &self.grads)
+                .map_err(|source| TrainError::Comm { rank, source })?,
+            (None, None) => sum_of_squares(&self.grads),
         };
         if let Some(pipe) = &self.place.pipe_group {
             let mut total = [sum_sq];

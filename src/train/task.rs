@@ -104,6 +104,36 @@ pub trait BlockChain<M, B>: Send + Sync {
     /// pipeline stages agree on shapes before the first step with it.
     fn activation_width(&self, block: usize) -> usize;
 
+    /// Segments block `block` runs as: 1 (the default), or more for a block the trainer must
+    /// cut inside, such as a tensor-parallel transformer layer (attention, then MLP: each
+    /// segment's output is summed over the tensor-parallel group before the next one runs).
+    fn segments(&self, _block: usize) -> usize {
+        1
+    }
+
+    /// Runs segment `segment` of block `block` (held by `model`) on `x`. The default, for
+    /// blocks of one segment, is [`Self::forward_range`] over the block.
+    fn forward_segment(&self, model: &M, x: Tensor<2>, block: usize, segment: usize) -> Result<Tensor<2>, TaskError> {
+        let _ = segment;
+        self.forward_range(model, x, block..block + 1)
+    }
+
+    /// Whether block `block` is split over the tensor-parallel group (`parallel.tensor > 1`):
+    /// each of its segments takes the replicated activation and returns this rank's PARTIAL
+    /// output, whose sum over the group is the segment's output; the trainer sums the outputs in
+    /// forward, and the gradients of the segment's input and of the block's replicated
+    /// parameters (which must therefore be partial too) in backward. Default: no.
+    fn tensor_parallel(&self, _block: usize) -> bool {
+        false
+    }
+
+    /// Where tensor-parallel rank `rank`'s slice of parameter `name` (a full model's name)
+    /// lies in the full parameter; `None`: replicated (the default). Checkpoints hold full
+    /// parameters, assembled from and cut into these slices.
+    fn tensor_split(&self, _name: &str, _rank: usize) -> Option<crate::parallel::tensor::TensorSplit> {
+        None
+    }
+
     /// Values per sample that `block` keeps for its backward (the memory check before anything is
     /// allocated). The default counts its output only; a block with wide insides (attention
     /// scores, an MLP's hidden layer) should say more.
