@@ -17,7 +17,7 @@ use common::{assert_params_close, config, final_params, out_dir, params_at, sets
 /// sums the whole inner dimension in one product; the residual and replicated biases are
 /// divided by T and added back. Different f32 rounding, which AdamW at lr 3e-3 turns into steps
 /// up to about the learning rate on parameters whose gradients are tiny. Measured: 1.6e-5 after 6
-/// steps on 2 ranks, 2.0e-5 with 2 replicas of 2.
+/// steps on 2 ranks, 2.2e-5 with 2 replicas of 2, 1.6e-5 as 2 x 2 pipeline stages.
 const SPLIT_VS_WHOLE_TOL: f32 = 1e-4;
 
 /// Resuming a split run from its own checkpoint replays the same arithmetic: the full tensors
@@ -108,6 +108,26 @@ fn two_replicas_of_a_gpt_split_over_two_ranks_end_where_one_process_with_their_b
 }
 
 #[test]
+fn a_gpt_split_two_ways_in_each_of_two_pipeline_stages_ends_where_one_process_ends() {
+    // tensor 2 x pipeline 2: stage 0 (embedding, layer 0) on ranks 0-1, stage 1 (layer 1, head)
+    // on ranks 2-3; stage 0 ends on a split segment, whose sum goes to stage 1.
+    let mesh = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.micro_batches=2"];
+    let split = run("tp2-pp2", 4, B, &mesh);
+    let whole = run("tp2-pp2-one", 1, B, &[]);
+    let dir = checkpoint::step_dir(&split.join("checkpoints"), STEPS);
+    for file in ["model-stage0.safetensors", "model-stage1.safetensors"] {
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    assert_params_close(
+        &final_params(&split),
+        &final_params(&whole),
+        SPLIT_VS_WHOLE_TOL,
+        "tensor 2 x pipeline 2 vs one process",
+    );
+    cleanup(&[&split, &whole]);
+}
+
+#[test]
 fn checkpoints_cross_between_split_and_whole_layouts() {
     // Split -> split: bit for bit with the uninterrupted split run.
     let uninterrupted = run("tp-resume-whole", 2, B, &["parallel.tensor=2"]);
@@ -169,7 +189,11 @@ fn a_mesh_or_model_that_cannot_be_split_is_refused_before_any_rank_starts_naming
             "data(2) * tensor(2) * pipeline(1) = 4 != WORLD_SIZE(3)",
         ),
         (2, vec!["parallel.tensor=2", "model.kind=mlp"], "model \"mlp\" has none"),
-        (4, vec!["parallel.tensor=2", "parallel.pipeline=2"], "parallel.pipeline"),
+        (
+            2,
+            vec!["parallel.tensor=2", "parallel.shard=optimizer"],
+            "parallel.shard",
+        ),
     ] {
         let out = out_dir("tp-refused");
         let finished = common::burnrun(&common::train_args(

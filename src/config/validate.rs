@@ -631,11 +631,6 @@ impl RunConfig {
         }
         let not_yet = [
             (
-                self.parallel.pipeline > 1,
-                "parallel.pipeline",
-                "a pipeline (parallel.pipeline > 1)",
-            ),
-            (
                 self.parallel.shard != ShardMode::None,
                 "parallel.shard",
                 "sharded data parallelism (parallel.shard)",

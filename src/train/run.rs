@@ -484,20 +484,18 @@ impl<'a, T: Task> Run<'a, T> {
             fsdp_kept: Vec::new(),
             tp: None,
         };
-        if let (Some(group), Some(chain), Some(blocks)) = (&run.place.tensor_group, chain, &run.overlap) {
+        if let (Some(group), Some(chain)) = (&run.place.tensor_group, chain) {
             run.tp = Some(TensorParallel::new(
                 group.clone(),
                 chain,
                 run.place.blocks.clone(),
                 &run.layout,
-                &blocks.ranges,
             ));
         } else if run.place.tensor_group.is_some() {
             return Err(TrainError::Unsupported {
                 rank,
                 what: format!("parallel.tensor = {}", run.place.dims.tensor),
-                why: "tensor parallelism needs the model as a chain of blocks (Task::blocks) on one pipeline stage"
-                    .into(),
+                why: "tensor parallelism needs the model as a chain of blocks (Task::blocks)".into(),
             });
         }
         run.plan_pipeline()?;

@@ -17,8 +17,20 @@ use super::task::{BlockChain, Task};
 struct Held {
     /// The received activation, a leaf whose gradient goes back to the previous stage.
     input: Option<Tensor<2>>,
-    /// The stage's output: the loss on the last stage, an activation elsewhere.
+    /// The stage's output: the loss on the last stage, an activation elsewhere (under tensor
+    /// parallelism the last segment's partial output: its gradient is the summed output's).
     output: HeldOutput,
+    /// Under tensor parallelism, every segment of the stage in order: its input leaf (none for
+    /// the first, whose input is `input`), its partial output, whether it is split over the
+    /// group.
+    segments: Vec<(Option<Tensor<2>>, Tensor<2>, bool)>,
+}
+
+/// The tensor-parallel group of a stage and which of its blocks are split over it.
+pub(crate) struct StageTensorParallel<'a> {
+    pub(crate) group: &'a crate::comm::ProcessGroup,
+    /// `Task::BlockChain::tensor_parallel` of each block of the stage.
+    pub(crate) split: Vec<bool>,
 }
 
 enum HeldOutput {
@@ -48,6 +60,8 @@ pub(crate) struct StageRunner<'a, T: Task> {
     pub(crate) compute_secs: f64,
     /// The loss is multiplied by this before backward (dynamic loss scaling; 1 without it).
     pub(crate) loss_scale: f32,
+    /// Tensor parallelism: the stage runs segment by segment with the group's sums.
+    pub(crate) tensor_parallel: Option<StageTensorParallel<'a>>,
     held: HashMap<usize, Held>,
 }
 
@@ -77,6 +91,7 @@ impl<'a, T: Task> StageRunner<'a, T> {
             loss_count: 0,
             compute_secs: 0.0,
             loss_scale: 1.0,
+            tensor_parallel: None,
             held: HashMap::new(),
         }
     }
@@ -115,10 +130,39 @@ impl<T: Task> StageCompute for StageRunner<'_, T> {
             (None, Some(batch)) => self.chain.input(batch).map_err(|e| self.err(e))?,
             (None, None) => return Err(self.err(format!("micro-batch {micro}: a middle stage got no activation"))),
         };
-        let out = self
-            .chain
-            .forward_range(self.model, x, self.range.clone())
-            .map_err(|e| self.err(e))?;
+        let mut segments = Vec::new();
+        let out = match &self.tensor_parallel {
+            None => self
+                .chain
+                .forward_range(self.model, x, self.range.clone())
+                .map_err(|e| self.err(e))?,
+            Some(tp) => {
+                // Segment by segment: each input a fresh leaf, a split segment's output summed
+                // over the group (the sum is what the next segment and the next stage see).
+                let mut x = x;
+                for (b, &split) in self.range.clone().zip(&tp.split) {
+                    for seg in 0..self.chain.segments(b) {
+                        let leaf = (!segments.is_empty()).then(|| x.clone().detach().require_grad());
+                        let partial = self
+                            .chain
+                            .forward_segment(self.model, leaf.clone().unwrap_or(x), b, seg)
+                            .map_err(|e| self.err(e))?;
+                        x = if split {
+                            super::tensor_parallel::sum_over(tp.group, partial.clone()).map_err(|e| self.err(e))?
+                        } else {
+                            partial.clone()
+                        };
+                        segments.push((leaf, partial, split));
+                    }
+                }
+                if self.last && segments.last().is_some_and(|(_, _, split)| *split) {
+                    return Err(self.err(
+                        "the model's last block is split over the tensor-parallel group; the loss needs a whole one",
+                    ));
+                }
+                x
+            }
+        };
         let (result, output) = match (self.last, &batch) {
             (true, Some(batch)) => {
                 let loss = self.chain.loss_of_output(out, batch).map_err(|e| self.err(e))?;
@@ -126,12 +170,23 @@ impl<T: Task> StageCompute for StageRunner<'_, T> {
                 self.loss_count += 1;
                 (None, HeldOutput::Loss(loss))
             }
-            _ => (
-                Some(Activation::Tensor(Box::new(out.clone()))),
-                HeldOutput::Activation(out),
-            ),
+            _ => {
+                // Under tensor parallelism the last segment's partial output is back-propagated
+                // (the gradient of a sum is the gradient of each term).
+                let held = segments
+                    .last()
+                    .map_or_else(|| out.clone(), |(_, partial, _)| partial.clone());
+                (Some(Activation::Tensor(Box::new(out))), HeldOutput::Activation(held))
+            }
         };
-        self.held.insert(micro, Held { input: leaf, output });
+        self.held.insert(
+            micro,
+            Held {
+                input: leaf,
+                output,
+                segments,
+            },
+        );
         self.compute_secs += started.elapsed().as_secs_f64();
         Ok(result)
     }
@@ -152,16 +207,49 @@ impl<T: Task> StageCompute for StageRunner<'_, T> {
                 (out * g).sum().backward()
             }
         };
-        let input_grad = match &held.input {
-            Some(leaf) => {
-                let g = leaf
-                    .grad(&grads)
-                    .ok_or_else(|| self.err(format!("micro-batch {micro}: the received activation got no gradient")))?;
-                Some(Activation::Tensor(Box::new(g)))
+        let input_grad = match &self.tensor_parallel {
+            Some(tp) if !held.segments.is_empty() => {
+                // Segment by segment back to the stage's input, a split segment's input gradient
+                // summed over the group.
+                let mut grads = grads;
+                let mut segments = held.segments;
+                loop {
+                    // Invariant: the loop stops when the first segment is done.
+                    let (leaf, _, split) = segments.pop().expect("a segment left");
+                    let leaf = leaf.as_ref().or(held.input.as_ref().filter(|_| segments.is_empty()));
+                    let mut g = match leaf {
+                        Some(leaf) => Some(Tensor::from_inner(leaf.grad(&grads).ok_or_else(|| {
+                            self.err(format!("micro-batch {micro}: a segment's input got no gradient"))
+                        })?)),
+                        None => None,
+                    };
+                    if split {
+                        if let Some(partial) = g.take() {
+                            g = Some(super::tensor_parallel::sum_over(tp.group, partial).map_err(|e| self.err(e))?);
+                        }
+                    }
+                    self.grads.add(self.model, grads).map_err(|e| self.err(e))?;
+                    let Some((_, partial, _)) = segments.last() else {
+                        break g.map(|g| Activation::Tensor(Box::new(g.inner())));
+                    };
+                    let g = g.ok_or_else(|| self.err(format!("micro-batch {micro}: no gradient between segments")))?;
+                    grads = (partial.clone() * g).sum().backward();
+                }
             }
-            None => None,
+            _ => {
+                let input_grad = match &held.input {
+                    Some(leaf) => {
+                        let g = leaf.grad(&grads).ok_or_else(|| {
+                            self.err(format!("micro-batch {micro}: the received activation got no gradient"))
+                        })?;
+                        Some(Activation::Tensor(Box::new(g)))
+                    }
+                    None => None,
+                };
+                self.grads.add(self.model, grads).map_err(|e| self.err(e))?;
+                input_grad
+            }
         };
-        self.grads.add(self.model, grads).map_err(|e| self.err(e))?;
         self.compute_secs += started.elapsed().as_secs_f64();
         Ok(if self.first { None } else { input_grad })
     }

@@ -32,7 +32,7 @@ use super::report::StepStats;
 use super::run::Run;
 use super::setup::Placement;
 use super::sharded::Sharded;
-use super::stage::{loss_value, scaled, Accumulator, GradSink, StageRunner};
+use super::stage::{loss_value, scaled, Accumulator, GradSink, StageRunner, StageTensorParallel};
 use super::task::{BlockChain, Task};
 use super::TrainError;
 
@@ -161,7 +161,7 @@ impl<T: Task> Run<'_, T> {
             let indices = self.sampler.step_indices(step * accum as u64 + micro_step as u64);
             let slices: Vec<&[usize]> = indices.chunks(self.resolved.micro_batch_size.max(1)).collect();
             let last_micro_step = micro_step + 1 == accum;
-            if self.tp.is_some() {
+            if self.tp.is_some() && self.pipeline.is_none() {
                 for slice in &slices {
                     self.tp_backward(&model, slice, &mut stats)?;
                 }
@@ -403,6 +403,10 @@ impl<T: Task> Run<'_, T> {
             },
         );
         runner.loss_scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        runner.tensor_parallel = self.tp.as_ref().map(|tp| StageTensorParallel {
+            group: &tp.group,
+            split: tp.blocks.clone(),
+        });
         if self.place.dims.pipeline > 1 {
             let times = stage
                 .run(&self.actions, Some(&self.output_shape), &mut runner)

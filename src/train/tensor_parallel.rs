@@ -34,7 +34,7 @@ use super::TrainError;
 pub(crate) struct TensorParallel {
     pub(crate) group: ProcessGroup,
     /// Per block of the rank's stage: whether it is split over the group.
-    blocks: Vec<bool>,
+    pub(crate) blocks: Vec<bool>,
     /// Per parameter (layout order): its split on every rank of the group (`None`: replicated).
     splits: Vec<Option<Vec<TensorSplit>>>,
     /// Flat ranges of the replicated parameters of split blocks: their gradients are partial
@@ -44,15 +44,23 @@ pub(crate) struct TensorParallel {
 
 impl TensorParallel {
     /// The split of the blocks `blocks` of `chain` (the rank's stage) laid out as `layout`, over
-    /// `group`; `block_ranges` are the blocks' element ranges.
+    /// `group`.
     pub(crate) fn new<M, B>(
         group: ProcessGroup,
         chain: &dyn BlockChain<M, B>,
         blocks: Range<usize>,
         layout: &ParamLayout,
-        block_ranges: &[Range<usize>],
     ) -> Self {
         let ranks = group.world_size();
+        let counts = chain.block_param_counts();
+        let mut offset = 0;
+        let block_ranges: Vec<Range<usize>> = counts[blocks.clone()]
+            .iter()
+            .map(|&count| {
+                offset += count;
+                offset - count..offset
+            })
+            .collect();
         let split_blocks: Vec<bool> = blocks.clone().map(|b| chain.tensor_parallel(b)).collect();
         let splits: Vec<Option<Vec<TensorSplit>>> = layout
             .params
@@ -201,7 +209,7 @@ impl TensorParallel {
 }
 
 /// `t` summed over `group`, a new tensor on `t`'s device and dtype (untracked).
-fn sum_over(group: &ProcessGroup, t: Tensor<2>) -> Result<Tensor<2>, CommError> {
+pub(crate) fn sum_over(group: &ProcessGroup, t: Tensor<2>) -> Result<Tensor<2>, CommError> {
     let (dims, device, dtype) = (t.dims(), t.device(), t.dtype());
     let mut values: Vec<f32> = t
         .into_data()
