@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The largest GPT that trains on RANKS ranks under a per-rank memory cap, for each
-# parallel.shard mode (ZeRO-1, -2 and -3 against plain data parallelism): every rank runs in a memory cgroup of its own (cgroup v1,
+# parallel.shard mode (ZeRO-1, -2 and -3 against plain data parallelism) and tensor=T (tensor
+# parallelism, parallel.tensor = T): every rank runs in a memory cgroup of its own (cgroup v1,
 # /sys/fs/cgroup/memory, limit CAP_MB MiB, no swap), started by the launcher through a wrapper
 # (`burnrun -- benches/zero_capacity.sh rank ...`), so a rank that needs more is killed by the
 # kernel and the launcher fails the job.
@@ -46,15 +47,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# One run: exit status 0 when it trained; prints the parameter count.
+# One run: exit status 0 when it trained; prints the parameter count. A mode is a
+# parallel.shard value, or tensor=T (tensor parallelism over T ranks, no sharding).
 run() {
-  local mode=$1 layers=$2 out="$work/out"
+  local mode=$1 layers=$2 out="$work/out" parallel
+  case $mode in
+    tensor=*) parallel=(--set "parallel.tensor=${mode#tensor=}" --set parallel.shard=\"none\") ;;
+    *) parallel=(--set "parallel.shard=\"$mode\"") ;;
+  esac
   rm -rf "$work/run"
   if timeout 900 "$BURNRUN" --nproc-per-node "$RANKS" -- "$PWD/benches/zero_capacity.sh" rank \
     train configs/gpt_text.toml --set "model.gpt.n_embd=$EMBD" --set model.gpt.n_head=8 \
     --set "model.gpt.n_layer=$layers" --set train.batch_size=4 --set "train.steps=$STEPS" \
     --set optim.warmup_steps=0 --set train.threads=1 --set log.progress=plain \
-    --set "train.out_dir=\"$work/run\"" --set "parallel.shard=\"$mode\"" >"$out" 2>&1; then
+    --set "train.out_dir=\"$work/run\"" "${parallel[@]}" >"$out" 2>&1; then
     sed -n 's/.*memory: about .* (\([0-9]*\) values).*/\1/p' "$out" | head -1
     return 0
   fi

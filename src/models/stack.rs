@@ -189,22 +189,26 @@ impl BlockStack {
         self.spec.check_range(&range)?;
         let mut x = x;
         for index in range {
-            let block = self.block(index).ok_or_else(|| ModelError::BlockNotHeld {
-                model: self.spec.name(),
-                block: index,
-                held: self.held(),
-            })?;
-            let dims = x.dims();
-            block.check_input(dims).map_err(|expected| ModelError::BadInput {
-                model: self.spec.name(),
-                block: index,
-                kind: block.kind(),
-                expected,
-                got: dims.to_vec(),
-            })?;
-            x = block.forward(x);
+            x = self.checked_block(index, x.dims())?.forward(x);
         }
         Ok(x)
+    }
+
+    /// Block `index`, held, after checking that it accepts an input of `dims`.
+    fn checked_block(&self, index: usize, dims: [usize; 2]) -> Result<&Block, ModelError> {
+        let block = self.block(index).ok_or_else(|| ModelError::BlockNotHeld {
+            model: self.spec.name(),
+            block: index,
+            held: self.held(),
+        })?;
+        block.check_input(dims).map_err(|expected| ModelError::BadInput {
+            model: self.spec.name(),
+            block: index,
+            kind: block.kind(),
+            expected,
+            got: dims.to_vec(),
+        })?;
+        Ok(block)
     }
 
     /// Segments of block `index` (see [`Block::segments`]); 1 for a block not held.
@@ -214,22 +218,8 @@ impl BlockStack {
 
     /// Runs segment `segment` of block `index` (held) on `x`, its input checked first.
     pub fn forward_segment(&self, x: Tensor<2>, index: usize, segment: usize) -> Result<Tensor<2>, ModelError> {
-        let block = self.block(index).ok_or_else(|| ModelError::BlockNotHeld {
-            model: self.spec.name(),
-            block: index,
-            held: self.held(),
-        })?;
-        if segment == 0 {
-            let dims = x.dims();
-            block.check_input(dims).map_err(|expected| ModelError::BadInput {
-                model: self.spec.name(),
-                block: index,
-                kind: block.kind(),
-                expected,
-                got: dims.to_vec(),
-            })?;
-        }
-        Ok(block.forward_segment(x, segment))
+        // Every segment of a block takes the block's input shape.
+        Ok(self.checked_block(index, x.dims())?.forward_segment(x, segment))
     }
 
     /// The mean cross-entropy of the last block's output `logits` `[batch, t * classes]` against

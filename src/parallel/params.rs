@@ -343,8 +343,21 @@ pub fn load_params<M: Module>(module: M, values: &[f32]) -> Result<M, ParamError
 /// their values. E.g. the buffers (running statistics) a data-parallel wrapper broadcast.
 pub fn load_selected<M: Module>(module: M, select: &[bool], values: &[f32]) -> Result<M, ParamError> {
     let layout = ParamLayout::of(&module);
-    let expected = selected_numel(&layout, select);
-    if values.len() != expected || select.len() != layout.len() {
+    write_selected(module, &layout, select, values, None)
+}
+
+/// Loads `values` into the parameters `select` marks, `layout` being the module's as built;
+/// `require_grad` (one flag per parameter) overrides whether each new tensor is tracked.
+fn write_selected<M: Module>(
+    module: M,
+    layout: &ParamLayout,
+    select: &[bool],
+    values: &[f32],
+    require_grad: Option<&[bool]>,
+) -> Result<M, ParamError> {
+    let expected = selected_numel(layout, select);
+    let flags_fit = require_grad.is_none_or(|r| r.len() == layout.len());
+    if values.len() != expected || select.len() != layout.len() || !flags_fit {
         return Err(ParamError::BadBufferLength {
             what: "selected parameters",
             expected,
@@ -356,7 +369,7 @@ pub fn load_selected<M: Module>(module: M, select: &[bool], values: &[f32]) -> R
         select: Some(select.iter()),
         values,
         offset: 0,
-        require_grad: None,
+        require_grad: require_grad.map(|r| r.iter()),
     };
     Ok(module.map(&mut writer))
 }
@@ -372,22 +385,7 @@ pub fn load_selected_as<M: Module>(
     values: &[f32],
     require_grad: &[bool],
 ) -> Result<M, ParamError> {
-    let expected = selected_numel(layout, select);
-    if values.len() != expected || select.len() != layout.len() || require_grad.len() != layout.len() {
-        return Err(ParamError::BadBufferLength {
-            what: "selected parameters",
-            expected,
-            got: values.len(),
-        });
-    }
-    let mut writer = ParamWriter {
-        layout: layout.params.iter(),
-        select: Some(select.iter()),
-        values,
-        offset: 0,
-        require_grad: Some(require_grad.iter()),
-    };
-    Ok(module.map(&mut writer))
+    write_selected(module, layout, select, values, Some(require_grad))
 }
 
 /// Replaces each selected float parameter by a one-value placeholder of the same rank, dtype and

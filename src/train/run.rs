@@ -17,7 +17,7 @@ use crate::comm::ProcessGroup;
 use crate::compress::build_codec;
 use crate::config::{ComputeDtype, HierarchicalMode, Resolved, RunConfig, ShardMode};
 use crate::data::DistributedSampler;
-use crate::parallel::params::{flatten_selected_into, release_selected, trainable_mask};
+use crate::parallel::params::{release_selected, trainable_mask};
 use crate::parallel::{
     flatten_params_into, load_params, load_params_by_name, schedule, Action, DataParallel, ParamError, ParamLayout,
     PipelineStage, StepTimes, SyncError,
@@ -564,14 +564,7 @@ impl<'a, T: Task> Run<'a, T> {
             return Ok(());
         };
         for (b, piece) in zero.layout().pieces.iter().enumerate() {
-            flatten_selected_into(model, &blocks.select[b], &mut self.scratch)
-                .map_err(|source| TrainError::Params { rank, source })?;
-            if self.place.dims.data > 1 {
-                self.place
-                    .data_group
-                    .broadcast(&mut self.scratch, 0)
-                    .map_err(|source| TrainError::Comm { rank, source })?;
-            }
+            super::step::rank_zeros_values(&self.place, rank, model, &blocks.select[b], &mut self.scratch)?;
             let from = piece.owned.start - piece.bucket.start;
             self.master[piece.state.clone()].copy_from_slice(&self.scratch[from..from + piece.owned.len()]);
         }

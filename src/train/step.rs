@@ -502,22 +502,19 @@ impl<T: Task> Run<'_, T> {
                 }
             };
             if let Some(leaf) = &leaf {
-                let g = leaf.grad(&grads).ok_or_else(|| {
-                    task_err(
-                        "running the backward",
-                        format!("the input of block {b} got no gradient").into(),
-                    )
-                })?;
-                upstream = Some(Tensor::from_inner(g));
+                upstream = Some(input_grad(rank, leaf, &grads, b)?);
             }
             let params = GradientsParams::from_grads(grads, model);
             let select = &overlap.select[b];
-            if self.resolved.device.is_cpu() {
-                flatten_selected_grads_into(model, &params, select, &mut self.scratch, &mut present)
-            } else {
-                flatten_selected_grads_via_device(model, &params, Some(select), &mut self.scratch)
-            }
-            .map_err(|source| TrainError::Params { rank, source })?;
+            read_block_grads(
+                &self.resolved.device,
+                rank,
+                model,
+                &params,
+                select,
+                &mut self.scratch,
+                &mut present,
+            )?;
             let range = overlap.ranges[b].clone();
             if range.is_empty() {
                 continue;
@@ -656,22 +653,19 @@ impl<T: Task> Run<'_, T> {
                 (out * g).sum().backward()
             };
             if let Some(leaf) = &leaf {
-                let g = leaf.grad(&grads).ok_or_else(|| {
-                    task_err(
-                        "running the backward",
-                        format!("the input of block {b} got no gradient").into(),
-                    )
-                })?;
-                upstream = Some(Tensor::from_inner(g));
+                upstream = Some(input_grad(rank, leaf, &grads, b)?);
             }
             let params = GradientsParams::from_grads(grads, &model);
             let select = &blocks.select[b];
-            if self.resolved.device.is_cpu() {
-                flatten_selected_grads_into(&model, &params, select, &mut self.scratch, &mut present)
-            } else {
-                flatten_selected_grads_via_device(&model, &params, Some(select), &mut self.scratch)
-            }
-            .map_err(params_err)?;
+            read_block_grads(
+                &self.resolved.device,
+                rank,
+                &model,
+                &params,
+                select,
+                &mut self.scratch,
+                &mut present,
+            )?;
             let range = blocks.ranges[b].clone();
             if !range.is_empty() {
                 in_flight.first_launch.get_or_insert_with(Instant::now);
@@ -685,13 +679,7 @@ impl<T: Task> Run<'_, T> {
             let kept: Vec<bool> = select.iter().zip(&self.trainable).map(|(&s, &t)| s && !t).collect();
             if kept.iter().any(|&k| k) {
                 drop(model.valid());
-                flatten_selected_into(&model, &kept, &mut self.scratch).map_err(params_err)?;
-                if self.place.dims.data > 1 {
-                    self.place
-                        .data_group
-                        .broadcast(&mut self.scratch, 0)
-                        .map_err(|source| TrainError::Comm { rank, source })?;
-                }
+                rank_zeros_values(&self.place, rank, &model, &kept, &mut self.scratch)?;
                 let mut offset = 0;
                 for (p, _) in self.layout.params.iter().zip(&kept).filter(|(_, &k)| k) {
                     for (elements, state) in zero.layout().owned_within(p.range()) {
@@ -743,14 +731,7 @@ impl<T: Task> Run<'_, T> {
         // burn's `RunningState` keeps a forward's update aside until a read folds it in; `valid()`
         // folds every pending one (the inference copy it returns is dropped at once).
         drop(model.valid());
-        flatten_selected_into(model, &buffers, &mut self.scratch)
-            .map_err(|source| TrainError::Params { rank, source })?;
-        if self.place.dims.data > 1 {
-            self.place
-                .data_group
-                .broadcast(&mut self.scratch, 0)
-                .map_err(|source| TrainError::Comm { rank, source })?;
-        }
+        rank_zeros_values(&self.place, rank, model, &buffers, &mut self.scratch)?;
         let mut offset = 0;
         for (p, _) in self.layout.params.iter().zip(&buffers).filter(|(_, &b)| b) {
             self.master[p.range()].copy_from_slice(&self.scratch[offset..offset + p.numel]);
@@ -758,4 +739,58 @@ impl<T: Task> Run<'_, T> {
         }
         Ok(())
     }
+}
+
+/// Reads the gradients of the parameters `select` marks into `out` (zeros where one has none):
+/// straight from each buffer on the CPU, concatenated on the device and read back once elsewhere.
+pub(crate) fn read_block_grads<M: Module>(
+    device: &crate::config::DeviceSpec,
+    rank: usize,
+    model: &M,
+    params: &GradientsParams,
+    select: &[bool],
+    out: &mut Vec<f32>,
+    present: &mut Vec<u8>,
+) -> Result<(), TrainError> {
+    if device.is_cpu() {
+        flatten_selected_grads_into(model, params, select, out, present)
+    } else {
+        flatten_selected_grads_via_device(model, params, Some(select), out)
+    }
+    .map_err(|source| TrainError::Params { rank, source })
+}
+
+/// The gradient `grads` hold for `leaf`, the input of block `block` (an error naming the block
+/// when it has none: the block did not use its input).
+pub(crate) fn input_grad(
+    rank: usize,
+    leaf: &Tensor<2>,
+    grads: &burn::tensor::Gradients,
+    block: usize,
+) -> Result<Tensor<2>, TrainError> {
+    let g = leaf.grad(grads).ok_or_else(|| TrainError::Task {
+        rank,
+        what: "running the backward",
+        source: format!("the input of block {block} got no gradient").into(),
+    })?;
+    Ok(Tensor::from_inner(g))
+}
+
+/// Reads the parameters `select` marks into `out` (back to back, layout order) as data-parallel
+/// rank 0 holds them: broadcast over the data-parallel group.
+pub(crate) fn rank_zeros_values<M: Module>(
+    place: &Placement,
+    rank: usize,
+    model: &M,
+    select: &[bool],
+    out: &mut Vec<f32>,
+) -> Result<(), TrainError> {
+    flatten_selected_into(model, select, out).map_err(|source| TrainError::Params { rank, source })?;
+    if place.dims.data > 1 {
+        place
+            .data_group
+            .broadcast(out, 0)
+            .map_err(|source| TrainError::Comm { rank, source })?;
+    }
+    Ok(())
 }

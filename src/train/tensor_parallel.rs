@@ -17,7 +17,6 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::comm::{CommError, ProcessGroup, ReduceOp};
-use crate::parallel::params::{flatten_selected_grads_into, flatten_selected_grads_via_device};
 use crate::parallel::tensor::TensorSplit;
 use crate::parallel::{ParamInfo, ParamLayout};
 
@@ -26,8 +25,12 @@ use super::optim::sum_of_squares;
 use super::report::StepStats;
 use super::run::Run;
 use super::stage::{loss_value, scaled};
+use super::step::{input_grad, read_block_grads};
 use super::task::{BlockChain, Task};
 use super::TrainError;
+
+/// Full parameters assembled from the group's slices: their layout and the full buffers.
+pub(crate) type Assembled = (ParamLayout, Vec<Vec<f32>>);
 
 /// A rank's tensor-parallel group and what of its parameters is split.
 #[derive(Debug)]
@@ -134,11 +137,7 @@ impl TensorParallel {
     /// `buffers` (each laid out as `layout`, this rank's slices) assembled into full parameters
     /// on rank 0 of the group (every rank takes part; the others get `None`): the full layout and
     /// the full buffers.
-    pub(crate) fn assemble(
-        &self,
-        layout: &ParamLayout,
-        buffers: &[&[f32]],
-    ) -> Result<Option<(ParamLayout, Vec<Vec<f32>>)>, CommError> {
+    pub(crate) fn assemble(&self, layout: &ParamLayout, buffers: &[&[f32]]) -> Result<Option<Assembled>, CommError> {
         let ranks = self.group.world_size();
         let mut full_layout = ParamLayout::default();
         for (p, split) in layout.params.iter().zip(&self.splits) {
@@ -293,13 +292,7 @@ impl<T: Task> Run<'_, T> {
                 }
             };
             if let Some(leaf) = &leaf {
-                let g = leaf.grad(&grads).ok_or_else(|| {
-                    task_err(
-                        "running the backward",
-                        format!("the input of block {} got no gradient", stage_start + local).into(),
-                    )
-                })?;
-                let g = Tensor::from_inner(g);
+                let g = input_grad(rank, leaf, &grads, stage_start + local)?;
                 upstream = Some(if tp.blocks[local] {
                     sum_over(&tp.group, g).map_err(comm_err)?
                 } else {
@@ -308,12 +301,15 @@ impl<T: Task> Run<'_, T> {
             }
             let params = GradientsParams::from_grads(grads, model);
             let select = &blocks.select[local];
-            if self.resolved.device.is_cpu() {
-                flatten_selected_grads_into(model, &params, select, &mut self.scratch, &mut present)
-            } else {
-                flatten_selected_grads_via_device(model, &params, Some(select), &mut self.scratch)
-            }
-            .map_err(|source| TrainError::Params { rank, source })?;
+            read_block_grads(
+                &self.resolved.device,
+                rank,
+                model,
+                &params,
+                select,
+                &mut self.scratch,
+                &mut present,
+            )?;
             let range = blocks.ranges[local].clone();
             self.grads[range]
                 .iter_mut()
