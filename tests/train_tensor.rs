@@ -1,7 +1,8 @@
 //! Tensor parallelism (`parallel.tensor`, issue 14) on the built-in GPT, end to end through the
 //! real launcher: a layer split over 2 ranks (Megatron's column/row split, attention heads
-//! divided) ends where one process ends, alone and as 2 data-parallel replicas of 2
-//! tensor-parallel ranks; its checkpoints hold full tensors, so they resume under another layout
+//! divided) ends where one process ends, alone, as 2 data-parallel replicas of 2 tensor-parallel
+//! ranks and inside 2 pipeline stages; its checkpoints (every rank's slices, joined on load into
+//! the full tensors) resume under another layout
 //! and other layouts resume under it; a mesh or a model that cannot be split is refused before
 //! any rank starts, naming the keys.
 
@@ -20,8 +21,8 @@ use common::{assert_params_close, config, final_params, out_dir, params_at, sets
 /// steps on 2 ranks, 2.2e-5 with 2 replicas of 2, 1.6e-5 as 2 x 2 pipeline stages.
 const SPLIT_VS_WHOLE_TOL: f32 = 1e-4;
 
-/// Resuming a split run from its own checkpoint replays the same arithmetic: the full tensors
-/// are assembled from the slices and cut back into them exactly.
+/// Resuming a split run from its own checkpoint replays the same arithmetic: the slices are
+/// joined into full tensors and cut back into them exactly.
 const RESUME_TOL: f32 = 0.0;
 
 /// Seed, steps and per-replica batch of every run.
@@ -70,9 +71,18 @@ fn cleanup(dirs: &[&Path]) {
 fn a_gpt_split_over_two_ranks_ends_where_one_process_ends_and_saves_full_tensors() {
     let split = run("tp2", 2, B, &["parallel.tensor=2"]);
     let whole = run("tp2-one", 1, B, &[]);
-    // One file of full tensors (shapes and names of the whole model), written by rank 0.
+    // Each rank writes its slices (rank 0 also the replicated parameters); a load joins them
+    // into the whole model's tensors, names and shapes.
     let dir = checkpoint::step_dir(&split.join("checkpoints"), STEPS);
-    assert!(dir.join("model-stage0.safetensors").is_file());
+    for file in [
+        "model-stage0-tp0",
+        "model-stage0-tp1",
+        "optim-stage0-tp0",
+        "optim-stage0-tp1",
+    ] {
+        assert!(dir.join(format!("{file}.safetensors")).is_file(), "{file}");
+    }
+    assert!(!dir.join("model-stage0.safetensors").exists());
     let (s, w) = (final_params(&split), final_params(&whole));
     for (name, t) in &w {
         assert_eq!(s[name].shape, t.shape, "{name}");
@@ -115,8 +125,13 @@ fn a_gpt_split_two_ways_in_each_of_two_pipeline_stages_ends_where_one_process_en
     let split = run("tp2-pp2", 4, B, &mesh);
     let whole = run("tp2-pp2-one", 1, B, &[]);
     let dir = checkpoint::step_dir(&split.join("checkpoints"), STEPS);
-    for file in ["model-stage0.safetensors", "model-stage1.safetensors"] {
-        assert!(dir.join(file).is_file(), "{file}");
+    for file in [
+        "model-stage0-tp0",
+        "model-stage0-tp1",
+        "model-stage1-tp0",
+        "model-stage1-tp1",
+    ] {
+        assert!(dir.join(format!("{file}.safetensors")).is_file(), "{file}");
     }
     assert_params_close(
         &final_params(&split),

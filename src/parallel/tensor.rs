@@ -51,7 +51,7 @@ impl TensorSplit {
 
     /// Calls `f(full_offset, local_offset, len)` for every contiguous run of the slice in the
     /// row-major full tensor.
-    fn runs(&self, mut f: impl FnMut(usize, usize, usize)) {
+    pub fn runs(&self, mut f: impl FnMut(usize, usize, usize)) {
         // Row-major: everything after `dim` is contiguous; everything before repeats.
         let inner: usize = self.full_shape[self.dim + 1..].iter().product();
         let outer: usize = self.full_shape[..self.dim].iter().product();
@@ -71,6 +71,32 @@ impl TensorSplit {
         let mut out = vec![0.0; self.local_numel()];
         self.runs(|from, to, len| out[to..to + len].copy_from_slice(&full[from..from + len]));
         out
+    }
+
+    /// The split as text, `<dim>:<start>-<end>,...` (a checkpoint's header records it).
+    pub fn describe(&self) -> String {
+        let ranges: Vec<String> = self.ranges.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
+        format!("{}:{}", self.dim, ranges.join(","))
+    }
+
+    /// The split [`Self::describe`] wrote, of a parameter of `full_shape`; `None` if `text` is
+    /// not one or does not fit the shape.
+    pub fn parse(text: &str, full_shape: Vec<usize>) -> Option<Self> {
+        let (dim, ranges) = text.split_once(':')?;
+        let dim: usize = dim.parse().ok()?;
+        let ranges = ranges
+            .split(',')
+            .map(|r| {
+                let (a, b) = r.split_once('-')?;
+                Some(a.parse().ok()?..b.parse().ok()?)
+            })
+            .collect::<Option<Vec<Range<usize>>>>()?;
+        let fits = dim < full_shape.len() && ranges.iter().all(|r| r.start <= r.end && r.end <= full_shape[dim]);
+        fits.then_some(Self {
+            full_shape,
+            dim,
+            ranges,
+        })
     }
 
     /// Writes this rank's `slice` into its place in `full`.
@@ -96,6 +122,14 @@ mod tests {
         r0.put(&r0.take(&full), &mut back);
         r1.put(&r1.take(&full), &mut back);
         assert_eq!(back, full);
+    }
+
+    #[test]
+    fn a_split_reads_back_from_its_description_and_a_bad_one_is_refused() {
+        let split = TensorSplit::even(vec![4, 12], 1, 3, 1, 2);
+        assert_eq!(TensorSplit::parse(&split.describe(), vec![4, 12]), Some(split));
+        assert_eq!(TensorSplit::parse("1:0-13", vec![4, 12]), None);
+        assert_eq!(TensorSplit::parse("x", vec![4, 12]), None);
     }
 
     #[test]

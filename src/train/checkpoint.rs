@@ -52,6 +52,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::compress::{GradCodec, StateTensor};
+use crate::parallel::tensor::TensorSplit;
 
 /// Errors reading or writing checkpoints; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +316,9 @@ pub fn load(dir: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
         let param = base.rsplit_once('.').map_or(base, |(param, _)| param);
         params.get(param).map(|t| t.shape.clone())
     };
-    let optim = join_shards(dir, param_shape, read_all(dir, "optim-")?)?;
+    let mut headers = SliceHeaders::default();
+    let optim = read_all_with_headers(dir, "optim-", &mut headers)?;
+    let optim = join_shards(dir, param_shape, &headers.splits, optim)?;
     Ok(LoadedCheckpoint {
         dir: dir.to_path_buf(),
         params,
@@ -327,9 +330,9 @@ pub fn load(dir: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
 /// Reads every parameter of the checkpoint folder `dir`, all stages, whole tensors by name (the
 /// slices of ZeRO-3's shard files joined). Checksums are not verified (see [`load`]).
 pub fn read_params(dir: &Path) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
-    let mut shapes = HashMap::new();
-    let params = read_all_with_shapes(dir, "model-", &mut shapes)?;
-    join_shards(dir, |base| shapes.get(base).cloned(), params)
+    let mut headers = SliceHeaders::default();
+    let params = read_all_with_headers(dir, "model-", &mut headers)?;
+    join_shards(dir, |base| headers.shapes.get(base).cloned(), &headers.splits, params)
 }
 
 /// The name of the slice of tensor `base` that starts at element `start` (ZeRO's shards).
@@ -344,6 +347,7 @@ pub fn shard_tensor_name(base: &str, start: usize) -> String {
 fn join_shards(
     dir: &Path,
     shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+    splits: &HashMap<String, String>,
     tensors: HashMap<String, LoadedTensor>,
 ) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
     let problem = |name: &str, problem: String| CheckpointError::Tensor {
@@ -359,15 +363,41 @@ fn join_shards(
             out.insert(name, tensor);
             continue;
         };
-        let start: usize = start
-            .parse()
-            .map_err(|_| problem(&name, "is a shard slice whose start is not a number".into()))?;
         let shape = shape_of(base).ok_or_else(|| {
             problem(
                 &name,
                 format!("is a slice of `{base}`, whose shape no file of the checkpoint records"),
             )
         })?;
+        // Where the slice's values go: runs (full offset, slice offset, length).
+        let mut runs = Vec::new();
+        if start.starts_with("tp") {
+            let split = splits
+                .get(&name)
+                .and_then(|text| TensorSplit::parse(text, shape.clone()))
+                .ok_or_else(|| {
+                    problem(
+                        &name,
+                        "is a tensor-parallel slice without a valid split in its header".into(),
+                    )
+                })?;
+            if split.local_numel() != tensor.data.len() {
+                return Err(problem(
+                    &name,
+                    format!(
+                        "holds {} values where its split has {}",
+                        tensor.data.len(),
+                        split.local_numel()
+                    ),
+                ));
+            }
+            split.runs(|full, local, len| runs.push((full, local, len)));
+        } else {
+            let start: usize = start
+                .parse()
+                .map_err(|_| problem(&name, "is a shard slice whose start is not a number".into()))?;
+            runs.push((start, 0, tensor.data.len()));
+        }
         let numel: usize = shape.iter().product();
         let (joined, covered) = whole.entry(base.to_string()).or_insert_with(|| {
             (
@@ -378,18 +408,20 @@ fn join_shards(
                 vec![false; numel],
             )
         });
-        let end = start + tensor.data.len();
-        if end > numel {
-            return Err(problem(
-                &name,
-                format!("covers elements {start}..{end} of a tensor of {numel}"),
-            ));
+        for (start, from, len) in runs {
+            let end = start + len;
+            if end > numel {
+                return Err(problem(
+                    &name,
+                    format!("covers elements {start}..{end} of a tensor of {numel}"),
+                ));
+            }
+            if covered[start..end].iter().any(|&c| c) {
+                return Err(problem(&name, "overlaps another slice of the same tensor".into()));
+            }
+            covered[start..end].fill(true);
+            joined.data[start..end].copy_from_slice(&tensor.data[from..from + len]);
         }
-        if covered[start..end].iter().any(|&c| c) {
-            return Err(problem(&name, "overlaps another slice of the same tensor".into()));
-        }
-        covered[start..end].fill(true);
-        joined.data[start..end].copy_from_slice(&tensor.data);
     }
     for (base, (joined, covered)) in whole {
         let count = covered.iter().filter(|&&c| c).count();
@@ -472,20 +504,40 @@ pub fn write_tensors(path: &Path, tensors: &[NamedTensor<'_>]) -> Result<String,
 /// slices of (the slices are 1-D).
 const SHAPE_KEY: &str = "shape:";
 
-/// [`write_tensors`] of ZeRO-3's parameter slices (`<param>@<first element>`), recording the
-/// whole shape of each parameter in `shapes` in the header, so a load can join them.
+/// Metadata key under which a file records where a tensor-parallel slice (`<name>@tp<rank>`)
+/// lies in its full tensor ([`TensorSplit::describe`]).
+const SPLIT_KEY: &str = "split:";
+
+/// [`write_tensors`] of slices of parameters or of their optimizer state: ZeRO-3's
+/// (`<param>@<first element>`) and tensor parallelism's (`<name>@tp<rank>`, each with its
+/// [`TensorSplit`] in `splits`), recording the whole shape of each parameter in `shapes` in the
+/// header, so a load can join them.
 pub fn write_param_slices<'a>(
     path: &Path,
     slices: &[NamedTensor<'_>],
     shapes: impl Iterator<Item = (&'a str, &'a [usize])>,
+    splits: impl Iterator<Item = (String, &'a TensorSplit)>,
 ) -> Result<String, CheckpointError> {
-    let metadata = shapes
+    let mut metadata: HashMap<String, String> = shapes
         .map(|(name, shape)| {
             let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
             (format!("{SHAPE_KEY}{name}"), dims.join(","))
         })
         .collect();
+    metadata.extend(splits.map(|(slice, split)| (format!("{SPLIT_KEY}{slice}"), split.describe())));
     write_tensors_with(path, slices, metadata)
+}
+
+/// The name of tensor-parallel rank `rank`'s slice of tensor `base`.
+pub fn tensor_slice_name(base: &str, rank: usize) -> String {
+    format!("{base}@tp{rank}")
+}
+
+/// What the headers of a checkpoint's slice files say: full shapes by parameter, splits by slice.
+#[derive(Debug, Default)]
+struct SliceHeaders {
+    shapes: HashMap<String, Vec<usize>>,
+    splits: HashMap<String, String>,
 }
 
 /// [`write_tensors`] with `metadata` in the header.
@@ -564,14 +616,14 @@ fn parse_tensors(path: &Path, bytes: &[u8]) -> Result<HashMap<String, LoadedTens
 /// Reads every file of a checkpoint folder whose name starts with `prefix` (`model-` or
 /// `optim-`) into one map: all stages together.
 pub fn read_all(dir: &Path, prefix: &str) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
-    read_all_with_shapes(dir, prefix, &mut HashMap::new())
+    read_all_with_headers(dir, prefix, &mut SliceHeaders::default())
 }
 
-/// [`read_all`], adding to `shapes` the parameter shapes that ZeRO-3's shard files record.
-fn read_all_with_shapes(
+/// [`read_all`], adding to `headers` the full shapes and splits that slice files record.
+fn read_all_with_headers(
     dir: &Path,
     prefix: &str,
-    shapes: &mut HashMap<String, Vec<usize>>,
+    headers: &mut SliceHeaders,
 ) -> Result<HashMap<String, LoadedTensor>, CheckpointError> {
     let mut out = HashMap::new();
     let entries = fs::read_dir(dir).map_err(io(dir))?;
@@ -589,6 +641,10 @@ fn read_all_with_shapes(
     for file in files {
         let bytes = fs::read(&file).map_err(io(&file))?;
         for (key, dims) in parse_metadata(&file, &bytes)? {
+            if let Some(slice) = key.strip_prefix(SPLIT_KEY) {
+                headers.splits.insert(slice.to_string(), dims);
+                continue;
+            }
             let Some(name) = key.strip_prefix(SHAPE_KEY) else {
                 continue;
             };
@@ -601,7 +657,7 @@ fn read_all_with_shapes(
                     path: file.clone(),
                     reason: format!("the shape `{dims}` recorded for `{name}` is not a list of sizes"),
                 })?;
-            shapes.insert(name.to_string(), shape);
+            headers.shapes.insert(name.to_string(), shape);
         }
         out.extend(parse_tensors(&file, &bytes)?);
     }

@@ -207,6 +207,8 @@ impl Snapshot {
         RankPart {
             shard,
             params_sharded: self.params_sharded,
+            // Asynchronous checkpoints are refused with tensor parallelism (validation).
+            tensor: None,
             writes_stage: self.writes_stage,
             stage: self.stage,
             layout,

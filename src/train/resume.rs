@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::comm::ProcessGroup;
 use crate::compress::StateTensor;
 use crate::config::RunConfig;
+use crate::parallel::tensor::TensorSplit;
 use crate::parallel::zero::ShardLayout;
 use crate::parallel::ParamLayout;
 
@@ -138,9 +139,8 @@ pub(crate) struct SaveExtras<'a> {
     pub(crate) shard: Option<&'a ShardLayout>,
     /// ZeRO-3: the master weights are this rank's share too.
     pub(crate) params_sharded: bool,
-    /// Whether replica 0 writes the stage's files from this rank (under tensor parallelism
-    /// only the group's rank 0 does, from the assembled full tensors).
-    pub(crate) writes_stage: bool,
+    /// Tensor parallelism: this rank's slices.
+    pub(crate) tensor: Option<TensorPart<'a>>,
 }
 
 /// What one rank writes into a checkpoint folder: replica 0 of each pipeline stage writes its
@@ -163,8 +163,18 @@ pub(crate) struct RankPart<'a> {
     /// ZeRO-3: `master` is this rank's share of the parameters (laid out as the optimizer
     /// state), which it writes as slices, whatever its replica.
     pub(crate) params_sharded: bool,
+    /// Tensor parallelism: this rank's slices, written beside the other ranks'.
+    pub(crate) tensor: Option<TensorPart<'a>>,
     /// The codec's slot, description and state, when gradients are compressed.
     pub(crate) codec: Option<CodecPart<'a>>,
+}
+
+/// A tensor-parallel rank's part of a checkpoint: its rank and, per parameter (layout order),
+/// where its slice lies in the full parameter (`None`: replicated, written by rank 0).
+#[derive(Clone, Copy)]
+pub(crate) struct TensorPart<'a> {
+    pub(crate) rank: usize,
+    pub(crate) splits: &'a [Option<TensorSplit>],
 }
 
 /// A rank's gradient-codec state as a checkpoint holds it.
@@ -210,8 +220,51 @@ pub(crate) fn write_part(dir: &Path, part: &RankPart<'_>) -> Result<BTreeMap<Str
             .collect();
         let shapes = part.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice()));
         let path = dir.join(format!("model-stage{}-shard{}.safetensors", part.stage, shard.index));
-        let digest = ckpt::write_param_slices(&path, &named, shapes)?;
+        let digest = ckpt::write_param_slices(&path, &named, shapes, std::iter::empty())?;
         record(path, digest);
+    } else if let Some(tp) = part.tensor.as_ref().filter(|_| part.writes_stage) {
+        // Tensor parallelism: each rank its slices (`<param>@tp<rank>`), rank 0 the replicated
+        // parameters too; a load joins them by the splits in the headers.
+        let mut files = vec![("model", vec![("", part.master)])];
+        files.push(("optim", part.optim.iter().map(|&(suffix, b)| (suffix, b)).collect()));
+        for (kind, buffers) in files {
+            let mut names = Vec::new();
+            for (suffix, buffer) in &buffers {
+                for (p, split) in part.layout.params.iter().zip(tp.splits) {
+                    let base = if suffix.is_empty() {
+                        p.name.clone()
+                    } else {
+                        format!("{}.{suffix}", p.name)
+                    };
+                    match split {
+                        Some(split) => names.push((
+                            ckpt::tensor_slice_name(&base, tp.rank),
+                            p.shape.clone(),
+                            &buffer[p.range()],
+                            Some(split),
+                        )),
+                        None if tp.rank == 0 => names.push((base, p.shape.clone(), &buffer[p.range()], None)),
+                        None => {}
+                    }
+                }
+            }
+            let named: Vec<NamedTensor<'_>> = names
+                .iter()
+                .map(|(name, shape, data, _)| NamedTensor { name, shape, data })
+                .collect();
+            let shapes = part
+                .layout
+                .params
+                .iter()
+                .zip(tp.splits)
+                .filter_map(|(p, split)| split.as_ref().map(|s| (p.name.as_str(), s.full_shape.as_slice())));
+            let splits = names
+                .iter()
+                .filter_map(|(name, _, _, split)| split.map(|s| (name.clone(), s)));
+            let path = dir.join(format!("{kind}-stage{}-tp{}.safetensors", part.stage, tp.rank));
+            let digest = ckpt::write_param_slices(&path, &named, shapes, splits)?;
+            record(path, digest);
+        }
     } else if part.writes_stage {
         let params: Vec<NamedTensor<'_>> = part
             .layout
@@ -247,7 +300,7 @@ pub(crate) fn write_part(dir: &Path, part: &RankPart<'_>) -> Result<BTreeMap<Str
         let path = dir.join(format!("optim-stage{}-shard{}.safetensors", part.stage, shard.index));
         let digest = write_owned_names(&path, slices)?;
         record(path, digest);
-    } else if part.writes_stage {
+    } else if part.writes_stage && part.tensor.is_none() {
         let state = part
             .optim
             .iter()
@@ -319,13 +372,14 @@ pub(crate) fn save(
             (None, _) => None,
         };
         let part = RankPart {
-            writes_stage: place.replica == 0 && extras.writes_stage,
+            writes_stage: place.replica == 0,
             stage: place.stage,
             layout,
             master,
             optim,
             shard: extras.shard,
             params_sharded: extras.params_sharded,
+            tensor: extras.tensor,
             codec: codec_state.as_ref().map(|(slot, describe, state)| CodecPart {
                 slot,
                 describe,

@@ -674,6 +674,7 @@ impl<'a, T: Task> Run<'a, T> {
                 optim: self.optimizer.state(),
                 shard: self.zero.as_ref().map(|z| z.layout()),
                 params_sharded,
+                tensor: self.tp.as_ref().map(|tp| tp.part()),
                 codec: codec.map(|(slot, codec)| CodecPart {
                     slot,
                     describe: &describe,
@@ -689,40 +690,8 @@ impl<'a, T: Task> Run<'a, T> {
             device_codec_state,
             shard: self.zero.as_ref().map(|z| z.layout()),
             params_sharded,
-            writes_stage: true,
+            tensor: self.tp.as_ref().map(|tp| tp.part()),
         };
-        if let Some(tp) = &self.tp {
-            // Checkpoints hold full tensors: the group's rank 0 assembles and writes them.
-            let mut buffers = vec![self.master.as_slice()];
-            let state = self.optimizer.state();
-            buffers.extend(state.iter().map(|(_, b)| *b));
-            let assembled = tp.assemble(&self.layout, &buffers).map_err(|source| TrainError::Comm {
-                rank: self.rank,
-                source,
-            })?;
-            let empty = ParamLayout::default();
-            let (layout, full) = assembled.unwrap_or_else(|| (empty, Vec::new()));
-            let writes_stage = !full.is_empty();
-            let (master, optim) = match full.split_first() {
-                Some((master, rest)) => (
-                    master.as_slice(),
-                    state.iter().zip(rest).map(|((n, _), b)| (*n, b.as_slice())).collect(),
-                ),
-                None => (&[][..], Vec::new()),
-            };
-            let extras = SaveExtras { writes_stage, ..extras };
-            return resume::save(
-                &self.world,
-                &self.place,
-                root,
-                &self.resolved.config,
-                step,
-                &layout,
-                master,
-                optim,
-                extras,
-            );
-        }
         resume::save(
             &self.world,
             &self.place,

@@ -18,19 +18,17 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::comm::{CommError, ProcessGroup, ReduceOp};
 use crate::parallel::tensor::TensorSplit;
-use crate::parallel::{ParamInfo, ParamLayout};
+use crate::parallel::ParamLayout;
 
 use super::checkpoint::LoadedCheckpoint;
 use super::optim::sum_of_squares;
 use super::report::StepStats;
+use super::resume::TensorPart;
 use super::run::Run;
 use super::stage::{loss_value, scaled};
 use super::step::{input_grad, read_block_grads};
 use super::task::{BlockChain, Task};
 use super::TrainError;
-
-/// Full parameters assembled from the group's slices: their layout and the full buffers.
-pub(crate) type Assembled = (ParamLayout, Vec<Vec<f32>>);
 
 /// A rank's tensor-parallel group and what of its parameters is split.
 #[derive(Debug)]
@@ -40,6 +38,8 @@ pub(crate) struct TensorParallel {
     pub(crate) blocks: Vec<bool>,
     /// Per parameter (layout order): its split on every rank of the group (`None`: replicated).
     splits: Vec<Option<Vec<TensorSplit>>>,
+    /// Per parameter: this rank's split (`None`: replicated).
+    own: Vec<Option<TensorSplit>>,
     /// Flat ranges of the replicated parameters of split blocks: their gradients are partial
     /// sums, summed over the group after backward.
     partial: Vec<Range<usize>>,
@@ -86,10 +86,15 @@ impl TensorParallel {
             })
             .map(|(p, _)| p.range())
             .collect();
+        let own = splits
+            .iter()
+            .map(|s| s.as_ref().map(|all| all[group.rank()].clone()))
+            .collect();
         Self {
             group,
             blocks: split_blocks,
             splits,
+            own,
             partial,
         }
     }
@@ -134,49 +139,12 @@ impl TensorParallel {
         Ok(share[0])
     }
 
-    /// `buffers` (each laid out as `layout`, this rank's slices) assembled into full parameters
-    /// on rank 0 of the group (every rank takes part; the others get `None`): the full layout and
-    /// the full buffers.
-    pub(crate) fn assemble(&self, layout: &ParamLayout, buffers: &[&[f32]]) -> Result<Option<Assembled>, CommError> {
-        let ranks = self.group.world_size();
-        let mut full_layout = ParamLayout::default();
-        for (p, split) in layout.params.iter().zip(&self.splits) {
-            let shape = split
-                .as_ref()
-                .and_then(|s| s.first())
-                .map_or_else(|| p.shape.clone(), |s| s.full_shape.clone());
-            let numel = shape.iter().product();
-            full_layout.params.push(ParamInfo {
-                name: p.name.clone(),
-                shape,
-                offset: full_layout.numel,
-                numel,
-            });
-            full_layout.numel += numel;
+    /// This rank's part of a checkpoint: its slices' places in the full parameters.
+    pub(crate) fn part(&self) -> TensorPart<'_> {
+        TensorPart {
+            rank: self.group.rank(),
+            splits: &self.own,
         }
-        let mut out = Vec::with_capacity(buffers.len());
-        for local in buffers {
-            let mut gathered = vec![0.0f32; local.len() * ranks];
-            self.group.all_gather(local, &mut gathered)?;
-            if self.group.rank() != 0 {
-                continue;
-            }
-            let mut full = vec![0.0f32; full_layout.numel];
-            for ((p, full_p), split) in layout.params.iter().zip(&full_layout.params).zip(&self.splits) {
-                let target = &mut full[full_p.range()];
-                match split {
-                    None => target.copy_from_slice(&local[p.range()]),
-                    Some(splits) => {
-                        for (r, s) in splits.iter().enumerate() {
-                            let slice = &gathered[r * local.len() + p.offset..r * local.len() + p.offset + p.numel];
-                            s.put(slice, target);
-                        }
-                    }
-                }
-            }
-            out.push(full);
-        }
-        Ok((self.group.rank() == 0).then_some((full_layout, out)))
     }
 
     /// Cuts the full parameters (and their optimizer state) of `loaded` to this rank's slices,
