@@ -31,7 +31,7 @@ run() {
   timeout 900 "$BURNRUN" --nproc-per-node "$ranks" train configs/gpt_text.toml \
     --set "model.gpt.n_embd=$EMBD" --set model.gpt.n_head=8 --set "model.gpt.n_layer=$LAYERS" \
     --set "train.steps=$STEPS" --set "train.batch_size=$BATCH" --set train.threads=1 \
-    --set optim.warmup_steps=0 --set log.metrics=true --set log.every_steps=4 --set log.progress=off \
+    --set optim.warmup_steps=0 --set log.metrics=true --set log.every_steps=4 \
     --set checkpoint.every_steps=0 --set "train.out_dir=\"$dir\"" --set "parallel.tensor=$tensor" \
     >"$out" 2>&1 || { tail -20 "$out" >&2; return 1; }
   local rate rss held
