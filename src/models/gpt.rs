@@ -12,7 +12,7 @@ use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::init::{constant_param, linear_normal, normal_param};
-use crate::parallel::tensor::TensorSplit;
+use crate::config::TensorSplit;
 use crate::rng::SplitMix64;
 
 /// Standard deviation of GPT-2's weight and embedding initialisation.
